@@ -1,0 +1,332 @@
+"""Front end: resolve a model spec, trace it with torch.export, import it into the IR.
+
+Model specs accepted everywhere (CLI, Python API, tests):
+  * a Hugging Face model directory (``config.json`` + ``*.safetensors``),
+  * ``builtin:NAME`` (see :mod:`elision.models.registry`),
+  * ``package.module:factory`` — a callable returning a module, or ``(module, example_inputs)``.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from elision.compiler.errors import ExportError, ModelSpecError, UnsupportedOpError
+from elision.compiler.importer import import_exported_program
+from elision.ir.core import Module
+
+WRAPPED = "inner"
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: torch.nn.Module
+    example_inputs: tuple
+    dynamic_dims: dict = field(default_factory=dict)
+    kind: str = "generic"
+    input_names: list[str] | None = None
+    source: str = ""  # the spec it came from
+    tokenizer: Any = None
+
+
+# --------------------------------------------------------------------------------------------- specs
+def load_model(spec: str) -> LoadedModel:
+    if not isinstance(spec, str) or not spec.strip():
+        raise ModelSpecError("empty model spec: give a Hugging Face model directory, builtin:NAME, or package.module:factory")
+    if spec.startswith("builtin:"):
+        return _load_builtin(spec[len("builtin:"):], spec)
+    if os.path.isdir(spec):
+        return _load_hf_dir(Path(spec))
+    if ":" in spec and not os.path.exists(spec):
+        return _load_factory(spec)
+    if os.path.exists(spec):
+        raise ModelSpecError(f"{spec} is a file, not a model directory: pass the directory that holds config.json and the safetensors weights")
+    raise ModelSpecError(f"cannot resolve model spec {spec!r}: no such directory; use a Hugging Face model directory, "
+                         f"builtin:NAME (see `elision inspect --list-builtins`), or package.module:factory")
+
+
+def _load_builtin(name: str, spec: str) -> LoadedModel:
+    from elision.models.registry import get_builtin
+
+    try:
+        entry = get_builtin(name)
+    except KeyError as e:
+        raise ModelSpecError(e.args[0]) from None
+    model = entry.build()
+    model.eval()
+    return LoadedModel(entry.name, model, tuple(entry.example_inputs(model)), dict(entry.dynamic_dims), entry.kind,
+                       _input_names(model, len(entry.example_inputs(model))), spec)
+
+
+def _load_factory(spec: str) -> LoadedModel:
+    mod_name, _, attr = spec.partition(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ModelSpecError(f"cannot import module {mod_name!r} from spec {spec!r}: {e}") from None
+    factory = getattr(mod, attr, None)
+    if factory is None or not callable(factory):
+        raise ModelSpecError(f"module {mod_name!r} has no callable {attr!r} (spec {spec!r})")
+    out = factory()
+    dynamic_dims: dict = {}
+    if isinstance(out, tuple) and len(out) in (2, 3) and isinstance(out[0], torch.nn.Module):
+        model, example = out[0], tuple(out[1])
+        if len(out) == 3:
+            dynamic_dims = dict(out[2])
+    elif isinstance(out, torch.nn.Module):
+        model, example = out, None
+    else:
+        raise ModelSpecError(f"factory {spec!r} must return an nn.Module or (module, example_inputs[, dynamic_dims]); "
+                             f"got {type(out).__name__}")
+    model.eval()
+    kind = _hf_kind(model)
+    if example is None:
+        example, dynamic_dims = default_example_inputs(model)
+    return LoadedModel(spec, model, example, dynamic_dims, kind, _input_names(model, len(example)), spec)
+
+
+def _load_hf_dir(path: Path) -> LoadedModel:
+    import transformers
+
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise ModelSpecError(f"{path} is not a Hugging Face model directory: config.json is missing")
+    try:
+        cfg_json = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelSpecError(f"{cfg_path} is not valid JSON ({e}); re-save the model with save_pretrained()") from None
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        hint = " (pytorch_model.bin files are not loaded: elision never unpickles)" if list(path.glob("*.bin")) else ""
+        raise ModelSpecError(f"{path} has no *.safetensors weights{hint}; save the model with save_pretrained(safe_serialization=True)")
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:
+        raise ModelSpecError(f"{cfg_path}: cannot build a config ({e})") from None
+    archs = cfg_json.get("architectures") or []
+    cls = getattr(transformers, archs[0], None) if archs else None
+    if cls is None:
+        cls = transformers.AutoModel
+    try:
+        model = cls.from_pretrained(str(path), local_files_only=True, use_safetensors=True, torch_dtype=torch.float32)
+    except Exception as e:
+        raise ModelSpecError(f"cannot load weights from {path}: {e}") from None
+    model.eval()
+    example, dynamic_dims = default_example_inputs(model)
+    tok = None
+    if (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists():
+        try:
+            tok = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except Exception:
+            tok = None
+    return LoadedModel(path.name, model, example, dynamic_dims, _hf_kind(model),
+                       _input_names(model, len(example)), str(path), tok)
+
+
+def _hf_kind(model: torch.nn.Module) -> str:
+    name = type(model).__name__
+    if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
+        return "causal-lm"
+    if "Vision" in name or name.startswith(("ViT", "CLIPVision", "Dinov2", "DeiT")):
+        return "vision"
+    if name.endswith(("Model", "ForMaskedLM", "ForSequenceClassification")) and hasattr(model, "config"):
+        return "encoder"
+    return "generic"
+
+
+def default_example_inputs(model: torch.nn.Module) -> tuple[tuple, dict]:
+    """Example inputs for a Hugging Face model: token ids or pixels, dynamic dims sized >= 2 (no 0/1 specialization)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        raise ModelSpecError(f"cannot guess example inputs for {type(model).__name__}: pass example_inputs explicitly "
+                             f"(a factory may return (module, example_inputs))")
+    vision_cfg = getattr(cfg, "vision_config", None)
+    if hasattr(cfg, "image_size") and hasattr(cfg, "num_channels") and not hasattr(cfg, "vocab_size"):
+        size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
+        g = torch.Generator().manual_seed(0)
+        return (torch.randn(2, cfg.num_channels, size, size, generator=g),), {0: {0: "batch"}}
+    if vision_cfg is not None and getattr(cfg, "text_config", None) is not None:
+        raise ModelSpecError(f"{type(model).__name__} is a vision-language model: pass example inputs (input_ids with "
+                             f"image tokens and pixel_values) through a factory spec")
+    vocab = getattr(cfg, "vocab_size", None)
+    if vocab is None:
+        raise ModelSpecError(f"cannot guess example inputs for {type(model).__name__}: its config has no vocab_size or image_size")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (2, 16), generator=g)
+    return (ids,), {0: {0: "batch", 1: "seq"}}
+
+
+def _input_names(model: torch.nn.Module, n: int) -> list[str]:
+    try:
+        params = [p for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        names = [p.name for p in params[:n]]
+        if len(names) == n:
+            return names
+    except (TypeError, ValueError):
+        pass
+    return [f"input_{i}" for i in range(n)]
+
+
+# --------------------------------------------------------------------------------------------- export
+class _Traceable(torch.nn.Module):
+    """Calls the user model positionally and returns a flat tuple of tensors.
+
+    Hugging Face models are called with ``use_cache=False`` (no cache objects in the graph) and return their
+    primary output (logits / last hidden state)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        setattr(self, WRAPPED, model)
+        self._hf = hasattr(model, "config") and hasattr(model, "can_generate")
+        try:
+            self._use_cache = "use_cache" in inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            self._use_cache = False
+
+    def forward(self, *args):
+        model = getattr(self, WRAPPED)
+        out = model(*args, use_cache=False) if (self._hf and self._use_cache) else model(*args)
+        if self._hf and not isinstance(out, torch.Tensor):
+            return (out[0],)
+        return tuple(t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+
+
+def _dynamic_shapes(example_inputs: tuple, dynamic_dims: dict | None):
+    if not dynamic_dims:
+        return None, {}
+    from torch.export import Dim
+
+    dims: dict[str, Any] = {}
+    spec = []
+    for i, x in enumerate(example_inputs):
+        want = dynamic_dims.get(i) or dynamic_dims.get(str(i)) or {}
+        d = {}
+        for axis, name in want.items():
+            axis = int(axis)
+            if not isinstance(x, torch.Tensor) or axis >= x.dim():
+                raise ExportError(f"dynamic dim {name!r} names axis {axis} of input {i}, which has shape "
+                                  f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+            if x.shape[axis] < 2:
+                raise ExportError(f"example input {i} has size {x.shape[axis]} on dynamic axis {axis} ({name}); "
+                                  f"use an example of size >= 2 so torch.export does not specialize it")
+            dims.setdefault(name, Dim(name, min=1))
+            d[axis] = dims[name]
+        spec.append(d or None)
+    return tuple(spec), dims
+
+
+def export_to_ir(model: torch.nn.Module, example_inputs: tuple, dynamic_dims: dict | None = None,
+                 fn_name: str = "forward", input_names: list[str] | None = None) -> Module:
+    """Trace ``model`` with torch.export (non-strict) and import it as IR function ``fn_name``.
+
+    Decompositions are minimal (functional inference IR) so ``scaled_dot_product_attention``, ``linear`` and
+    elision's own ops stay whole. Requested dynamic dims are checked to be still symbolic after export.
+    """
+    example_inputs = tuple(example_inputs)
+    wrapper = _Traceable(model).eval()
+    dyn, _ = _dynamic_shapes(example_inputs, dynamic_dims)
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(wrapper, example_inputs, dynamic_shapes=(dyn,) if dyn is not None else None, strict=False)
+            ep = ep.run_decompositions({})
+    except UnsupportedOpError:
+        raise
+    except Exception as e:
+        msg = str(e).strip().splitlines()
+        head = " ".join(msg[:6])[:1500]
+        raise ExportError(f"torch.export failed on {type(model).__name__}: {head}") from e
+
+    # map export's symbols (s23) to the user's names (batch), and check nothing was specialized
+    symbol_names: dict[str, str] = {}
+    user_phs = [n for n in ep.graph.nodes if n.op == "placeholder" and n.name in
+                {s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"}]
+    for i, ph in enumerate(user_phs):
+        want = (dynamic_dims or {}).get(i) or {}
+        val = ph.meta.get("val")
+        for axis, name in want.items():
+            size = val.shape[int(axis)]
+            if isinstance(size, int):
+                raise ExportError(f"dimension {name!r} (axis {axis} of input {i}) was specialized to {size} during "
+                                  f"export: the model's code treats it as a constant; pass a different example size "
+                                  f"or remove {name!r} from dynamic_dims")
+            expr = size.node.expr
+            if expr.is_Symbol:
+                symbol_names.setdefault(expr.name, name)
+    if input_names is None:
+        input_names = _input_names(model, len(example_inputs))
+    module = import_exported_program(ep, fn_name=fn_name, input_names=input_names, symbol_names=symbol_names,
+                                     strip_prefix=WRAPPED + ".")
+    module.attrs.update({
+        "source_model": type(model).__name__,
+        "inputs": list(input_names),
+        "dynamic_dims": {str(k): {str(a): n for a, n in v.items()} for k, v in (dynamic_dims or {}).items()},
+    })
+    return module
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """sha256 over parameter names, shapes, dtypes and bytes: identifies the source model in artifacts."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
+        h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def import_graph_module(gm: torch.fx.GraphModule, example_inputs: list, fn_name: str = "forward") -> Module:
+    """Import a Dynamo GraphModule (what a torch.compile backend receives).
+
+    Dynamo graphs call torch functions and modules; they are first lowered to torch ops with ``make_fx``
+    (symbolic tracing over the same fake inputs, so SymInt dims stay symbolic), then imported like an export.
+    """
+    from torch._guards import detect_fake_mode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from elision.compiler.importer import import_graph
+
+    fake_mode = detect_fake_mode(example_inputs)
+    params = dict(gm.named_parameters(remove_duplicate=False))
+    params.update(dict(gm.named_buffers(remove_duplicate=False)))
+    names = list(params)
+
+    def fn(*args):
+        n = len(names)
+        ps, xs = args[:n], args[n:]
+        return torch.func.functional_call(gm, dict(zip(names, ps)), tuple(xs))
+
+    def fake_param(t):
+        if fake_mode is None:
+            return t
+        return fake_mode.from_tensor(t, static_shapes=True)
+
+    flat_inputs = [fake_param(p.detach()) for p in params.values()] + list(example_inputs)
+    try:
+        if fake_mode is not None:
+            with fake_mode:
+                traced = make_fx(fn, tracing_mode="real", pre_dispatch=False)(*flat_inputs)
+        else:
+            traced = make_fx(fn, tracing_mode="symbolic")(*flat_inputs)
+    except UnsupportedOpError:
+        raise
+    except Exception as e:
+        raise ExportError(f"cannot lower the Dynamo graph to torch ops: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    phs = [n for n in traced.graph.nodes if n.op == "placeholder"]
+    param_placeholders = {ph.name: names[i] for i, ph in enumerate(phs[: len(names)])}
+    func = import_graph(traced.graph, fn_name=fn_name, param_placeholders=param_placeholders,
+                        get_attr_names={})
+    module = Module({fn_name: func}, {k: v.detach() for k, v in params.items()})
+    # make_fx may keep small constant tensors as attributes of the traced module
+    for node in traced.graph.nodes:
+        if node.op == "get_attr":
+            module.params[node.target] = getattr(traced, node.target).detach()
+    return module

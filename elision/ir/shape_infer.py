@@ -1,0 +1,143 @@
+"""Type inference by running ops on fake tensors whose sizes are symbolic (sympy symbols named as in the IR)."""
+from __future__ import annotations
+
+import contextlib
+import itertools
+
+import sympy
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
+from torch.utils._sympy.numbers import int_oo
+from torch.utils._sympy.value_ranges import ValueRanges
+
+from elision.ir.core import Function, IRError, Module, Node, Value, map_values
+from elision.ir.ops import resolve_op
+from elision.ir.symbolic import from_sympy, symbol, to_sympy
+from elision.ir.types import NONE, ScalarType, TensorType, TupleType, Type, dtype_name
+
+
+def _primes():
+    for n in itertools.count(17):
+        if sympy.isprime(n):
+            yield n
+
+
+class SymbolicContext:
+    """A fake-tensor world in which the IR's named dims are real sympy symbols."""
+
+    def __init__(self) -> None:
+        self.shape_env = ShapeEnv()
+        self.mode = FakeTensorMode(shape_env=self.shape_env, allow_non_fake_inputs=True)
+        self._hints = _primes()
+        self._syms: dict[str, sympy.Symbol] = {}
+
+    def _sym(self, name: str) -> sympy.Symbol:
+        if name not in self._syms:
+            s = symbol(name)
+            hint = next(self._hints)
+            self.shape_env.var_to_val[s] = sympy.Integer(hint)
+            # like torch.export's dims: >= 2 so 0/1 broadcasting questions have an answer
+            self.shape_env.var_to_range[s] = ValueRanges(2, int_oo)
+            self._syms[name] = s
+        return self._syms[name]
+
+    def dim(self, d: int | str):
+        if isinstance(d, int):
+            return d
+        expr = to_sympy(d)
+        for s in expr.free_symbols:
+            self._sym(s.name)
+        expr = expr.subs({s: self._syms[s.name] for s in expr.free_symbols})
+        hint = int(expr.subs(self.shape_env.var_to_val))
+        return self.shape_env.create_symintnode(expr, hint=hint)
+
+    def fake(self, ty: Type):
+        if isinstance(ty, TensorType):
+            with self.mode:
+                return torch.empty(tuple(self.dim(d) for d in ty.shape), dtype=ty.torch_dtype)
+        if isinstance(ty, ScalarType):
+            if ty.kind == "int" and ty.expr is not None:
+                return self.dim(int(ty.expr) if ty.expr.lstrip("-").isdigit() else ty.expr)
+            raise IRError(f"cannot make a fake value for scalar type {ty} without an expression")
+        if isinstance(ty, TupleType):
+            return tuple(self.fake(e) for e in ty.elems)
+        return None
+
+    def from_param(self, t: torch.Tensor):
+        with self.mode:
+            return torch.empty(tuple(t.shape), dtype=t.dtype)
+
+    def run(self, op: str, args, kwargs):
+        with self.mode:
+            return resolve_op(op)(*args, **kwargs)
+
+
+def type_of(val) -> Type:
+    """IR type of a real, fake or symbolic value."""
+    if isinstance(val, torch.Tensor):
+        return TensorType(dtype_name(val.dtype), tuple(_dim_of(d) for d in val.shape))
+    if isinstance(val, torch.SymInt):
+        return ScalarType("int", str(_dim_of(val)))
+    if isinstance(val, bool):
+        return ScalarType("bool")
+    if isinstance(val, int):
+        return ScalarType("int", str(val))
+    if isinstance(val, (float, torch.SymFloat)):
+        return ScalarType("float")
+    if isinstance(val, torch.SymBool):
+        return ScalarType("bool")
+    if isinstance(val, (tuple, list)):
+        return TupleType(tuple(type_of(v) for v in val))
+    if val is None:
+        return NONE
+    raise IRError(f"cannot type value of Python type {type(val).__name__}")
+
+
+def _dim_of(d) -> int | str:
+    if isinstance(d, int):
+        return d
+    return from_sympy(d.node.expr)
+
+
+def propagate(fn: Function, module: Module | None = None, upto: Node | None = None) -> tuple[SymbolicContext, dict]:
+    """Run ``fn`` on fake inputs; returns the context and the fake value of every Value (up to ``upto``)."""
+    module = module or fn.module
+    ctx = SymbolicContext()
+    env: dict[Value, object] = {v: ctx.fake(v.type) for v in fn.inputs}
+    for n in fn.nodes:
+        if n is upto:
+            break
+        if n.op == "param":
+            env[n.result] = ctx.from_param(module.params[n.args[0]])
+            continue
+        lookup = env.__getitem__
+        try:
+            env[n.result] = ctx.run(n.op, map_values(n.args, lookup), map_values(n.kwargs, lookup))
+        except Exception as e:
+            where = f" at {n.loc}" if n.loc else ""
+            raise IRError(f"@{fn.name}: cannot infer the type of %{n.result.name} = {n.op}{where}: {e}") from e
+    return ctx, env
+
+
+def infer_node_type(fn: Function, op: str, args: tuple, kwargs: dict) -> Type:
+    """Type of a new node ``op(*args, **kwargs)`` whose Value arguments come from ``fn``."""
+    ctx = SymbolicContext()
+    producers = fn.producers()
+    cache: dict[Value, object] = {}
+
+    def fake_of(v: Value):
+        if v in cache:
+            return cache[v]
+        p = producers.get(v)
+        if p is not None and p.op == "param" and fn.module is not None and p.args[0] in fn.module.params:
+            cache[v] = ctx.from_param(fn.module.params[p.args[0]])
+        else:
+            cache[v] = ctx.fake(v.type)
+        return cache[v]
+
+    try:
+        out = ctx.run(op, map_values(args, fake_of), map_values(kwargs, fake_of))
+    except Exception as e:
+        raise IRError(f"@{fn.name}: cannot infer the result type of {op}: {e}") from e
+    return type_of(out)
