@@ -20,6 +20,8 @@ def _loc_of(node: torch.fx.Node, strip_prefix: str) -> str:
     if not stack:
         return ""
     path = list(stack.values())[-1][0]
+    if path.startswith("_empty_nn_module_stack"):
+        return ""
     # dynamo spells paths like L['self'].layers[0].mlp or L__self___layers_0
     path = re.sub(r"^L\['self'\]\.?", "", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)

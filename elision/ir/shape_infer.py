@@ -36,7 +36,7 @@ class SymbolicContext:
         if name not in self._syms:
             s = symbol(name)
             hint = next(self._hints)
-            self.shape_env.var_to_val[s] = sympy.Integer(hint)
+            self.shape_env.backed_var_to_val[s] = sympy.Integer(hint)
             # like torch.export's dims: >= 2 so 0/1 broadcasting questions have an answer
             self.shape_env.var_to_range[s] = ValueRanges(2, int_oo)
             self._syms[name] = s
@@ -49,7 +49,7 @@ class SymbolicContext:
         for s in expr.free_symbols:
             self._sym(s.name)
         expr = expr.subs({s: self._syms[s.name] for s in expr.free_symbols})
-        hint = int(expr.subs(self.shape_env.var_to_val))
+        hint = int(expr.subs(self.shape_env.backed_var_to_val))
         return self.shape_env.create_symintnode(expr, hint=hint)
 
     def fake(self, ty: Type):
