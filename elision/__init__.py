@@ -1,0 +1,17 @@
+"""elision: a compiler that makes neural-network inference do less work.
+
+    import elision
+    fast = elision.compile(model, example_inputs=(ids,), passes="canonicalize,cse,dce", target="torch")
+    fast(ids).logits
+"""
+__version__ = "0.1.0"
+
+
+def compile(model, example_inputs=None, passes=None, target="torch", **kwargs):
+    """See :func:`elision.compiler.api.compile`."""
+    from elision.compiler.api import compile as _compile
+
+    return _compile(model, example_inputs=example_inputs, passes=passes, target=target, **kwargs)
+
+
+__all__ = ["compile", "__version__"]

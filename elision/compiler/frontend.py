@@ -218,7 +218,9 @@ def _dynamic_shapes(example_inputs: tuple, dynamic_dims: dict | None):
             if x.shape[axis] < 2:
                 raise ExportError(f"example input {i} has size {x.shape[axis]} on dynamic axis {axis} ({name}); "
                                   f"use an example of size >= 2 so torch.export does not specialize it")
-            dims.setdefault(name, Dim(name, min=1))
+            # Dim.DYNAMIC lets export infer the valid range (e.g. seq <= max_position_embeddings) instead of
+            # failing on a guessed one; names are attached after export from the placeholders' symbols.
+            dims.setdefault(name, Dim.DYNAMIC)
             d[axis] = dims[name]
         spec.append(d or None)
     return tuple(spec), dims
@@ -241,6 +243,9 @@ def export_to_ir(model: torch.nn.Module, example_inputs: tuple, dynamic_dims: di
     except UnsupportedOpError:
         raise
     except Exception as e:
+        special = _specialization_message(str(e), dynamic_dims or {})
+        if special:
+            raise ExportError(special) from e
         msg = str(e).strip().splitlines()
         head = " ".join(msg[:6])[:1500]
         raise ExportError(f"torch.export failed on {type(model).__name__}: {head}") from e
@@ -261,6 +266,12 @@ def export_to_ir(model: torch.nn.Module, example_inputs: tuple, dynamic_dims: di
             expr = size.node.expr
             if expr.is_Symbol:
                 symbol_names.setdefault(expr.name, name)
+    ranges = {}
+    for sym, vr in ep.range_constraints.items():
+        if getattr(sym, "name", None) in symbol_names:
+            lo, hi = vr.lower, vr.upper
+            finite = lambda b: b.is_Integer  # noqa: E731  (int_oo is not)
+            ranges[symbol_names[sym.name]] = [int(lo) if finite(lo) else None, int(hi) if finite(hi) else None]
     if input_names is None:
         input_names = _input_names(model, len(example_inputs))
     module = import_exported_program(ep, fn_name=fn_name, input_names=input_names, symbol_names=symbol_names,
@@ -269,8 +280,22 @@ def export_to_ir(model: torch.nn.Module, example_inputs: tuple, dynamic_dims: di
         "source_model": type(model).__name__,
         "inputs": list(input_names),
         "dynamic_dims": {str(k): {str(a): n for a, n in v.items()} for k, v in (dynamic_dims or {}).items()},
+        "dim_ranges": ranges,
     })
     return module
+
+
+def _specialization_message(text: str, dynamic_dims: dict) -> str | None:
+    """Turn export's 'you marked L['args'][0].size()[1] as dynamic but ... constant (2)' into dim names."""
+    import re
+
+    m = re.search(r"L\['args'\]\[(\d+)\]\.size\(\)\[(\d+)\] as dynamic but your code specialized it to be a constant \((\d+)\)", text)
+    if not m:
+        return None
+    i, axis, value = int(m.group(1)), int(m.group(2)), int(m.group(3))
+    name = ((dynamic_dims.get(i) or {}).get(axis)) or f"axis {axis}"
+    return (f"dimension {name!r} (axis {axis} of input {i}) was specialized to {value} during export: the model's code "
+            f"treats it as a constant; pass a different example size or remove {name!r} from dynamic_dims")
 
 
 def weights_hash(model: torch.nn.Module) -> str:

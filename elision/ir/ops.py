@@ -111,4 +111,7 @@ _NONDETERMINISTIC = {"aten.rand", "aten.randn", "aten.randint", "aten.bernoulli"
 
 
 def is_deterministic(op: str) -> bool:
-    return ".".join(op.split(".")[:2]) not in _NONDETERMINISTIC
+    base = ".".join(op.split(".")[:2])
+    if base.startswith(("aten.rand", "aten.normal", "aten.bernoulli")):  # rand, rand_like, randn_like, randint_like ...
+        return False
+    return base not in _NONDETERMINISTIC

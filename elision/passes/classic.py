@@ -133,7 +133,7 @@ class ConstantFolding(Pass):
                 known[n.result] = val
                 if all(fn.producer(i) is not None and fn.producer(i).op == "param" for i in n.inputs) or not n.inputs:
                     pname = f"const.{fn.name}.{n.result.name}"
-                    module.params[pname] = val.detach().contiguous()
+                    module.params[pname] = val.detach()  # keep strides: same kernels, same bits
                     n.op, n.args, n.kwargs = "param", (pname,), {}
                     changed = True
             if changed:
