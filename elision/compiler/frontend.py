@@ -12,6 +12,7 @@ import importlib
 import inspect
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -308,50 +309,79 @@ def weights_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def _source_to_param_name(source: str) -> str:
+    """``L['self']._modules['model']._parameters['weight']`` -> ``model.weight`` (Dynamo's source of a lifted param)."""
+    import re
+
+    name = re.sub(r"^L\['self'\]\.?", "", source)
+    name = re.sub(r"\._(?:modules|parameters|buffers)\['([^']+)'\]", r".\1", name)
+    name = re.sub(r"\[(\d+)\]", r".\1", name)
+    name = re.sub(r"^L\['([^']+)'\]", r"\1", name)
+    return name.strip(".") or source
+
+
 def import_graph_module(gm: torch.fx.GraphModule, example_inputs: list, fn_name: str = "forward") -> Module:
     """Import a Dynamo GraphModule (what a torch.compile backend receives).
 
-    Dynamo graphs call torch functions and modules; they are first lowered to torch ops with ``make_fx``
-    (symbolic tracing over the same fake inputs, so SymInt dims stay symbolic), then imported like an export.
+    Dynamo graphs call torch functions and modules; they are lowered to torch ops with ``make_fx`` over the same
+    fake inputs (SymInt dims stay symbolic), then imported like an export. Inputs that Dynamo passes as real
+    tensors (parameters and buffers of inlined modules) become IR parameters; their positions are recorded in
+    ``module.attrs["param_positions"]`` so a caller can drop them from each call's arguments.
     """
     from torch._guards import detect_fake_mode
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from elision.compiler.importer import import_graph
 
-    fake_mode = detect_fake_mode(example_inputs)
-    params = dict(gm.named_parameters(remove_duplicate=False))
-    params.update(dict(gm.named_buffers(remove_duplicate=False)))
-    names = list(params)
-
-    def fn(*args):
-        n = len(names)
-        ps, xs = args[:n], args[n:]
-        return torch.func.functional_call(gm, dict(zip(names, ps)), tuple(xs))
-
-    def fake_param(t):
-        if fake_mode is None:
-            return t
-        return fake_mode.from_tensor(t, static_shapes=True)
-
-    flat_inputs = [fake_param(p.detach()) for p in params.values()] + list(example_inputs)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    # Dynamo keeps its own fake values (with symbolic sizes) on the placeholders; prefer them to the example inputs,
+    # which may be real tensors with concrete sizes.
+    fakes = [ph.meta.get("example_value", ph.meta.get("val")) for ph in placeholders]
+    if len(fakes) != len(example_inputs) or any(f is None for f in fakes):
+        fakes = list(example_inputs)
+    fake_mode = next((f.fake_mode for f in fakes if isinstance(f, FakeTensor)), None) \
+        or detect_fake_mode(example_inputs) or FakeTensorMode(allow_non_fake_inputs=True)
+    params: dict[str, torch.Tensor] = {}
+    param_positions: dict[int, str] = {}
+    flat = []
+    for i, (x, fake) in enumerate(zip(example_inputs, fakes)):
+        ph = placeholders[i] if i < len(placeholders) else None
+        grapharg = ph.meta.get("grapharg") if ph is not None else None
+        source = getattr(grapharg, "source", None) if grapharg is not None else None
+        src = source.name if source is not None else ""
+        src = str(src() if callable(src) else src)  # a method in older torch, a property in newer
+        is_state = isinstance(x, torch.nn.Parameter) or any(k in src for k in ("_parameters", "_buffers", "L['self']"))
+        if is_state and isinstance(x, torch.Tensor) and not isinstance(x, FakeTensor):
+            name = _source_to_param_name(src) if src else f"arg{i}"
+            params[name] = x.detach()
+            param_positions[i] = name
+        if isinstance(fake, FakeTensor) and fake.fake_mode is not fake_mode:
+            fake = None if not isinstance(x, torch.Tensor) or isinstance(x, FakeTensor) else x
+            if fake is None:
+                raise ExportError(f"input {i} of the Dynamo graph lives in another fake-tensor mode")
+        if isinstance(fake, torch.Tensor) and not isinstance(fake, FakeTensor):
+            fake = fake_mode.from_tensor(fake, static_shapes=True)
+        flat.append(fake)
     try:
-        if fake_mode is not None:
-            with fake_mode:
-                traced = make_fx(fn, tracing_mode="real", pre_dispatch=False)(*flat_inputs)
-        else:
-            traced = make_fx(fn, tracing_mode="symbolic")(*flat_inputs)
+        with fake_mode:
+            traced = make_fx(gm, tracing_mode="real", pre_dispatch=False)(*flat)
+        input_names = [re.sub(r"\W", "_", _source_to_param_name(str(p.meta["grapharg"].source.name)))
+                       if p.meta.get("grapharg") is not None and getattr(p.meta["grapharg"], "source", None) is not None
+                       else p.name for p in placeholders]
     except UnsupportedOpError:
         raise
     except Exception as e:
-        raise ExportError(f"cannot lower the Dynamo graph to torch ops: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ExportError(f"cannot lower the Dynamo graph to torch ops: {first}") from e
     phs = [n for n in traced.graph.nodes if n.op == "placeholder"]
-    param_placeholders = {ph.name: names[i] for i, ph in enumerate(phs[: len(names)])}
+    param_placeholders = {phs[i].name: name for i, name in param_positions.items()}
     func = import_graph(traced.graph, fn_name=fn_name, param_placeholders=param_placeholders,
-                        get_attr_names={})
-    module = Module({fn_name: func}, {k: v.detach() for k, v in params.items()})
-    # make_fx may keep small constant tensors as attributes of the traced module
-    for node in traced.graph.nodes:
+                        input_names=[n for i, n in enumerate(input_names) if i not in param_positions])
+    module = Module({fn_name: func}, params)
+    for node in traced.graph.nodes:  # constants make_fx kept as attributes
         if node.op == "get_attr":
-            module.params[node.target] = getattr(traced, node.target).detach()
+            t = getattr(traced, node.target)
+            module.params[node.target] = t.detach() if isinstance(t, torch.Tensor) else t
+    module.attrs["param_positions"] = sorted(param_positions)
     return module
