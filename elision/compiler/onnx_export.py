@@ -45,7 +45,8 @@ from elision.runtime.ort import (
     sha256_file,
 )
 
-__all__ = ["export_onnx", "source_hash_of", "to_dynamic_shapes", "OnnxExportError", "FunctionExportInfo"]
+__all__ = ["export_onnx", "source_hash_of", "to_dynamic_shapes", "OnnxExportError", "FunctionExportInfo",
+           "exporter_error_summary"]
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,16 @@ def to_dynamic_shapes(example_inputs: Sequence[Any], dynamic_dims: DynamicDims) 
             per_input[axis] = dim_for(str(label))
         shapes.append(per_input)
     return tuple(shapes)
+
+
+def exporter_error_summary(error: BaseException) -> str:
+    """One line saying why torch.onnx failed: its "Exception summary" line when present, else the first line."""
+    text = str(error).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if line.startswith("## Exception summary") and i + 1 < len(lines):
+            return re.sub(r"\x1b\[[0-9;]*m", "", lines[i + 1])[:400]
+    return re.sub(r"\x1b\[[0-9;]*m", "", lines[0])[:400] if lines else type(error).__name__
 
 
 def _custom_translation_table() -> dict[Callable, Callable]:
@@ -224,8 +235,7 @@ def _export_program(name: str, model: torch.nn.Module, example_inputs: tuple, dy
                 verbose=False,
             )
     except Exception as e:  # the exporter wraps everything in its own error types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise OnnxExportError(f"function {name!r}: torch.onnx export failed: {first}") from e
+        raise OnnxExportError(f"function {name!r}: torch.onnx export failed: {exporter_error_summary(e)}") from e
 
 
 def _rename_outputs(model: onnx.ModelProto, names: Sequence[str]) -> None:
@@ -408,7 +418,12 @@ def export_onnx(
             fusion_info: dict[str, Any] = {"applied": False, "reason": "not requested"}
             proto = program.model_proto
             if ort_fusions:
-                proto, fusion_info = _apply_ort_fusions(name, program, _feeds_for(program, tuple(example_inputs)))
+                try:
+                    feeds = _feeds_for(program, tuple(example_inputs))
+                except OnnxExportError as e:
+                    fusion_info = {"applied": False, "reason": f"cannot verify fusions: {e}"}
+                else:
+                    proto, fusion_info = _apply_ort_fusions(name, program, feeds)
             names = (output_names or {}).get(name) or [f"output_{i}" for i in range(len(proto.graph.output))]
             _rename_outputs(proto, list(names))
             _strip_stack_traces(proto)

@@ -1,0 +1,7 @@
+"""Token pruning, token merging, DCT token compression and approximate layer skipping.
+
+`algorithms` holds the plain torch functions, `ops` registers them as `elision::*` custom ops,
+`executor` runs HF encoders with a `ReductionPlan`, `search` tunes plans against a fidelity floor.
+"""
+
+from elision.passes.pruning import ir_passes  # noqa: E402,F401  (registers skip-layers with the pass registry)

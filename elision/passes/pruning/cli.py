@@ -1,0 +1,145 @@
+"""`elision tune`: search token pruning / merging / layer skipping under a fidelity floor.
+
+    elision tune builtin:minilm --passes prune-tokens,skip-layers --min-fidelity 0.98 --calib stdlib
+    elision tune builtin:fashion-vit --passes prune-tokens,merge-tokens --calib fashion --plot pareto.png
+
+Prints the chosen pipeline string (the `--passes` syntax of `elision compile`) and writes a speed-fidelity
+Pareto plot (PNG). Calibration data: `stdlib` (docstrings of the Python standard library, text encoders),
+`fashion` (the committed Fashion-MNIST sample), or a .safetensors file holding the model's input tensors
+(`input_ids` [+ `attention_mask`] or `pixel_values`, optional `labels`).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console(stderr=True)
+out = Console()
+
+
+def _fail(msg: str) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    return typer.Exit(2)
+
+
+def load_calibration(spec: str, model, adapter, samples: int, seq_len: int):
+    """Returns (inputs tuple, labels or None)."""
+    from elision.passes.pruning import calib
+    from elision.passes.pruning.executor import BertAdapter, ViTAdapter
+
+    if spec == "auto":
+        spec = "stdlib" if isinstance(adapter, BertAdapter) else "fashion"
+    if spec == "stdlib":
+        if not isinstance(adapter, BertAdapter):
+            raise ValueError("--calib stdlib is text; this model takes images (use --calib fashion or a .safetensors file)")
+        tok = getattr(model, "tokenizer", None)
+        if tok is None:
+            raise ValueError("the model has no tokenizer; pass --calib FILE.safetensors with input_ids and attention_mask")
+        texts = calib.long_texts(samples, int(seq_len * 0.9)) if seq_len > 200 else calib.stdlib_paragraphs(samples)
+        return calib.tokenize(tok, texts, seq_len, pad_to_max=True), None
+    if spec == "fashion":
+        if not isinstance(adapter, ViTAdapter):
+            raise ValueError("--calib fashion is images; this model takes text (use --calib stdlib)")
+        x, y = calib.fashion_sample(samples)
+        return (x,), y
+    path = Path(spec)
+    if not path.is_file() or path.suffix != ".safetensors":
+        raise ValueError(f"--calib {spec!r}: use stdlib, fashion, or an existing .safetensors file of input tensors")
+    from safetensors.torch import load_file
+
+    data = load_file(str(path))
+    labels = data.get("labels")
+    if "input_ids" in data:
+        ids = data["input_ids"][:samples]
+        mask = data.get("attention_mask", ids.new_ones(ids.shape))[:samples]
+        return (ids, mask), (labels[:samples] if labels is not None else None)
+    if "pixel_values" in data:
+        return (data["pixel_values"][:samples],), (labels[:samples] if labels is not None else None)
+    raise ValueError(f"{path} holds {sorted(data)}; expected input_ids[/attention_mask] or pixel_values")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("tune")
+    def tune_cmd(
+        model: str = typer.Argument(..., help="builtin:NAME, a Hugging Face model directory, or package.module:factory"),
+        passes: str = typer.Option("prune-tokens,skip-layers", "--passes",
+                                   help="comma list of prune-tokens, merge-tokens, skip-layers, compress-tokens"),
+        min_fidelity: float = typer.Option(0.98, "--min-fidelity",
+                                           help="floor on fidelity: mean cosine (embeddings) or exp(-KL) (logits)"),
+        calib_spec: str = typer.Option("auto", "--calib", help="stdlib | fashion | FILE.safetensors"),
+        samples: int = typer.Option(32, "--samples", help="calibration rows"),
+        seq_len: int = typer.Option(128, "--seq-len", help="token length for text calibration"),
+        plot: Path = typer.Option(Path("tune_pareto.png"), "--plot", help="where to write the Pareto plot (PNG)"),
+        json_out: Optional[Path] = typer.Option(None, "--json", help="also write all candidates as JSON"),
+        repeats: int = typer.Option(5, "--repeats", help="timed runs per finalist (median)"),
+        threads: int = typer.Option(2, "--threads", help="torch CPU threads"),
+    ) -> None:
+        """Search layer, keep ratio and skip sets for the fastest pipeline meeting --min-fidelity."""
+        import torch
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from elision.compiler.errors import ElisionError
+        from elision.passes.pruning.algorithms import PruningError
+        from elision.passes.pruning.executor import adapter_for
+        from elision.passes.pruning.search import SEARCHABLE_PASSES, pareto_plot, tune
+
+        pass_list = tuple(p.strip() for p in passes.split(",") if p.strip())
+        bad = [p for p in pass_list if p not in SEARCHABLE_PASSES]
+        if bad or not pass_list:
+            raise _fail(f"--passes: unknown pass {', '.join(bad) or '(none)'}; choose from {', '.join(SEARCHABLE_PASSES)}")
+        if not 0.0 < min_fidelity <= 1.0:
+            raise _fail(f"--min-fidelity {min_fidelity} must be in (0, 1], e.g. 0.98")
+        if samples < 1 or seq_len < 4:
+            raise _fail("--samples must be >= 1 and --seq-len >= 4")
+        torch.set_num_threads(max(1, min(threads, 2)))
+        from elision.compiler.frontend import load_model
+
+        try:
+            loaded = load_model(model)
+            adapter = adapter_for(loaded.model)
+            if getattr(loaded.model, "tokenizer", None) is None and loaded.tokenizer is not None:
+                loaded.model.tokenizer = loaded.tokenizer
+            calib, labels = load_calibration(calib_spec, loaded.model, adapter, samples, seq_len)
+        except (ElisionError, PruningError, ValueError, FileNotFoundError, ModuleNotFoundError) as e:
+            raise _fail(str(e)) from None
+        kind = "embedding" if adapter.grid is None else "logits"
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeElapsedColumn(), console=console, transient=True) as prog:
+            task = prog.add_task("tuning", total=1)
+
+            def report(desc: str, step: int, total: int) -> None:
+                prog.update(task, completed=step, total=total, description=desc[:60])
+
+            try:
+                result = tune(adapter, calib, kind, pass_list, min_fidelity, labels=labels, repeats=repeats,
+                              progress=report)
+            except PruningError as e:
+                raise _fail(str(e)) from None
+        table = Table(title=f"{model}: fastest measured candidates (fidelity >= {min_fidelity})")
+        for col in ("pipeline", "fidelity", "cosine", "KL", "top-1", "speed-up", "FLOPs est."):
+            table.add_column(col)
+        for c in sorted([c for c in result.candidates if c.speedup is not None], key=lambda c: -c.speedup):
+            r = c.report
+            table.add_row(c.plan.describe(), f"{r.fidelity:.4f}", f"{r.cosine:.4f}",
+                          "-" if r.kl is None else f"{r.kl:.4f}", "-" if r.top1 is None else f"{r.top1:.3f}",
+                          f"{c.speedup:.2f}x", f"{c.est_speedup:.2f}x")
+        out.print(table)
+        pareto_plot(result, str(plot), f"{model} ({len(result.candidates)} candidates)", min_fidelity,
+                    "mean cosine" if kind == "embedding" else "fidelity exp(-KL)")
+        if json_out is not None:
+            json_out.write_text(json.dumps({
+                "reference_latency_s": result.reference_latency_s,
+                "candidates": [{"pipeline": c.plan.describe(), "method": c.method, **c.report.as_dict(),
+                                "latency_s": c.latency_s, "speedup": c.speedup, "est_speedup": c.est_speedup}
+                               for c in result.candidates]}, indent=1))
+        console.print(f"Pareto plot written to {plot}")
+        if result.best is None:
+            console.print(f"[yellow]no candidate reached fidelity {min_fidelity}; nothing to apply[/]")
+            raise typer.Exit(1)
+        out.print(f"chosen pipeline: {result.best.plan.describe()}")
+        out.print(f"  {result.best.report.summary()}; speed-up {result.best.speedup:.2f}x")

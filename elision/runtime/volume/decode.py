@@ -1,0 +1,307 @@
+"""Dense and hierarchical (coarse-to-fine) volume decoding of a field decoder.
+
+Grid convention (one place, so mesh scale and grid size never disagree): a resolution r grid has
+(r+1)^3 points `bounds_min + index * (2*bounds / r)` along each axis, computed in float32 from int64
+indices (the released HierarchicalVolumeDecoding multiplies int64 indices and collapses every fine
+query to one corner). Mesh vertices use the same spacing `2*bounds / r`.
+
+Hierarchical decoding: levels r_0 < r_1 = 2 r_0 < ... < r. Level 0 is dense. At each finer level a
+coarse point is marked when one of its 6 neighbours has the other sign (w.r.t. `iso`) or
+|v - iso| < band_l, with band_l = band / 2^l (the distance a band value must cover halves with the
+spacing). `band="auto"` is 0.95 of the field's saturation level measured on the level-0 grid
+(FlashVDM's |v| < 0.95 rule for a truncated SDF, calibrated to the model's output scale). Marks are dilated by `dilation` coarse cells; the fine points within one fine
+step of a marked coarse point are evaluated; fine points that coincide with evaluated coarse points
+reuse their value; every other fine point carries the value of its nearest (floor) coarse point, so the
+result is a complete grid with the correct sign away from the evaluated shell and never NaN.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from elision.runtime.volume.adaptive_kv import (AdaptiveKVOptions, AdaptiveKVStats, adaptive_attention,
+                                                block_ids_from_grid)
+from elision.runtime.volume.field import FieldDecoder, SplitFieldDecoder, evaluate_chunked
+
+DEFAULT_BOUNDS = 1.01
+
+
+class VolumeError(ValueError):
+    """Bad decoding request (knobs, resolution, memory); the message says what to change."""
+
+
+@dataclass(frozen=True)
+class SparseVolumeOptions:
+    """Knobs of `sparse-volume{...}`. The defaults are the conservative setting."""
+
+    min_res: int = 32
+    levels: int | None = None
+    band: float | str = "auto"   # level-0 |v - iso| threshold, or "auto" (0.95 x measured saturation)
+    dilation: int = 1            # coarse-level dilation radius in cells
+    iso: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.min_res < 2:
+            raise VolumeError(f"sparse-volume min_res must be >= 2, got {self.min_res}")
+        if self.levels is not None and self.levels < 1:
+            raise VolumeError(f"sparse-volume levels must be >= 1, got {self.levels}")
+        if isinstance(self.band, str):
+            if self.band != "auto":
+                raise VolumeError(f"sparse-volume band must be a number >= 0 or 'auto', got {self.band!r}")
+        elif not (self.band >= 0 and math.isfinite(self.band)):
+            raise VolumeError(f"sparse-volume band must be a finite number >= 0, got {self.band}")
+        if self.dilation < 0 or self.dilation > 8:
+            raise VolumeError(f"sparse-volume dilation must be in 0..8 cells, got {self.dilation}")
+
+
+def level_schedule(resolution: int, opts: SparseVolumeOptions) -> list[int]:
+    """Resolutions coarse to fine; each level is exactly twice the previous one."""
+    if resolution < 2:
+        raise VolumeError(f"resolution must be >= 2, got {resolution}")
+    if opts.levels is not None:
+        step = 2 ** (opts.levels - 1)
+        if resolution % step or resolution // step < 2:
+            raise VolumeError(f"resolution {resolution} cannot be halved {opts.levels - 1} times into a grid "
+                              f">= 2 cells; use levels <= {_max_levels(resolution)} or a resolution divisible "
+                              f"by {step}")
+        return [resolution // 2 ** i for i in reversed(range(opts.levels))]
+    res = [resolution]
+    while res[-1] % 2 == 0 and res[-1] // 2 >= opts.min_res:
+        res.append(res[-1] // 2)
+    return res[::-1]
+
+
+def _max_levels(resolution: int) -> int:
+    n = 1
+    while resolution % 2 == 0 and resolution // 2 >= 2:
+        resolution //= 2
+        n += 1
+    return n
+
+
+def spacing(resolution: int, bounds: float = DEFAULT_BOUNDS) -> float:
+    return 2.0 * bounds / resolution
+
+
+def index_to_points(index: torch.Tensor, resolution: int, bounds: float = DEFAULT_BOUNDS) -> torch.Tensor:
+    """int64 grid indices [N,3] -> float32 coordinates (float math, never integer)."""
+    return index.to(torch.float32) * torch.tensor(spacing(resolution, bounds), dtype=torch.float32) - bounds
+
+
+def dense_grid_points(resolution: int, bounds: float = DEFAULT_BOUNDS) -> torch.Tensor:
+    ax = torch.arange(resolution + 1)
+    idx = torch.stack(torch.meshgrid(ax, ax, ax, indexing="ij"), dim=-1).reshape(-1, 3)
+    return index_to_points(idx, resolution, bounds)
+
+
+# ------------------------------------------------------------------------------------------ memory
+
+def available_memory_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 16 * 2 ** 30
+
+
+def estimate_grid_bytes(resolution: int) -> int:
+    """Peak host bytes of the final level: value grid, carried grid, masks, index lists and marching
+    cubes' own copies (skimage keeps about 3 float32 copies plus vertex/face buffers)."""
+    pts = (resolution + 1) ** 3
+    return pts * (4 * 6 + 4)
+
+
+def check_memory(resolution: int, budget_bytes: int | None = None) -> None:
+    budget = available_memory_bytes() if budget_bytes is None else budget_bytes
+    need = estimate_grid_bytes(resolution)
+    if need > budget:
+        fit = resolution
+        while fit > 2 and estimate_grid_bytes(fit) > budget:
+            fit = int(fit * 0.9)
+        raise VolumeError(f"resolution {resolution} needs about {need / 2**30:.1f} GiB for the volume grid but "
+                          f"only {budget / 2**30:.1f} GiB is available; use --resolution {fit} or less")
+
+
+# ------------------------------------------------------------------------------------------ results
+
+@dataclass
+class VolumeResult:
+    grid: torch.Tensor          # [(r+1)]^3 float32, complete (filled), never NaN
+    evaluated: torch.Tensor     # bool, same shape: points whose value came from the decoder
+    resolution: int
+    bounds: float
+    queries: int                # field queries evaluated (all levels)
+    queries_per_level: list[int]
+    levels: list[int]
+    seconds: dict[str, float] = field(default_factory=dict)
+    band: float | None = None
+    kv_stats: dict | None = None
+
+    @property
+    def dense_queries(self) -> int:
+        return (self.resolution + 1) ** 3
+
+    def summary(self) -> dict[str, Any]:
+        return {"resolution": self.resolution, "levels": self.levels, "queries": self.queries,
+                "queries_per_level": self.queries_per_level, "dense_queries": self.dense_queries,
+                "query_fraction": self.queries / self.dense_queries, "band": self.band,
+                "seconds": self.seconds, "adaptive_kv": self.kv_stats}
+
+
+ProgressFn = Callable[[int], None]
+
+
+class _Evaluator:
+    """Evaluates points through the decoder, optionally with adaptive KV (needs the grid indices)."""
+
+    def __init__(self, decoder: FieldDecoder, state: Any, chunk: int, kv: AdaptiveKVOptions | None,
+                 progress: ProgressFn | None) -> None:
+        if kv is not None and not isinstance(decoder, SplitFieldDecoder):
+            raise VolumeError(f"adaptive-kv needs a decoder exposing kv/prologue/epilogue; "
+                              f"{type(decoder).__name__} does not")
+        self.decoder, self.state, self.chunk, self.kv, self.progress = decoder, state, chunk, kv, progress
+        self.kv_stats = AdaptiveKVStats() if kv is not None else None
+
+    def __call__(self, index: torch.Tensor, resolution: int, bounds: float) -> torch.Tensor:
+        points = index_to_points(index, resolution, bounds)
+        if self.kv is None:
+            return evaluate_chunked(self.decoder, self.state, points, self.chunk, self.progress)
+        # Keep blocks whole inside a chunk: sort by block, then cut at block boundaries near `chunk`.
+        bid = block_ids_from_grid(index, self.kv.block, resolution)
+        order = torch.argsort(bid, stable=True)
+        out = torch.empty(points.shape[0], dtype=torch.float32)
+        k, v = self.decoder.kv(self.state)  # type: ignore[attr-defined]
+        start = 0
+        n = points.shape[0]
+        while start < n:
+            stop = min(start + self.chunk, n)
+            if stop < n:  # extend to the end of the current block
+                b_last = bid[order[stop - 1]]
+                while stop < n and bid[order[stop]] == b_last:
+                    stop += 1
+            sel = order[start:stop]
+            x, q = self.decoder.prologue(self.state, points[sel])  # type: ignore[attr-defined]
+            attn, st = adaptive_attention(q, k, v, bid[sel], self.kv)
+            out[sel] = self.decoder.epilogue(self.state, x, attn).float()  # type: ignore[attr-defined]
+            self.kv_stats.merge(st)  # type: ignore[union-attr]
+            if self.progress is not None:
+                self.progress(stop - start)
+            start = stop
+        return out
+
+
+def decode_dense(decoder: FieldDecoder, latents: torch.Tensor, resolution: int, *,
+                 bounds: float = DEFAULT_BOUNDS, chunk: int = 32768, kv: AdaptiveKVOptions | None = None,
+                 progress: ProgressFn | None = None, state: Any = None) -> VolumeResult:
+    """Evaluate every point of the (r+1)^3 grid (the published chunked method, with K/V hoisted)."""
+    check_memory(resolution)
+    t0 = time.perf_counter()
+    state = decoder.prepare(latents) if state is None else state
+    t1 = time.perf_counter()
+    ev = _Evaluator(decoder, state, chunk, kv, progress)
+    ax = torch.arange(resolution + 1)
+    idx = torch.stack(torch.meshgrid(ax, ax, ax, indexing="ij"), dim=-1).reshape(-1, 3)
+    grid = ev(idx, resolution, bounds).reshape((resolution + 1,) * 3)
+    t2 = time.perf_counter()
+    return VolumeResult(grid=grid, evaluated=torch.ones_like(grid, dtype=torch.bool), resolution=resolution,
+                        bounds=bounds, queries=grid.numel(), queries_per_level=[grid.numel()],
+                        levels=[resolution], seconds={"prepare": t1 - t0, "decode": t2 - t1},
+                        kv_stats=ev.kv_stats.as_dict() if ev.kv_stats else None)
+
+
+def sign_change_mask(grid: torch.Tensor, iso: float) -> torch.Tensor:
+    """Points with a 6-neighbour on the other side of `iso`."""
+    inside = grid > iso
+    mask = torch.zeros_like(inside)
+    for dim in range(3):
+        n = grid.shape[dim]
+        a, b = inside.narrow(dim, 0, n - 1), inside.narrow(dim, 1, n - 1)
+        diff = a != b
+        mask.narrow(dim, 0, n - 1).logical_or_(diff)
+        mask.narrow(dim, 1, n - 1).logical_or_(diff)
+    return mask
+
+
+def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    if radius <= 0:
+        return mask
+    k = 2 * radius + 1
+    return F.max_pool3d(mask[None, None].to(torch.float16 if mask.numel() < 2**31 else torch.float32),
+                        k, stride=1, padding=radius)[0, 0] > 0
+
+
+def upsample_carry(grid: torch.Tensor) -> torch.Tensor:
+    """(r+1)^3 -> (2r+1)^3, fine point f takes coarse point floor(f/2) (sign carry)."""
+    r1 = grid.shape[0]
+    idx = torch.div(torch.arange(2 * r1 - 1), 2, rounding_mode="floor")
+    return grid[idx][:, idx][:, :, idx]
+
+
+def auto_band(grid: torch.Tensor, iso: float = 0.0) -> float:
+    """Level-0 band calibrated on the model's own field: 0.95 of its saturation level.
+
+    FlashVDM's `|v| < 0.95` rule presumes a truncated field saturating at 1; measuring the saturation
+    (99th percentile of |v - iso| over the coarse grid) makes the same rule hold for any output scale. A
+    field that does not saturate (not distance-like) then marks almost everything: slower, still exact.
+    """
+    sat = float(torch.quantile((grid - iso).abs().flatten()[:: max(1, grid.numel() // 200_000)].float(), 0.99))
+    return 0.95 * sat
+
+
+def decode_sparse(decoder: FieldDecoder, latents: torch.Tensor, resolution: int,
+                  opts: SparseVolumeOptions = SparseVolumeOptions(), *, bounds: float = DEFAULT_BOUNDS,
+                  chunk: int = 32768, kv: AdaptiveKVOptions | None = None, lipschitz: float | None = None,
+                  progress: ProgressFn | None = None, state: Any = None) -> VolumeResult:
+    """Hierarchical coarse-to-fine decoding; returns the complete sign-carried grid and statistics."""
+    check_memory(resolution)
+    levels = level_schedule(resolution, opts)
+    t0 = time.perf_counter()
+    state = decoder.prepare(latents) if state is None else state
+    seconds = {"prepare": time.perf_counter() - t0}
+    ev = _Evaluator(decoder, state, chunk, kv, progress)
+
+    t = time.perf_counter()
+    r0 = levels[0]
+    ax = torch.arange(r0 + 1)
+    idx = torch.stack(torch.meshgrid(ax, ax, ax, indexing="ij"), dim=-1).reshape(-1, 3)
+    grid = ev(idx, r0, bounds).reshape((r0 + 1,) * 3)
+    known = torch.ones_like(grid, dtype=torch.bool)
+    per_level = [grid.numel()]
+    seconds[f"level0_{r0}"] = time.perf_counter() - t
+    band0 = auto_band(grid, opts.iso) if opts.band == "auto" else float(opts.band)
+
+    for lvl, r in enumerate(levels[1:], start=1):
+        t = time.perf_counter()
+        band = band0 / 2 ** (lvl - 1)
+        marked = sign_change_mask(grid, opts.iso) | ((grid - opts.iso).abs() < band)
+        marked = dilate(marked, opts.dilation)
+        fine = upsample_carry(grid)
+        fine_known = torch.zeros_like(fine, dtype=torch.bool)
+        fine_known[::2, ::2, ::2] = known
+        want = torch.zeros_like(fine_known)
+        want[::2, ::2, ::2] = marked
+        want = dilate(want, 1)
+        todo = want & ~fine_known
+        fidx = todo.nonzero()
+        if fidx.numel():
+            fine[todo] = ev(fidx, r, bounds)
+        per_level.append(int(fidx.shape[0]))
+        grid, known = fine, fine_known | todo
+        seconds[f"level{lvl}_{r}"] = time.perf_counter() - t
+        del marked, want, todo
+    seconds["decode"] = sum(v for k, v in seconds.items() if k.startswith("level"))
+    return VolumeResult(grid=grid, evaluated=known, resolution=resolution, bounds=bounds,
+                        queries=sum(per_level), queries_per_level=per_level, levels=levels, seconds=seconds,
+                        band=band0, kv_stats=ev.kv_stats.as_dict() if ev.kv_stats else None)
+
+
+def options_dict(opts: SparseVolumeOptions) -> dict:
+    return asdict(opts)

@@ -1,0 +1,96 @@
+"""Field decoders: the per-shape / per-query split of a VecSet geometry decoder.
+
+`FieldDecoder` is the protocol the volume loop drives: `prepare(latents)` does the shape-invariant work
+once (latent self-attention stack, K/V projections) and `evaluate(state, points)` maps query points
+[N, 3] to field values [N]. That split is the hoist-invariants rewrite; the compiler's `latents_side` /
+`field_chunk` functions implement the same protocol. Decoders that also expose the attention split
+(`SplitFieldDecoder`) can run adaptive KV selection between the query prologue and the epilogue.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+
+from elision.models.vecset import VecSetField
+
+
+@runtime_checkable
+class FieldDecoder(Protocol):
+    def prepare(self, latents: torch.Tensor) -> Any: ...
+
+    def evaluate(self, state: Any, points: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class SplitFieldDecoder(FieldDecoder, Protocol):
+    """A field decoder whose single cross-attention can be replaced (adaptive KV)."""
+
+    def kv(self, state: Any) -> tuple[torch.Tensor, torch.Tensor]: ...  # K, V [heads, M, d]
+
+    def prologue(self, state: Any, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...  # x, q[h,N,d]
+
+    def epilogue(self, state: Any, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor: ...  # -> [N]
+
+
+@dataclass
+class KVState:
+    k: torch.Tensor  # [heads, M, d]
+    v: torch.Tensor  # [heads, M, d]
+
+
+class TorchFieldDecoder:
+    """Eager-PyTorch implementation of the split for a `VecSetField` (batch of one shape)."""
+
+    def __init__(self, model: VecSetField) -> None:
+        self.model = model.eval()
+        self.geo = model.geo_decoder
+
+    @torch.inference_mode()
+    def prepare(self, latents: torch.Tensor) -> KVState:
+        if latents.dim() == 2:
+            latents = latents.unsqueeze(0)
+        expected = (self.model.config.num_latents, self.model.config.embed_dim)
+        if latents.dim() != 3 or latents.shape[0] != 1 or tuple(latents.shape[1:]) != expected:
+            raise ValueError(f"latents must have shape [1, {expected[0]}, {expected[1]}] for this model, "
+                             f"got {list(latents.shape)}")
+        z = self.model.transformer(self.model.post_kl(latents.float()))
+        k, v = self.geo.latent_kv(z)
+        return KVState(k[0].contiguous(), v[0].contiguous())
+
+    def kv(self, state: KVState) -> tuple[torch.Tensor, torch.Tensor]:
+        return state.k, state.v
+
+    @torch.inference_mode()
+    def prologue(self, state: KVState, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, q = self.geo.query_heads(points.float().unsqueeze(0))
+        return x, q[0]
+
+    @torch.inference_mode()
+    def epilogue(self, state: KVState, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        return self.geo.epilogue(x, attn.unsqueeze(0))[0, :, 0]
+
+    @torch.inference_mode()
+    def evaluate(self, state: KVState, points: torch.Tensor) -> torch.Tensor:
+        x, q = self.prologue(state, points)
+        attn = F.scaled_dot_product_attention(q, state.k, state.v)
+        return self.epilogue(state, x, attn)
+
+
+ProgressFn = Callable[[int], None]
+
+
+def evaluate_chunked(decoder: FieldDecoder, state: Any, points: torch.Tensor, chunk: int,
+                     progress: ProgressFn | None = None) -> torch.Tensor:
+    """Evaluate `points` [N,3] in chunks of at most `chunk` queries (bounded memory); returns [N] fp32."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    out = torch.empty(points.shape[0], dtype=torch.float32)
+    for start in range(0, points.shape[0], chunk):
+        stop = min(start + chunk, points.shape[0])
+        out[start:stop] = torch.as_tensor(decoder.evaluate(state, points[start:stop])).float().reshape(-1)
+        if progress is not None:
+            progress(stop - start)
+    return out

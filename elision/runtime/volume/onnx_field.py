@@ -1,0 +1,143 @@
+"""ONNX artifacts of the split field decoder, driven by onnxruntime.
+
+`export_field_onnx(model, out_dir)` writes (torch.onnx dynamo exporter, opset 18):
+  latents_side.onnx   latents [1,M,E]          -> k, v [heads,M,d]       (once per shape)
+  field_chunk.onnx    points [N,3], k, v       -> values [N]             (per query chunk, dynamic N)
+  prologue.onnx       points [N,3]             -> x [1,N,W], q [heads,N,d]
+  epilogue.onnx       x [1,N,W], attn [heads,N,d] -> values [N]           (around adaptive-KV attention)
+plus field.json (config, files). `OrtFieldDecoder(out_dir)` implements `SplitFieldDecoder` with
+onnxruntime sessions only (no PyTorch model), so the hierarchical loop and adaptive KV run on ORT.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from elision.models.vecset import VecSetField
+from elision.runtime.volume.field import KVState
+
+OPSET = 18
+
+
+class _LatentSide(nn.Module):
+    def __init__(self, model: VecSetField) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.model.transformer(self.model.post_kl(latents))
+        k, v = self.model.geo_decoder.latent_kv(z)
+        return k[0], v[0]
+
+
+class _FieldChunk(nn.Module):
+    def __init__(self, model: VecSetField) -> None:
+        super().__init__()
+        self.geo = model.geo_decoder
+
+    def forward(self, points: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        x, q = self.geo.query_heads(points.unsqueeze(0))
+        attn = F.scaled_dot_product_attention(q, k.unsqueeze(0), v.unsqueeze(0))
+        return self.geo.epilogue(x, attn)[0, :, 0]
+
+
+class _Prologue(nn.Module):
+    def __init__(self, model: VecSetField) -> None:
+        super().__init__()
+        self.geo = model.geo_decoder
+
+    def forward(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, q = self.geo.query_heads(points.unsqueeze(0))
+        return x, q[0]
+
+
+class _Epilogue(nn.Module):
+    def __init__(self, model: VecSetField) -> None:
+        super().__init__()
+        self.geo = model.geo_decoder
+
+    def forward(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        return self.geo.epilogue(x, attn.unsqueeze(0))[0, :, 0]
+
+
+def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str],
+            dynamic: dict) -> None:
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(module.eval(), args, dynamo=True, opset_version=OPSET, input_names=input_names,
+                                 output_names=output_names, dynamic_shapes=dynamic, verbose=False)
+    prog.save(str(path))
+
+
+def export_field_onnx(model: VecSetField, out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    c = model.config
+    dec_w = c.width // c.geo_decoder_downsample_ratio
+    heads = c.heads // c.geo_decoder_downsample_ratio
+    d = dec_w // heads
+    n = torch.export.Dim("queries", min=1, max=2 ** 24)
+    lat = torch.randn(1, c.num_latents, c.embed_dim)
+    pts = torch.rand(17, 3) * 2 - 1
+    k = torch.randn(heads, c.num_latents, d)
+    x = torch.randn(1, 17, dec_w)
+    q = torch.randn(heads, 17, d)
+    with torch.no_grad():
+        _export(_LatentSide(model), (lat,), out / "latents_side.onnx", ["latents"], ["k", "v"], None)
+        # distinct k and v tensors: passing one object twice lets the exporter alias the two inputs
+        _export(_FieldChunk(model), (pts, k, k.clone() + 1), out / "field_chunk.onnx", ["points", "k", "v"], ["values"],
+                {"points": {0: n}, "k": None, "v": None})
+        _export(_Prologue(model), (pts,), out / "prologue.onnx", ["points"], ["x", "q"], {"points": {0: n}})
+        _export(_Epilogue(model), (x, q), out / "epilogue.onnx", ["x", "attn"], ["values"],
+                {"x": {1: n}, "attn": {1: n}})
+    (out / "field.json").write_text(json.dumps({"config": json.loads(c.to_json()), "opset": OPSET,
+                                                "lipschitz": model.lipschitz,
+                                                "files": ["latents_side.onnx", "field_chunk.onnx",
+                                                          "prologue.onnx", "epilogue.onnx"]}, indent=1))
+    return out
+
+
+class OrtFieldDecoder:
+    """SplitFieldDecoder backed by onnxruntime sessions (CPU provider unless told otherwise)."""
+
+    def __init__(self, artifact_dir: str | Path, threads: int = 2, providers: list[str] | None = None) -> None:
+        import onnxruntime as ort
+        d = Path(artifact_dir)
+        if not (d / "field.json").is_file():
+            raise FileNotFoundError(f"{d} is not a field-decoder ONNX artifact (no field.json); "
+                                    "write one with export_field_onnx")
+        meta = json.loads((d / "field.json").read_text())
+        self.lipschitz = meta.get("lipschitz")  # band calibration travels with the artifact
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        prov = providers or ["CPUExecutionProvider"]
+        self.sessions = {name: ort.InferenceSession(str(d / f"{name}.onnx"), so, providers=prov)
+                         for name in ("latents_side", "field_chunk", "prologue", "epilogue")}
+
+    def prepare(self, latents: torch.Tensor) -> KVState:
+        lat = latents.float().reshape(1, *latents.shape[-2:]).numpy()
+        k, v = self.sessions["latents_side"].run(None, {"latents": lat})
+        return KVState(torch.from_numpy(k), torch.from_numpy(v))
+
+    def kv(self, state: KVState) -> tuple[torch.Tensor, torch.Tensor]:
+        return state.k, state.v
+
+    def evaluate(self, state: KVState, points: torch.Tensor) -> torch.Tensor:
+        (vals,) = self.sessions["field_chunk"].run(None, {"points": np.ascontiguousarray(points.numpy(), np.float32),
+                                                          "k": state.k.numpy(), "v": state.v.numpy()})
+        return torch.from_numpy(vals)
+
+    def prologue(self, state: KVState, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, q = self.sessions["prologue"].run(None, {"points": np.ascontiguousarray(points.numpy(), np.float32)})
+        return torch.from_numpy(x), torch.from_numpy(q)
+
+    def epilogue(self, state: KVState, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        (vals,) = self.sessions["epilogue"].run(None, {"x": x.numpy(), "attn": attn.contiguous().numpy()})
+        return torch.from_numpy(vals)

@@ -1,0 +1,38 @@
+"""Helpers for the specdec tests: a tiny HF causal-LM directory with a real (locally trained) tokenizer."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def save_tiny_lm_dir(path: Path, arch: str = "llama", seed: int = 0) -> Path:
+    """Train a byte-level BPE tokenizer on a stdlib source file and save it with a random-weight tiny model."""
+    import inspect
+    import json as json_module
+
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    text = inspect.getsource(json_module)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([text], trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    vocab = fast.vocab_size
+    torch.manual_seed(seed)
+    if arch == "gpt2":
+        cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=vocab, n_positions=128,
+                                      eos_token_id=fast.eos_token_id, bos_token_id=fast.eos_token_id)
+        model = transformers.GPT2LMHeadModel(cfg)
+    else:
+        cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                       num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=128,
+                                       eos_token_id=fast.eos_token_id, bos_token_id=fast.eos_token_id)
+        model = transformers.LlamaForCausalLM(cfg)
+    path.mkdir(parents=True, exist_ok=True)
+    model.eval().save_pretrained(path)
+    fast.save_pretrained(path)
+    return path

@@ -1,0 +1,195 @@
+"""Model map recognition on real Hugging Face classes (tiny configs) and hand-written blocks."""
+from __future__ import annotations
+
+import pytest
+
+from elision.passes import run_pipeline
+from elision.passes.model_map import build_model_map
+from tests.model_map_models import exported
+
+
+def _projections_found(layer) -> bool:
+    a = layer.attention
+    return all(p is not None for p in (a.q_proj, a.k_proj, a.v_proj, a.o_proj))
+
+
+@pytest.mark.parametrize("name,proj", [("llama", "q_proj"), ("qwen2", "q_proj"), ("mistral", "q_proj")])
+def test_llama_family_decoders(name, proj):
+    mm = build_model_map(exported(name))
+    assert mm.kind == "decoder"
+    assert len(mm.layers) == 2 and [ly.index for ly in mm.layers] == [0, 1]
+    for i, ly in enumerate(mm.layers):
+        a = ly.attention
+        assert ly.loc == f"model.layers.{i}"
+        assert (a.kind, a.num_heads, a.num_kv_heads, a.head_dim) == ("sdpa", 4, 2, 16)
+        assert a.causal is True and a.mask_kind == "causal" and a.rotary
+        assert _projections_found(ly)
+        assert a.q_proj.weight == f"model.layers.{i}.self_attn.{proj}.weight"
+        assert a.o_proj.weight == f"model.layers.{i}.self_attn.o_proj.weight"
+        # repeat_kv was seen through: k/v before repetition have the kv head count
+        assert a.k_unrepeated is not None and a.k_unrepeated.type.shape[1] == 2
+        assert [n.kind for n in ly.norms] == ["rmsnorm", "rmsnorm"]
+        assert ly.norms[0].weight == f"model.layers.{i}.input_layernorm.weight" and ly.norms[0].eps == 1e-6
+        assert ly.mlp is not None and ly.mlp.gated and ly.mlp.activation == "silu" and len(ly.mlp.linears) == 3
+        assert len(ly.residual_adds) == 2
+        # residual adds really are "layer input + branch"
+        add1, add2 = ly.residual_adds
+        assert ly.input in add1.args and ly.attn_branch[1] in add1.args
+        assert ly.output == add2.result and ly.mlp_branch[1] in add2.args
+    assert mm.layers[1].input == mm.layers[0].output
+    assert mm.embedding.param == "model.embed_tokens.weight" and mm.embedding.input.name == "input_ids"
+    assert mm.final_norm.kind == "rmsnorm" and mm.final_norm.weight == "model.norm.weight"
+    assert mm.lm_head.weight == "lm_head.weight" and mm.lm_head.out_features == 128
+    assert mm.position_ids is not None and mm.position_ids.type.shape[-1] == "seq"
+    assert mm.attention_mask, "the causal mask subgraph is listed"
+    assert mm.unrecognized == []
+    rewrites = {r: ok for r, ok, _ in mm.applicable_rewrites()}
+    assert rewrites == {"speculative-decoding": True, "token-pruning": False, "layer-skipping": True,
+                        "sparse-volume": False}
+
+
+def test_gpt2_packed_qkv_and_conv1d():
+    mm = build_model_map(exported("gpt2"))
+    assert mm.kind == "decoder" and len(mm.layers) == 2
+    for ly in mm.layers:
+        a = ly.attention
+        assert a.packed_qkv and a.q_proj is a.k_proj is a.v_proj
+        assert a.q_proj.weight.endswith("attn.c_attn.weight") and a.q_proj.out_features == 192
+        assert a.o_proj.weight.endswith("attn.c_proj.weight")
+        assert (a.num_heads, a.num_kv_heads, a.head_dim, a.causal, a.rotary) == (4, 4, 16, True, False)
+        assert [n.kind for n in ly.norms] == ["layernorm", "layernorm"] and not ly.post_norm
+        assert not ly.mlp.gated and ly.mlp.activation == "gelu-tanh"
+    assert mm.position_embedding.param == "transformer.wpe.weight"
+    assert mm.final_norm.weight == "transformer.ln_f.weight"
+    assert mm.lm_head is not None and mm.unrecognized == []
+
+
+def test_bert_post_norm_encoder():
+    mm = build_model_map(exported("bert"))
+    assert mm.kind == "encoder" and len(mm.layers) == 2
+    for i, ly in enumerate(mm.layers):
+        a = ly.attention
+        assert ly.post_norm and [n.kind for n in ly.norms] == ["layernorm", "layernorm"]
+        assert a.causal is False and a.mask_kind == "bidirectional"
+        assert a.q_proj.weight == f"encoder.layer.{i}.attention.self.query.weight"
+        assert a.o_proj.weight == f"encoder.layer.{i}.attention.output.dense.weight"
+        assert ly.norms[1].weight == f"encoder.layer.{i}.output.LayerNorm.weight"
+        assert ly.output == ly.norms[1].output
+    assert mm.layers[1].input == mm.layers[0].output
+    assert mm.lm_head is None and mm.final_norm is None
+    assert [e.param for e in mm.extra_embeddings] == ["embeddings.token_type_embeddings.weight"]
+    assert mm.position_embedding.param == "embeddings.position_embeddings.weight"
+    rewrites = {r: ok for r, ok, _ in mm.applicable_rewrites()}
+    assert rewrites["token-pruning"] and not rewrites["speculative-decoding"]
+    assert mm.unrecognized == []
+
+
+@pytest.mark.parametrize("name,cls_param,patch_param,stack", [
+    ("vit", "embeddings.cls_token", "embeddings.patch_embeddings.projection.weight", "layers"),
+    ("clip_vision", "embeddings.class_embedding", "embeddings.patch_embedding.weight", "encoder.layers"),
+])
+def test_vision_encoders(name, cls_param, patch_param, stack):
+    mm = build_model_map(exported(name))
+    assert mm.kind == "vision" and len(mm.layers) == 2 and mm.embedding is None
+    assert mm.patch_embed.weight == patch_param and mm.patch_embed.patch_size == (8, 8)
+    assert mm.patch_embed.num_patches == 16 and mm.patch_embed.dim == 64
+    assert mm.cls_token.param == cls_param and mm.cls_token.index == 0
+    for ly in mm.layers:
+        assert ly.stack == stack and _projections_found(ly)
+        assert (ly.attention.num_heads, ly.attention.head_dim, ly.attention.causal) == (4, 16, False)
+        assert [n.kind for n in ly.norms] == ["layernorm", "layernorm"] and not ly.post_norm
+    assert mm.unrecognized == []
+    assert {r: ok for r, ok, _ in mm.applicable_rewrites()}["token-pruning"]
+
+
+def test_llava_two_stacks():
+    mm = build_model_map(exported("llava"))
+    assert mm.kind == "vision-language"
+    assert set(mm.stacks) == {"model.vision_tower.encoder.layers", "model.language_model.layers"}
+    # LLaVA reads the vision tower's second-to-last hidden state: with 2 layers only layer 0 is computed
+    vision = mm.stacks["model.vision_tower.encoder.layers"]
+    assert len(vision) == 1 and vision[0].attention.causal is False and vision[0].attention.num_heads == 2
+    assert mm.layers is mm.stacks["model.language_model.layers"] and len(mm.layers) == 2
+    for ly in mm.layers:
+        a = ly.attention
+        assert a.causal is True and (a.num_heads, a.num_kv_heads) == (4, 2) and a.rotary and _projections_found(ly)
+    assert mm.patch_embed is not None and mm.cls_token.param == "model.vision_tower.embeddings.class_embedding"
+    assert mm.image_merge is not None and mm.image_merge.op == "aten.masked_scatter.default"
+    assert [p.weight for p in mm.projector] == ["model.multi_modal_projector.linear_1.weight",
+                                                "model.multi_modal_projector.linear_2.weight"]
+    assert mm.embedding.param == "model.language_model.embed_tokens.weight"
+    assert mm.lm_head.weight == "lm_head.weight" and mm.final_norm.kind == "rmsnorm"
+    assert mm.unrecognized == []
+
+
+@pytest.mark.parametrize("name", ["handwritten", "handwritten_additive"])
+def test_explicit_softmax_attention(name):
+    mm = build_model_map(exported(name))
+    assert mm.kind == "decoder" and len(mm.layers) == 2
+    for ly in mm.layers:
+        a = ly.attention
+        assert a.kind == "explicit" and a.causal is True
+        assert (a.num_heads, a.num_kv_heads, a.head_dim) == (4, 2, 8)
+        assert abs(a.scale - 8 ** -0.5) < 1e-12
+        assert a.k_unrepeated is not None  # repeat_interleave(dim=1) was seen through
+        assert _projections_found(ly) and a.q_proj.weight == f"blocks.{ly.index}.attn.q.weight"
+        assert a.mask_form == ("masked_fill" if name == "handwritten" else "additive")
+    assert mm.lm_head.weight == "head.weight" and mm.unrecognized == []
+
+
+def test_arbitrary_bias_from_input_is_custom_not_guessed():
+    mm = build_model_map(exported("handwritten_bias"))
+    for ly in mm.layers:
+        a = ly.attention
+        assert a.kind == "explicit" and a.mask_form == "additive" and a.mask_depends_on_input
+        assert a.causal is None and a.mask_kind == "custom"
+    assert mm.kind == "unknown"
+    assert any("arbitrary additive score bias" in u for u in mm.unrecognized)
+
+
+def test_unrecognizable_model_is_reported_not_guessed():
+    mm = build_model_map(exported("mixer"))
+    assert mm.kind == "unknown" and mm.layers == [] and mm.lm_head is None
+    text = "\n".join(mm.unrecognized)
+    assert "softmax" in text and "not part of a recognized softmax(QK^T)V attention" in text
+    assert "proj: 1 linear not part of any recognized structure" in text
+    assert "(no location)" in text or "einsum" in text or "score" in text
+    assert not any(r[1] for r in mm.applicable_rewrites() if r[0] != "layer-skipping")
+
+
+def test_describe_json_and_pass():
+    mod = exported("llama")
+    mm = build_model_map(mod)
+    text = "\n".join(mm.describe())
+    assert "model kind: decoder" in text and "heads=4 kv_heads=2" in text and "LM head: lm_head.weight" in text
+    d = mm.as_dict()
+    assert d["num_layers"] == 2 and d["stacks"]["model.layers"][0]["attention"]["causal"] is True
+    # cached until the graph changes; the analysis pass changes nothing
+    assert build_model_map(mod) is mm
+    before = mod.print()
+    _, report = run_pipeline(mod, "model-map")
+    assert report[0]["changed"] is False and mod.print() == before
+
+
+def test_dropping_a_branch_equals_skipping_it_in_eager():
+    """A pass drops a residual branch by replacing the add's result with its residual input."""
+    import copy
+
+    import torch
+
+    from elision.ir import interpret
+    from tests.model_map_models import built
+
+    model, example, _ = built("llama")
+    mod = exported("llama")
+    layer = build_model_map(mod).layers[1]
+    fn = mod.functions["forward"]
+    fn.replace_all_uses(layer.residual_adds[1].result, layer.mlp_branch[0])   # drop layer 1's MLP
+    fn.replace_all_uses(layer.residual_adds[0].result, layer.attn_branch[0])  # and its attention
+    got = interpret(mod, "forward", *example)[0]
+    skipped = copy.deepcopy(model)
+    skipped.model.layers[1].mlp.forward = lambda x: torch.zeros_like(x)
+    skipped.model.layers[1].self_attn.forward = lambda hidden_states, *a, **k: (torch.zeros_like(hidden_states), None)
+    with torch.no_grad():
+        want = skipped(*example, use_cache=False).logits
+    assert (got - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())

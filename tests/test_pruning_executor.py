@@ -1,0 +1,160 @@
+"""Eager execution of reduction plans on real HF encoders, the elision:: custom ops, and the fidelity harness."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from elision.passes.pruning import algorithms as alg
+from elision.passes.pruning.executor import IDENTITY, ReductionPlan, adapter_for, reference_output, run_encoder
+from elision.runtime.fidelity import compare_outputs
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def bert():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64)
+    cfg._attn_implementation = "sdpa"
+    return BertModel(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def vit():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=16, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=4,
+                    num_attention_heads=4, intermediate_size=64, num_labels=5)
+    cfg._attn_implementation = "sdpa"
+    return ViTForImageClassification(cfg).eval()
+
+
+def _bert_batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 100, (3, 16), generator=g)
+    ids[:, 0] = 101
+    mask = torch.ones_like(ids)
+    for row, length in enumerate((16, 11, 7)):
+        ids[row, length - 1] = 102  # [SEP]
+        ids[row, length:] = 0
+        mask[row, length:] = 0
+    return ids, mask
+
+
+def test_identity_plan_matches_hf_bert_with_padding(bert):
+    ids, mask = _bert_batch()
+    ad = adapter_for(bert)
+    torch.testing.assert_close(run_encoder(ad, (ids, mask)), reference_output(bert, ad, (ids, mask)),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_identity_plan_matches_hf_vit(vit):
+    x = torch.randn(2, 1, 16, 16)
+    ad = adapter_for(vit)
+    torch.testing.assert_close(run_encoder(ad, (x,)), reference_output(vit, ad, (x,)), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("plan", [ReductionPlan(prune_after=1, keep=1.0), ReductionPlan(merge_r=0),
+                                  ReductionPlan(prune_after=2, keep=1.0, score="key-norm"),
+                                  ReductionPlan(dct_after=1, dct_keep=1.0)])
+def test_noop_settings_are_bit_for_bit(bert, vit, plan):
+    ids, mask = _bert_batch()
+    if plan.dct_after is None:
+        ad = adapter_for(bert)
+        assert torch.equal(run_encoder(ad, (ids, mask), plan), run_encoder(ad, (ids, mask), IDENTITY))
+    ad = adapter_for(vit)
+    x = torch.randn(2, 1, 16, 16)
+    assert torch.equal(run_encoder(ad, (x,), plan), run_encoder(ad, (x,), IDENTITY))
+
+
+@pytest.mark.parametrize("plan", [ReductionPlan(prune_after=1, keep=0.5),
+                                  ReductionPlan(prune_after=1, keep=0.6, extra_stages=((2, 0.5),)),
+                                  ReductionPlan(prune_after=1, keep=0.4, score="key-norm"),
+                                  ReductionPlan(merge_r=2, merge_start=1),
+                                  ReductionPlan(skip_attn=frozenset({1}), skip_mlp=frozenset({2}))])
+def test_padding_and_batch_handled_per_row(bert, plan):
+    """Each row of a padded batch gives what it gives alone, unpadded: masks and budgets are per row."""
+    ids, mask = _bert_batch()
+    ad = adapter_for(bert)
+    batched = run_encoder(ad, (ids, mask), plan)
+    for row, length in enumerate((16, 11, 7)):
+        alone = run_encoder(ad, (ids[row : row + 1, :length], mask[row : row + 1, :length]), plan)
+        torch.testing.assert_close(batched[row : row + 1], alone, atol=2e-5, rtol=1e-4)
+
+
+def test_pruning_changes_output_but_keeps_cls(vit):
+    ad = adapter_for(vit)
+    x = torch.randn(3, 1, 16, 16)
+    ref = run_encoder(ad, (x,))
+    pruned = run_encoder(ad, (x,), ReductionPlan(prune_after=1, keep=0.25))
+    assert pruned.shape == ref.shape and not torch.equal(pruned, ref)
+    dct = run_encoder(ad, (x,), ReductionPlan(dct_after=0, dct_keep=0.25))
+    assert dct.shape == ref.shape and torch.isfinite(dct).all()
+
+
+def test_bad_options_give_clear_errors(bert):
+    ad = adapter_for(bert)
+    ids, mask = _bert_batch()
+    with pytest.raises(alg.PruningError, match=r"keep=1.5 is outside \(0, 1\]"):
+        run_encoder(ad, (ids, mask), ReductionPlan(prune_after=1, keep=1.5))
+    with pytest.raises(alg.PruningError, match="after=7 is out of range: the model has 4 layers"):
+        run_encoder(ad, (ids, mask), ReductionPlan(prune_after=7, keep=0.5))
+    with pytest.raises(alg.PruningError, match="first or last layer"):
+        run_encoder(ad, (ids, mask), ReductionPlan(skip_attn=frozenset({0})))
+    with pytest.raises(alg.PruningError, match="needs a vision model"):
+        run_encoder(ad, (ids, mask), ReductionPlan(dct_after=1, dct_keep=0.5))
+    with pytest.raises(alg.PruningError, match="no recognizable token sequence"):
+        adapter_for(torch.nn.Linear(3, 3))
+
+
+def test_custom_ops_export_with_static_shapes():
+    from elision.passes.pruning import ops
+
+    class Tap(torch.nn.Module):
+        def forward(self, h, q, k, protected, valid):
+            qi = torch.zeros(h.shape[0], dtype=torch.long)
+            s = torch.ops.elision.attn_row_scores(q, k, qi, valid, 0.5, False)
+            kept, idx, kv = torch.ops.elision.prune_tokens(h, s, protected, valid, 0.25, 1)
+            merged, size = torch.ops.elision.tome_merge(kept, kv.to(h.dtype), kept, protected[:, :kept.shape[1]], 1)
+            return kept, idx, merged, torch.ops.elision.dct_compress(h[:, 1:], 4, 4, 0.25)
+
+    b, n, c = 2, 17, 8
+    h, q, k = torch.randn(b, n, c), torch.randn(b, 2, n, 4), torch.randn(b, 2, n, 4)
+    protected = torch.zeros(b, n, dtype=torch.bool)
+    protected[:, 0] = True
+    valid = torch.ones(b, n, dtype=torch.bool)
+    ep = torch.export.export(Tap(), (h, q, k, protected, valid))
+    targets = {str(node.target) for node in ep.graph.nodes if node.op == "call_function"}
+    assert {"elision.prune_tokens.default", "elision.attn_row_scores.default", "elision.tome_merge.default",
+            "elision.dct_compress.default"} <= targets
+    kept_len = ops.pruned_length(n, 0.25, 1)
+    assert kept_len == 1 + 4
+    kept, idx, merged, small = ep.module()(h, q, k, protected, valid)
+    assert kept.shape == (b, kept_len, c) and merged.shape == (b, kept_len - 1, c) and small.shape == (b, 4, c)
+    scores = alg.attention_row_scores(q, k, 0, valid=valid, scale=0.5)
+    exp_h, exp_idx, _ = alg.prune_tokens(h, scores, 0.25, protected, valid)
+    assert torch.equal(idx, exp_idx) and torch.equal(kept, exp_h)
+
+
+def test_prune_tokens_op_checks_protected_count():
+    h = torch.randn(1, 6, 4)
+    protected = torch.zeros(1, 6, dtype=torch.bool)
+    with pytest.raises(alg.PruningError, match="expected 1 protected tokens per row"):
+        torch.ops.elision.prune_tokens(h, torch.rand(1, 6), protected, torch.ones(1, 6, dtype=torch.bool), 0.5, 1)
+
+
+def test_fidelity_harness_metrics():
+    ref = torch.randn(6, 10)
+    same = compare_outputs(ref, ref.clone(), "logits", labels=ref.argmax(-1))
+    assert same.fidelity == pytest.approx(1.0) and same.top1 == 1.0 and same.accuracy == 1.0
+    assert same.kl == pytest.approx(0.0, abs=1e-6)
+    other = compare_outputs(ref, ref + torch.randn(6, 10), "logits")
+    assert other.kl > 0 and other.fidelity < 1.0
+    emb = compare_outputs(ref, 2 * ref, "embedding")
+    assert emb.fidelity == pytest.approx(1.0, abs=1e-6) and emb.kl is None
+    with pytest.raises(ValueError, match="output shapes differ"):
+        compare_outputs(ref, ref[:3], "logits")

@@ -1,0 +1,80 @@
+"""IR rewrite `skip-layers`: golden before/after IR facts, differential check against the eager executor."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def vit_ir():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from elision.compiler.frontend import export_to_ir
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=16, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=4,
+                    num_attention_heads=4, intermediate_size=64, num_labels=5)
+    cfg._attn_implementation = "sdpa"
+    model = ViTForImageClassification(cfg).eval()
+    x = torch.randn(2, 1, 16, 16)
+    return model, export_to_ir(model, (x,)), x
+
+
+def _run(module, x):
+    from elision.ir import interpret
+
+    return interpret(module, "forward", x)[0]
+
+
+def test_skip_layers_ir_rewrite_matches_executor(vit_ir):
+    from elision.ir import verify
+    from elision.passes.base import PassManager, parse_pipeline
+    from elision.passes.pruning.executor import ReductionPlan, adapter_for, run_encoder
+
+    model, module, x = vit_ir
+    rewritten = module.copy()
+    PassManager(parse_pipeline("skip-layers{layers=attn1,mlp2}"), verify_each=True,
+                allow_approximate=True).run(rewritten)
+    verify(rewritten)
+    text = str(rewritten)
+    # golden facts of the textual IR: the skipped branches' weights and nodes are gone, the rest stays
+    assert "vit.layers.1.attention.o_proj.weight" not in text
+    assert "vit.layers.1.attention.q_proj.weight" not in text
+    assert "vit.layers.2.mlp.fc1.weight" not in text and "vit.layers.2.mlp.fc2.weight" not in text
+    assert "vit.layers.1.mlp.fc1.weight" in text and "vit.layers.2.attention.q_proj.weight" in text
+    assert text.count("aten.scaled_dot_product_attention") == str(module).count("aten.scaled_dot_product_attention") - 1
+    expect = run_encoder(adapter_for(model), (x,), ReductionPlan(skip_attn=frozenset({1}), skip_mlp=frozenset({2})))
+    torch.testing.assert_close(_run(rewritten, x), expect, atol=1e-5, rtol=1e-5)
+
+
+def test_skip_layers_nothing_skipped_is_unchanged(vit_ir):
+    from elision.passes.pruning.ir_passes import SkipLayers
+
+    _model, module, x = vit_ir
+    copy = module.copy()
+    assert SkipLayers(layers=()).run(copy) is False
+    assert str(copy) == str(module)
+    assert torch.equal(_run(copy, x), _run(module, x))
+
+
+@pytest.mark.parametrize("opts, message", [
+    ("layers=0", "first or last layer"),
+    ("layers=attn9", "out of range: the model has 4 layers, use 0..3"),
+    ("layers=auto", "needs calibration data"),
+    ("layers=ffn2", "write I \\(both branches\\), attnI or mlpI"),
+])
+def test_skip_layers_bad_options(vit_ir, opts, message):
+    from elision.passes.base import PassError, PassManager, parse_pipeline
+
+    _model, module, _x = vit_ir
+    with pytest.raises(PassError, match=message):
+        PassManager(parse_pipeline("skip-layers{" + opts + "}"), allow_approximate=True).run(module.copy())
+
+
+def test_skip_layers_is_approximate_and_refused_by_default(vit_ir):
+    from elision.passes.base import PassError, PassManager, parse_pipeline
+
+    with pytest.raises(PassError, match="approximate"):
+        PassManager(parse_pipeline("skip-layers{layers=attn1}")).run(vit_ir[1].copy())
