@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 
-def save_tiny_lm_dir(path: Path, arch: str = "llama", seed: int = 0) -> Path:
+def save_tiny_lm_dir(path: Path, arch: str = "llama", seed: int = 0, layers: int = 3) -> Path:
     """Train a byte-level BPE tokenizer on a stdlib source file and save it with a random-weight tiny model."""
     import inspect
     import json as json_module
@@ -28,7 +28,7 @@ def save_tiny_lm_dir(path: Path, arch: str = "llama", seed: int = 0) -> Path:
                                       eos_token_id=fast.eos_token_id, bos_token_id=fast.eos_token_id)
         model = transformers.GPT2LMHeadModel(cfg)
     else:
-        cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
                                        num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=128,
                                        eos_token_id=fast.eos_token_id, bos_token_id=fast.eos_token_id)
         model = transformers.LlamaForCausalLM(cfg)

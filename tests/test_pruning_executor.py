@@ -7,42 +7,23 @@ import torch
 from elision.passes.pruning import algorithms as alg
 from elision.passes.pruning.executor import IDENTITY, ReductionPlan, adapter_for, reference_output, run_encoder
 from elision.runtime.fidelity import compare_outputs
+from pruning_models import padded_bert_batch, tiny_bert, tiny_vit
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
 def bert():
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=64)
-    cfg._attn_implementation = "sdpa"
-    return BertModel(cfg).eval()
+    return tiny_bert()
 
 
 @pytest.fixture(scope="module")
 def vit():
-    from transformers import ViTConfig, ViTForImageClassification
-
-    torch.manual_seed(0)
-    cfg = ViTConfig(image_size=16, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=4,
-                    num_attention_heads=4, intermediate_size=64, num_labels=5)
-    cfg._attn_implementation = "sdpa"
-    return ViTForImageClassification(cfg).eval()
+    return tiny_vit()
 
 
 def _bert_batch():
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(5, 100, (3, 16), generator=g)
-    ids[:, 0] = 101
-    mask = torch.ones_like(ids)
-    for row, length in enumerate((16, 11, 7)):
-        ids[row, length - 1] = 102  # [SEP]
-        ids[row, length:] = 0
-        mask[row, length:] = 0
-    return ids, mask
+    return padded_bert_batch((16, 11, 7), 16)
 
 
 def test_identity_plan_matches_hf_bert_with_padding(bert):

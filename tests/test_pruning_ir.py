@@ -4,20 +4,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pruning_models import tiny_vit
+
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
 def vit_ir():
-    from transformers import ViTConfig, ViTForImageClassification
-
     from elision.compiler.frontend import export_to_ir
 
-    torch.manual_seed(0)
-    cfg = ViTConfig(image_size=16, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=4,
-                    num_attention_heads=4, intermediate_size=64, num_labels=5)
-    cfg._attn_implementation = "sdpa"
-    model = ViTForImageClassification(cfg).eval()
+    model = tiny_vit()
     x = torch.randn(2, 1, 16, 16)
     return model, export_to_ir(model, (x,)), x
 
@@ -78,3 +74,14 @@ def test_skip_layers_is_approximate_and_refused_by_default(vit_ir):
 
     with pytest.raises(PassError, match="approximate"):
         PassManager(parse_pipeline("skip-layers{layers=attn1}")).run(vit_ir[1].copy())
+
+
+def test_skip_layers_reads_the_tuner_spelling():
+    """`elision tune` joins branches with "+"; the pass reads that and the comma form alike."""
+    from elision.passes.base import parse_pipeline
+    from elision.passes.pruning.ir_passes import parse_branches
+
+    (p,) = parse_pipeline("skip-layers{layers=attn1+mlp2+3}")
+    assert parse_branches(p.layers, 5) == [("attn", 1), ("mlp", 2), ("attn", 3), ("mlp", 3)]
+    (q,) = parse_pipeline("skip-layers{layers=attn1,mlp2,3}")
+    assert parse_branches(q.layers, 5) == parse_branches(p.layers, 5)

@@ -76,3 +76,42 @@ def test_decode_with_adaptive_kv_topk_all_equals_plain_sparse():
     assert kv.queries == plain.queries
     torch.testing.assert_close(kv.grid, plain.grid, atol=2e-5, rtol=1e-5)
     assert kv.kv_stats["kv_fraction"] == pytest.approx(1.0)
+
+
+def test_guard_sends_unprobed_and_rejected_blocks_through_one_exact_plain_call():
+    """Blocks too small to probe (< 4 x samples queries) and blocks below min_mass both get exact full-KV
+    attention; only probed blocks carry a retained-mass record; accepted blocks read top-k tokens."""
+    torch.manual_seed(1)
+    anchors = torch.rand(256, 3) * 2 - 1
+    d, sigma2 = 4, 0.01
+    k = (torch.cat([anchors, -(anchors ** 2).sum(1, keepdim=True) / 2], 1) / sigma2 * d ** 0.5)[None]
+    v = torch.randn(1, 256, 4)
+    local = torch.rand(400, 3) * 0.2                  # 4 blocks of 100: local attention, accepted
+    diffuse = torch.randn(1, 300, 4) * 1e-3           # 3 blocks of 100: near-uniform attention, rejected
+    tiny = torch.rand(20, 3) * 0.2                    # 2 blocks of 10: too small to probe
+    q = torch.cat([torch.cat([local, torch.ones(400, 1)], 1)[None], diffuse,
+                   torch.cat([tiny, torch.ones(20, 1)], 1)[None]], 1)
+    bid = torch.cat([torch.arange(400) // 100, 4 + torch.arange(300) // 100, 7 + torch.arange(20) // 10])
+    out, stats = adaptive_attention(q, k, v, bid, AdaptiveKVOptions(topk=64, samples=8, min_mass=0.9))
+    ref = F.scaled_dot_product_attention(q, k, v)
+    assert stats.blocks == 9 and len(stats.retained_mass) == 7   # the 2 tiny blocks were not probed
+    assert stats.fallback_blocks == 5                            # 3 rejected + 2 unprobed
+    torch.testing.assert_close(out[:, 400:], ref[:, 400:], atol=2e-6, rtol=1e-5)
+    assert stats.kv_reads == 400 * 64 + 320 * 256
+
+
+def test_decode_stops_probing_a_non_local_decoder_and_matches_plain_sparse():
+    """The tiny fitted decoder is not local: once the guard has rejected (almost) every probed block, the
+    remaining queries skip the probe and run the plain path, with the plain result."""
+    from elision.models.registry import get_builtin
+    from elision.models.vecset import fixture_latents
+    from elision.runtime.volume import decode_volume
+    model = get_builtin("vecset-tiny").build()
+    lat = fixture_latents("elephant")
+    plain = decode_volume(model, lat, 64, "hoist-invariants,sparse-volume")
+    kv = decode_volume(model, lat, 64, "hoist-invariants,sparse-volume,adaptive-kv{topk=8,min_mass=0.99}")
+    st = kv.kv_stats
+    assert st["plain_queries"] > 0 and st["fallback_blocks"] == st["blocks"]
+    assert st["queries"] == kv.queries == plain.queries
+    assert st["kv_fraction"] == pytest.approx(1.0)
+    torch.testing.assert_close(kv.grid, plain.grid, atol=2e-5, rtol=1e-5)

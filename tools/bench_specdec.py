@@ -9,6 +9,10 @@ docstring prose from prompts.json), same number of new tokens, same threads. Met
     hf-early-exit    HF `assistant_early_exit=N` (self-speculation from the first N layers)
     elision-<drafter> `elision.runtime.specdec.generate(..., drafter=<drafter>)` for every drafter
                      the runtime offers (columns are omitted, and the report says so, if it is absent)
+    elision-ort-<d>  the same model compiled to an ONNX generation artifact (`elision compile --emit onnx
+                     --for generate`) and decoded by `elision.runtime.ort_generate.OrtGenerator` (numpy +
+                     onnxruntime, no torch), greedy and sampled;
+                     `elision-ort-none` is the ORT loop without speculation (the runtime gain alone)
 
 Both greedy and sampled decoding are run. Reported per (prompt kind, mode): tokens/s (per prompt the
 median over repeats, aggregated as total tokens / total median time), speedup vs hf-plain, tokens
@@ -169,6 +173,28 @@ class ElisionAdapter:
         return RunResult(tokens, dt, int(forwards) if forwards else (counter.count or None))
 
 
+class OrtAdapter:
+    """The ONNX Runtime target: one generation artifact of the target model, decoded by the torch-free loop."""
+
+    def __init__(self, threads: int, drafters: list[str]):
+        import tempfile
+
+        from elision.runtime.ort_generate import OrtGenerator
+        from elision.runtime.specdec.artifact import export_generation_artifact
+
+        self.drafters = drafters
+        path = Path(tempfile.mkdtemp(prefix="elision-bench-specdec-")) / "tiny-code-lm"
+        export_generation_artifact("builtin:tiny-code-lm", path)
+        self.generator = OrtGenerator.load(path, threads=threads)
+
+    def run(self, drafter: str, ids, n_new: int, sample: bool, seed: int, args) -> RunResult:
+        kw = dict(do_sample=True, temperature=args.temperature, seed=seed) if sample else {}
+        t0 = time.perf_counter()
+        res = self.generator.generate(ids[0].tolist(), max_new_tokens=n_new, drafter=drafter, eos_token_id=[], **kw)
+        dt = time.perf_counter() - t0
+        return RunResult([int(t) for t in res.tokens], dt, int(res.stats["forward_passes"]))
+
+
 # ----------------------------------------------------------------------------------------------
 # report
 # ----------------------------------------------------------------------------------------------
@@ -235,6 +261,8 @@ def write_markdown(path: Path, summary: dict, methods: list[str], settings, args
             e = summary[(kind, mode, method)]
             if e.get("error"):
                 row = [kind, mode, f"`{method}`", "error", "-", "-", "-"]
+            elif "tokens_per_s" not in e:
+                row = [kind, mode, f"`{method}`", "not run", "-", "-", "-"]
             else:
                 same = "-" if mode != "greedy" else ("yes" if e.get("identical_to_greedy") else "**NO**")
                 tpf = f"{e['tokens_per_forward']:.2f}" if e.get("tokens_per_forward") else "n/a"
@@ -292,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", default="greedy,sampled")
     p.add_argument("--kinds", default="code,prose")
     p.add_argument("--no-elision", action="store_true", help="run the HF peers only")
+    p.add_argument("--ort-drafters", default="none,lookup,recycling+lookup",
+                   help="drafters of the ONNX Runtime target (comma-separated; empty = skip the ORT target)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", type=Path, default=REPO_ROOT / "bench_results")
     args = p.parse_args(argv)
@@ -334,6 +364,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         methods += [f"elision-{d}" for d in elision.drafters]
         console.print(f"elision drafters: {', '.join(elision.drafters)}")
+    ort = None
+    ort_drafters = [d.strip() for d in args.ort_drafters.split(",") if d.strip()]
+    if ort_drafters and not args.no_elision:
+        console.print("compiling the ONNX Runtime generation artifact ...")
+        ort = OrtAdapter(args.threads, ort_drafters)
+        methods += [f"elision-ort-{d}" for d in ort_drafters]
 
     settings = [(k, m) for k in kinds for m in modes]
     cells: dict[tuple, Cell] = {}
@@ -341,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     def run_one(method, ids, sample, seed):
         if method.startswith("hf-"):
             return hf_generate(method, target, draft, ids, args.max_new_tokens, sample, seed, args)
+        if method.startswith("elision-ort-"):
+            return ort.run(method.removeprefix("elision-ort-"), ids, args.max_new_tokens, sample, seed, args)
         return elision.run(method.removeprefix("elision-"), target, draft, ids, args.max_new_tokens, sample, seed, args)
 
     # Warm-up (allocator, first-call overheads) so the first timed method is not penalised.
@@ -437,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
             e = summary[(k, m, method)]
             if e.get("error"):
                 row.append("[red]error[/]")
+            elif "tokens_per_s" not in e:
+                row.append("n/a")
             else:
                 same = "" if m != "greedy" else (" ok" if e.get("identical_to_greedy") else " [red]DIFF[/]")
                 tpf = f"{e['tokens_per_forward']:.2f}" if e.get("tokens_per_forward") else "n/a"

@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-minutes", type=float, default=None,
                    help="wall-clock cap per model (for loaded machines; makes the run time-dependent)")
     # target
-    p.add_argument("--steps", type=int, default=320)
+    p.add_argument("--steps", type=int, default=900)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--intermediate", type=int, default=688)
     # draft
-    p.add_argument("--draft-steps", type=int, default=400)
+    p.add_argument("--draft-steps", type=int, default=900)
     p.add_argument("--draft-lr", type=float, default=4e-3)
     p.add_argument("--draft-hidden", type=int, default=128)
     p.add_argument("--draft-layers", type=int, default=2)

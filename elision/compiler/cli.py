@@ -69,8 +69,12 @@ def compile_cmd(
     dump_ir: Optional[Path] = typer.Option(None, "--dump-ir", help="write IR before/after every pass into this directory"),
     approximate: bool = typer.Option(False, "--approximate", help="allow passes that change the output on purpose (pruning, skipping)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of a report"),
+    for_use: Optional[str] = typer.Option(None, "--for", help="'generate': with --emit onnx, a speculative-decoding "
+                                          "artifact (step function + tokenizer) for `elision run DIR --prompt`"),
 ):
     """Trace MODEL, run the pass pipeline, and write the result (IR text, FX code, ONNX artifact or MLIR)."""
+    if for_use is not None:
+        return _compile_for_generate(model, for_use, emit, passes, output, verify, as_json)
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from elision.compiler.api import default_pipeline
@@ -87,6 +91,10 @@ def compile_cmd(
         task = progress.add_task(f"loading {model}")
         lm = load_model(model)
         progress.update(task, description="tracing with torch.export")
+        if any(getattr(p, "static_shapes", False) for p in pm_passes):
+            # token pruning changes the sequence length inside the graph: trace (and emit) at the example's length
+            lm.dynamic_dims = {}
+            result["static_shapes"] = [list(x.shape) for x in lm.example_inputs if hasattr(x, "shape")]
         ir = export_to_ir(lm.model, lm.example_inputs, lm.dynamic_dims, input_names=lm.input_names)
         nodes_before = ir.node_count()
         pm = PassManager(pm_passes, verify_each=verify_ir, check_types=verify_ir, dump_dir=dump_ir,
@@ -108,6 +116,32 @@ def compile_cmd(
         _print_compile_report(result)
     if verify and not result["verify"]["ok"]:
         raise typer.Exit(3)
+
+
+def _compile_for_generate(model: str, for_use: str, emit: str, passes: Optional[str], output: Path, verify: bool,
+                          as_json: bool) -> None:
+    if for_use != "generate":
+        raise fail(f"--for must be 'generate', got {for_use!r}")
+    if emit != "onnx":
+        raise fail(f"--for generate writes an ONNX artifact: pass --emit onnx (got --emit {emit})")
+    if passes is not None or verify:
+        raise fail("--for generate uses the fixed speculative-decoding pipeline and cannot take --passes or --verify; "
+                   "check the artifact with `elision run DIR --prompt TEXT`")
+    from elision.runtime.specdec.artifact import export_generation_artifact
+
+    with console.status(f"loading {model}") as status:
+        try:
+            result = export_generation_artifact(model, output, progress=status.update)
+        except ValueError as e:
+            raise fail(str(e)) from None
+    result = {"model": model, "emit": emit, "for": for_use, **result}
+    if as_json:
+        out.print_json(json.dumps(result))
+        return
+    out.print(f"generation artifact for {model} (pipeline {result['pipeline']})")
+    for w in result["written"]:
+        out.print(f"wrote {w}")
+    out.print(f"run it with: elision run {output} --prompt TEXT")
 
 
 def _emit(emit: str, ir, lm, output: Path) -> list[Path]:
@@ -172,6 +206,8 @@ def _print_compile_report(result: dict) -> None:
         t.add_row(r["name"], f"{r['nodes_before']} -> {r['nodes_after']}", f"{r['seconds'] * 1e3:.1f}")
     out.print(t)
     out.print(f"nodes: {result['nodes_before']} -> {result['nodes_after']}")
+    if result.get("static_shapes"):
+        out.print(f"exported at fixed input shapes {result['static_shapes']} (the pipeline needs static shapes)")
     for w in result["written"]:
         out.print(f"wrote {w}")
     if "verify" in result:

@@ -26,6 +26,7 @@ import importlib
 import json
 import logging
 import re
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -379,6 +380,7 @@ def export_onnx(
     ort_fusions: bool = False,
     output_names: Mapping[str, Sequence[str]] | None = None,
     progress: Callable[[str], None] | None = None,
+    extra_files: Mapping[str, str | Path] | None = None,
 ) -> Path:
     """Export each function to `<out_dir>/<name>.onnx` with shared weights and write `manifest.json`.
 
@@ -387,6 +389,7 @@ def export_onnx(
     source_hash: hash of the source model (see `source_hash_of`). runtime_settings: JSON-serializable
     settings for the host loop (e.g. eos id, cache layout). ort_fusions: rewrite into ORT contrib ops
     when that verifies. output_names: per function, names for its outputs (default `output_0`, ...).
+    extra_files: artifact file name -> source path, copied in and hashed like the graphs (e.g. a tokenizer).
     Returns the artifact directory.
     """
     if not functions:
@@ -447,6 +450,12 @@ def export_onnx(
 
     files = {WEIGHTS_NAME: sha256_file(out / WEIGHTS_NAME)}
     files.update({info.file: sha256_file(out / info.file) for info in infos})
+    for rel, source in (extra_files or {}).items():
+        if not _FN_NAME.match(Path(rel).stem) or Path(rel).name != rel:
+            raise OnnxExportError(f"extra file name {rel!r} must be a plain file name (letters, digits, '_', '-', '.')")
+        if Path(source).resolve() != (out / rel).resolve():
+            shutil.copyfile(source, out / rel)
+        files[rel] = sha256_file(out / rel)
     manifest = {
         "format_version": FORMAT_VERSION,
         "elision_version": elision_version(),

@@ -2,13 +2,14 @@
 
 Torch-free like `elision.runtime.ort`: this command works where only numpy and onnxruntime are installed.
 
-Causal-LM artifacts will also take `--prompt TEXT`; the generation loop that drives the step graphs
-registers itself with `register_prompt_runner(kind, runner)` (e.g. from `elision.runtime.specdec`), and
-this command dispatches on the manifest's `runtime_settings["kind"]`.
+Generation artifacts (`elision compile MODEL --emit onnx --for generate`) take `--prompt TEXT` instead: the
+generation loop registers itself with `register_prompt_runner(kind, runner)` (`elision.runtime.ort_generate`),
+and this command dispatches on the manifest's `runtime_settings["kind"]`.
 """
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -25,7 +26,7 @@ __all__ = ["register", "register_prompt_runner", "run_artifact_command"]
 PromptRunner = Callable[[Artifact, str, dict], dict]
 _PROMPT_RUNNERS: dict[str, PromptRunner] = {}
 # modules that may register a prompt runner when imported (absent ones are skipped)
-_PROMPT_RUNNER_MODULES = ("elision.runtime.specdec.ort_generate",)
+_PROMPT_RUNNER_MODULES = ("elision.runtime.ort_generate",)
 
 _JSON_VALUE_LIMIT = 4096  # outputs with more elements are summarized in --json (use --save for the data)
 
@@ -104,8 +105,13 @@ def run_artifact_command(
     providers: Optional[str],
     threads: Optional[int],
     no_verify: bool,
+    generation: Optional[dict] = None,
 ) -> dict[str, Any]:
-    """The command body, callable from Python (returns the result dict the command prints)."""
+    """The command body, callable from Python (returns the result dict the command prints).
+
+    generation: options of the prompt runner (max_new_tokens, drafter, tree, stop, stream, and the sampling
+    options do_sample, temperature, top_k, top_p, seed).
+    """
     try:
         artifact = load_artifact(
             artifact_dir,
@@ -120,10 +126,17 @@ def run_artifact_command(
         _load_prompt_runners()
         if kind not in _PROMPT_RUNNERS:
             raise _fail(f"--prompt needs a generation loop for artifacts of kind {kind!r}, and none is installed; "
-                        f"run a single function with --input NAME=FILE.npy instead")
+                        f"run a single function with --input NAME=FILE.npy instead, or compile a generation artifact "
+                        f"with `elision compile MODEL --emit onnx --for generate -o DIR`")
         if inputs:
             raise _fail("pass either --prompt or --input, not both")
-        return {"prompt": prompt, **_PROMPT_RUNNERS[kind](artifact, prompt, {"threads": threads})}
+        try:
+            return _PROMPT_RUNNERS[kind](artifact, prompt, {"threads": threads, **(generation or {})})
+        except ArtifactError as e:
+            raise _fail(str(e)) from None
+    if generation and any(v is not None for k, v in generation.items() if k != "stream"):
+        raise _fail("--max-new-tokens, --drafter, --tree, --stop and the sampling options (--sample, --temperature, "
+                    "--top-k, --top-p, --seed) need --prompt (a generation artifact)")
     if not inputs:
         raise _fail("no inputs: pass --input NAME=FILE.npy for each input (" + artifact.describe().split("\n", 1)[-1].strip() + ")")
     fn = _choose_function(artifact, function)
@@ -145,6 +158,13 @@ def run_artifact_command(
         "outputs": {name: _summary(value, with_values=as_json) for name, value in outputs.items()},
         "saved": saved,
     }
+
+
+def _stream_to_stdout(piece: str) -> None:
+    # raw text, not through rich: rich drops control characters such as \r that generated code may contain
+    if piece:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
 
 
 def _print_table(result: dict[str, Any]) -> None:
@@ -171,10 +191,40 @@ def register(app: typer.Typer) -> None:
         providers: Optional[str] = typer.Option(None, "--providers", help="comma-separated ORT providers (default: CUDA if available, else CPU)"),
         threads: Optional[int] = typer.Option(None, "--threads", help="ORT intra-op threads"),
         no_verify: bool = typer.Option(False, "--no-verify", help="skip the sha256 check of the artifact files"),
+        max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n", help="with --prompt: tokens to generate (default 64)"),
+        drafter: Optional[str] = typer.Option(None, "--drafter", "-d", help="with --prompt: lookup, recycling, copy, none, or a '+' combination (default recycling+lookup)"),
+        tree: Optional[str] = typer.Option(None, "--tree", help="with --prompt: 'dynamic' or 'static:<template>' (chain-4, 4x2x1, ...)"),
+        stop: Optional[list[str]] = typer.Option(None, "--stop", help="with --prompt: stop string (repeatable)"),
+        do_sample: bool = typer.Option(False, "--sample/--greedy", help="with --prompt: sample (lossless rejection sampling) or greedy"),
+        temperature: Optional[float] = typer.Option(None, "--temperature", help="with --sample: softmax temperature > 0 (default 1)"),
+        top_k: Optional[int] = typer.Option(None, "--top-k", help="with --sample: keep the k most likely tokens (default 0: off)"),
+        top_p: Optional[float] = typer.Option(None, "--top-p", help="with --sample: nucleus mass in (0, 1] (default 1: off)"),
+        seed: Optional[int] = typer.Option(None, "--seed", help="with --sample: random seed (a run reproduces with a static --tree)"),
     ) -> None:
-        """Run one function of an ONNX artifact with onnxruntime (no torch needed)."""
-        result = run_artifact_command(artifact_dir, inputs, function, prompt, as_json, save, providers, threads, no_verify)
-        if as_json:
+        """Run one function of an ONNX artifact with onnxruntime (no torch needed), or generate text from a
+        generation artifact with --prompt (speculative decoding: output identical to the model's greedy decoding,
+        or with --sample drawn from exactly the model's sampling distribution)."""
+        if prompt is not None and not prompt:
+            raise _fail("the prompt is empty: pass some text with --prompt")
+        if max_new_tokens is not None and max_new_tokens < 1:
+            raise _fail(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+        streaming = prompt is not None and not as_json
+        generation = {"max_new_tokens": max_new_tokens, "drafter": drafter, "tree": tree, "stop": stop or None,
+                      # None, not False, when greedy: a set option without --prompt is an error below
+                      "do_sample": True if do_sample else None, "temperature": temperature, "top_k": top_k,
+                      "top_p": top_p, "seed": seed, "stream": _stream_to_stdout if streaming else None}
+        result = run_artifact_command(artifact_dir, inputs, function, prompt, as_json, save, providers, threads, no_verify,
+                                      generation)
+        if "stats" in result:  # generated text: the same output as `elision generate`
+            if as_json:
+                print(json.dumps({"tokens": result["tokens"], "text": result["text"], "stats": result["stats"]}))
+            else:
+                sys.stdout.write("\n")
+                s = result["stats"]
+                _err.print(f"[dim]{s['new_tokens']} tokens, {s['tokens_per_s']:.1f} tok/s, {s['forward_passes']} forward passes, "
+                           f"mean accepted length {s['mean_accepted_length']:.2f} ({s['drafter']}, tree {s['tree']}, onnxruntime"
+                           f"{', sampling' if do_sample else ''})[/]")
+        elif as_json:
             _out.print_json(json.dumps(result))
         elif "outputs" in result:
             _print_table(result)

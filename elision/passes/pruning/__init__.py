@@ -1,7 +1,10 @@
 """Token pruning, token merging, DCT token compression and approximate layer skipping.
 
 `algorithms` holds the plain torch functions, `ops` registers them as `elision::*` custom ops,
-`executor` runs HF encoders with a `ReductionPlan`, `search` tunes plans against a fidelity floor.
+`executor` runs HF encoders with a `ReductionPlan`, `search` tunes plans against a fidelity floor, `deployed`
+times plans as ONNX artifacts. IR passes: `ir_passes` (skip-layers), `prune_ir` (prune-tokens, with the
+token-axis analysis of `token_axes`).
 """
 
 from elision.passes.pruning import ir_passes  # noqa: E402,F401  (registers skip-layers with the pass registry)
+from elision.passes.pruning import prune_ir  # noqa: E402,F401  (registers prune-tokens)

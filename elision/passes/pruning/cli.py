@@ -77,6 +77,9 @@ def register(app: typer.Typer) -> None:
         plot: Path = typer.Option(Path("tune_pareto.png"), "--plot", help="where to write the Pareto plot (PNG)"),
         json_out: Optional[Path] = typer.Option(None, "--json", help="also write all candidates as JSON"),
         repeats: int = typer.Option(5, "--repeats", help="timed runs per finalist (median)"),
+        measure: str = typer.Option("executor", "--measure",
+                                    help="time finalists in the eager executor (fast) or as deployed ONNX artifacts "
+                                         "(`onnx`: slower to tune, only plans `elision compile` can apply)"),
         threads: int = typer.Option(2, "--threads", help="torch CPU threads"),
     ) -> None:
         """Search layer, keep ratio and skip sets for the fastest pipeline meeting --min-fidelity."""
@@ -85,6 +88,7 @@ def register(app: typer.Typer) -> None:
 
         from elision.compiler.errors import ElisionError
         from elision.passes.pruning.algorithms import PruningError
+        from elision.passes.pruning.deployed import deployable
         from elision.passes.pruning.executor import adapter_for
         from elision.passes.pruning.search import SEARCHABLE_PASSES, pareto_plot, tune
 
@@ -96,6 +100,8 @@ def register(app: typer.Typer) -> None:
             raise _fail(f"--min-fidelity {min_fidelity} must be in (0, 1], e.g. 0.98")
         if samples < 1 or seq_len < 4:
             raise _fail("--samples must be >= 1 and --seq-len >= 4")
+        if measure not in ("executor", "onnx"):
+            raise _fail(f"--measure must be executor or onnx, got {measure!r}")
         torch.set_num_threads(max(1, min(threads, 2)))
         from elision.compiler.frontend import load_model
 
@@ -107,6 +113,13 @@ def register(app: typer.Typer) -> None:
             calib, labels = load_calibration(calib_spec, loaded.model, adapter, samples, seq_len)
         except (ElisionError, PruningError, ValueError, FileNotFoundError, ModuleNotFoundError) as e:
             raise _fail(str(e)) from None
+        timer = None
+        if measure == "onnx":
+            from elision.passes.pruning.deployed import OnnxTimer
+
+            names = ["input_ids", "attention_mask"] if len(calib) == 2 else ["pixel_values"]
+            console.print("tracing the model at the calibration shape for ONNX timing")
+            timer = OnnxTimer(loaded.model, calib, names, threads=max(1, min(threads, 2)))
         kind = "embedding" if adapter.grid is None else "logits"
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), console=console, transient=True) as prog:
@@ -117,12 +130,15 @@ def register(app: typer.Typer) -> None:
 
             try:
                 result = tune(adapter, calib, kind, pass_list, min_fidelity, labels=labels, repeats=repeats,
-                              progress=report)
+                              progress=report, deployed=timer.runner if timer is not None else None)
             except PruningError as e:
                 raise _fail(str(e)) from None
+            finally:
+                if timer is not None:
+                    timer.close()
         table = Table(title=f"{model}: fastest measured candidates (fidelity >= {min_fidelity})")
         for col in ("pipeline", "fidelity", "cosine", "KL", "top-1", "speed-up", "FLOPs est."):
-            table.add_column(col)
+            table.add_column(col, overflow="fold")  # pipelines must stay readable in full
         for c in sorted([c for c in result.candidates if c.speedup is not None], key=lambda c: -c.speedup):
             r = c.report
             table.add_row(c.plan.describe(), f"{r.fidelity:.4f}", f"{r.cosine:.4f}",
@@ -134,12 +150,36 @@ def register(app: typer.Typer) -> None:
         if json_out is not None:
             json_out.write_text(json.dumps({
                 "reference_latency_s": result.reference_latency_s,
+                "plain_latency_s": result.plain_latency_s, "executor_latency_s": result.executor_latency_s,
+                "chosen": result.best.plan.describe() if result.best is not None else "",
                 "candidates": [{"pipeline": c.plan.describe(), "method": c.method, **c.report.as_dict(),
                                 "latency_s": c.latency_s, "speedup": c.speedup, "est_speedup": c.est_speedup}
                                for c in result.candidates]}, indent=1))
         console.print(f"Pareto plot written to {plot}")
+        if result.measured_in == "deployed":
+            console.print(f"unchanged model as an ONNX artifact: {result.reference_latency_s * 1e3:.1f} ms per "
+                          "calibration batch (candidates timed as ONNX artifacts too)", highlight=False, soft_wrap=True)
+        else:
+            console.print(f"unchanged model: {result.reference_latency_s * 1e3:.1f} ms per calibration batch (plain "
+                          f"forward {result.plain_latency_s * 1e3:.1f} ms, layer-by-layer executor "
+                          f"{result.executor_latency_s * 1e3:.1f} ms)", highlight=False, soft_wrap=True)
         if result.best is None:
-            console.print(f"[yellow]no candidate reached fidelity {min_fidelity}; nothing to apply[/]")
-            raise typer.Exit(1)
+            timed = [c for c in result.candidates if c.speedup is not None]
+            if not result.feasible(min_fidelity):
+                why = f"no candidate reached fidelity {min_fidelity}"
+            else:
+                fastest = max(c.speedup for c in timed)
+                why = (f"no candidate at fidelity >= {min_fidelity} is faster than the unchanged model "
+                       f"(best measured {fastest:.2f}x)")
+            console.print(f"[yellow]{why}; keeping the model unchanged (empty pipeline)[/]", highlight=False,
+                          soft_wrap=True)
+            # An empty pipeline is a valid answer, not an error: applying nothing is the best choice here.
+            out.print("chosen pipeline: ")
+            return
         out.print(f"chosen pipeline: {result.best.plan.describe()}")
-        out.print(f"  {result.best.report.summary()}; speed-up {result.best.speedup:.2f}x")
+        out.print(f"  {result.best.report.summary()}; speed-up {result.best.speedup:.2f}x "
+                  f"({'ONNX artifacts' if result.measured_in == 'deployed' else 'eager executor'})")
+        if not deployable(result.best.plan):
+            console.print("note: merge-tokens / compress-tokens have no IR pass yet, so `elision compile` cannot apply "
+                          "this pipeline; use --measure onnx to tune among deployable pipelines", highlight=False,
+                          soft_wrap=True)

@@ -1,6 +1,6 @@
 """IR rewrites of the pruning family.
 
-skip-layers{layers=attn2,mlp3,4; allow_edge=false}
+skip-layers{layers=attn2,mlp3,4; allow_edge=false}   (or layers=attn2+mlp3+4)
     Removes residual branches: the residual add `h + branch(h)` of each named branch is replaced by `h`
     (for post-LN layers, BERT, the norm after the add stays: `LN(h + branch)` becomes `LN(h)`), and `dce`
     deletes the dead branch. `attnI` / `mlpI` name one branch, a bare `I` both branches of layer I. The
@@ -20,8 +20,8 @@ from elision.passes.base import Pass, PassError, register_pass
 def parse_branches(items: tuple[str, ...], num_layers: int) -> list[tuple[str, int]]:
     """`("attn2", "mlp3", "4")` -> [("attn", 2), ("mlp", 3), ("attn", 4), ("mlp", 4)], validated."""
     out: list[tuple[str, int]] = []
-    for raw in items:
-        item = raw.strip()
+    # `elision tune` prints layer lists joined with "+" (attn1+mlp2); "," works too
+    for item in (part.strip() for raw in items for part in raw.split("+")):
         if item == "auto":
             raise PassError("skip-layers{layers=auto} needs calibration data: run `elision tune MODEL --passes "
                             "skip-layers --min-fidelity 0.98` and use the pipeline it prints")

@@ -51,26 +51,22 @@ class _ConsoleStreamer:
     """HF-streamer-compatible (`put`/`end`): prints decoded text as tokens are accepted."""
 
     def __init__(self, console: Console, tokenizer):
+        from elision.runtime.specdec_core.bookkeeping import IncrementalDecoder
+
         self.console = console
-        self.tokenizer = tokenizer
-        self.tokens: list[int] = []
-        self.printed = 0
+        self.decoder = IncrementalDecoder(tokenizer)
         self.prompt_seen = False
 
     def put(self, value) -> None:
         if not self.prompt_seen:
             self.prompt_seen = True
             return
-        self.tokens.extend(int(t) for t in value.flatten().tolist())
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # incomplete UTF-8 sequence: wait for the next tokens
-            return
-        self.console.print(text[self.printed :], end="", markup=False, highlight=False, soft_wrap=True)
-        self.printed = len(text)
+        piece = self.decoder.push(value.flatten().tolist())
+        if piece:
+            self.console.print(piece, end="", markup=False, highlight=False, soft_wrap=True)
 
     def end(self) -> None:
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        self.console.print(text[self.printed :], markup=False, highlight=False, soft_wrap=True)
+        self.console.print(self.decoder.finish(), markup=False, highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

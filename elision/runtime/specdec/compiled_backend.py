@@ -368,11 +368,14 @@ def _onnx_wrapper(gm: torch.nn.Module, n_past: int) -> torch.nn.Module:
 
 
 def export_specdec_onnx(spec: CompiledSpecDec, out_dir, functions: Sequence[str] = ("verify", "draft"),
-                        progress: Callable[[str], None] | None = None):
+                        progress: Callable[[str], None] | None = None, settings: dict | None = None,
+                        extra_files: dict | None = None):
     """Write ``@verify`` (and ``@draft``) as an ONNX artifact (``elision.compiler.onnx_export``).
 
     Inputs keep the IR's names; dims ``batch``, ``n``, ``past`` are dynamic. Returns the artifact directory;
     load it with ``elision.runtime.ort.load_artifact`` and run ``verify`` with positions/bias/past as numpy.
+    ``settings`` are merged into the manifest's runtime_settings; ``extra_files`` (name -> path) are copied in
+    and hashed (see ``elision.runtime.specdec.artifact`` for the generation artifact).
     """
     from elision.compiler.onnx_export import export_onnx
 
@@ -398,8 +401,8 @@ def export_specdec_onnx(spec: CompiledSpecDec, out_dir, functions: Sequence[str]
         entries[name] = (_onnx_wrapper(gm, n_past), (ids, pos, bias, *kv), dyn)
         out_names[name] = ["logits"] + [o.name for o in fn.outputs[1:]]
     return export_onnx(entries, out_dir, pipeline=spec.pipeline, source_hash=str(spec.ir.attrs.get("source_model", "")),
-                       runtime_settings={"specdec": a, "config": spec.config}, output_names=out_names,
-                       progress=progress)
+                       runtime_settings={"specdec": a, "config": spec.config, **(settings or {})},
+                       output_names=out_names, progress=progress, extra_files=extra_files)
 
 
 __all__ = ["export_specdec_onnx", "CompiledBackend", "CompiledSpecDec", "compile_specdec", "make_backend", "make_generator",

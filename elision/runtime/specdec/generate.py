@@ -23,15 +23,23 @@ from elision.runtime.specdec.backends import HFCausalLMBackend
 from elision.runtime.specdec.cache import CacheOverflowError
 from elision.runtime.specdec.drafters import Drafter, TokenRecyclingDrafter, make_drafter
 from elision.runtime.specdec.session import KVSession
-from elision.runtime.specdec.tree import TokenTree
-from elision.runtime.specdec.tree_builders import (
+from elision.runtime.specdec_core.bookkeeping import append_tokens, check_lengths, generation_stats, normalize_eos
+from elision.runtime.specdec_core.tree import TokenTree
+from elision.runtime.specdec_core.tree_builders import (
     StaticTemplate,
     VerifyCostCurve,
     build_dynamic,
     build_static,
     choose_tree_size,
+    parse_tree_spec,
 )
-from elision.runtime.specdec.verify import SamplingConfig, sample_token, target_probs, verify_greedy, verify_sampling
+from elision.runtime.specdec.verify import (
+    SamplingConfig,
+    sample_token,
+    target_probs,
+    verify_greedy,
+    verify_sampling_logits,
+)
 
 # cost curves are per model object, batch size and tree-size limit, measured once per process
 _COST_CURVES: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
@@ -137,11 +145,7 @@ class SpeculativeGenerator:
         return self._drafters[name]
 
     def _parse_tree(self, tree: str) -> StaticTemplate | None:
-        if tree == "dynamic":
-            return None
-        if isinstance(tree, str) and tree.startswith("static:"):
-            return StaticTemplate.parse(tree[len("static:") :])
-        raise ValueError(f"unknown tree {tree!r}: use 'dynamic' or 'static:<template>' (e.g. 'static:chain-4', 'static:4x2x1')")
+        return parse_tree_spec(tree)
 
     def cost_curve(self, session: KVSession) -> VerifyCostCurve:
         owner = self.model if self.model is not None else self.backend
@@ -185,7 +189,7 @@ class SpeculativeGenerator:
             max_new_tokens = min(max_new_tokens, max_length - max(len(p) for p in prompts))
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        eos = set() if eos_token_id is None else ({int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id})
+        eos = normalize_eos(eos_token_id)
         stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
         if stops and tokenizer is None:
             raise ValueError("stop_strings need a tokenizer: pass tokenizer=...")
@@ -196,18 +200,8 @@ class SpeculativeGenerator:
             bad = [t for t in p if not 0 <= t < vocab]
             if bad:
                 raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
-        limit = self.backend.max_positions
         longest = max(len(p) for p in prompts)
-        if limit is not None and longest >= limit:
-            raise ValueError(
-                f"prompt of {longest} tokens is too long: the model's position limit is {limit}; "
-                "shorten the prompt to leave room for generated tokens"
-            )
-        if limit is not None and longest + max_new_tokens > limit:
-            raise CacheOverflowError(
-                f"cache overflow: a {longest}-token prompt plus max_new_tokens={max_new_tokens} exceeds the "
-                f"model's position limit of {limit}; lower max_new_tokens to at most {limit - longest}"
-            )
+        check_lengths(longest, max_new_tokens, self.backend.max_positions, CacheOverflowError)
         tree_budget = len(template) if template is not None else self.max_tree_size
         capacity = longest + max_new_tokens + tree_budget + 1
         if self.max_cache_len is not None and capacity > self.max_cache_len:
@@ -240,7 +234,7 @@ class SpeculativeGenerator:
         if streamer is not None:
             streamer.put(torch.tensor([prompts[0]]))
         for b in range(b_size):
-            self._append(b, [first[b]], outputs, contexts, active, eos, stops, max_new_tokens, tokenizer)
+            append_tokens(b, [first[b]], outputs, contexts, active, eos, stops, max_new_tokens, tokenizer)
         if streamer is not None:
             streamer.put(torch.tensor(outputs[0]))
 
@@ -294,13 +288,13 @@ class SpeculativeGenerator:
                 tree_sizes.append(len(t))
                 n = len(t)
                 if sampling.do_sample:
-                    path, bonus = verify_sampling(t, target_probs(logits[b, :n], sampling), generator)
+                    path, bonus = verify_sampling_logits(t, logits[b, :n], sampling, generator)
                 else:
                     path, bonus = verify_greedy(t, argmax[b][:n])
                 new = [t.tokens[i] for i in path[1:]] + [bonus]
                 keep[b] = path
                 before = len(outputs[b])
-                self._append(b, new, outputs, contexts, active, eos, stops, max_new_tokens, tokenizer)
+                append_tokens(b, new, outputs, contexts, active, eos, stops, max_new_tokens, tokenizer)
                 accepted_lengths[b].append(len(outputs[b]) - before)
                 draft.observe(b, t, logits[b, :n], path, contexts[b])
                 if record_trees:
@@ -312,41 +306,12 @@ class SpeculativeGenerator:
         if streamer is not None:
             streamer.end()
 
-        total = time.perf_counter() - t_start
-        n_new = sum(len(o) for o in outputs)
-        flat = [x for acc in accepted_lengths for x in acc]
-        gen_time = total - timing["cost_curve_s"]
-        stats = dict(
-            tokens_per_s=n_new / gen_time if gen_time > 0 else float("inf"),
-            new_tokens=n_new,
-            # target forwards of this generation: prefill + one per verification step
-            forward_passes=steps + 1,
-            verify_steps=steps,
-            mean_accepted_length=(sum(flat) / len(flat)) if flat else 0.0,
-            per_sequence_accepted_length=[(sum(a) / len(a)) if a else 0.0 for a in accepted_lengths],
-            mean_tree_size=(sum(tree_sizes) / len(tree_sizes)) if tree_sizes else 0.0,
-            draft_forward_passes=draft.draft_forward_passes,
-            drafter=draft.name,
-            tree=tree or self.tree_spec,
-            batch_size=b_size,
-            time_s=dict(total=total, **timing),
-        )
+        stats = generation_stats(outputs=outputs, accepted_lengths=accepted_lengths, tree_sizes=tree_sizes, steps=steps,
+                                 total_s=time.perf_counter() - t_start, timing=timing,
+                                 draft_forward_passes=draft.draft_forward_passes, drafter=draft.name,
+                                 tree=tree or self.tree_spec)
         text = [tokenizer.decode(o, skip_special_tokens=True) for o in outputs] if tokenizer is not None else None
         return GenerationResult(outputs, text, stats, prompts, records)
-
-    @staticmethod
-    def _append(b, new, outputs, contexts, active, eos, stops, max_new_tokens, tokenizer) -> None:
-        """Append accepted tokens to sequence b, cutting at EOS, max_new_tokens or a stop string."""
-        for tok in new:
-            outputs[b].append(tok)
-            contexts[b].append(tok)
-            done = tok in eos or len(outputs[b]) >= max_new_tokens
-            if not done and stops:
-                tail = tokenizer.decode(outputs[b][-(max(len(s) for s in stops) + 4) :])
-                done = any(s in tail for s in stops)
-            if done:
-                active[b] = False
-                return
 
 
 _GENERATORS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()

@@ -89,7 +89,7 @@ class KVSession:
             tokens[i, :k] = torch.tensor(t.tokens, dtype=torch.long)
             depth[i, :k] = torch.tensor(t.depths, dtype=torch.long)
             valid[i, :k] = True
-            allowed[i, :k, :k] = t.ancestor_mask()
+            allowed[i, :k, :k] = torch.from_numpy(t.ancestor_mask())
         return self._run(tokens, depth, allowed, valid)
 
     def extend_chains(self, chains: list[list[int]]) -> torch.Tensor:

@@ -4,11 +4,14 @@ For each block a few representative queries (evenly spaced in the block) are sco
 each head keeps the k tokens with the largest mean softmax probability. The attention mass those k
 tokens retain for the representative queries is measured, and blocks whose worst retained mass is below
 `min_mass` fall back to full KV (FlashVDM has no such guard; see the research note §7.2 for why it is
-needed). With topk >= M the result is exact attention.
+needed). With topk >= M the result is exact attention. The volume evaluator stops probing for the rest
+of a decode once the guard has rejected almost every probed block (the decoder is not local for this
+shape), so a non-local decoder costs about what plain hierarchical decoding costs.
 
-Blocks are processed in batches with queries padded to the block's size; blocks are sorted by size
-first so padding stays small. The gathered attention uses `elision::sparse_cross_attention` when the
-kernels module provides it, else `torch.nn.functional.scaled_dot_product_attention`.
+Accepted blocks are processed in batches with queries padded to the largest block of the batch (blocks
+sorted by size, so padding stays small); all full-KV blocks share one plain attention call. On CUDA the
+gathered attention runs `elision::sparse_cross_attention` (Triton); on CPU it runs
+`torch.nn.functional.scaled_dot_product_attention` over the gathered K/V.
 """
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from elision.runtime.volume.field import attention
 
 
 @dataclass(frozen=True)
@@ -39,12 +44,20 @@ class AdaptiveKVOptions:
 @dataclass
 class AdaptiveKVStats:
     blocks: int = 0
-    fallback_blocks: int = 0
+    fallback_blocks: int = 0  # blocks that ran full KV (too small to probe, or below min_mass)
     queries: int = 0
     kv_reads: int = 0        # sum over queries of tokens attended (per head)
     kv_reads_dense: int = 0  # the same for full attention
+    plain_queries: int = 0   # queries run without probing once the guard showed attention is non-local
     min_retained_mass: float = 1.0
     retained_mass: list[float] = field(default_factory=list)  # per block (worst head/sample)
+
+    def add_plain(self, queries: int, tokens: int) -> None:
+        """Queries run through plain full-KV attention without probing."""
+        self.queries += queries
+        self.plain_queries += queries
+        self.kv_reads += queries * tokens
+        self.kv_reads_dense += queries * tokens
 
     def merge(self, other: "AdaptiveKVStats") -> None:
         self.blocks += other.blocks
@@ -52,13 +65,14 @@ class AdaptiveKVStats:
         self.queries += other.queries
         self.kv_reads += other.kv_reads
         self.kv_reads_dense += other.kv_reads_dense
+        self.plain_queries += other.plain_queries
         self.min_retained_mass = min(self.min_retained_mass, other.min_retained_mass)
         self.retained_mass.extend(other.retained_mass)
 
     def as_dict(self) -> dict:
         masses = torch.tensor(self.retained_mass) if self.retained_mass else torch.ones(1)
         return {"blocks": self.blocks, "fallback_blocks": self.fallback_blocks, "queries": self.queries,
-                "kv_fraction": self.kv_reads / max(self.kv_reads_dense, 1),
+                "plain_queries": self.plain_queries, "kv_fraction": self.kv_reads / max(self.kv_reads_dense, 1),
                 "min_retained_mass": float(self.min_retained_mass),
                 "median_retained_mass": float(masses.median())}
 
@@ -79,7 +93,9 @@ def gathered_attention(qb: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: 
     Each block attends only to its own token list (per head).
     """
     h, nb, c, d = qb.shape
-    kernel = _sparse_kernel() if use_kernel else None
+    # On CPU the registered op runs its unfused reference (explicit softmax); SDPA's fused CPU kernel over
+    # the gathered K/V is faster, so the custom kernel is only worth it where Triton runs it.
+    kernel = _sparse_kernel() if use_kernel and qb.is_cuda else None
     if kernel is not None:
         out = kernel(qb.reshape(1, h, nb * c, d), k.unsqueeze(0), v.unsqueeze(0), idx.unsqueeze(0), c)
         return out.reshape(h, nb, c, -1)
@@ -96,12 +112,31 @@ def block_ids_from_grid(index: torch.Tensor, block: int, resolution: int) -> tor
     return (b[:, 0] * nb + b[:, 1]) * nb + b[:, 2]
 
 
+def _probe(q: torch.Tensor, k: torch.Tensor, samp: torch.Tensor, topk: int,
+           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score tokens with a few sample queries per block: samp [nb, s] query ids -> (top-k ids [h, nb, topk],
+    worst retained softmax mass over heads and samples [nb])."""
+    h, (nb, s) = q.shape[0], samp.shape
+    # one [h, nb*s, d] x [h, d, M] product: broadcasting k over the block axis would copy it per block
+    logits = torch.bmm(q[:, samp.reshape(-1)], k.transpose(-1, -2)).view(h, nb, s, -1)
+    probs = torch.softmax(logits * scale, dim=-1)                         # [h, nb, s, M]
+    sel = probs.mean(dim=2).topk(topk, dim=-1).indices                    # [h, nb, topk]
+    retained = torch.gather(probs, -1, sel.unsqueeze(2).expand(-1, -1, s, -1)).sum(-1)
+    return sel, retained.amin(dim=(0, 2))
+
+
 def adaptive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_ids: torch.Tensor,
                        opts: AdaptiveKVOptions, max_batch_queries: int = 65536,
                        use_kernel: bool = True) -> tuple[torch.Tensor, AdaptiveKVStats]:
     """Attention of q [h, N, d] over k, v [h, M, d] with per-block top-k token selection.
 
     block_ids [N] groups spatially coherent queries. Returns ([h, N, d], stats).
+
+    Cost model (the path must never cost much more than plain attention): blocks with fewer than
+    4 x `samples` queries are not probed (the probe would cost over a quarter of the block's attention), and
+    every block that is not probed or fails the retained-mass guard joins ONE plain full-KV attention call
+    over all such queries. A fully non-local decoder therefore pays plain attention plus the probes
+    (`samples` queries per probed block, at most a quarter of it) and the sort by block.
     """
     heads, n, d = q.shape
     m = k.shape[1]
@@ -109,50 +144,53 @@ def adaptive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_
     if n == 0:
         return q.new_zeros(heads, 0, v.shape[-1]), stats
     topk = min(opts.topk, m)
+    if topk >= m:  # exact attention: selecting every token is plain attention
+        stats.kv_reads = n * m
+        return attention(q, k, v), stats
     out = torch.empty(heads, n, v.shape[-1], dtype=q.dtype)
     order = torch.argsort(block_ids, stable=True)
     _, counts = torch.unique_consecutive(block_ids[order], return_counts=True)
     starts = torch.cumsum(counts, 0) - counts
-    # Process blocks by size so that the padding of each batch is small.
-    by_size = torch.argsort(counts, descending=True, stable=True)
+    stats.blocks = int(counts.numel())
+    probe_min = 4 * opts.samples
+    probed = (counts >= probe_min).nonzero().flatten()
+    plain_blocks = [(counts < probe_min).nonzero().flatten()]
     scale = d ** -0.5
+    s = opts.samples
+    # Probe and run the accepted blocks in batches, largest first, so padding stays small.
+    by_size = probed[torch.argsort(counts[probed], descending=True, stable=True)]
     pos = 0
     while pos < by_size.numel():
         cmax = int(counts[by_size[pos]])
-        nb = max(1, min(by_size.numel() - pos, max_batch_queries // max(cmax, 1)))
-        sel_blocks = by_size[pos:pos + nb]
+        nb = max(1, min(by_size.numel() - pos, max_batch_queries // cmax))
+        blocks = by_size[pos:pos + nb]
         pos += nb
-        cnt, st = counts[sel_blocks], starts[sel_blocks]
-        # padded member index [nb, cmax] into `order`; padding repeats the block's last query
-        offs = torch.arange(cmax)
-        member = st[:, None] + torch.minimum(offs[None, :], (cnt - 1)[:, None])
-        qidx = order[member]                                              # [nb, cmax]
-        valid = offs[None, :] < cnt[:, None]
-        # representative queries evenly spaced inside each block
-        s = min(opts.samples, cmax)
+        cnt, st = counts[blocks], starts[blocks]
         samp_off = (torch.arange(s)[None, :] * (cnt - 1)[:, None]) // max(s - 1, 1)
-        samp = order[st[:, None] + samp_off]                              # [nb, s]
-        qs = q[:, samp]                                                   # [h, nb, s, d]
-        probs = torch.softmax((qs @ k.transpose(-1, -2).unsqueeze(1)) * scale, dim=-1)  # [h, nb, s, M]
-        score = probs.mean(dim=2)                                         # [h, nb, M]
-        sel = score.topk(topk, dim=-1).indices                            # [h, nb, topk]
-        retained = torch.gather(probs, -1, sel.unsqueeze(2).expand(-1, -1, s, -1)).sum(-1)  # [h, nb, s]
-        worst = retained.amin(dim=(0, 2))                                 # [nb]
-        fallback = worst < opts.min_mass if topk < m else torch.zeros_like(worst, dtype=torch.bool)
-        stats.blocks += nb
-        stats.fallback_blocks += int(fallback.sum())
+        sel, worst = _probe(q, k, order[st[:, None] + samp_off], topk, scale)
         stats.retained_mass.extend(worst.tolist())
         stats.min_retained_mass = min(stats.min_retained_mass, float(worst.min()))
-        qb = q[:, qidx]                                                   # [h, nb, cmax, d]
-        ok = ~fallback
-        res = torch.empty(heads, nb, cmax, v.shape[-1], dtype=q.dtype)
-        if ok.any():
-            res[:, ok] = gathered_attention(qb[:, ok].contiguous(), k, v, sel[:, ok].contiguous(),
-                                            use_kernel=use_kernel)
-            stats.kv_reads += int(cnt[ok].sum()) * topk
-        if fallback.any():
-            res[:, fallback] = F.scaled_dot_product_attention(qb[:, fallback], k.unsqueeze(1), v.unsqueeze(1))
-            stats.kv_reads += int(cnt[fallback].sum()) * m
-        flat_q, flat_v = qidx[valid], res[:, valid]
-        out[:, flat_q] = flat_v
+        ok = worst >= opts.min_mass
+        plain_blocks.append(blocks[~ok])
+        if not ok.any():
+            continue
+        blocks, cnt, st, sel = blocks[ok], cnt[ok], st[ok], sel[:, ok].contiguous()
+        cmax_ok = int(cnt.max())
+        offs = torch.arange(cmax_ok)
+        # padded member index [nb, cmax] into `order`; padding repeats the block's last query
+        qidx = order[st[:, None] + torch.minimum(offs[None, :], (cnt - 1)[:, None])]
+        valid = offs[None, :] < cnt[:, None]
+        res = gathered_attention(q[:, qidx].contiguous(), k, v, sel, use_kernel=use_kernel)
+        out[:, qidx[valid]] = res[:, valid]
+        stats.kv_reads += int(cnt.sum()) * topk
+    fallback = torch.cat(plain_blocks)
+    stats.fallback_blocks = int(fallback.numel())
+    if fallback.numel():
+        # one plain call over every query of every fallback block (no padding, no per-block batching)
+        members = torch.repeat_interleave(starts[fallback], counts[fallback])
+        members += torch.arange(members.numel()) - torch.repeat_interleave(
+            torch.cumsum(counts[fallback], 0) - counts[fallback], counts[fallback])
+        qi = order[members]
+        out[:, qi] = attention(q[:, qi], k, v)
+        stats.kv_reads += int(qi.numel()) * m
     return out, stats

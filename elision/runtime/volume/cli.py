@@ -49,8 +49,13 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Argument(..., help="builtin:NAME, a VecSet .safetensors checkpoint, or an ONNX artifact dir"),
         latents: Path = typer.Option(..., "--latents", help="safetensors file with a 'latents' tensor [1,M,E]"),
         resolution: int = typer.Option(256, "--resolution", "-r", help="grid resolution (cells per axis)"),
-        passes: Optional[str] = typer.Option(None, "--passes", help="volume pipeline; '' = dense decoding "
-                                             "(default: query-independence,hoist-invariants,sparse-volume)"),
+        passes: Optional[str] = typer.Option(
+            None, "--passes",
+            help="volume pipeline; '' = dense decoding (published method). Default: query-independence,"
+                 "hoist-invariants,sparse-volume = sparse-volume{min_res=16,band=auto,dilation=0}: dense 16^3, "
+                 "then each doubling refines only cells that straddle the surface or lie within the band "
+                 "(calibrated on the field). Raise dilation (cells) or band for more safety, min_res for a finer "
+                 "start; append adaptive-kv{topk=K} for per-block top-K latent selection"),
         output: Path = typer.Option(..., "-o", "--output", help="mesh file (.glb/.ply/.obj/.stl/.off)"),
         backend: str = typer.Option("torch", "--backend", help="torch | ort"),
         preview: Optional[Path] = typer.Option(None, "--preview", help="PNG preview (default: next to the mesh)"),

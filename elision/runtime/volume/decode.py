@@ -5,14 +5,20 @@ Grid convention (one place, so mesh scale and grid size never disagree): a resol
 indices (the released HierarchicalVolumeDecoding multiplies int64 indices and collapses every fine
 query to one corner). Mesh vertices use the same spacing `2*bounds / r`.
 
-Hierarchical decoding: levels r_0 < r_1 = 2 r_0 < ... < r. Level 0 is dense. At each finer level a
-coarse point is marked when one of its 6 neighbours has the other sign (w.r.t. `iso`) or
-|v - iso| < band_l, with band_l = band / 2^l (the distance a band value must cover halves with the
-spacing). `band="auto"` is 0.95 of the field's saturation level measured on the level-0 grid
-(FlashVDM's |v| < 0.95 rule for a truncated SDF, calibrated to the model's output scale). Marks are dilated by `dilation` coarse cells; the fine points within one fine
-step of a marked coarse point are evaluated; fine points that coincide with evaluated coarse points
-reuse their value; every other fine point carries the value of its nearest (floor) coarse point, so the
-result is a complete grid with the correct sign away from the evaluated shell and never NaN.
+Hierarchical decoding: levels r_0 < r_1 = 2 r_0 < ... < r. Level 0 is dense. Refinement works on
+cells (the cube between 8 neighbouring grid points): a coarse cell is active when its corners lie on both
+sides of `iso` or one corner has |v - iso| < band_l, with band_l = band / 2^(l-1) (a band value covers
+a distance that halves with the spacing, so the band stays about the same number of cells wide; the
+last step uses FINAL_BAND_FACTOR of it, see there).
+`band="auto"` is 0.95 of the field's saturation level measured on the level-0 grid (FlashVDM's |v| < 0.95
+rule for a truncated SDF, calibrated to the model's output scale). Active cells are dilated by
+`dilation` coarse cells and every fine point in or on an active cell is evaluated, so each fine cell the
+surface crosses inside an active coarse cell has all 8 corners evaluated and marching cubes places its
+vertices exactly as on the dense grid; a surface cell that still has an unevaluated corner (the surface
+bulging through a shared face into an inactive cell) gets it evaluated too (`close_surface_cells`). Fine points that coincide with evaluated coarse points reuse their
+value; every other fine point carries the value of its floor coarse point (a corner of its inactive
+cell, all of whose corners share one sign), so the result is a complete grid with the correct sign away
+from the evaluated shell and never NaN.
 """
 from __future__ import annotations
 
@@ -31,6 +37,14 @@ from elision.runtime.volume.field import FieldDecoder, SplitFieldDecoder, evalua
 DEFAULT_BOUNDS = 1.01
 
 
+# The band must reach a part hidden between coarse samples: a point of a coarse cell lies up to sqrt(3)/2
+# cells from its nearest corner. At the last step only parts the final lattice can show matter, and those
+# are at least one fine cell (half a coarse cell) thick, so the corner is at most sqrt(3)/2 - 1/4 cells
+# from the part's surface: the band shrinks by (sqrt(3)/2 - 1/4) / (sqrt(3)/2). Coarser steps keep the
+# full band, since a part missed there is missed for every finer lattice too.
+FINAL_BAND_FACTOR = 1.0 - 1.0 / (2.0 * math.sqrt(3.0))
+
+
 class VolumeError(ValueError):
     """Bad decoding request (knobs, resolution, memory); the message says what to change."""
 
@@ -39,10 +53,10 @@ class VolumeError(ValueError):
 class SparseVolumeOptions:
     """Knobs of `sparse-volume{...}`. The defaults are the conservative setting."""
 
-    min_res: int = 32
-    levels: int | None = None
+    min_res: int = 16            # coarsest (dense) level; each level doubles up to the requested resolution
+    levels: int | None = None    # number of levels instead of min_res
     band: float | str = "auto"   # level-0 |v - iso| threshold, or "auto" (0.95 x measured saturation)
-    dilation: int = 1            # coarse-level dilation radius in cells
+    dilation: int = 0            # extra active-cell dilation radius in coarse cells
     iso: float = 0.0
 
     def __post_init__(self) -> None:
@@ -170,13 +184,30 @@ class _Evaluator:
         self.decoder, self.state, self.chunk, self.kv, self.progress = decoder, state, chunk, kv, progress
         self.kv_stats = AdaptiveKVStats() if kv is not None else None
 
+    # After this many probed blocks, a guard that accepted under NONLOCAL_ACCEPT of them has shown the
+    # decoder's attention is not local for this shape: stop probing and run the plain path (the probes
+    # and the block sort would only add cost; every later block would fall back anyway).
+    NONLOCAL_PROBES = 64
+    NONLOCAL_ACCEPT = 0.05
+
+    def _nonlocal(self) -> bool:
+        st = self.kv_stats
+        probed = len(st.retained_mass)  # type: ignore[union-attr]
+        accepted = st.blocks - st.fallback_blocks  # type: ignore[union-attr]
+        return probed >= self.NONLOCAL_PROBES and accepted < self.NONLOCAL_ACCEPT * probed
+
     def __call__(self, index: torch.Tensor, resolution: int, bounds: float) -> torch.Tensor:
         points = index_to_points(index, resolution, bounds)
         if self.kv is None:
             return evaluate_chunked(self.decoder, self.state, points, self.chunk, self.progress)
+        if self._nonlocal():
+            tokens = self.decoder.kv(self.state)[0].shape[1]  # type: ignore[attr-defined]
+            self.kv_stats.add_plain(points.shape[0], tokens)  # type: ignore[union-attr]
+            return evaluate_chunked(self.decoder, self.state, points, self.chunk, self.progress)
         # Keep blocks whole inside a chunk: sort by block, then cut at block boundaries near `chunk`.
         bid = block_ids_from_grid(index, self.kv.block, resolution)
         order = torch.argsort(bid, stable=True)
+        bid_sorted = bid[order]
         out = torch.empty(points.shape[0], dtype=torch.float32)
         k, v = self.decoder.kv(self.state)  # type: ignore[attr-defined]
         start = 0
@@ -184,9 +215,7 @@ class _Evaluator:
         while start < n:
             stop = min(start + self.chunk, n)
             if stop < n:  # extend to the end of the current block
-                b_last = bid[order[stop - 1]]
-                while stop < n and bid[order[stop]] == b_last:
-                    stop += 1
+                stop = int(torch.searchsorted(bid_sorted, bid_sorted[stop - 1], right=True))
             sel = order[start:stop]
             x, q = self.decoder.prologue(self.state, points[sel])  # type: ignore[attr-defined]
             attn, st = adaptive_attention(q, k, v, bid[sel], self.kv)
@@ -195,7 +224,22 @@ class _Evaluator:
             if self.progress is not None:
                 self.progress(stop - start)
             start = stop
+            if start < n and self._nonlocal():
+                rest = order[start:]
+                out[rest] = evaluate_chunked(self.decoder, self.state, points[rest], self.chunk, self.progress)
+                self.kv_stats.add_plain(int(rest.numel()), k.shape[1])  # type: ignore[union-attr]
+                break
         return out
+
+
+def evaluate_grid_points(decoder: FieldDecoder, state: Any, index: torch.Tensor, resolution: int, *,
+                         bounds: float = DEFAULT_BOUNDS, chunk: int = 32768,
+                         kv: AdaptiveKVOptions | None = None) -> tuple[torch.Tensor, dict | None]:
+    """Field values at grid indices [N,3] of a resolution-r grid (with adaptive KV when `kv` is given);
+    returns (values [N], adaptive-KV statistics or None). The per-query timing entry point of the bench."""
+    ev = _Evaluator(decoder, state, chunk, kv, None)
+    values = ev(index, resolution, bounds)
+    return values, ev.kv_stats.as_dict() if ev.kv_stats else None
 
 
 def decode_dense(decoder: FieldDecoder, latents: torch.Tensor, resolution: int, *,
@@ -217,17 +261,64 @@ def decode_dense(decoder: FieldDecoder, latents: torch.Tensor, resolution: int, 
                         kv_stats=ev.kv_stats.as_dict() if ev.kv_stats else None)
 
 
-def sign_change_mask(grid: torch.Tensor, iso: float) -> torch.Tensor:
-    """Points with a 6-neighbour on the other side of `iso`."""
-    inside = grid > iso
-    mask = torch.zeros_like(inside)
+# Grid-wide mask work uses sliced elementwise ops, separable per axis: max_pool3d costs ~50x more on CPU
+# (about 1 s per pass over a 257^3 grid, which dominated the sparse decode time).
+def _cells(x: torch.Tensor, op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """[n+1]^3 point values -> [n]^3 cells: `op` (logical_or / minimum) folded over each cell's 8 corners."""
     for dim in range(3):
-        n = grid.shape[dim]
-        a, b = inside.narrow(dim, 0, n - 1), inside.narrow(dim, 1, n - 1)
-        diff = a != b
-        mask.narrow(dim, 0, n - 1).logical_or_(diff)
-        mask.narrow(dim, 1, n - 1).logical_or_(diff)
-    return mask
+        n = x.shape[dim]
+        x = op(x.narrow(dim, 0, n - 1), x.narrow(dim, 1, n - 1))
+    return x
+
+
+def active_cells(grid: torch.Tensor, iso: float, band: float) -> torch.Tensor:
+    """Cells [r]^3 of an (r+1)^3 grid that may hold surface: corners on both sides of `iso`, or a corner
+    with |v - iso| < band (the band is what catches parts thinner than a cell, which no corner sees)."""
+    inside = grid > iso
+    mixed = _cells(inside, torch.logical_or) & _cells(~inside, torch.logical_or)
+    near = _cells((grid - iso).abs(), torch.minimum) < band
+    return mixed | near
+
+
+def _corners(cells: torch.Tensor) -> torch.Tensor:
+    """Cells [n]^3 (bool) -> points [(n+1)]^3 that are a corner of at least one of the cells."""
+    x = cells
+    for dim in range(3):
+        shape = list(x.shape)
+        shape[dim] += 1
+        out = torch.zeros(shape, dtype=torch.bool)
+        out.narrow(dim, 0, shape[dim] - 1).logical_or_(x)
+        out.narrow(dim, 1, shape[dim] - 1).logical_or_(x)
+        x = out
+    return x
+
+
+def cell_corners(cells: torch.Tensor) -> torch.Tensor:
+    """Active coarse cells [r]^3 -> fine points [(2r+1)]^3 lying in (or on) an active cell."""
+    return _corners(cells.repeat_interleave(2, 0).repeat_interleave(2, 1).repeat_interleave(2, 2))
+
+
+def close_surface_cells(grid: torch.Tensor, known: torch.Tensor, evaluate: Callable[[torch.Tensor], torch.Tensor],
+                        iso: float, max_rounds: int = 8) -> int:
+    """Evaluate the missing corners of every cell whose corners straddle `iso` (in place; returns the count).
+
+    Such a cell touches the refined shell through a shared face: the surface bulges into an inactive
+    coarse cell, whose interior carries the right sign but a coarse value, so marching cubes would place
+    that vertex from a carried value. A new value can reveal a further crossing, hence the rounds.
+    """
+    total = 0
+    for _ in range(max_rounds):
+        inside = grid > iso
+        crossed = _cells(inside, torch.logical_or) & _cells(~inside, torch.logical_or)
+        crossed &= _cells(~known, torch.logical_or)
+        todo = _corners(crossed) & ~known
+        idx = todo.nonzero()
+        if not idx.numel():
+            break
+        grid[todo] = evaluate(idx)
+        known |= todo
+        total += int(idx.shape[0])
+    return total
 
 
 def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
@@ -281,22 +372,22 @@ def decode_sparse(decoder: FieldDecoder, latents: torch.Tensor, resolution: int,
     for lvl, r in enumerate(levels[1:], start=1):
         t = time.perf_counter()
         band = band0 / 2 ** (lvl - 1)
-        marked = sign_change_mask(grid, opts.iso) | ((grid - opts.iso).abs() < band)
-        marked = dilate(marked, opts.dilation)
+        if lvl == len(levels) - 1:
+            band *= FINAL_BAND_FACTOR
+        cells = dilate(active_cells(grid, opts.iso, band), opts.dilation)
         fine = upsample_carry(grid)
-        fine_known = torch.zeros_like(fine, dtype=torch.bool)
+        fine_known = torch.zeros(fine.shape, dtype=torch.bool)
         fine_known[::2, ::2, ::2] = known
-        want = torch.zeros_like(fine_known)
-        want[::2, ::2, ::2] = marked
-        want = dilate(want, 1)
-        todo = want & ~fine_known
+        todo = cell_corners(cells)
+        todo &= ~fine_known
         fidx = todo.nonzero()
         if fidx.numel():
             fine[todo] = ev(fidx, r, bounds)
-        per_level.append(int(fidx.shape[0]))
         grid, known = fine, fine_known | todo
+        extra = close_surface_cells(grid, known, lambda i, r=r: ev(i, r, bounds), opts.iso)
+        per_level.append(int(fidx.shape[0]) + extra)
         seconds[f"level{lvl}_{r}"] = time.perf_counter() - t
-        del marked, want, todo
+        del cells, todo
     seconds["decode"] = sum(v for k, v in seconds.items() if k.startswith("level"))
     return VolumeResult(grid=grid, evaluated=known, resolution=resolution, bounds=bounds,
                         queries=sum(per_level), queries_per_level=per_level, levels=levels, seconds=seconds,

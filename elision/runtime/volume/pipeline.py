@@ -3,7 +3,7 @@
 Grammar: comma-separated pass names with optional `{knob=value,...}`:
   query-independence          prove per-query independence before any subset evaluation (refuses if not)
   hoist-invariants            compute latent-side work once per shape instead of once per chunk
-  sparse-volume{min_res=32,levels=,band=auto,dilation=1,iso=0}
+  sparse-volume{min_res=16,levels=,band=auto,dilation=0,iso=0}
   adaptive-kv{topk=64,block=8,samples=8,min_mass=0.98}
 "" is dense decoding exactly as published (chunked, latent K/V recomputed per chunk).
 """
@@ -62,7 +62,7 @@ def parse_volume_pipeline(text: str) -> VolumePlan:
     rebuilt = ",".join(n + ("{" + k + "}" if k else "") for n, k in items)
     if text.strip() and rebuilt.replace(" ", "") != text.strip().replace(" ", ""):
         raise VolumeError(f"cannot parse pipeline {text!r}; expected e.g. '{DEFAULT_PIPELINE}' or "
-                          "'sparse-volume{min_res=32,band=auto},adaptive-kv{topk=64}'")
+                          "'sparse-volume{min_res=16,band=auto},adaptive-kv{topk=64}'")
     opts: dict[str, Any] = {}
     for name, knobs in items:
         if name not in KNOWN:
