@@ -22,13 +22,7 @@ DRAFTERS = ["lookup", "recycling", "copy", "layer-skip", "draft-model", "recycli
 TREES = ["dynamic", "static:chain-4", "static:3x2x1", "static:[(0,), (1,), (0, 0), (0, 1), (0, 0, 0)]"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest single-threaded, and the suite shares 2 cores with other workers."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @functools.lru_cache(maxsize=None)
@@ -125,17 +119,6 @@ def test_generator_object_reuse_and_max_length():
     assert capped.sequences[0] == prompt + expected[:7]
 
 
-def _code_lm_present() -> bool:
-    try:
-        from elision.models import code_lm
-
-        code_lm.builtin_dir("tiny-code-lm")
-        return True
-    except (ImportError, FileNotFoundError, ValueError):
-        return False
-
-
-@pytest.mark.skipif(not _code_lm_present(), reason="builtin:tiny-code-lm is not trained yet (tools/train_tiny_lm.py)")
 def test_tiny_code_lm_greedy_matches_hf():
     """The trained model on held-out code prompts, batch of 2, with EOS active: identical to HF greedy."""
     from elision.models import code_lm

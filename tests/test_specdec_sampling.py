@@ -23,12 +23,7 @@ VOCAB = 6
 N = 1000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def chi_square_ok(observed: torch.Tensor, probs: torch.Tensor, n: int) -> float:

@@ -23,6 +23,7 @@ here imports torch (model-based drafters live in `elision.runtime.specdec.drafte
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections import Counter
 from typing import Any, Hashable, Sequence
 
@@ -95,7 +96,7 @@ def _suffix_index_update(index: dict, tokens: list[int], start: int, stop: int, 
             index.setdefault(tuple(tokens[end - n + 1 : end + 1]), []).append(end)
 
 
-class _ContextIndexDrafter(Drafter):
+class _ContextIndexDrafter(Drafter, ABC):
     """A drafter over a per-sequence hash index of the context, extended with every accepted token."""
 
     def __init__(self) -> None:
@@ -103,8 +104,10 @@ class _ContextIndexDrafter(Drafter):
         self.index: list[dict] = []
         self.indexed: list[int] = []  # per sequence: context positions indexed so far
 
+    @abstractmethod
     def _update(self, b: int, ctx: list[int]) -> None:
-        raise NotImplementedError
+        """Index context positions self.indexed[b] .. len(ctx) of sequence b (prompt lookup: n-gram suffixes;
+        copy: hashes of the last gamma tokens) and advance self.indexed[b]."""
 
     def reset(self, contexts, prefill_logits) -> None:
         self.index = [dict() for _ in contexts]
