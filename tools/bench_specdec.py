@@ -226,7 +226,8 @@ def summarize(cells: dict, methods: list[str], settings: list[tuple[str, str]], 
     return summary
 
 
-def write_markdown(path: Path, summary: dict, methods: list[str], settings, args, meta: dict) -> None:
+def write_markdown(path: Path, summary: dict, methods: list[str], settings, args, meta: dict,
+                   curves: dict | None = None) -> None:
     kinds = list(dict.fromkeys(k for k, _ in settings))
     lines = [
         "## Speculative decoding (lossless draft-and-verify)",
@@ -272,6 +273,20 @@ def write_markdown(path: Path, summary: dict, methods: list[str], settings, args
     errors = {m: summary[(k, mo, m)]["error"] for k, mo in settings for m in methods if summary[(k, mo, m)].get("error")}
     if errors:
         lines += ["", "Errors:"] + [f"- `{m}`: {err}" for m, err in errors.items()]
+    if curves:
+        sizes = sorted({n for c in curves.values() for n in c.sizes})
+        lines += ["", "Verification-cost curve (one verify forward over the live cache, median ms, and its ratio to a "
+                  "1-token step; the dynamic tree builder sizes trees from this curve):", "",
+                  "| tree nodes | " + " | ".join(curves) + " |", "|---|" + "---|" * len(curves)]
+        for n in sizes:
+            cells_ = []
+            for c in curves.values():
+                if n in c.sizes:
+                    t = c.seconds[c.sizes.index(n)]
+                    cells_.append(f"{t * 1e3:.2f} ({t / c.seconds[0]:.2f}x)")
+                else:
+                    cells_.append("-")
+            lines.append(f"| {n} | " + " | ".join(cells_) + " |")
     lines += ["", "![specdec](specdec.png)", ""]
     path.write_text("\n".join(lines))
 
@@ -424,6 +439,16 @@ def main(argv: list[str] | None = None) -> int:
                         progress.advance(task)
 
     summary = summarize(cells, methods, settings, n_prompts)
+    # The verification-cost curves the dynamic trees were sized with (measured by the runtimes at their first
+    # dynamic-tree call in this process): seconds of one verify forward over the live cache by tree nodes.
+    from elision.runtime.specdec.generate import measured_cost_curves
+
+    curves = {}
+    torch_curves = measured_cost_curves(target)
+    if torch_curves:
+        curves["torch (HF model backend)"] = next(iter(torch_curves.values()))
+    if ort is not None and ort.generator.cost_curve is not None:
+        curves["onnxruntime"] = ort.generator.cost_curve
     meta = {
         "target_params": sum(p.numel() for p in target.parameters()),
         "draft_params": sum(p.numel() for p in draft.parameters()),
@@ -454,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
                 "acceptance of lookup/copy/recycling drafters is inflated by repetition. The sampled "
                 "rows reflect a less degenerate workload.")
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    write_markdown(args.out_dir / "specdec.md", summary, methods, settings, args, meta)
+    write_markdown(args.out_dir / "specdec.md", summary, methods, settings, args, meta, curves)
     write_plot(args.out_dir / "specdec.png", summary, methods, settings)
     (args.out_dir / "specdec.json").write_text(json.dumps({
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

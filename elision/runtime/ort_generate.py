@@ -153,6 +153,11 @@ class OrtGenerator:
         self.drafter(drafter)
         _parse_tree(tree)
 
+    @property
+    def cost_curve(self) -> VerifyCostCurve | None:
+        """The verification-cost curve measured on the first dynamic-tree generation (None before it)."""
+        return self._curve
+
     @classmethod
     def load(cls, path: str | Path, *, providers: Iterable[str] | None = None, threads: int | None = None,
              verify: bool = True, **kwargs) -> "OrtGenerator":

@@ -45,6 +45,11 @@ from elision.runtime.specdec.verify import (
 _COST_CURVES: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 
+def measured_cost_curves(model) -> dict:
+    """The verification-cost curves measured so far for `model` in this process: {(batch, max tree size): curve}."""
+    return dict(_COST_CURVES.get(model, {}))
+
+
 @dataclass
 class StepRecord:
     """One verification step of one sequence, kept when `record_trees=True` (for visualize.py)."""
