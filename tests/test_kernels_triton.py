@@ -1,10 +1,11 @@
-"""Every Triton kernel, run under TRITON_INTERPRET=1 on CPU, against its torch reference.
+"""Every Triton kernel against its torch reference: under TRITON_INTERPRET=1 on CPU (CI), or compiled on a
+CUDA GPU when run there with TRITON_INTERPRET=0 (same tests, inputs moved to the GPU, references on CPU).
 
-Shapes are drawn by hypothesis (few examples: the interpreter is slow) and deliberately include
+Shapes are drawn by hypothesis (few examples under the interpreter: it is slow) and deliberately include
 ragged, non-power-of-two and multi-tile sizes.  Tolerances (absolute and relative, both):
-float32 1e-5 (kernels and references both accumulate in fp32; only summation order differs);
-float16 5e-3 (one fp16 rounding of the output, values of magnitude up to ~4, i.e. ~1-2 ulp).
-Index outputs must match exactly.
+float32 1e-5 (kernels and references both accumulate in fp32 with IEEE dots; only summation order differs);
+float16 5e-3 (one fp16 rounding of the output, values of magnitude up to ~4, i.e. ~1-2 ulp);
+bfloat16 (GPU only: the interpreter has no bf16) 3e-2, one bf16 rounding.  Index outputs must match exactly.
 """
 
 from __future__ import annotations
@@ -17,20 +18,30 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 # tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported; on a GPU machine run with
-# TRITON_INTERPRET=0, tests/test_kernels_cuda.py covers the compiled kernels instead.
+# TRITON_INTERPRET=0 and the kernels are compiled and run on CUDA.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRET else "cuda"
 pytestmark = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1", reason="CPU interpreter tests (TRITON_INTERPRET=1)"
+    not INTERPRET and not torch.cuda.is_available(),
+    reason="needs TRITON_INTERPRET=1 (CPU interpreter) or a CUDA GPU",
 )
 
 from elision.kernels import reference  # noqa: E402
 from elision.kernels import triton_attention, triton_norm, triton_tokens  # noqa: E402
 
-TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=5e-3, rtol=5e-3)}
-DTYPES = st.sampled_from([torch.float32, torch.float16])
-FEW = settings(max_examples=6, deadline=None, derandomize=True)
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=5e-3, rtol=5e-3),
+       torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
+DTYPES = st.sampled_from([torch.float32, torch.float16] + ([] if INTERPRET else [torch.bfloat16]))
+FEW = settings(max_examples=6 if INTERPRET else 25, deadline=None, derandomize=True)
+
+
+def _d(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Input for the kernel: on the GPU when the tests run compiled (references keep the CPU copy)."""
+    return None if t is None else t.to(DEVICE)
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    actual = actual.cpu()
     assert actual.dtype == expected.dtype
     assert actual.shape == expected.shape
     torch.testing.assert_close(actual.float(), expected.float(), **TOL[dtype])
@@ -76,7 +87,7 @@ def test_attention_kernel_matches_reference(dtype, batch, kv_heads, group, q_len
     elif mask == "tree":
         bias = _tree_bias(q_len, kv_len, gen)[None, None].expand(1, q_heads, q_len, kv_len).to(dtype)
     causal = "causal" in mask
-    out = triton_attention.attention(q, k, v, bias, None, causal)
+    out = triton_attention.attention(_d(q), _d(k), _d(v), _d(bias), None, causal)
     _close(out, reference.attention(q, k, v, bias, None, causal), dtype)
 
 
@@ -84,7 +95,7 @@ def test_attention_kernel_fully_masked_rows_give_zeros():
     q, k, v = torch.randn(1, 2, 4, 16), torch.randn(1, 2, 6, 16), torch.randn(1, 2, 6, 16)
     bias = torch.zeros(1, 1, 4, 6)
     bias[:, :, 1] = float("-inf")
-    out = triton_attention.attention(q, k, v, bias, 0.5, False)
+    out = triton_attention.attention(_d(q), _d(k), _d(v), _d(bias), 0.5, False).cpu()
     assert torch.all(out[:, :, 1] == 0)
     assert not torch.isnan(out).any()
     torch.testing.assert_close(out, reference.attention(q, k, v, bias, 0.5, False), atol=1e-5, rtol=1e-5)
@@ -98,8 +109,8 @@ def test_attention_kernel_tree_mask_equals_sequential_attention_on_a_chain():
     bias[:, :prefix] = 0
     for i in range(5):
         bias[i, prefix : prefix + i + 1] = 0
-    tree = triton_attention.attention(q, k, v, bias[None, None], None, False)
-    causal = triton_attention.attention(q, k, v, None, None, True)
+    tree = triton_attention.attention(_d(q), _d(k), _d(v), _d(bias[None, None]), None, False)
+    causal = triton_attention.attention(_d(q), _d(k), _d(v), None, None, True)
     torch.testing.assert_close(tree, causal, atol=1e-6, rtol=1e-6)
 
 
@@ -108,7 +119,7 @@ def test_attention_kernel_reads_strided_inputs():
     q = torch.randn(2, 7, 4, 16).transpose(1, 2)
     k = torch.randn(2, 9, 2, 16).transpose(1, 2)
     v = torch.randn(2, 9, 2, 16).transpose(1, 2)
-    out = triton_attention.attention(q, k, v, None, None, True)
+    out = triton_attention.attention(_d(q), _d(k), _d(v), None, None, True).cpu()
     torch.testing.assert_close(out, reference.attention(q, k, v, None, None, True), atol=1e-5, rtol=1e-5)
 
 
@@ -129,7 +140,8 @@ def test_norm_kernels_match_reference(dtype, rows, cols, with_weight, with_bias,
     weight = torch.randn(cols, generator=gen).to(dtype) if with_weight else None
     bias = torch.randn(cols, generator=gen).to(dtype) if with_bias else None
 
-    out, summed = triton_norm.rms_norm(x, weight, 1e-6, residual)
+    out, summed = triton_norm.rms_norm(_d(x), _d(weight), 1e-6, _d(residual))
+    summed = None if summed is None else summed.cpu()
     if residual is None:
         _close(out, reference.rms_norm(x, weight, 1e-6), dtype)
         assert summed is None
@@ -138,7 +150,8 @@ def test_norm_kernels_match_reference(dtype, rows, cols, with_weight, with_bias,
         _close(out, ref_out, dtype)
         assert torch.equal(summed, ref_sum)  # the add happens in the input dtype, exactly like eager
 
-    out, summed = triton_norm.layer_norm(x, weight, bias, 1e-5, residual)
+    out, summed = triton_norm.layer_norm(_d(x), _d(weight), _d(bias), 1e-5, _d(residual))
+    summed = None if summed is None else summed.cpu()
     if residual is None:
         _close(out, reference.layer_norm(x, weight, bias, 1e-5), dtype)
     else:
@@ -156,8 +169,9 @@ def test_norm_kernels_match_torch_modules():
     rms = torch.nn.RMSNorm(48, eps=1e-6)
     torch.nn.init.normal_(rms.weight)
     with torch.no_grad():
-        torch.testing.assert_close(triton_norm.layer_norm(x, ln.weight, ln.bias, 1e-5)[0], ln(x), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(triton_norm.rms_norm(x, rms.weight, 1e-6)[0], rms(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(triton_norm.layer_norm(_d(x), _d(ln.weight), _d(ln.bias), 1e-5)[0].cpu(), ln(x),
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(triton_norm.rms_norm(_d(x), _d(rms.weight), 1e-6)[0].cpu(), rms(x), atol=1e-5, rtol=1e-5)
 
 
 @FEW
@@ -174,7 +188,7 @@ def test_gather_kernel_matches_reference(dtype, batch, n_tokens, n_kept, channel
     x = torch.randn(batch, n_tokens, channels, generator=gen).to(dtype)
     idx = torch.randint(0, n_tokens, (batch, n_kept), generator=gen)
     for index in (idx, idx.to(torch.int32)):
-        assert torch.equal(triton_tokens.gather_tokens(x, index), reference.gather_tokens(x, idx))
+        assert torch.equal(triton_tokens.gather_tokens(_d(x), _d(index)).cpu(), reference.gather_tokens(x, idx))
 
 
 @FEW
@@ -203,7 +217,7 @@ def test_sparse_cross_attention_kernel_matches_reference(
     index_shape = (batch, heads, nblocks, topk) if per_head else (batch, nblocks, topk)
     # -1 marks unused slots: ragged per-block lists, sometimes a block with no keys at all.
     index = torch.randint(-1, n_latents, index_shape, generator=gen)
-    out = triton_attention.sparse_cross_attention(q, k, v, index, block, None)
+    out = triton_attention.sparse_cross_attention(_d(q), _d(k), _d(v), _d(index), block, None)
     _close(out, reference.sparse_cross_attention(q, k, v, index, block, None), dtype)
 
 
@@ -211,7 +225,8 @@ def test_sparse_cross_attention_with_all_latents_equals_dense_attention():
     q, k, v = torch.randn(1, 2, 21, 16), torch.randn(1, 2, 30, 16), torch.randn(1, 2, 30, 16)
     index = torch.arange(30).expand(1, 3, 30)  # every block lists every latent
     dense = reference.attention(q, k, v)
-    torch.testing.assert_close(triton_attention.sparse_cross_attention(q, k, v, index, 8, None), dense, atol=1e-5, rtol=1e-5)
+    sparse = triton_attention.sparse_cross_attention(_d(q), _d(k), _d(v), _d(index), 8, None).cpu()
+    torch.testing.assert_close(sparse, dense, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(reference.sparse_cross_attention(q, k, v, index, 8, None), dense, atol=1e-5, rtol=1e-5)
 
 
@@ -250,11 +265,12 @@ def test_score_topk_gather_kernel_matches_reference(
     if with_bias:  # protect token 0 ([CLS]) the way a pruning pass does
         score_bias = torch.zeros(1, n_tokens)
         score_bias[0, 0] = 1e4
-    scores = triton_tokens.token_scores(q_row, k, None, score_bias)
+    scores = triton_tokens.token_scores(_d(q_row), _d(k), None, _d(score_bias)).cpu()
     ref_scores = reference.token_scores(q_row, k, None, score_bias)
     torch.testing.assert_close(scores, ref_scores, atol=1e-6, rtol=1e-5)
 
-    kept_x, kept = triton_tokens.score_topk_gather(q_row, k, x, keep, None, score_bias)
+    kept_x, kept = triton_tokens.score_topk_gather(_d(q_row), _d(k), _d(x), keep, None, _d(score_bias))
+    kept_x, kept = kept_x.cpu(), kept.cpu()
     ref_x, ref_kept = reference.score_topk_gather(q_row, k, x, keep, None, score_bias)
     assert kept.dtype == torch.int64 and kept.shape == (batch, keep)
     assert torch.all(kept[:, 1:] > kept[:, :-1]), "kept indices must be strictly ascending"
@@ -269,7 +285,8 @@ def test_score_topk_gather_breaks_ties_toward_lower_indices():
     q_row = torch.randn(2, 2, 8)
     k = torch.ones(2, 2, 37, 8)
     x = torch.randn(2, 37, 5)
-    kept_x, kept = triton_tokens.score_topk_gather(q_row, k, x, 10, None, None)
+    kept_x, kept = triton_tokens.score_topk_gather(_d(q_row), _d(k), _d(x), 10, None, None)
+    kept_x, kept = kept_x.cpu(), kept.cpu()
     ref_x, ref_kept = reference.score_topk_gather(q_row, k, x, 10, None, None)
     assert torch.equal(kept, torch.arange(10).expand(2, 10))
     assert torch.equal(ref_kept, kept)

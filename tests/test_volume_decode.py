@@ -171,3 +171,33 @@ def test_mesh_output_and_preview(tmp_path):
     assert cf["fscore"] > 0.999 and cf["chamfer"] < 0.03  # 5k-sample noise of a mesh against itself
     with pytest.raises(ValueError, match="unsupported mesh format"):
         save_mesh(mesh, tmp_path / "m.xyz")
+
+
+def _device_decode_matches_cpu(tiny, device: str, dtype: torch.dtype, max_flip_fraction: float) -> None:
+    """Decoding with the model moved to `device`/`dtype` gives the CPU fp32 sign field (up to rounding near
+    the surface) with the same kind of query reduction; values come back as fp32 on the CPU."""
+    import copy
+
+    from elision.models.vecset import fixture_latents
+    from elision.runtime.volume import DEFAULT_PIPELINE
+    lat = fixture_latents("thin_plate")
+    ref = decode_volume(tiny, lat, 64, "hoist-invariants")
+    moved = copy.deepcopy(tiny).to(device, dtype)
+    for passes in ("", DEFAULT_PIPELINE, "hoist-invariants,sparse-volume,adaptive-kv{topk=32,min_mass=0.5}"):
+        got = decode_volume(moved, lat, 64, passes)
+        assert got.grid.dtype == torch.float32 and got.grid.device.type == "cpu"
+        assert torch.isfinite(got.grid).all()
+        flips = ((got.grid > 0) != (ref.grid > 0)).float().mean().item()
+        assert flips <= max_flip_fraction, (passes, flips)
+        if passes:
+            assert got.queries < ref.queries / 3
+
+
+def test_decode_with_a_bfloat16_model_matches_fp32(tiny):
+    _device_decode_matches_cpu(tiny, "cpu", torch.bfloat16, max_flip_fraction=2e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_on_cuda_matches_cpu(tiny, dtype):
+    _device_decode_matches_cpu(tiny, "cuda", dtype, max_flip_fraction=1e-4 if dtype == torch.float32 else 2e-3)

@@ -24,9 +24,13 @@ Usage (the full run, on a quiet machine; about 30-40 min on 2 cores):
   .venv/bin/python tools/bench_volume.py --resolutions 128 256 384 --threads 2
 Quick check (128^3 only, torch only, one repeat, plus the kv-speed rows on 2k queries; about 1-2 min):
   .venv/bin/python tools/bench_volume.py --quick
+On a CUDA GPU (torch backend only; adaptive KV then runs elision's Triton sparse cross-attention):
+  python tools/bench_volume.py --device cuda --dtype float16 --resolutions 128 256 384 512 --kv-queries 262144
+  (writes bench_results/volume_cuda.md / .json / .png instead of volume.*)
 Options: [--model builtin:vecset-tiny] [--shape elephant] [--repeats 3] [--dense-repeats 1]
          [--backends torch ort] [--ort-resolutions 128 256] [--dense-fraction 1.0] [--no-fixtures]
          [--fixtures-resolution 256] [--no-kv-speed] [--kv-queries 4096] [--kv-topk 128 256 1024]
+         [--device cpu|cuda] [--dtype float32|float16|bfloat16]
 """
 from __future__ import annotations
 
@@ -210,7 +214,8 @@ def shell_indices(res: int, n: int, block: int = 8) -> torch.Tensor:
     return idx[order[:n]]
 
 
-def run_kv_speed(n_queries: int, topks: list[int], chunk: int, repeats: int) -> list[dict]:
+def run_kv_speed(n_queries: int, topks: list[int], chunk: int, repeats: int, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> list[dict]:
     """SPEED ONLY, random weights: per-query time, plain vs adaptive KV (fixed top-k, guard off)."""
     from elision.models.vecset import HUNYUAN3D_2_TURBO_VAE, HUNYUAN3D_2_VAE, build_field
     from elision.runtime.volume.adaptive_kv import AdaptiveKVOptions
@@ -221,7 +226,7 @@ def run_kv_speed(n_queries: int, topks: list[int], chunk: int, repeats: int) -> 
     rows = []
     for label, cfg in (("Hunyuan3D-2 VAE", HUNYUAN3D_2_VAE), ("FlashVDM turbo VAE", HUNYUAN3D_2_TURBO_VAE)):
         # the latent self-attention stack runs once per shape and does not change per-query cost
-        model = build_field(replace(cfg, num_decoder_layers=0), seed=0)
+        model = build_field(replace(cfg, num_decoder_layers=0), seed=0).to(device, dtype)
         dec = TorchFieldDecoder(model)
         state = dec.prepare(torch.randn(1, cfg.num_latents, cfg.embed_dim))
         settings = [("plain (full KV)", None)] + [
@@ -237,9 +242,10 @@ def run_kv_speed(n_queries: int, topks: list[int], chunk: int, repeats: int) -> 
             us = statistics.median(times) / idx.shape[0] * 1e6
             base = us if kv is None else base
             row = {"config": label, "latents": cfg.num_latents, "width": cfg.width // cfg.geo_decoder_downsample_ratio,
+                   "chunk": chunk,
                    "setting": name, "queries": int(idx.shape[0]), "us_per_query": us, "speedup": base / us,
                    "kv_fraction": stats["kv_fraction"] if stats else 1.0}
-            print(f"kv-speed {label:20s} {name:22s} {us:8.1f} us/query  {base / us:4.2f}x", flush=True)
+            print(f"kv-speed {label:20s} {name:22s} {us:9.4g} us/query  {base / us:4.2f}x", flush=True)
             rows.append(row)
         del model, dec, state
     return rows
@@ -264,16 +270,28 @@ def main() -> None:
     ap.add_argument("--no-kv-speed", action="store_true", help="skip the full-size adaptive-KV speed section")
     ap.add_argument("--kv-queries", type=int, default=4096)
     ap.add_argument("--kv-topk", type=int, nargs="+", default=[128, 256, 1024])
+    ap.add_argument("--kv-chunk", type=int, default=None, help="queries per call in the kv-speed section "
+                    "(default: --chunk; a GPU wants larger chunks than the published 8000)")
+    ap.add_argument("--stem", default=None, help="report file name stem (default volume, volume_cuda on a GPU)")
     ap.add_argument("--quick", action="store_true",
                     help="128^3 only, torch only, 1 repeat, fixtures at 64^3, kv-speed on 2048 queries")
     ap.add_argument("--out", type=Path, default=Path("bench_results"))
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads for torch and ORT alike")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="where the torch backend runs (cuda: torch backend only, results in volume_cuda.*)")
+    ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                    help="parameter dtype of the torch decoder (field values are compared in fp32)")
     args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda needs a CUDA GPU (torch.cuda.is_available() is False)")
     if not 0.0 < args.dense_fraction <= 1.0:
         ap.error(f"--dense-fraction must be in (0, 1], got {args.dense_fraction}")
     # a quick check must neither overwrite the last full results nor land in BENCHMARKS.md
     # (tools/assemble_benchmarks.py collects bench_results/*.md), hence its own subfolder
-    args.stem = "volume"
+    args.stem = args.stem or ("volume" if args.device == "cpu" else f"volume_{args.device}")
+    args.torch_dtype = getattr(torch, args.dtype)
+    if args.device != "cpu":
+        args.backends = ["torch"]  # the ONNX field artifact runs on onnxruntime's CPU provider here
     if args.quick:
         args.out = args.out / "quick"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -281,6 +299,8 @@ def main() -> None:
         args.resolutions, args.backends, args.repeats, args.kv_queries = [128], ["torch"], 1, 2048
     torch.set_num_threads(args.threads)
     model = load_vecset(args.model)
+    if args.device != "cpu" or args.torch_dtype != torch.float32:
+        model = model.to(args.device, args.torch_dtype)
     lat = fixture_latents(args.shape)
     decoders: dict[str, object] = {"torch": model}
     if "ort" in args.backends:
@@ -291,9 +311,16 @@ def main() -> None:
     rows = run_methods(args, decoders, lat)
     fixtures = [] if args.no_fixtures else run_fixtures(model, 64 if args.quick else args.fixtures_resolution,
                                                         args.chunk)
-    kv_rows = [] if args.no_kv_speed else run_kv_speed(args.kv_queries, args.kv_topk, args.chunk,
-                                                       1 if args.quick else 3)
+    kv_rows = [] if args.no_kv_speed else run_kv_speed(args.kv_queries, args.kv_topk, args.kv_chunk or args.chunk,
+                                                       1 if args.quick else 3, args.device, args.torch_dtype)
     write_report(rows, fixtures, kv_rows, args)
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return f"cuda ({torch.cuda.get_device_name()})"
+    import platform
+    return f"cpu ({platform.machine()})"
 
 
 def goal_check(rows: list[dict], res: int = 256) -> list[str]:
@@ -327,10 +354,12 @@ def write_report(rows: list[dict], fixtures: list[dict], kv_rows: list[dict], ar
     (args.out / f"{args.stem}.json").write_text(json.dumps({"methods": rows, "fixtures": fixtures, "kv_speed": kv_rows},
                                                      indent=1))
     lines = [
-        "## Sparse volume decoding (VecSet shape decoder)",
+        "## Sparse volume decoding (VecSet shape decoder)" + ("" if args.device == "cpu" else
+                                                              f" on {args.device}, chunk {args.chunk}"),
         "",
         f"Model `{args.model}`, latents of fixture shape `{args.shape}`, chunk {args.chunk} queries, "
-        f"{args.threads} thread(s); read times as relative on a shared machine. Wall = decode (latent side + "
+        f"device {_device_name(args.device)}, {args.dtype}, torch {torch.__version__}, "
+        f"{args.threads} CPU thread(s); read times as relative on a shared machine. Wall = decode (latent side + "
         f"all field queries), median of {args.repeats} runs for sparse methods and {args.dense_repeats} for dense. "
         "IoU/Chamfer/F-score compare with the dense grid/mesh at the same resolution and backend "
         "(F-score threshold = one fine cell). Peak RSS = growth over the process RSS at start.",
@@ -361,13 +390,14 @@ def write_report(rows: list[dict], fixtures: list[dict], kv_rows: list[dict], ar
     if kv_rows:
         lines += ["", "### Adaptive KV, SPEED ONLY (full-size configs, random weights)", "",
                   f"Per-query field-decoder time on {kv_rows[0]['queries']:,} grid points of a sphere shell at 256^3 "
+                  f"in chunks of {kv_rows[0]['chunk']:,} queries "
                   "(block 8, 8 probe queries per block, retained-mass guard OFF). Random weights make attention "
                   "non-local, so these rows say nothing about fidelity; they measure what a fixed top-k saves per "
                   "query in this architecture.", "",
                   "| config | latents | decoder width | setting | us/query | speedup vs plain | KV read |",
                   "|---|---|---|---|---|---|---|"]
         for r in kv_rows:
-            lines.append(f"| {r['config']} | {r['latents']} | {r['width']} | {r['setting']} | {r['us_per_query']:.1f} | "
+            lines.append(f"| {r['config']} | {r['latents']} | {r['width']} | {r['setting']} | {r['us_per_query']:.4g} | "
                          f"{r['speedup']:.2f}x | {r['kv_fraction']:.2f} |")
     (args.out / f"{args.stem}.md").write_text("\n".join(lines) + "\n")
 

@@ -85,7 +85,9 @@ def _attention_kernel(
             K + b * stride_kb + h_kv * stride_kh + cols[None, :] * stride_kn + dims[:, None] * stride_kd,
             mask=col_ok[None, :] & dim_ok[:, None], other=0.0,
         )
-        s = tl.dot(q, k, input_precision=PRECISION, out_dtype=tl.float32) * sm_scale
+        # .to(fp32): torch.compile (inductor) passes Python floats as fp64, which would make the softmax state
+        # fp64 (a loop-carried type change Triton rejects)
+        s = (tl.dot(q, k, input_precision=PRECISION, out_dtype=tl.float32) * sm_scale).to(tl.float32)
         if HAS_BIAS:
             bias = tl.load(
                 Bias + b * stride_bb + h * stride_bh + rows[:, None] * stride_bm + cols[None, :] * stride_bn,
@@ -186,7 +188,9 @@ def _sparse_cross_attention_kernel(
             K + b * stride_kb + h_kv * stride_kh + kv_rows[None, :] * stride_kn + dims[:, None] * stride_kd,
             mask=slot_ok[None, :] & dim_ok[:, None], other=0.0,
         )
-        s = tl.dot(q, k, input_precision=PRECISION, out_dtype=tl.float32) * sm_scale
+        # .to(fp32): torch.compile (inductor) passes Python floats as fp64, which would make the softmax state
+        # fp64 (a loop-carried type change Triton rejects)
+        s = (tl.dot(q, k, input_precision=PRECISION, out_dtype=tl.float32) * sm_scale).to(tl.float32)
         s = tl.where(slot_ok[None, :] & row_ok[:, None], s, float("-inf"))
         v = tl.load(
             V + b * stride_vb + h_kv * stride_vh + kv_rows[:, None] * stride_vn + dims[None, :] * stride_vd,

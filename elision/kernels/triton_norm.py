@@ -42,12 +42,12 @@ def _norm_kernel(
         x = h
     xf = x.to(tl.float32)
     if IS_RMS:
-        inv = 1.0 / tl.sqrt(tl.sum(xf * xf, 1) / n_cols + eps)
+        inv = (1.0 / tl.sqrt(tl.sum(xf * xf, 1) / n_cols + eps)).to(tl.float32)  # eps is fp64 under inductor
         y = xf * inv[:, None]
     else:
         mean = tl.sum(xf, 1) / n_cols
         centered = tl.where(mask, xf - mean[:, None], 0.0)
-        inv = 1.0 / tl.sqrt(tl.sum(centered * centered, 1) / n_cols + eps)
+        inv = (1.0 / tl.sqrt(tl.sum(centered * centered, 1) / n_cols + eps)).to(tl.float32)
         y = centered * inv[:, None]
     if HAS_WEIGHT:
         y = y * tl.load(Weight + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]

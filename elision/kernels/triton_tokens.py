@@ -92,7 +92,8 @@ def _token_scores_kernel(
             tok_ok = toks < n_tokens
             k = tl.load(k_head + toks[:, None] * stride_kl + dims[None, :] * stride_kd,
                         mask=tok_ok[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
-            logits = tl.where(tok_ok, tl.sum(k * q[None, :], 1) * sm_scale, float("-inf"))
+            # .to(fp32): under torch.compile sm_scale arrives as fp64
+            logits = tl.where(tok_ok, (tl.sum(k * q[None, :], 1) * sm_scale).to(tl.float32), float("-inf"))
             m_new = tl.maximum(m, tl.max(logits, 0))
             total = total * tl.exp(m - m_new) + tl.sum(tl.exp(logits - m_new), 0)
             m = m_new
@@ -102,7 +103,7 @@ def _token_scores_kernel(
             tok_ok = toks < n_tokens
             k = tl.load(k_head + toks[:, None] * stride_kl + dims[None, :] * stride_kd,
                         mask=tok_ok[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
-            logits = tl.sum(k * q[None, :], 1) * sm_scale
+            logits = (tl.sum(k * q[None, :], 1) * sm_scale).to(tl.float32)
             probs = tl.exp(logits - m) / total
             acc = tl.load(score_row + toks, mask=tok_ok, other=0.0)
             tl.store(score_row + toks, acc + probs, mask=tok_ok)

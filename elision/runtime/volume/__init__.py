@@ -33,7 +33,9 @@ def decode_volume(model: Any, latents: torch.Tensor, resolution: int, passes: st
     check_memory(resolution)
     if plan.check_independence and (plan.sparse or plan.kv) and isinstance(model, torch.nn.Module):
         from elision.runtime.volume.analysis import cached_query_independence
-        example = (torch.rand(1, 8, 3) * 2 - 1, latents.reshape(1, *latents.shape[-2:]).float())
+        param = next(model.parameters())  # trace where and in the dtype the model runs
+        example = ((torch.rand(1, 8, 3) * 2 - 1).to(param.device, param.dtype),
+                   latents.reshape(1, *latents.shape[-2:]).to(param.device, param.dtype))
         report = cached_query_independence(model, example)
         if not report.ok:
             raise VolumeError("refusing sparse decoding: " + report.explain() +

@@ -122,7 +122,7 @@ def _probe(q: torch.Tensor, k: torch.Tensor, samp: torch.Tensor, topk: int,
     probs = torch.softmax(logits * scale, dim=-1)                         # [h, nb, s, M]
     sel = probs.mean(dim=2).topk(topk, dim=-1).indices                    # [h, nb, topk]
     retained = torch.gather(probs, -1, sel.unsqueeze(2).expand(-1, -1, s, -1)).sum(-1)
-    return sel, retained.amin(dim=(0, 2))
+    return sel, retained.amin(dim=(0, 2)).cpu()  # block bookkeeping stays on the CPU
 
 
 def adaptive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_ids: torch.Tensor,
@@ -147,7 +147,7 @@ def adaptive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_
     if topk >= m:  # exact attention: selecting every token is plain attention
         stats.kv_reads = n * m
         return attention(q, k, v), stats
-    out = torch.empty(heads, n, v.shape[-1], dtype=q.dtype)
+    out = torch.empty(heads, n, v.shape[-1], dtype=q.dtype, device=q.device)
     order = torch.argsort(block_ids, stable=True)
     _, counts = torch.unique_consecutive(block_ids[order], return_counts=True)
     starts = torch.cumsum(counts, 0) - counts

@@ -219,7 +219,7 @@ class _Evaluator:
             sel = order[start:stop]
             x, q = self.decoder.prologue(self.state, points[sel])  # type: ignore[attr-defined]
             attn, st = adaptive_attention(q, k, v, bid[sel], self.kv)
-            out[sel] = self.decoder.epilogue(self.state, x, attn).float()  # type: ignore[attr-defined]
+            out[sel] = self.decoder.epilogue(self.state, x, attn).float().cpu()  # type: ignore[attr-defined]
             self.kv_stats.merge(st)  # type: ignore[union-attr]
             if self.progress is not None:
                 self.progress(stop - start)

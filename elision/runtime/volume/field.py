@@ -42,11 +42,18 @@ class KVState:
 
 
 class TorchFieldDecoder:
-    """Eager-PyTorch implementation of the split for a `VecSetField` (batch of one shape)."""
+    """Eager-PyTorch implementation of the split for a `VecSetField` (batch of one shape).
+
+    Runs where the model's parameters live (CPU or CUDA, in their dtype): points and latents are moved
+    there on the way in; the field values the evaluator collects come back as fp32 on the CPU, where the
+    grid bookkeeping runs.
+    """
 
     def __init__(self, model: VecSetField) -> None:
         self.model = model.eval()
         self.geo = model.geo_decoder
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
 
     @torch.inference_mode()
     def prepare(self, latents: torch.Tensor) -> KVState:
@@ -56,7 +63,7 @@ class TorchFieldDecoder:
         if latents.dim() != 3 or latents.shape[0] != 1 or tuple(latents.shape[1:]) != expected:
             raise ValueError(f"latents must have shape [1, {expected[0]}, {expected[1]}] for this model, "
                              f"got {list(latents.shape)}")
-        z = self.model.transformer(self.model.post_kl(latents.float()))
+        z = self.model.transformer(self.model.post_kl(latents.to(self.device, self.dtype)))
         k, v = self.geo.latent_kv(z)
         return KVState(k[0].contiguous(), v[0].contiguous())
 
@@ -65,7 +72,7 @@ class TorchFieldDecoder:
 
     @torch.inference_mode()
     def prologue(self, state: KVState, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x, q = self.geo.query_heads(points.float().unsqueeze(0))
+        x, q = self.geo.query_heads(points.to(self.device, self.dtype).unsqueeze(0))
         return x, q[0]
 
     @torch.inference_mode()
@@ -95,7 +102,7 @@ def evaluate_chunked(decoder: FieldDecoder, state: Any, points: torch.Tensor, ch
     out = torch.empty(points.shape[0], dtype=torch.float32)
     for start in range(0, points.shape[0], chunk):
         stop = min(start + chunk, points.shape[0])
-        out[start:stop] = torch.as_tensor(decoder.evaluate(state, points[start:stop])).float().reshape(-1)
+        out[start:stop] = torch.as_tensor(decoder.evaluate(state, points[start:stop])).float().reshape(-1).cpu()
         if progress is not None:
             progress(stop - start)
     return out

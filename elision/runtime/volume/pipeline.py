@@ -95,14 +95,17 @@ class PublishedFieldDecoder:
 
     def __init__(self, model: VecSetField) -> None:
         self.model = model.eval()
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype  # runs where the model lives (CPU or CUDA)
 
     @torch.inference_mode()
     def prepare(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.model.transformer(self.model.post_kl(latents.float().reshape(1, *latents.shape[-2:])))
+        latents = latents.to(self.device, self.dtype).reshape(1, *latents.shape[-2:])
+        return self.model.transformer(self.model.post_kl(latents))
 
     @torch.inference_mode()
     def evaluate(self, z: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-        return self.model.geo_decoder(points.float().unsqueeze(0), z)[0, :, 0]
+        return self.model.geo_decoder(points.to(self.device, self.dtype).unsqueeze(0), z)[0, :, 0]
 
 
 __all__ = ["VolumePlan", "parse_volume_pipeline", "PublishedFieldDecoder", "DEFAULT_PIPELINE", "F"]
