@@ -170,6 +170,47 @@ class ViTAdapter(EncoderAdapter):
         return self.m.classifier(cls) if hasattr(self.m, "classifier") else cls
 
 
+class CLIPVisionAdapter(EncoderAdapter):
+    """HF CLIP vision tower (pre-LN, [CLS] first, `pre_layrnorm` after the embeddings; LLaVA's vision tower).
+    Output: the pooled [CLS] state (`post_layernorm(h[:, 0])`, HF's `pooler_output`)."""
+
+    def __init__(self, model):
+        self.m = model.vision_model if hasattr(model, "vision_model") else model
+        self.layers = self.m.encoder.layers
+        self.num_layers = len(self.layers)
+        cfg = self.m.config
+        self.num_heads = cfg.num_attention_heads
+        side = cfg.image_size // cfg.patch_size
+        self.grid = (side, side)
+
+    def embed(self, pixel_values) -> TokenState:
+        h = self.m.pre_layrnorm(self.m.embeddings(pixel_values))
+        b, n, _ = h.shape
+        protected = torch.zeros(b, n, dtype=torch.bool, device=h.device)
+        protected[:, 0] = True
+        return TokenState(h, torch.ones(b, n, dtype=h.dtype, device=h.device), protected)
+
+    def qkv(self, i, h):
+        a = self.layers[i].self_attn
+        x = self.layers[i].layer_norm1(h)
+        return self.split_heads(a.q_proj(x)), self.split_heads(a.k_proj(x)), self.split_heads(a.v_proj(x))
+
+    def attn_residual(self, i, h, attn):
+        return h if attn is None else h + self.layers[i].self_attn.out_proj(attn)
+
+    def mlp_residual(self, i, h, skip):
+        layer = self.layers[i]
+        return h if skip else h + layer.mlp(layer.layer_norm2(h))
+
+    def head(self, st):
+        return self.m.post_layernorm(st.hidden[:, 0])
+
+
+def _is_clip_vision(model) -> bool:
+    m = getattr(model, "vision_model", model)
+    return hasattr(m, "pre_layrnorm") and hasattr(m, "encoder") and hasattr(m.encoder, "layers")
+
+
 def adapter_for(model) -> EncoderAdapter:
     """Recognise the model's structure; a clear error when there are no recognisable tokens/layers."""
     name = type(model).__name__
@@ -177,12 +218,15 @@ def adapter_for(model) -> EncoderAdapter:
         model = model.encoder_model
     if hasattr(model, "encoder") and hasattr(getattr(model, "encoder"), "layer") and hasattr(model, "embeddings"):
         return BertAdapter(model)
+    if _is_clip_vision(model):
+        return CLIPVisionAdapter(model)
     if hasattr(model, "vit") or (hasattr(model, "layers") and hasattr(model, "embeddings")
                                  and hasattr(getattr(model, "embeddings"), "patch_embeddings")):
         return ViTAdapter(model)
     raise alg.PruningError(
-        f"{name}: no recognizable token sequence (expected a BERT-style encoder or a ViT with a [CLS] token); "
-        "token pruning/merging and layer skipping support BERT, ViT, CLIP-vision, Llama/Qwen2 and LLaVA models"
+        f"{name}: no recognizable token sequence; the layer-by-layer executor (elision tune) supports BERT-family "
+        "encoders, elision's ViT (builtin:fashion-vit) and HF CLIP vision towers; for LLaVA use "
+        "elision.passes.pruning.vlm.prune_image_tokens (vision tokens pruned before the language model)"
     )
 
 
@@ -282,4 +326,6 @@ def reference_output(model, adapter: EncoderAdapter, inputs: tuple) -> torch.Ten
             out = model(input_ids=ids, attention_mask=mask).last_hidden_state
             return alg.masked_mean_pool(out, mask)
         out = model(pixel_values=inputs[0])
+        if isinstance(adapter, CLIPVisionAdapter):
+            return out.pooler_output
         return out.logits if hasattr(out, "logits") else out.last_hidden_state[:, 0]
