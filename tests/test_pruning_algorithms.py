@@ -194,6 +194,23 @@ def test_tome_merge_rejects_too_large_r():
         alg.tome_merge(torch.randn(1, 6, 2), torch.ones(1, 6), torch.randn(1, 6, 2), 4)
 
 
+def test_stable_order_descending_is_a_stable_sort_and_source_map_interleaves():
+    """The ONNX-friendly ranking ToMe uses equals torch's stable sort, ties and -inf included; the source map of an
+    odd-length merge points every token at the output slot holding it."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 4, (3, 25), generator=g).float()
+    x[0, 3], x[1, :5] = float("-inf"), float("-inf")
+    assert torch.equal(alg.stable_order_descending(x), torch.sort(x, dim=1, descending=True, stable=True).indices)
+    h = torch.randn(2, 7, 3, generator=g)
+    prot = torch.zeros(2, 7, dtype=torch.bool)
+    prot[:, 0] = True
+    out, size, src = alg.tome_merge(h, torch.ones(2, 7), h, 2, protected=prot, num_protected_a=1)
+    assert src.shape == (2, 7) and torch.equal(size.sum(1), torch.full((2,), 7.0))
+    for row in range(2):
+        for j in range(5):
+            torch.testing.assert_close(out[row, j], h[row, src[row] == j].mean(0))
+
+
 def test_dct_compress_identity_constant_and_low_pass():
     x = torch.randn(2, 49, 5)
     assert torch.equal(alg.dct_compress(x, (7, 7), 1.0), x)

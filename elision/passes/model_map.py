@@ -829,6 +829,11 @@ class _Builder:
         self.notes: list[str] = []
         self.claimed: set[int] = set()  # ids of nodes explained by a recognized structure
         self.extra_embeddings: list[Embedding] = []
+        # passes that splice a token-reducing op into the residual stream inside a layer (merge-tokens, between
+        # attention and MLP) record where the stream continues: attention residual add -> value the MLP reads
+        values = {v.name: v for v in self.fn.values()}
+        self.stream_continues = {a: values[b] for a, b in module.attrs.get(f"residual_stream.{fn_name}", {}).items()
+                                 if b in values}
 
     def claim(self, nodes: Iterable[Node]) -> None:
         self.claimed.update(id(n) for n in nodes)
@@ -1142,7 +1147,7 @@ class _Builder:
                 norms.append(n_in)
             else:
                 n_in = None
-            stream = add1.result
+            stream = self.stream_continues.get(add1.result.name, add1.result)
             post = False
             users = g.uses.get(stream, [])
             post_norm = next((nm for nm in self.norms if nm.input == stream or g.through(nm.input) == stream), None)

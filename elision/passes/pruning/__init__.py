@@ -2,9 +2,11 @@
 
 `algorithms` holds the plain torch functions, `ops` registers them as `elision::*` custom ops,
 `executor` runs HF encoders with a `ReductionPlan`, `search` tunes plans against a fidelity floor, `deployed`
-times plans as ONNX artifacts. IR passes: `ir_passes` (skip-layers), `prune_ir` (prune-tokens, with the
-token-axis analysis of `token_axes`).
+times plans as ONNX artifacts. IR passes: `ir_passes` (skip-layers), `prune_ir` (prune-tokens), `compress_ir`
+(compress-tokens) and `merge_ir` (merge-tokens), sharing the token-axis analysis and rewrite of `token_axes`.
 """
 
 from elision.passes.pruning import ir_passes  # noqa: E402,F401  (registers skip-layers with the pass registry)
 from elision.passes.pruning import prune_ir  # noqa: E402,F401  (registers prune-tokens)
+from elision.passes.pruning import compress_ir  # noqa: E402,F401  (registers compress-tokens)
+from elision.passes.pruning import merge_ir  # noqa: E402,F401  (registers merge-tokens)

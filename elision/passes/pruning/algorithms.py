@@ -212,12 +212,24 @@ def prune_tokens(
 # ToMe bipartite soft matching with size tracking
 # --------------------------------------------------------------------------------------------------
 
+def stable_order_descending(x: torch.Tensor) -> torch.Tensor:
+    """The indices of `torch.sort(x, dim=1, descending=True, stable=True)` for x (B, M), from pairwise comparisons
+    (O(M^2), fine for token counts): ONNX has no stable sort, and ties are common (identical background patches)."""
+    m = x.shape[1]
+    pos = torch.arange(m, device=x.device)
+    xi, xj = x[:, :, None], x[:, None, :]
+    ahead = (xj > xi) | ((xj == xi) & (pos.view(1, 1, m) < pos.view(1, m, 1)))  # j goes before i
+    rank = ahead.sum(-1)
+    return torch.zeros_like(rank).scatter(1, rank, pos.expand_as(rank))
+
+
 def tome_merge(
     x: torch.Tensor,
     size: torch.Tensor,
     metric: torch.Tensor,
     r: int,
     protected: torch.Tensor | None = None,
+    num_protected_a: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Merge r tokens per row by bipartite soft matching (Bolya et al., ToMe), size-weighted.
 
@@ -227,13 +239,18 @@ def tome_merge(
     the r A tokens with the best matches are averaged (weighted by size) into their partners. Protected
     tokens are never merged. Returns (x' (B, N-r, C), size' (B, N-r), source (B, N) index of the output
     token each input token went to). Proportional attention uses log(size') as an additive key bias.
+    `num_protected_a` (the most protected tokens at even positions in a row), when given, is taken on trust so
+    nothing depends on tensor values (a traced graph); no in-place writes either.
     """
     b, n, c = x.shape
     if r <= 0:
         return x, size, torch.arange(n, device=x.device).expand(b, n)
     n_a = (n + 1) // 2
     protected = torch.zeros(b, n, dtype=torch.bool, device=x.device) if protected is None else protected
-    n_prot_a = int(protected[:, 0::2].sum(1).max()) if b else 0
+    if num_protected_a is not None:
+        n_prot_a = num_protected_a
+    else:
+        n_prot_a = int(protected[:, 0::2].sum(1).max()) if b else 0
     max_r = n_a - n_prot_a
     if r > max_r:
         raise PruningError(f"merge r={r} is too large for {n} tokens ({n_prot_a} protected); use r <= {max_r}")
@@ -250,7 +267,7 @@ def tome_merge(
     # A tokens with no finite match (only possible when all of B is protected) must not be merged.
     best = torch.where(torch.isfinite(best), best, torch.full_like(best, -1e9))
     best = best.masked_fill(protected[:, 0::2], float("-inf"))
-    order = torch.sort(best, dim=-1, descending=True, stable=True).indices
+    order = stable_order_descending(best)
     src_merged = order[:, :r]  # (B, r) positions within A
     src_kept = torch.sort(order[:, r:], dim=-1).values  # keep A tokens in original order
     dst_of_merged = torch.gather(dst, 1, src_merged)
@@ -277,15 +294,15 @@ def tome_merge(
     s_out = torch.gather(torch.cat([sa_kept, sb_new], 1), 1, out_order).to(size.dtype)
     # source map: where each input token ended up
     inv = torch.argsort(out_order, dim=1)  # position in output of concat slot
-    source = torch.empty(b, n, dtype=torch.long, device=x.device)
     a_slot = torch.full((b, n_a), -1, dtype=torch.long, device=x.device)
-    a_slot.scatter_(1, src_kept, torch.arange(src_kept.shape[1], device=x.device).expand(b, -1))
+    a_slot = a_slot.scatter(1, src_kept, torch.arange(src_kept.shape[1], device=x.device).expand(b, -1))
     n_kept_a = src_kept.shape[1]
     a_out = torch.gather(inv, 1, a_slot.clamp(min=0))
     b_out = torch.gather(inv, 1, n_kept_a + torch.arange(xb.shape[1], device=x.device).expand(b, -1))
     a_out = a_out.scatter(1, src_merged, torch.gather(b_out, 1, dst_of_merged))
-    source[:, 0::2] = a_out
-    source[:, 1::2] = b_out
+    # interleave a_out (even positions) and b_out (odd): pad B to A's length, pair them up, drop the pad
+    b_pad = torch.cat([b_out, b_out[:, :n_a - b_out.shape[1]]], 1)
+    source = torch.stack([a_out, b_pad], 2).reshape(b, 2 * n_a)[:, :n]
     return x_out, s_out, source
 
 
@@ -313,6 +330,29 @@ def dct_grid_size(h: int, w: int, keep: float) -> tuple[int, int]:
     return max(1, min(h, round(h * s))), max(1, min(w, round(w * s)))
 
 
+def dct_low_pass_matrices(grid: tuple[int, int], keep: float, device=None) -> tuple[torch.Tensor, ...] | None:
+    """(rows, cols, inverse rows, inverse cols) DCT matrices of `dct_compress` for a `grid`, or None when `keep`
+    keeps the whole grid. They depend on the shapes only, so a compiler computes them once as constants."""
+    big_h, big_w = grid
+    h, w = dct_grid_size(big_h, big_w, keep)
+    if (h, w) == (big_h, big_w):
+        return None
+    # the inverse of an orthonormal DCT is its transpose
+    return (dct_matrix(big_h, device=device)[:h], dct_matrix(big_w, device=device)[:w],
+            dct_matrix(h, device=device), dct_matrix(w, device=device))
+
+
+def dct_low_pass(x: torch.Tensor, dh: torch.Tensor, dw: torch.Tensor, ih: torch.Tensor,
+                 iw: torch.Tensor) -> torch.Tensor:
+    """Apply `dct_low_pass_matrices` to a (B, H*W, C) grid -> (B, h*w, C) (the arithmetic of `dct_compress`)."""
+    (h, big_h), (w, big_w) = dh.shape, dw.shape
+    b, _n, c = x.shape
+    xf = x.float().reshape(b, big_h, big_w, c)
+    coeff = torch.einsum("hH,bHWc,wW->bhwc", dh, xf, dw)
+    small = torch.einsum("hy,bhwc,wx->byxc", ih, coeff, iw) * math.sqrt((h * w) / (big_h * big_w))
+    return small.reshape(b, h * w, c).to(x.dtype)
+
+
 def dct_compress(x: torch.Tensor, grid: tuple[int, int], keep: float) -> torch.Tensor:
     """Low-pass a (B, H*W, C) feature grid to (B, h*w, C) tokens, h*w ~= keep*H*W.
 
@@ -321,20 +361,10 @@ def dct_compress(x: torch.Tensor, grid: tuple[int, int], keep: float) -> torch.T
     reproduces the input up to float rounding of the orthonormal transforms.
     """
     big_h, big_w = grid
-    b, n, c = x.shape
-    if n != big_h * big_w:
-        raise PruningError(f"dct compression: {n} tokens do not form a {big_h}x{big_w} grid")
-    h, w = dct_grid_size(big_h, big_w, keep)
-    if (h, w) == (big_h, big_w):
-        return x
-    xf = x.float().reshape(b, big_h, big_w, c)
-    dh = dct_matrix(big_h, device=x.device)[:h]  # (h, H)
-    dw = dct_matrix(big_w, device=x.device)[:w]  # (w, W)
-    coeff = torch.einsum("hH,bHWc,wW->bhwc", dh, xf, dw)
-    ih = dct_matrix(h, device=x.device)  # inverse of an orthonormal DCT is its transpose
-    iw = dct_matrix(w, device=x.device)
-    small = torch.einsum("hy,bhwc,wx->byxc", ih, coeff, iw) * math.sqrt((h * w) / (big_h * big_w))
-    return small.reshape(b, h * w, c).to(x.dtype)
+    if x.shape[1] != big_h * big_w:
+        raise PruningError(f"dct compression: {x.shape[1]} tokens do not form a {big_h}x{big_w} grid")
+    mats = dct_low_pass_matrices(grid, keep, device=x.device)
+    return x if mats is None else dct_low_pass(x, *mats)
 
 
 # --------------------------------------------------------------------------------------------------

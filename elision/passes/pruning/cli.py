@@ -179,7 +179,7 @@ def register(app: typer.Typer) -> None:
         out.print(f"chosen pipeline: {result.best.plan.describe()}")
         out.print(f"  {result.best.report.summary()}; speed-up {result.best.speedup:.2f}x "
                   f"({'ONNX artifacts' if result.measured_in == 'deployed' else 'eager executor'})")
-        if not deployable(result.best.plan):
-            console.print("note: merge-tokens / compress-tokens have no IR pass yet, so `elision compile` cannot apply "
-                          "this pipeline; use --measure onnx to tune among deployable pipelines", highlight=False,
-                          soft_wrap=True)
+        if not deployable(result.best.plan, adapter):
+            console.print("note: the merge-tokens IR pass handles vision encoders only, so `elision compile` cannot "
+                          "apply this pipeline; use --measure onnx to tune among deployable pipelines",
+                          highlight=False, soft_wrap=True)

@@ -4,7 +4,7 @@ The executor (`executor.run_encoder`) is exact but eager; what users ship is `el
 --emit onnx`. `OnnxTimer` traces the model once at the calibration shape (pruned graphs need a static sequence
 length), applies a plan's pipeline string with the IR passes, emits the artifact and returns a callable that
 runs it on the calibration inputs. The unpruned artifact built the same way is the baseline. Plans with no
-IR pass yet (merge-tokens, compress-tokens) cannot be deployed and so cannot be timed this way.
+IR pass for the model (merge-tokens on a text encoder) cannot be deployed and so cannot be timed this way.
 """
 from __future__ import annotations
 
@@ -14,12 +14,13 @@ from typing import Callable
 
 import torch
 
-from elision.passes.pruning.executor import ReductionPlan
+from elision.passes.pruning.executor import EncoderAdapter, ReductionPlan
 
 
-def deployable(plan: ReductionPlan) -> bool:
-    """Whether every part of `plan` has an IR pass (so `elision compile` can apply it)."""
-    return plan.merge_r == 0 and (plan.dct_after is None or plan.dct_keep >= 1.0)
+def deployable(plan: ReductionPlan, adapter: EncoderAdapter) -> bool:
+    """Whether every part of `plan` has an IR pass for this model (so `elision compile` can apply it): the
+    merge-tokens pass handles vision encoders only."""
+    return plan.merge_r == 0 or adapter.grid is not None
 
 
 class OnnxTimer:

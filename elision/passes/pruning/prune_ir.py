@@ -28,30 +28,14 @@ from typing import ClassVar, Literal
 
 import torch
 
-from elision.ir.core import Function, Module, Node, Value, map_values
-from elision.ir.types import TensorType
+from elision.ir.core import Function, Module, Value
 from elision.passes.base import Pass, PassError, register_pass
 from elision.passes.pruning import algorithms as alg
-from elision.passes.pruning.token_axes import base_op, shape_of, token_axes
-
-_SHAPE_ARG_OPS = {"view", "reshape", "_unsafe_view", "expand"}
-# ops the rewrite knows how to re-emit at the shorter length (their shape arguments are handled or absent)
-_REWRITABLE = _SHAPE_ARG_OPS | {
-    "add", "sub", "mul", "div", "where", "masked_fill", "__and__", "__or__", "bitwise_and", "logical_and",
-    "logical_not", "eq", "ne", "ge", "gt", "le", "lt", "clone", "_to_copy", "to", "gelu", "relu", "silu", "tanh",
-    "sigmoid", "neg", "exp", "log", "sqrt", "rsqrt", "pow", "clamp", "clamp_min", "layer_norm", "softmax",
-    "_softmax", "dropout", "alias", "detach", "contiguous", "erf", "linear", "transpose", "t", "permute",
-    "unsqueeze", "squeeze", "matmul", "bmm", "scaled_dot_product_attention", "sum", "mean", "amax", "select",
-    "slice", "_assert_tensor_metadata", "rms_norm", "flatten",
-}
+from elision.passes.pruning.token_axes import shape_of, shorten_tokens, splice, trace_tap
 
 
 def _tap_function(score: str, keep: float, num_protected: int, sep: int, shapes: dict, n0_default: int) -> Function:
     """The score tap + selection as an IR function traced from `algorithms` (the executor's own code)."""
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    from elision.compiler.importer import import_graph
-
     names = list(shapes)
 
     def tap(*xs):
@@ -81,167 +65,7 @@ def _tap_function(score: str, keep: float, num_protected: int, sep: int, shapes:
         idx, kept = alg.select_tokens(scores, keep, protected, valid, num_protected=num_protected)
         return alg.gather_tokens(h, idx), idx, kept
 
-    examples = [torch.zeros(s, dtype=d) for s, d in shapes.values()]
-    gm = make_fx(tap, tracing_mode="fake")(*examples)
-    if any(n.op == "get_attr" for n in gm.graph.nodes):
-        raise PassError("prune-tokens: the score tap traced to graph constants; cannot splice it")
-    return import_graph(gm.graph, fn_name="prune_tap", param_placeholders={}, input_names=names)
-
-
-def _splice(fn: Function, tap: Function, inputs: list[Value], after: Node, loc: str) -> list[Value]:
-    """Copy `tap`'s nodes into `fn` after `after`, its inputs bound to `inputs`; returns its outputs."""
-    env = dict(zip(tap.inputs, inputs))
-    anchor = after
-    for n in tap.nodes:
-        v = fn.new_value(n.result.type, "prune_" + n.result.name)
-        node = Node(n.op, map_values(n.args, env.__getitem__), map_values(dict(n.kwargs), env.__getitem__), v, loc)
-        fn.insert_after(anchor, [node])
-        env[n.result] = v
-        anchor = node
-    return [env[o] for o in tap.outputs]
-
-
-class _Rewriter:
-    """Re-emits the nodes after the pruning point at token length K (in place, in program order)."""
-
-    def __init__(self, fn: Function, axes: dict[str, list[int]], n: int, k: int, idx: Value, kept: Value,
-                 mask_inputs: set[str], where: str):
-        self.fn, self.axes, self.n, self.k, self.idx, self.kept = fn, axes, n, k, idx, kept
-        self.mask_inputs, self.where = mask_inputs, where
-        self.remap: dict[Value, Value] = {}
-        self.gathered: dict[tuple[str, str], Value] = {}
-        self.producers = fn.producers()
-
-    def _err(self, what: str) -> PassError:
-        return PassError(f"prune-tokens{self.where}: {what}")
-
-    def _shrunk(self, ty: TensorType, axes: list[int]) -> TensorType:
-        shape = list(ty.shape)
-        for a in axes:
-            if shape[a] != self.n:
-                raise self._err(f"token axis {a} of a {ty} value is not the sequence length {self.n}")
-            shape[a] = self.k
-        return TensorType(ty.dtype, tuple(shape))
-
-    def _add(self, op: str, args: tuple, ty: TensorType, before: Node, kwargs: dict | None = None) -> Value:
-        v = self.fn.new_value(ty, "pruned")
-        self.fn.insert_before(before, [Node(op, args, kwargs or {}, v, "prune-tokens")])
-        return v
-
-    def _is_mask(self, v: Value) -> bool:
-        """Derived from a non-float model input (the attention mask), i.e. a keep/drop weight, not a feature."""
-        seen, stack = set(), [v]
-        while stack:
-            cur = stack.pop()
-            if cur.name in self.mask_inputs:
-                return True
-            if cur.name in seen:
-                continue
-            seen.add(cur.name)
-            p = self.producers.get(cur)
-            if p is not None:
-                stack.extend(p.inputs)
-        return False
-
-    def _kept_as(self, shape: tuple, axis: int, dtype: str, before: Node) -> Value:
-        view = [shape[0]] + [1] * (len(shape) - 1)
-        view[axis] = self.k
-        kv = self._add("aten.view.default", (self.kept, view), TensorType("bool", tuple(view)), before)
-        if dtype == "bool":
-            return kv
-        return self._add("aten._to_copy.default", (kv,), TensorType(dtype, tuple(view)), before,
-                         {"dtype": TensorType(dtype, ()).torch_dtype})
-
-    def external(self, e: Value, user: Node, as_sdpa_mask: bool) -> Value:
-        """A full-length value used after the pruning point, gathered along its token axes (cached)."""
-        mode = "sdpa" if as_sdpa_mask else "plain"
-        key = (e.name, mode)
-        if key in self.gathered:
-            return self.gathered[key]
-        axes, ty = self.axes[e.name], e.type
-        if 0 in axes:
-            raise self._err(f"%{e.name} has the token axis first (no batch axis); cannot gather it")
-        b = shape_of(self.idx)[0]
-        before = user
-        cur, shape = e, list(ty.shape)
-        if shape[0] != b:  # broadcast over the batch (a shared mask or position table): materialize rows
-            shape[0] = b
-            cur = self._add("aten.expand.default", (cur, list(shape)), TensorType(ty.dtype, tuple(shape)), before)
-        for a in axes:
-            view = [b] + [1] * (len(shape) - 1)
-            view[a] = self.k
-            iv = self._add("aten.view.default", (self.idx, view), TensorType("i64", tuple(view)), before)
-            shape[a] = self.k
-            ie = self._add("aten.expand.default", (iv, list(shape)), TensorType("i64", tuple(shape)), before)
-            cur = self._add("aten.gather.default", (cur, a, ie), TensorType(ty.dtype, tuple(shape)), before)
-        if self._is_mask(e):
-            # surplus slots of shorter rows (and padding) must stay hidden downstream: keys for attention,
-            # pooling weights for a sentence embedding
-            last = axes[-1]
-            out_ty = TensorType(ty.dtype, tuple(shape))
-            if ty.dtype == "bool":
-                kv = self._kept_as(shape, last, "bool", before)
-                cur = self._add("aten.__and__.Tensor", (cur, kv), out_ty, before)
-            elif as_sdpa_mask and ty.torch_dtype.is_floating_point:
-                kv = self._kept_as(shape, last, "bool", before)
-                notk = self._add("aten.logical_not.default", (kv,), kv.type, before)
-                cur = self._add("aten.masked_fill.Scalar", (cur, notk, float("-inf")), out_ty, before)
-            else:
-                cur = self._add("aten.mul.Tensor", (cur, self._kept_as(shape, last, ty.dtype, before)), out_ty, before)
-        self.gathered[key] = cur
-        return cur
-
-    def rewrite(self, node: Node) -> None:
-        op = base_op(node.op)
-        out_axes = self.axes.get(node.result.name, [])
-        sdpa_mask = node.args[3] if op == "scaled_dot_product_attention" and len(node.args) > 3 else \
-            node.kwargs.get("attn_mask") if op == "scaled_dot_product_attention" else None
-        changed = False
-
-        def swap(v: Value) -> Value:
-            nonlocal changed
-            if v in self.remap:
-                changed = True
-                return self.remap[v]
-            if self.axes.get(v.name):
-                changed = True
-                return self.external(v, node, as_sdpa_mask=v is sdpa_mask)
-            return v
-
-        if op == "param":
-            return
-        args, kwargs = map_values(node.args, swap), map_values(dict(node.kwargs), swap)
-        if not changed:
-            # nothing it reads changed: a full-length value made here from constants or full-length inputs (an
-            # earlier stage's gathered mask) is an external like one made before the pruning point; its users
-            # gather it
-            return
-        if op not in _REWRITABLE:
-            raise self._err(f"cannot rewrite {node.op} (%{node.result.name}, at '{node.loc}') to the pruned "
-                            "sequence length; this op is not supported after the pruning point")
-        x_axes = self.axes.get(node.args[0].name, []) if node.args and isinstance(node.args[0], Value) else []
-        if op in _SHAPE_ARG_OPS:
-            shape = list(args[1])
-            for a in out_axes:
-                if shape[a] != -1:
-                    shape[a] = self.k
-            args = (args[0], shape, *args[2:])
-        elif op == "select" and args[1] % len(shape_of(node.args[0])) in x_axes and args[2] != 0:
-            raise self._err(f"%{node.result.name} selects token {args[2]}; only token 0 ([CLS], always kept) "
-                            "keeps its position after pruning")
-        elif op == "slice" and args[1] % len(shape_of(node.args[0])) in x_axes:
-            start = args[2] if len(args) > 2 and args[2] is not None else 0
-            end = args[3] if len(args) > 3 and args[3] is not None else self.n
-            if start != 0 or end < self.n:
-                raise self._err(f"%{node.result.name} slices tokens {start}:{end}; only whole-sequence slices "
-                                "survive pruning")
-            args = (args[0], args[1], 0, self.k, *args[4:])
-        new = Value(node.result.name, self._shrunk(node.result.type, out_axes)) if isinstance(
-            node.result.type, TensorType) else node.result
-        node.args, node.kwargs = args, kwargs
-        if new != node.result:
-            self.remap[node.result] = new
-            node.result = new
+    return trace_tap(tap, shapes, "prune-tokens")
 
 
 def _input_named(module: Module, fn: Function, name: str) -> Value | None:
@@ -320,11 +144,6 @@ class PruneTokens(Pass):
         k = num_protected + alg.keep_count(n - num_protected, self.keep)
         if k == n:
             return False
-        anchor = fn.producer(hidden)
-        if anchor is None:
-            raise PassError("prune-tokens: the layer output is a function input; nothing to rewrite")
-        axes = token_axes(fn, hidden, 1)
-        downstream = fn.nodes[fn.index(anchor) + 1:]
         shapes = {"hidden": (hs, hidden.type.torch_dtype), "q": (qs, att.q.type.torch_dtype),
                   "k": (ks, att.k.type.torch_dtype)}
         inputs = [hidden, att.q, att.k]
@@ -340,15 +159,15 @@ class PruneTokens(Pass):
             inputs.append(values[prior["valid"]])
         n0 = prior["n0"] if prior is not None else n
         tap = _tap_function(self.score, self.keep, num_protected, self.sep, shapes, n0)
-        pruned, idx, kept = _splice(fn, tap, inputs, anchor, f"{layer.loc}.prune_tokens")
-        module.attrs[f"prune_tokens.{self.fn_name}"] = {
-            "after": self.after, "n0": n0, "valid": kept.name,
-            "indices": (list(prior["indices"]) if prior is not None else []) + [idx.name]}
-        rw = _Rewriter(fn, axes, n, k, idx, kept, {v.name for v in (mask, ids) if v is not None},
-                       f"{{after={self.after}}}")
-        rw.remap[hidden] = pruned
-        for node in downstream:
-            rw.rewrite(node)
-        fn.outputs = [rw.remap.get(o, o) for o in fn.outputs]
+
+        def splice_at(anchor):
+            pruned, idx, kept = splice(fn, tap, inputs, anchor, f"{layer.loc}.prune_tokens", "prune_")
+            module.attrs[f"prune_tokens.{self.fn_name}"] = {
+                "after": self.after, "n0": n0, "valid": kept.name,
+                "indices": (list(prior["indices"]) if prior is not None else []) + [idx.name]}
+            return pruned, idx, kept
+
+        shorten_tokens(fn, hidden, k, splice_at, f"prune-tokens{{after={self.after}}}",
+                       {v.name for v in (mask, ids) if v is not None})
         eliminate_dead_code(fn)
         return True

@@ -210,7 +210,7 @@ def tune(adapter: EncoderAdapter, calib: tuple, kind: str, passes: tuple[str, ..
     # With `deployed` (e.g. `deployed.OnnxTimer.runner`) candidates are timed in the form users ship instead: the
     # IR rewrite lowered to an artifact, against the unmodified model lowered the same way; only plans every part
     # of which has an IR pass can be deployed, so only those are finalists.
-    pool = [c for c in feasible() if deployed is None or deployable(c.plan)]
+    pool = [c for c in feasible() if deployed is None or deployable(c.plan, adapter)]
     finalists = sorted(pool, key=lambda c: -c.est_speedup)[:time_top]
     if progress:
         progress(f"timing {len(finalists)} finalists against the unchanged model", step, max(total, step))
