@@ -101,15 +101,15 @@ def test_guard_sends_unprobed_and_rejected_blocks_through_one_exact_plain_call()
 
 
 def test_decode_stops_probing_a_non_local_decoder_and_matches_plain_sparse():
-    """The tiny fitted decoder is not local: once the guard has rejected (almost) every probed block, the
-    remaining queries skip the probe and run the plain path, with the plain result."""
+    """The tiny fitted decoder is not local: once the guard has rejected (almost) every probed block of a level,
+    the level's remaining queries skip the probe and run the plain path, with the plain result."""
     from elision.models.registry import get_builtin
     from elision.models.vecset import fixture_latents
     from elision.runtime.volume import decode_volume
     model = get_builtin("vecset-tiny").build()
     lat = fixture_latents("elephant")
-    plain = decode_volume(model, lat, 64, "hoist-invariants,sparse-volume")
-    kv = decode_volume(model, lat, 64, "hoist-invariants,sparse-volume,adaptive-kv{topk=8,min_mass=0.99}")
+    plain = decode_volume(model, lat, 128, "hoist-invariants,sparse-volume")
+    kv = decode_volume(model, lat, 128, "hoist-invariants,sparse-volume,adaptive-kv{topk=8,min_mass=0.99}")
     st = kv.kv_stats
     assert st["plain_queries"] > 0 and st["fallback_blocks"] == st["blocks"]
     assert st["queries"] == kv.queries == plain.queries
@@ -139,3 +139,23 @@ def test_adaptive_attention_on_cuda_uses_the_triton_kernel_and_matches_cpu(dtype
     assert stats.as_dict()["kv_fraction"] == pytest.approx(cpu_stats.as_dict()["kv_fraction"])
     if dtype == torch.float32:  # same selections; fp16 may reorder near-tied tokens
         torch.testing.assert_close(out.cpu(), cpu_out, atol=2e-4, rtol=1e-3)
+
+
+def test_adaptive_kv_on_the_local_decoder_reads_little_and_keeps_the_sign_field():
+    """builtin:vecset-local (1024 latents, attention made local by its fit): at the fine levels most blocks pass
+    the retained-mass guard at top-64, so far fewer K/V are read, and the sign field stays the plain one (the
+    coarse levels, whose blocks span much of the shape, fall back per level without stopping the fine ones)."""
+    from elision.models.registry import get_builtin
+    from elision.models.vecset import LOCAL_FIXTURE_DIR, fixture_latents
+    from elision.runtime.volume import decode_volume
+    from elision.runtime.volume.mesh import occupancy_iou
+    model = get_builtin("vecset-local").build()
+    lat = fixture_latents("elephant", LOCAL_FIXTURE_DIR)
+    plain = decode_volume(model, lat, 128, "hoist-invariants,sparse-volume")
+    kv = decode_volume(model, lat, 128, "hoist-invariants,sparse-volume,adaptive-kv{topk=64}")
+    stats = kv.kv_stats
+    assert stats["plain_queries"] == 0 and stats["median_retained_mass"] > 0.99, stats
+    assert stats["kv_fraction"] < 0.6, stats
+    flips = int(((kv.grid > 0) != (plain.grid > 0)).sum())
+    assert flips <= 1e-4 * plain.grid.numel(), flips
+    assert occupancy_iou(kv, plain) >= 0.995

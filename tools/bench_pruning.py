@@ -12,9 +12,10 @@ too for context. Reference settings reproduced:
 
 Writes bench_results/pruning.md and bench_results/pruning_<setting>.png.
 
---onnx instead measures the deployed form: MiniLM traced at a fixed 8x128 shape, rewritten by the IR pass
-`prune-tokens` (and `skip-layers`), lowered to ONNX and run in onnxruntime, against the unpruned ONNX artifact
-built the same way (timings interleaved round by round). Writes bench_results/pruning_onnx.md.
+--onnx instead measures the deployed form: MiniLM (8x128) and the ViT (batch 400) traced at fixed shapes,
+rewritten by the IR passes (prune-tokens, merge-tokens, compress-tokens, skip-layers), lowered to ONNX and run in
+onnxruntime, against the unpruned ONNX artifact built the same way (timings interleaved round by round). Writes
+bench_results/pruning_onnx.md.
 
 Usage: .venv/bin/python tools/bench_pruning.py [--repeats 5] [--quick] [--onnx]
 """
@@ -105,47 +106,72 @@ def reference_plans(name: str, num_layers: int):
     return plans
 
 
-ONNX_PIPELINES = ("", "prune-tokens{after=2;keep=0.75}", "prune-tokens{after=2;keep=0.5}",
-                  "prune-tokens{after=1;keep=0.5}", "prune-tokens{after=0;keep=0.25}",
-                  "prune-tokens{after=2;keep=0.5},skip-layers{layers=mlp4}")
+MINILM_ONNX_PIPELINES = ("", "prune-tokens{after=2;keep=0.75}", "prune-tokens{after=2;keep=0.5}",
+                         "prune-tokens{after=1;keep=0.5}", "prune-tokens{after=0;keep=0.25}",
+                         "prune-tokens{after=2;keep=0.5},skip-layers{layers=mlp4}")
+# FasterVLM (penultimate layer, 25%), ToMe, Fourier DCT, and the plan `elision tune` picked in pruning.md
+VIT_ONNX_PIPELINES = ("", "prune-tokens{after=4;keep=0.25}", "merge-tokens{r=8;start=0}", "merge-tokens{r=16;start=1}",
+                      "compress-tokens{method=dct;after=1;keep=0.25}",
+                      "merge-tokens{r=16;start=1},skip-layers{layers=attn4+mlp4}")
 
 
-def onnx_benchmark(args) -> None:
-    """Latency of IR-pruned MiniLM ONNX artifacts against the unpruned artifact, with fidelity."""
+def _onnx_rows(model, inputs: tuple, names: list[str], pipelines: tuple[str, ...], kind: str, threads: int,
+               repeats: int, labels: torch.Tensor | None = None) -> list[str]:
+    """Trace once, rewrite with each pipeline, lower to ONNX, time all artifacts interleaved; table rows."""
     import tempfile
 
     from elision.compiler.frontend import export_to_ir
     from elision.compiler.lowering import emit_onnx
-    from elision.models.vision import build_minilm
     from elision.passes.base import PassManager, parse_pipeline
-    from elision.passes.pruning import calib
     from elision.passes.pruning.search import interleaved_latencies
     from elision.runtime.fidelity import compare_outputs
     from elision.runtime.ort import load_artifact
 
-    model = build_minilm()
-    ids, mask = calib.tokenize(model.tokenizer, calib.long_texts(8, 130, offset=0), 128, pad_to_max=True)
-    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
-    base = export_to_ir(model, (ids, mask), {}, input_names=["input_ids", "attention_mask"])
+    feeds = {n: t.numpy() for n, t in zip(names, inputs)}
+    base = export_to_ir(model, inputs, {}, input_names=names)
     runs, outputs = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for i, pipeline in enumerate(ONNX_PIPELINES):
+        for i, pipeline in enumerate(pipelines):
             ir = base.copy()
             PassManager(parse_pipeline(pipeline), allow_approximate=True).run(ir)
             emit_onnx(ir, None, Path(tmp) / str(i))
-            art = load_artifact(Path(tmp) / str(i), threads=args.threads)
+            art = load_artifact(Path(tmp) / str(i), threads=threads)
             outputs.append(torch.from_numpy(next(iter(art.run("forward", **feeds).values()))))
             runs.append(lambda art=art: art.run("forward", **feeds))
-        lat = interleaved_latencies(runs, repeats=args.repeats)
-    lines = ["# Deployed form: IR-pruned all-MiniLM-L6-v2 ONNX artifacts (onnxruntime, CPU)", "",
-             f"Batch 8 x 128 tokens (static shape), {args.threads} ORT threads, median of {args.repeats} interleaved "
-             f"rounds; load average {os.getloadavg()[0]:.1f} on a shared {os.cpu_count()}-core machine, so ratios are "
-             "indicative. Fidelity: mean cosine of the sentence embeddings to the unpruned artifact's.", "",
+        lat = interleaved_latencies(runs, repeats=repeats)
+    rows = []
+    for pipeline, out, t in zip(pipelines, outputs, lat):
+        rep = compare_outputs(outputs[0], out, kind, labels=labels)
+        fid = (f"{rep.cosine:.4f} ({rep.min_cosine:.3f})" if kind == "embedding" else
+               f"{rep.fidelity:.4f} | {rep.top1:.3f} | {rep.accuracy:.3f} ({rep.ref_accuracy:.3f})")
+        rows.append(f"| `{pipeline or '(unpruned)'}` | {fid} | {t * 1e3:.1f} | {lat[0] / t:.2f}x |")
+    return rows
+
+
+def onnx_benchmark(args) -> None:
+    """Latency of IR-rewritten ONNX artifacts (MiniLM, Fashion-MNIST ViT) against the unpruned artifact."""
+    from elision.models.registry import get_builtin
+    from elision.models.vision import build_minilm
+    from elision.passes.pruning import calib
+
+    model = build_minilm()
+    ids, mask = calib.tokenize(model.tokenizer, calib.long_texts(8, 130, offset=0), 128, pad_to_max=True)
+    lines = ["# Deployed form: IR-rewritten ONNX artifacts (onnxruntime, CPU)", "",
+             f"Static shapes, {args.threads} ORT threads, median of {args.repeats} interleaved rounds; load average "
+             f"{os.getloadavg()[0]:.1f} at start on a {os.cpu_count()}-core machine. Each pipeline is applied by the "
+             "IR passes to one trace of the model and lowered to ONNX; fidelity is measured against the unpruned "
+             "artifact's outputs.", "",
+             "## all-MiniLM-L6-v2, batch 8 x 128 tokens", "", "Fidelity: mean cosine of the sentence embeddings.", "",
              "| pipeline | cosine (min) | latency ms | speed-up |", "|---|---|---|---|"]
-    for pipeline, out, t in zip(ONNX_PIPELINES, outputs, lat):
-        rep = compare_outputs(outputs[0], out, "embedding")
-        lines.append(f"| `{pipeline or '(unpruned)'}` | {rep.cosine:.4f} ({rep.min_cosine:.3f}) | {t * 1e3:.1f} | "
-                     f"{lat[0] / t:.2f}x |")
+    lines += _onnx_rows(model, (ids, mask), ["input_ids", "attention_mask"], MINILM_ONNX_PIPELINES, "embedding",
+                        args.threads, args.repeats)
+    px, labels = calib.fashion_sample(400)
+    lines += ["", "## Fashion-MNIST ViT, batch 400", "",
+              "Fidelity: exp(-KL) of the class distributions, top-1 agreement, accuracy on the committed test sample "
+              "(unpruned artifact's accuracy in brackets).", "",
+              "| pipeline | exp(-KL) | top-1 agree | accuracy | latency ms | speed-up |", "|---|---|---|---|---|---|"]
+    lines += _onnx_rows(get_builtin("fashion-vit").build(), (px,), ["pixel_values"], VIT_ONNX_PIPELINES, "logits",
+                        args.threads, args.repeats, labels=labels)
     OUT.mkdir(exist_ok=True)
     (OUT / "pruning_onnx.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -27,7 +27,9 @@ Quick check (128^3 only, torch only, one repeat, plus the kv-speed rows on 2k qu
 On a CUDA GPU (torch backend only; adaptive KV then runs elision's Triton sparse cross-attention):
   python tools/bench_volume.py --device cuda --dtype float16 --resolutions 128 256 384 512 --kv-queries 262144
   (writes bench_results/volume_cuda.md / .json / .png instead of volume.*)
-Options: [--model builtin:vecset-tiny] [--shape elephant] [--repeats 3] [--dense-repeats 1]
+Adaptive KV with fidelity, on the decoder whose attention is local (1024 latents):
+  .venv/bin/python tools/bench_volume.py --model builtin:vecset-local --topk 64 --kv-block 16 --stem volume_local
+Options: [--model builtin:vecset-tiny] [--shape elephant] [--repeats 3] [--dense-repeats 1] [--topk 32] [--kv-block 8]
          [--backends torch ort] [--ort-resolutions 128 256] [--dense-fraction 1.0] [--no-fixtures]
          [--fixtures-resolution 256] [--no-kv-speed] [--kv-queries 4096] [--kv-topk 128 256 1024]
          [--device cpu|cuda] [--dtype float32|float16|bfloat16]
@@ -47,7 +49,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from elision.models.vecset import fixture_latents  # noqa: E402
+from elision.models.vecset import FIXTURE_DIR, LOCAL_FIXTURE_DIR, fixture_latents  # noqa: E402
 from elision.runtime.volume import decode_volume, parse_volume_pipeline  # noqa: E402
 from elision.runtime.volume.cli import load_vecset  # noqa: E402
 from elision.runtime.volume.mesh import (chamfer_fscore, extract_mesh, lost_components, occupancy_iou,  # noqa: E402
@@ -56,7 +58,7 @@ from elision.runtime.volume.mesh import (chamfer_fscore, extract_mesh, lost_comp
 METHODS = {
     "dense (published, chunked)": "",
     "hierarchical": "hoist-invariants,sparse-volume",
-    "hierarchical + adaptive KV": "hoist-invariants,sparse-volume,adaptive-kv{topk=%d}",
+    "hierarchical + adaptive KV": "hoist-invariants,sparse-volume,adaptive-kv{topk=%d,block=%d}",
 }
 
 
@@ -122,7 +124,7 @@ def run_methods(args, decoders, lat) -> list[dict]:
             dense_result = dense_mesh = dense_time = sampled = None
             for label, passes in METHODS.items():
                 if "%d" in passes:
-                    passes = passes % args.topk
+                    passes = passes % (args.topk, args.kv_block)
                 plan = parse_volume_pipeline(passes)
                 if backend == "ort" and not plan.hoist:
                     # the ORT artifact always has the latent side split off; "published" on ORT = dense chunked
@@ -182,13 +184,13 @@ def run_methods(args, decoders, lat) -> list[dict]:
     return rows
 
 
-def run_fixtures(model, res: int, chunk: int) -> list[dict]:
+def run_fixtures(model, res: int, chunk: int, directory) -> list[dict]:
     """Default pipeline on every fixture: queries per level and sign fidelity vs dense (not timed)."""
     from elision.models.vecset import fixture_names
     from elision.runtime.volume import DEFAULT_PIPELINE
     out = []
-    for name in fixture_names():
-        lat = fixture_latents(name)
+    for name in fixture_names(directory):
+        lat = fixture_latents(name, directory)
         sparse = decode_volume(model, lat, res, DEFAULT_PIPELINE, chunk=chunk)
         dense = decode_volume(model, lat, res, "hoist-invariants", chunk=chunk)
         flips = int(((sparse.grid > 0) != (dense.grid > 0)).sum())
@@ -259,6 +261,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dense-repeats", type=int, default=1)
     ap.add_argument("--topk", type=int, default=32)
+    ap.add_argument("--kv-block", type=int, default=8, help="adaptive-KV block edge in grid points")
     ap.add_argument("--chunk", type=int, default=8000, help="queries per call (Hunyuan default num_chunks=8000)")
     ap.add_argument("--backends", nargs="+", default=["torch", "ort"])
     ap.add_argument("--ort-resolutions", type=int, nargs="*", default=None,
@@ -301,7 +304,9 @@ def main() -> None:
     model = load_vecset(args.model)
     if args.device != "cpu" or args.torch_dtype != torch.float32:
         model = model.to(args.device, args.torch_dtype)
-    lat = fixture_latents(args.shape)
+    # each builtin decoder has its own fitted latents
+    args.fixture_dir = LOCAL_FIXTURE_DIR if args.model.endswith("vecset-local") else FIXTURE_DIR
+    lat = fixture_latents(args.shape, args.fixture_dir)
     decoders: dict[str, object] = {"torch": model}
     if "ort" in args.backends:
         from elision.runtime.volume.onnx_field import OrtFieldDecoder, export_field_onnx
@@ -310,7 +315,7 @@ def main() -> None:
         decoders["ort"] = OrtFieldDecoder(tmp, threads=args.threads)
     rows = run_methods(args, decoders, lat)
     fixtures = [] if args.no_fixtures else run_fixtures(model, 64 if args.quick else args.fixtures_resolution,
-                                                        args.chunk)
+                                                        args.chunk, args.fixture_dir)
     kv_rows = [] if args.no_kv_speed else run_kv_speed(args.kv_queries, args.kv_topk, args.kv_chunk or args.chunk,
                                                        1 if args.quick else 3, args.device, args.torch_dtype)
     write_report(rows, fixtures, kv_rows, args)

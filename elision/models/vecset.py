@@ -26,6 +26,7 @@ from torch import nn
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 FIXTURE_DIR = BUILTIN_DIR / "vecset-fixtures"
+LOCAL_FIXTURE_DIR = BUILTIN_DIR / "vecset-local"  # LOCAL_VAE fitted with local attention, its own latents
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,10 @@ HUNYUAN3D_2_TURBO_VAE = replace(HUNYUAN3D_2_VAE, geo_decoder_downsample_ratio=2,
 # Small enough to fit to one shape in a minute on 2 CPU cores; same module structure.
 TINY_VAE = VecSetConfig(num_latents=128, embed_dim=16, width=64, heads=4, num_decoder_layers=2,
                         qkv_bias=False, qk_norm=True, include_pi=False)
+# Many latents, narrow decoder, no q/k norm (3DShape2VecSet's decoder has none; with it the logits stay too
+# flat for any top-k to hold the mass): cross-attention dominates the per-query cost, as at full size, and the
+# fit's locality term makes the attention local. The model for measuring adaptive KV with fidelity.
+LOCAL_VAE = replace(TINY_VAE, num_latents=1024, width=32, heads=4, num_decoder_layers=0, qk_norm=False)
 
 
 class FourierEmbedder(nn.Module):
@@ -363,23 +368,27 @@ def save_latents(latents: torch.Tensor, path: str | Path, **metadata: str) -> No
               metadata={k: str(v) for k, v in metadata.items()})
 
 
-def fixture_names() -> list[str]:
-    return sorted(p.name[: -len(".latents.safetensors")] for p in FIXTURE_DIR.glob("*.latents.safetensors"))
+def fixture_names(directory: Path = FIXTURE_DIR) -> list[str]:
+    return sorted(p.name[: -len(".latents.safetensors")] for p in directory.glob("*.latents.safetensors"))
 
 
-def fixture_latents(name: str) -> torch.Tensor:
-    path = FIXTURE_DIR / f"{name}.latents.safetensors"
+def fixture_latents(name: str, directory: Path = FIXTURE_DIR) -> torch.Tensor:
+    """Latents of a fixture shape; `directory` picks the model they were fitted for (FIXTURE_DIR: vecset-tiny,
+    LOCAL_FIXTURE_DIR: vecset-local)."""
+    path = directory / f"{name}.latents.safetensors"
     if not path.is_file():
-        raise FileNotFoundError(f"no VecSet fixture {name!r}; available: {', '.join(fixture_names()) or '(none)'}"
-                                "; run tools/make_shape_fixtures.py")
+        raise FileNotFoundError(f"no VecSet fixture {name!r} in {directory.name}; available: "
+                                f"{', '.join(fixture_names(directory)) or '(none)'}; run tools/make_shape_fixtures.py")
     return load_latents(path)
 
 
-def _build_tiny() -> VecSetField:
-    ckpt = FIXTURE_DIR / "vecset-tiny.safetensors"
-    if ckpt.is_file():
-        return load_checkpoint(ckpt)
-    raise FileNotFoundError(f"{ckpt} is missing; run tools/make_shape_fixtures.py")
+def _checkpoint_builder(directory: Path, name: str, make: str):
+    def build() -> VecSetField:
+        ckpt = directory / f"{name}.safetensors"
+        if ckpt.is_file():
+            return load_checkpoint(ckpt)
+        raise FileNotFoundError(f"{ckpt} is missing; run tools/make_shape_fixtures.py {make}".rstrip())
+    return build
 
 
 def _example_inputs(model: VecSetField) -> tuple[torch.Tensor, torch.Tensor]:
@@ -395,7 +404,14 @@ def _register() -> None:
         name="vecset-tiny",
         description="Tiny VecSet shape decoder (Hunyuan3D-2 ShapeVAE layout) auto-decoded on CGAL meshes "
                     "and thin procedural parts; latents under models/builtin/vecset-fixtures",
-        build=_build_tiny, example_inputs=_example_inputs, dynamic_dims=dyn, kind="shape-decoder"))
+        build=_checkpoint_builder(FIXTURE_DIR, "vecset-tiny", ""), example_inputs=_example_inputs,
+        dynamic_dims=dyn, kind="shape-decoder"))
+    register_builtin(BuiltinModel(
+        name="vecset-local",
+        description="VecSet decoder with 1024 latents, width 32 and local cross-attention (fitted with a "
+                    "locality term), for adaptive-KV fidelity; latents under models/builtin/vecset-local",
+        build=_checkpoint_builder(LOCAL_FIXTURE_DIR, "vecset-local", "--local"), example_inputs=_example_inputs,
+        dynamic_dims=dyn, kind="shape-decoder"))
     register_builtin(BuiltinModel(
         name="vecset-hunyuan-random",
         description="Hunyuan3D-2 VAE-sized VecSet field decoder (3072 latents, width 1024, 16 heads, "

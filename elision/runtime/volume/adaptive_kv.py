@@ -5,8 +5,9 @@ each head keeps the k tokens with the largest mean softmax probability. The atte
 tokens retain for the representative queries is measured, and blocks whose worst retained mass is below
 `min_mass` fall back to full KV (FlashVDM has no such guard; see the research note §7.2 for why it is
 needed). With topk >= M the result is exact attention. The volume evaluator stops probing for the rest
-of a decode once the guard has rejected almost every probed block (the decoder is not local for this
-shape), so a non-local decoder costs about what plain hierarchical decoding costs.
+of a level once the guard has rejected almost every probed block there (the decoder is not local at that
+block size: coarse levels' blocks span much of the shape), so a non-local decoder costs about what plain
+hierarchical decoding costs, while a local one still gains at the fine levels.
 
 Accepted blocks are processed in batches with queries padded to the largest block of the batch (blocks
 sorted by size, so padding stays small); all full-KV blocks share one plain attention call. On CUDA the

@@ -183,6 +183,8 @@ class _Evaluator:
                               f"{type(decoder).__name__} does not")
         self.decoder, self.state, self.chunk, self.kv, self.progress = decoder, state, chunk, kv, progress
         self.kv_stats = AdaptiveKVStats() if kv is not None else None
+        self._level: int | None = None       # resolution of the current level
+        self._level_start = (0, 0)           # (probed, accepted) blocks when the current level began
 
     # After this many probed blocks, a guard that accepted under NONLOCAL_ACCEPT of them has shown the
     # decoder's attention is not local for this shape: stop probing and run the plain path (the probes
@@ -190,16 +192,26 @@ class _Evaluator:
     NONLOCAL_PROBES = 64
     NONLOCAL_ACCEPT = 0.05
 
-    def _nonlocal(self) -> bool:
+    def _counts(self) -> tuple[int, int]:
         st = self.kv_stats
-        probed = len(st.retained_mass)  # type: ignore[union-attr]
-        accepted = st.blocks - st.fallback_blocks  # type: ignore[union-attr]
+        return len(st.retained_mass), st.blocks - st.fallback_blocks  # type: ignore[union-attr]
+
+    def _enter_level(self, resolution: int) -> None:
+        # A block is `block` grid points of the current level: at a coarse level it spans a large part of the
+        # shape and attends widely even when the decoder is local, so the verdict is taken per level.
+        if resolution != self._level:
+            self._level, self._level_start = resolution, self._counts()
+
+    def _nonlocal(self) -> bool:
+        (probed, accepted), (probed0, accepted0) = self._counts(), self._level_start
+        probed, accepted = probed - probed0, accepted - accepted0
         return probed >= self.NONLOCAL_PROBES and accepted < self.NONLOCAL_ACCEPT * probed
 
     def __call__(self, index: torch.Tensor, resolution: int, bounds: float) -> torch.Tensor:
         points = index_to_points(index, resolution, bounds)
         if self.kv is None:
             return evaluate_chunked(self.decoder, self.state, points, self.chunk, self.progress)
+        self._enter_level(resolution)
         if self._nonlocal():
             tokens = self.decoder.kv(self.state)[0].shape[1]  # type: ignore[attr-defined]
             self.kv_stats.add_plain(points.shape[0], tokens)  # type: ignore[union-attr]
