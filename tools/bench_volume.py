@@ -114,6 +114,15 @@ def dense_sampled(dec, lat, res: int, plan, chunk: int, fraction: float) -> tupl
     return elapsed * n_chunks / len(starts), torch.cat(flat), torch.cat(vals)
 
 
+def _timed_decode(dec, lat, res: int, plan, chunk: int) -> tuple[float, object, float]:
+    """(wall seconds, VolumeResult, peak RSS growth MiB) of one decode."""
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        result = decode_volume(dec, lat, res, plan, chunk=chunk)
+        seconds = time.perf_counter() - t0
+    return seconds, result, mem.growth_mib
+
+
 def run_methods(args, decoders, lat) -> list[dict]:
     rows = []
     for res in args.resolutions:
@@ -122,13 +131,24 @@ def run_methods(args, decoders, lat) -> list[dict]:
                 continue
             dec = decoders[backend]
             dense_result = dense_mesh = dense_time = sampled = None
+            plans = {}
             for label, passes in METHODS.items():
-                if "%d" in passes:
-                    passes = passes % (args.topk, args.kv_block)
+                passes = passes % (args.topk, args.kv_block) if "%d" in passes else passes
                 plan = parse_volume_pipeline(passes)
                 if backend == "ort" and not plan.hoist:
                     # the ORT artifact always has the latent side split off; "published" on ORT = dense chunked
                     plan = type(plan)(hoist=True)
+                plans[label] = (passes, plan)
+            # the sparse methods take about a second each: time them interleaved, round by round, so a slow
+            # stretch of a shared machine hits every method alike (dense runs once, on its own)
+            sparse_runs: dict[str, list] = {label: [] for label, (_, plan) in plans.items()
+                                            if plan.sparse is not None or plan.kv is not None}
+            for _ in range(args.repeats):
+                for label in sparse_runs:
+                    sparse_runs[label].append(_timed_decode(dec, lat, res, plans[label][1], args.chunk))
+                    print(f"r={res} {backend:5s} {label:28s} {sparse_runs[label][-1][0]:8.2f}s "
+                          f"queries={sparse_runs[label][-1][1].queries:,}", flush=True)
+            for label, (passes, plan) in plans.items():
                 is_dense = plan.sparse is None and plan.kv is None
                 if is_dense and args.dense_fraction < 1.0:
                     with PeakRSS() as mem:
@@ -144,15 +164,13 @@ def run_methods(args, decoders, lat) -> list[dict]:
                                  "extrapolated_from": sflat.numel()})
                     continue
                 reps = args.dense_repeats if is_dense else args.repeats
-                times, result, peak = [], None, 0.0
-                for _ in range(reps):
-                    with PeakRSS() as mem:
-                        t0 = time.perf_counter()
-                        result = decode_volume(dec, lat, res, plan, chunk=args.chunk)
-                        times.append(time.perf_counter() - t0)
-                    peak = max(peak, mem.growth_mib)
-                    print(f"r={res} {backend:5s} {label:28s} {times[-1]:8.2f}s queries={result.queries:,}",
+                if is_dense:
+                    runs = [_timed_decode(dec, lat, res, plan, args.chunk) for _ in range(reps)]
+                    print(f"r={res} {backend:5s} {label:28s} {runs[-1][0]:8.2f}s queries={runs[-1][1].queries:,}",
                           flush=True)
+                else:
+                    runs = sparse_runs[label]
+                times, result, peak = [r[0] for r in runs], runs[-1][1], max(r[2] for r in runs)
                 t_mc = time.perf_counter()
                 mesh = extract_mesh(result)
                 t_mc = time.perf_counter() - t_mc
@@ -366,6 +384,7 @@ def write_report(rows: list[dict], fixtures: list[dict], kv_rows: list[dict], ar
         f"device {_device_name(args.device)}, {args.dtype}, torch {torch.__version__}, "
         f"{args.threads} CPU thread(s); read times as relative on a shared machine. Wall = decode (latent side + "
         f"all field queries), median of {args.repeats} runs for sparse methods and {args.dense_repeats} for dense. "
+        "Sparse methods are timed interleaved, round by round. "
         "IoU/Chamfer/F-score compare with the dense grid/mesh at the same resolution and backend "
         "(F-score threshold = one fine cell). Peak RSS = growth over the process RSS at start.",
         "",
