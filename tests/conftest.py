@@ -23,3 +23,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def fashion_vit_ir():
+    """(builtin:fashion-vit, its IR traced at batch 3, the inputs): the trained ViT the token-reduction IR passes
+    are checked on (its uniform background patches make ties in scores and matching)."""
+    from elision.compiler.frontend import export_to_ir, load_model
+    from elision.passes.pruning.calib import fashion_sample
+
+    model = load_model("builtin:fashion-vit").model
+    x, _y = fashion_sample(3)
+    return model, export_to_ir(model, (x,)), (x,)

@@ -6,18 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def vit_ir():
-    """builtin:fashion-vit traced at batch 3."""
-    from elision.compiler.frontend import export_to_ir, load_model
-    from elision.passes.pruning.calib import fashion_sample
-
-    model = load_model("builtin:fashion-vit").model
-    x, _y = fashion_sample(3)
-    return model, export_to_ir(model, (x,)), (x,)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _compress(module, opts: str):
@@ -36,25 +25,25 @@ def _run(module, inputs):
 
 
 @pytest.mark.parametrize("after, keep", [(1, 0.25), (3, 0.5), (0, 0.1)])
-def test_compressed_ir_matches_executor_bit_for_bit(vit_ir, after, keep):
+def test_compressed_ir_matches_executor_bit_for_bit(fashion_vit_ir, after, keep):
     """The tap is the executor's own `dct_low_pass` with the same constant matrices, and the all-true attention mask
     carried over stays all-true: the logits are identical, not just close."""
     from elision.passes.pruning.executor import ReductionPlan, adapter_for, run_encoder
 
-    model, module, inputs = vit_ir
+    model, module, inputs = fashion_vit_ir
     compressed = _compress(module, f"method=dct;after={after};keep={keep}")
     expect = run_encoder(adapter_for(model), inputs, ReductionPlan(dct_after=after, dct_keep=keep))
     assert torch.equal(_run(compressed, inputs), expect)
     assert not torch.allclose(_run(module, inputs), expect, atol=1e-3)  # the compression did change the output
 
 
-def test_golden_token_axis_after_the_layer(vit_ir):
+def test_golden_token_axis_after_the_layer(fashion_vit_ir):
     """keep=0.25 of a 7x7 grid keeps the 4x4 lowest frequencies (round(7 * 0.5) = 4): 1 + 16 = 17 tokens from
     layer 2 on, 50 up to layer 1; the tap is two pairs of matmuls with the DCT matrices stored as parameters."""
     from elision.passes.pruning import algorithms as alg
 
     assert alg.dct_grid_size(7, 7, 0.25) == (4, 4)
-    _model, module, _inputs = vit_ir
+    _model, module, _inputs = fashion_vit_ir
     before = str(module)
     after = str(_compress(module, "after=1;keep=0.25"))
     lines = after.splitlines()
@@ -76,11 +65,11 @@ def test_golden_token_axis_after_the_layer(vit_ir):
     assert "compress_tokens" not in before
 
 
-def test_keep_one_is_untouched_and_round_trips(vit_ir):
+def test_keep_one_is_untouched_and_round_trips(fashion_vit_ir):
     from elision.ir import verify
     from elision.ir.parser import parse
 
-    _model, module, inputs = vit_ir
+    _model, module, inputs = fashion_vit_ir
     text = str(module)
     # keep=0.99 rounds to the whole 7x7 grid, so it is the identity too
     assert str(_compress(module, "after=1;keep=1.0")) == text and str(_compress(module, "after=1;keep=0.99")) == text
@@ -92,12 +81,12 @@ def test_keep_one_is_untouched_and_round_trips(vit_ir):
     assert torch.equal(_run(reparsed, inputs), _run(compressed, inputs))
 
 
-def test_compressed_vit_lowers_to_onnx_and_matches_torch(vit_ir, tmp_path):
+def test_compressed_vit_lowers_to_onnx_and_matches_torch(fashion_vit_ir, tmp_path):
     import onnx
 
     from elision.compiler.lowering import emit_onnx, run_onnx_artifact
 
-    _model, module, inputs = vit_ir
+    _model, module, inputs = fashion_vit_ir
     compressed = _compress(module, "after=1;keep=0.25")
     emit_onnx(compressed, None, tmp_path, ort_fusions=False)
     graph_ops = {n.op_type for p in tmp_path.glob("*.onnx") for n in onnx.load(str(p)).graph.node}
@@ -107,14 +96,14 @@ def test_compressed_vit_lowers_to_onnx_and_matches_torch(vit_ir, tmp_path):
     torch.testing.assert_close(got, _run(compressed, inputs), atol=1e-5, rtol=1e-5)
 
 
-def test_tuner_plan_with_skips_compiles_to_the_measured_plan(vit_ir):
+def test_tuner_plan_with_skips_compiles_to_the_measured_plan(fashion_vit_ir):
     """What `elision tune` prints for a compress-tokens plan with a skipped branch is deployable and the IR passes
     compute exactly what the executor measured."""
     from elision.passes.base import PassManager, parse_pipeline
     from elision.passes.pruning.deployed import deployable
     from elision.passes.pruning.executor import ReductionPlan, adapter_for, run_encoder
 
-    model, module, inputs = vit_ir
+    model, module, inputs = fashion_vit_ir
     plan = ReductionPlan(dct_after=1, dct_keep=0.5, skip_mlp=frozenset({3}))
     assert plan.describe() == "compress-tokens{method=dct,after=1,keep=0.5},skip-layers{layers=mlp3}"
     assert deployable(plan, adapter_for(model))
@@ -130,28 +119,28 @@ def test_tuner_plan_with_skips_compiles_to_the_measured_plan(vit_ir):
     ("after=-1;keep=0.5", "out of range"),
     ("method=fft;keep=0.5", "not one of dct"),
 ])
-def test_bad_options(vit_ir, opts, message):
+def test_bad_options(fashion_vit_ir, opts, message):
     from elision.passes.base import PassError
 
     with pytest.raises(PassError, match=message):
-        _compress(vit_ir[1], opts)
+        _compress(fashion_vit_ir[1], opts)
 
 
-def test_only_before_pruning(vit_ir):
+def test_only_before_pruning(fashion_vit_ir):
     from elision.passes.base import PassError, PassManager, parse_pipeline
 
-    pruned = vit_ir[1].copy()
+    pruned = fashion_vit_ir[1].copy()
     PassManager(parse_pipeline("prune-tokens{after=0;keep=0.5}"), allow_approximate=True).run(pruned)
     with pytest.raises(PassError, match="does not output \\[CLS\\] \\+ the 7x7 patch grid; compress-tokens must come "
                                         "before any token pruning"):
         _compress(pruned, "after=1;keep=0.25")
 
 
-def test_non_uniform_mask_is_refused(vit_ir):
+def test_non_uniform_mask_is_refused(fashion_vit_ir):
     """A mask that hides some patches cannot be carried over to tokens that mix all patches."""
     from elision.passes.base import PassError
 
-    module = vit_ir[1].copy()
+    module = fashion_vit_ir[1].copy()
     fn = module.functions["forward"]
     ge = next(n for n in fn.nodes if n.op == "aten.ge.Scalar")  # arange(50) >= 0: the all-true ViT mask
     ge.args = (ge.args[0], 5)
@@ -170,8 +159,8 @@ def test_model_without_patch_grid_is_refused():
         _compress(bert, "after=0;keep=0.5")
 
 
-def test_compress_tokens_is_approximate(vit_ir):
+def test_compress_tokens_is_approximate(fashion_vit_ir):
     from elision.passes.base import PassError, PassManager, parse_pipeline
 
     with pytest.raises(PassError, match="approximate"):
-        PassManager(parse_pipeline("compress-tokens{after=1;keep=0.5}")).run(vit_ir[1].copy())
+        PassManager(parse_pipeline("compress-tokens{after=1;keep=0.5}")).run(fashion_vit_ir[1].copy())

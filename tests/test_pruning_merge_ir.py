@@ -7,18 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def vit_ir():
-    """builtin:fashion-vit traced at batch 3 (its background patches are identical: ties in the matching)."""
-    from elision.compiler.frontend import export_to_ir, load_model
-    from elision.passes.pruning.calib import fashion_sample
-
-    model = load_model("builtin:fashion-vit").model
-    x, _y = fashion_sample(3)
-    return model, export_to_ir(model, (x,)), (x,)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _apply(module, pipeline: str):
@@ -36,21 +25,21 @@ def _run(module, inputs):
 
 
 @pytest.mark.parametrize("r, start", [(4, 0), (8, 1), (30, 0)])
-def test_merged_ir_matches_executor_bit_for_bit(vit_ir, r, start):
+def test_merged_ir_matches_executor_bit_for_bit(fashion_vit_ir, r, start):
     """r=30 is more than half the tokens: every layer clamps it as the executor does (50 -> 26 -> 14 -> ... -> 2)."""
     from elision.passes.pruning.executor import ReductionPlan, adapter_for, run_encoder
 
-    model, module, inputs = vit_ir
+    model, module, inputs = fashion_vit_ir
     merged = _apply(module, f"merge-tokens{{r={r},start={start}}}")
     expect = run_encoder(adapter_for(model), inputs, ReductionPlan(merge_r=r, merge_start=start))
     assert torch.equal(_run(merged, inputs), expect)
     assert not torch.allclose(_run(module, inputs), expect, atol=1e-3)  # the merging did change the output
 
 
-def test_golden_lengths_and_proportional_attention(vit_ir):
+def test_golden_lengths_and_proportional_attention(fashion_vit_ir):
     """r=8 from layer 1: 50 tokens through layer 1's attention, then 42, 34, 26, 18 (and 10 after layer 5's merge);
     every layer after the first merge attends with the float bias log(size) of the tokens it sees."""
-    _model, module, _inputs = vit_ir
+    _model, module, _inputs = fashion_vit_ir
     before = str(module)
     lines = str(_apply(module, "merge-tokens{r=8,start=1}")).splitlines()
     sdpa = [ln for ln in lines if "aten.scaled_dot_product_attention" in ln]
@@ -66,24 +55,24 @@ def test_golden_lengths_and_proportional_attention(vit_ir):
     assert "merge_tokens" not in before and "aten.sort.stable" not in "\n".join(lines)  # ONNX has no stable sort
 
 
-def test_tuner_pipeline_with_skips_compiles_to_the_measured_plan(vit_ir):
+def test_tuner_pipeline_with_skips_compiles_to_the_measured_plan(fashion_vit_ir):
     """The tuned Fashion-ViT pipeline (merging + a skipped layer inside the merging range) is deployable and the IR
     passes compute exactly what the executor measured: skip-layers still finds layer 4's MLP after the merge."""
     from elision.passes.pruning.deployed import deployable
     from elision.passes.pruning.executor import ReductionPlan, adapter_for, run_encoder
 
-    model, module, inputs = vit_ir
+    model, module, inputs = fashion_vit_ir
     plan = ReductionPlan(merge_r=16, merge_start=1, skip_attn=frozenset({4}), skip_mlp=frozenset({4}))
     assert plan.describe() == "merge-tokens{r=16,start=1},skip-layers{layers=attn4+mlp4}"
     assert deployable(plan, adapter_for(model))
     assert torch.equal(_run(_apply(module, plan.describe()), inputs), run_encoder(adapter_for(model), inputs, plan))
 
 
-def test_r_zero_is_untouched_and_round_trips(vit_ir):
+def test_r_zero_is_untouched_and_round_trips(fashion_vit_ir):
     from elision.ir import verify
     from elision.ir.parser import parse
 
-    _model, module, inputs = vit_ir
+    _model, module, inputs = fashion_vit_ir
     assert str(_apply(module, "merge-tokens{r=0,start=1}")) == str(module)
     merged = _apply(module, "merge-tokens{r=6,start=2}")
     text = str(merged)
@@ -93,12 +82,12 @@ def test_r_zero_is_untouched_and_round_trips(vit_ir):
     assert torch.equal(_run(reparsed, inputs), _run(merged, inputs))
 
 
-def test_merged_vit_lowers_to_onnx_and_matches_torch(vit_ir, tmp_path):
+def test_merged_vit_lowers_to_onnx_and_matches_torch(fashion_vit_ir, tmp_path):
     import onnx
 
     from elision.compiler.lowering import emit_onnx, run_onnx_artifact
 
-    _model, module, inputs = vit_ir
+    _model, module, inputs = fashion_vit_ir
     merged = _apply(module, "merge-tokens{r=8,start=3}")  # three merges keep the export short
     emit_onnx(merged, None, tmp_path, ort_fusions=False)
     graph_ops = {n.op_type for p in tmp_path.glob("*.onnx") for n in onnx.load(str(p)).graph.node}
@@ -112,11 +101,11 @@ def test_merged_vit_lowers_to_onnx_and_matches_torch(vit_ir, tmp_path):
     ("r=4;start=6", "start=6 is out of range: the model has 6 layers, use 0..5"),
     ("r=4;start=-1", "out of range"),
 ])
-def test_bad_options(vit_ir, opts, message):
+def test_bad_options(fashion_vit_ir, opts, message):
     from elision.passes.base import PassError
 
     with pytest.raises(PassError, match=message):
-        _apply(vit_ir[1], "merge-tokens{" + opts + "}")
+        _apply(fashion_vit_ir[1], "merge-tokens{" + opts + "}")
 
 
 def test_text_encoder_is_refused():
@@ -130,8 +119,8 @@ def test_text_encoder_is_refused():
         _apply(bert, "merge-tokens{r=1}")
 
 
-def test_merge_tokens_is_approximate(vit_ir):
+def test_merge_tokens_is_approximate(fashion_vit_ir):
     from elision.passes.base import PassError, PassManager, parse_pipeline
 
     with pytest.raises(PassError, match="approximate"):
-        PassManager(parse_pipeline("merge-tokens{r=4}")).run(vit_ir[1].copy())
+        PassManager(parse_pipeline("merge-tokens{r=4}")).run(fashion_vit_ir[1].copy())

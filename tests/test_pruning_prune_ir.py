@@ -7,7 +7,7 @@ import torch
 
 from pruning_models import padded_bert_batch, tiny_bert, tiny_vit
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -377,8 +377,9 @@ def write_report(rows: list[dict], fixtures: list[dict], kv_rows: list[dict], ar
     (args.out / f"{args.stem}.json").write_text(json.dumps({"methods": rows, "fixtures": fixtures, "kv_speed": kv_rows},
                                                      indent=1))
     lines = [
-        "## Sparse volume decoding (VecSet shape decoder)" + ("" if args.device == "cpu" else
-                                                              f" on {args.device}, chunk {args.chunk}"),
+        "## Sparse volume decoding (VecSet shape decoder)"
+        + ("" if args.device == "cpu" else f" on {args.device}, chunk {args.chunk}")
+        + ("" if args.model == "builtin:vecset-tiny" else f" — {args.model}"),
         "",
         f"Model `{args.model}`, latents of fixture shape `{args.shape}`, chunk {args.chunk} queries, "
         f"device {_device_name(args.device)}, {args.dtype}, torch {torch.__version__}, "
