@@ -59,6 +59,11 @@ def test_level_schedule_and_knob_errors():
         parse_volume_pipeline("sparse-volume,adaptive-kv{topk=0}")
     with pytest.raises(VolumeError, match="min_mass must be in"):
         parse_volume_pipeline("adaptive-kv{min_mass=1.5}")
+    with pytest.raises(VolumeError, match="every knob takes a number"):
+        parse_volume_pipeline("adaptive-kv{topk=abc}")
+    # ';' separates knobs as in `elision compile` pipelines; ',' works too
+    assert parse_volume_pipeline("adaptive-kv{topk=64;block=16}").kv == parse_volume_pipeline(
+        "adaptive-kv{topk=64,block=16}").kv
     plan = parse_volume_pipeline("")
     assert plan.sparse is None and plan.kv is None and not plan.hoist
 

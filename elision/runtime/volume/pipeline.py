@@ -70,7 +70,7 @@ def parse_volume_pipeline(text: str) -> VolumePlan:
         cls = KNOWN[name]
         kw: dict[str, Any] = {}
         if knobs.strip():
-            for pair in knobs.split(","):
+            for pair in re.split(r"[,;]", knobs):  # ';' as in the pass-pipeline strings of `elision compile`
                 if "=" not in pair:
                     raise VolumeError(f"{name}: knob {pair.strip()!r} needs a value (knob=value)")
                 k, v = (p.strip() for p in pair.split("=", 1))
@@ -80,7 +80,9 @@ def parse_volume_pipeline(text: str) -> VolumePlan:
                 kw[k] = _value(v)
         try:
             opts[name] = cls(**kw) if cls else True
-        except (TypeError, ValueError) as e:
+        except TypeError:  # a knob given a word where a number belongs
+            raise VolumeError(f"{name}{{{knobs}}}: every knob takes a number (band also takes 'auto')") from None
+        except ValueError as e:
             raise VolumeError(str(e)) from None
     if "adaptive-kv" in opts and "hoist-invariants" not in opts:
         # adaptive KV reads the hoisted K/V; it implies the hoist.
