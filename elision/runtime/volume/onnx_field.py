@@ -117,6 +117,9 @@ class OrtFieldDecoder:
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
+        # ORT's pool threads spin after each run by default; with adaptive KV, torch computes the attention between
+        # the prologue and epilogue sessions, and spinning ORT threads would take its cores
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         prov = providers or ["CPUExecutionProvider"]
         self.sessions = {name: ort.InferenceSession(str(d / f"{name}.onnx"), so, providers=prov)
                          for name in ("latents_side", "field_chunk", "prologue", "epilogue")}
