@@ -7,17 +7,13 @@ different accumulation order over long rows), fp16 5e-3, bf16 3e-2 (atol = rtol)
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
+from _gpu import needs_compiled_cuda
 from elision.kernels import ops, reference
 
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
-    reason="needs a CUDA GPU and compiled Triton (TRITON_INTERPRET=0)",
-)
+pytestmark = needs_compiled_cuda
 
 TOL = {
     torch.float32: dict(atol=2e-4, rtol=2e-4),

@@ -16,7 +16,7 @@ import torch
 from scipy.stats import chisquare
 
 from elision.runtime.specdec import generate
-from elision.runtime.specdec.tree import TokenTree
+from elision.runtime.specdec_core.tree import TokenTree
 from elision.runtime.specdec.verify import SamplingConfig, target_probs, verify_sampling
 
 VOCAB = 6

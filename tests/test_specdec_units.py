@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from elision.runtime.specdec import CacheOverflowError, SpeculativeGenerator, TokenTree, generate  # noqa: E402
 from elision.runtime.specdec.backends import HFCausalLMBackend  # noqa: E402
 from elision.runtime.specdec.session import KVSession  # noqa: E402
-from elision.runtime.specdec.tree_builders import StaticTemplate, VerifyCostCurve, choose_tree_size  # noqa: E402
+from elision.runtime.specdec_core.tree_builders import StaticTemplate, VerifyCostCurve, choose_tree_size  # noqa: E402
 
 VOCAB = 64
 

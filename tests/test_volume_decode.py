@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _gpu import needs_compiled_cuda
 
 from elision.runtime.volume import VolumeError, decode_volume, parse_volume_pipeline
 from elision.runtime.volume.decode import (SparseVolumeOptions, check_memory, decode_dense, decode_sparse,
@@ -204,7 +205,7 @@ def test_decode_with_a_bfloat16_model_matches_fp32(tiny):
     _device_decode_matches_cpu(tiny, "cpu", torch.bfloat16, max_flip_fraction=2e-3)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_compiled_cuda  # on CUDA the adaptive-KV pipeline runs the Triton sparse cross-attention
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_decode_on_cuda_matches_cpu(tiny, dtype):
     _device_decode_matches_cpu(tiny, "cuda", dtype, max_flip_fraction=1e-4 if dtype == torch.float32 else 2e-3)

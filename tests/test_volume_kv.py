@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from _gpu import needs_compiled_cuda
 from elision.runtime.volume.adaptive_kv import AdaptiveKVOptions, adaptive_attention, gathered_attention
 
 
@@ -117,8 +118,7 @@ def test_decode_stops_probing_a_non_local_decoder_and_matches_plain_sparse():
     torch.testing.assert_close(kv.grid, plain.grid, atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET") == "1",
-                    reason="needs a CUDA GPU with compiled Triton (TRITON_INTERPRET=0)")
+@needs_compiled_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_adaptive_attention_on_cuda_uses_the_triton_kernel_and_matches_cpu(dtype):
     """On CUDA the accepted blocks run elision::sparse_cross_attention (Triton); same result as the CPU

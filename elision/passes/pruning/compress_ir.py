@@ -29,7 +29,8 @@ from elision.ir.core import Function, Module, Node, Value, map_values
 from elision.ir.ops import resolve_op
 from elision.passes.base import Pass, PassError, register_pass
 from elision.passes.pruning import algorithms as alg
-from elision.passes.pruning.token_axes import TokenRewriter, shape_of, shorten_tokens, splice, trace_tap
+from elision.passes.pruning.token_axes import (TokenRewriter, check_layer_option, model_map_for, shape_of, shorten_tokens,
+                                               splice, trace_tap)
 
 
 def _compress_tap(hidden, dh, dw, ih, iw):
@@ -101,23 +102,18 @@ class CompressTokens(Pass):
 
     def run(self, module: Module) -> bool:
         from elision.passes.classic import eliminate_dead_code
-        from elision.passes.model_map import build_model_map
 
         try:
             alg.check_keep_ratio(self.keep)
         except alg.PruningError as e:
             raise PassError(f"compress-tokens: {e}") from None
-        if self.fn_name not in module.functions:
-            raise PassError(f"compress-tokens: the module has no function {self.fn_name!r}")
-        mm = build_model_map(module, self.fn_name)
+        mm = model_map_for("compress-tokens", module, self.fn_name)
         layers, pe, cls = mm.layers, mm.patch_embed, mm.cls_token
         grid = shape_of(pe.node.result)[2:] if pe is not None else None
         if not layers or grid is None or len(grid) != 2 or cls is None or cls.index != 0:
             raise PassError("compress-tokens: no patch grid was recognised in this model; it needs a ViT-style "
                             "encoder (a patch-embedding convolution with a [CLS] token prepended to its patches)")
-        if not 0 <= self.after < len(layers) - 1:
-            raise PassError(f"compress-tokens: after={self.after} is out of range: the model has {len(layers)} "
-                            f"layers, use 0..{len(layers) - 2} (compressing after the last layer saves nothing)")
+        check_layer_option("compress-tokens", "after", self.after, len(layers), last_allowed=False)
         mats = alg.dct_low_pass_matrices(tuple(grid), self.keep)
         if mats is None:
             return False

@@ -206,7 +206,7 @@ class CLIPVisionAdapter(EncoderAdapter):
         return self.m.post_layernorm(st.hidden[:, 0])
 
 
-def _is_clip_vision(model) -> bool:
+def is_clip_vision(model) -> bool:
     m = getattr(model, "vision_model", model)
     return hasattr(m, "pre_layrnorm") and hasattr(m, "encoder") and hasattr(m.encoder, "layers")
 
@@ -218,7 +218,7 @@ def adapter_for(model) -> EncoderAdapter:
         model = model.encoder_model
     if hasattr(model, "encoder") and hasattr(getattr(model, "encoder"), "layer") and hasattr(model, "embeddings"):
         return BertAdapter(model)
-    if _is_clip_vision(model):
+    if is_clip_vision(model):
         return CLIPVisionAdapter(model)
     if hasattr(model, "vit") or (hasattr(model, "layers") and hasattr(model, "embeddings")
                                  and hasattr(getattr(model, "embeddings"), "patch_embeddings")):

@@ -25,7 +25,8 @@ import torch
 from elision.ir.core import Module, Node, Value
 from elision.passes.base import Pass, PassError, register_pass
 from elision.passes.pruning import algorithms as alg
-from elision.passes.pruning.token_axes import TokenRewriter, shape_of, shorten_tokens, splice, trace_tap
+from elision.passes.pruning.token_axes import (TokenRewriter, check_layer_option, model_map_for, shape_of, shorten_tokens,
+                                               splice, trace_tap)
 
 
 def _merge_tap(r: int):
@@ -69,20 +70,14 @@ class MergeTokens(Pass):
 
     def run(self, module: Module) -> bool:
         from elision.passes.classic import eliminate_dead_code
-        from elision.passes.model_map import build_model_map
-
         if self.r < 0:
             raise PassError(f"merge-tokens: r={self.r} must be >= 0 (tokens merged per layer)")
-        if self.fn_name not in module.functions:
-            raise PassError(f"merge-tokens: the module has no function {self.fn_name!r}")
-        mm = build_model_map(module, self.fn_name)
+        mm = model_map_for("merge-tokens", module, self.fn_name)
         layers = mm.layers
         if not layers or mm.patch_embed is None or mm.cls_token is None or mm.cls_token.index != 0:
             raise PassError("merge-tokens: the IR pass handles ViT-style encoders (a patch embedding with a [CLS] "
                             "token prepended) and none was recognised in this model")
-        if not 0 <= self.start < len(layers):
-            raise PassError(f"merge-tokens: start={self.start} is out of range: the model has {len(layers)} layers, "
-                            f"use 0..{len(layers) - 1}")
+        check_layer_option("merge-tokens", "start", self.start, len(layers), last_allowed=True)
         if any(la.post_norm or not la.residual_adds or la.attention.kind != "sdpa" for la in layers[self.start:]):
             raise PassError("merge-tokens: the merging layers must be pre-norm, with SDPA attention and a recognised "
                             "attention residual (as a ViT's)")

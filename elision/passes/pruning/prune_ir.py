@@ -31,7 +31,7 @@ import torch
 from elision.ir.core import Function, Module, Value
 from elision.passes.base import Pass, PassError, register_pass
 from elision.passes.pruning import algorithms as alg
-from elision.passes.pruning.token_axes import shape_of, shorten_tokens, splice, trace_tap
+from elision.passes.pruning.token_axes import check_layer_option, model_map_for, shape_of, shorten_tokens, splice, trace_tap
 
 
 def _tap_function(score: str, keep: float, num_protected: int, sep: int, shapes: dict, n0_default: int) -> Function:
@@ -93,22 +93,16 @@ class PruneTokens(Pass):
 
     def run(self, module: Module) -> bool:
         from elision.passes.classic import eliminate_dead_code
-        from elision.passes.model_map import build_model_map
-
         try:
             alg.check_keep_ratio(self.keep)
         except alg.PruningError as e:
             raise PassError(f"prune-tokens: {e}") from None
-        if self.fn_name not in module.functions:
-            raise PassError(f"prune-tokens: the module has no function {self.fn_name!r}")
-        mm = build_model_map(module, self.fn_name)
+        mm = model_map_for("prune-tokens", module, self.fn_name)
         layers = mm.layers
         if not layers:
             raise PassError("prune-tokens: no stack of attention layers was recognised in this model "
                             f"({'; '.join(mm.unrecognized[:3]) or 'no layers'}); it needs a BERT/ViT-style encoder")
-        if not 0 <= self.after < len(layers) - 1:
-            raise PassError(f"prune-tokens: after={self.after} is out of range: the model has {len(layers)} layers, "
-                            f"use 0..{len(layers) - 2} (pruning after the last layer saves nothing)")
+        check_layer_option("prune-tokens", "after", self.after, len(layers), last_allowed=False)
         if self.keep >= 1.0:
             return False
         fn = module.functions[self.fn_name]

@@ -203,6 +203,24 @@ _REWRITABLE = _SHAPE_ARG_OPS | {
 }
 
 
+def model_map_for(pass_name: str, module, fn_name: str):
+    """The model map of `module.functions[fn_name]`, or a PassError naming the pass."""
+    from elision.passes.model_map import build_model_map
+
+    if fn_name not in module.functions:
+        raise PassError(f"{pass_name}: the module has no function {fn_name!r}")
+    return build_model_map(module, fn_name)
+
+
+def check_layer_option(pass_name: str, option: str, value: int, num_layers: int, last_allowed: bool) -> None:
+    """`after`/`start` must name a layer; reducing tokens after the last layer saves nothing."""
+    top = num_layers - (1 if last_allowed else 2)
+    if not 0 <= value <= top:
+        why = "" if last_allowed else " (reducing tokens after the last layer saves nothing)"
+        raise PassError(f"{pass_name}: {option}={value} is out of range: the model has {num_layers} layers, "
+                        f"use 0..{top}{why}")
+
+
 def trace_tap(tap, shapes: dict[str, tuple], what: str) -> Function:
     """`tap` (plain torch code from `algorithms`, the executor's own) traced with make_fx for inputs of `shapes`
     (name -> (shape, dtype)) and imported as an IR function, ready to `splice`."""

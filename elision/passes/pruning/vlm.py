@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from elision.passes.pruning import algorithms as alg
-from elision.passes.pruning.executor import CLIPVisionAdapter, _is_clip_vision
+from elision.passes.pruning.executor import CLIPVisionAdapter, is_clip_vision
 
 
 @dataclass
@@ -40,7 +40,7 @@ def _parts(model):
     if tower is None or not hasattr(inner, "multi_modal_projector") or not hasattr(model.config, "image_token_id"):
         raise alg.PruningError(f"{type(model).__name__}: not a LLaVA-style model (needs a vision_tower, a "
                                "multi_modal_projector and config.image_token_id)")
-    if not _is_clip_vision(tower):
+    if not is_clip_vision(tower):
         raise alg.PruningError(f"vision tower {type(tower).__name__} is not a CLIP-style tower with a [CLS] token; "
                                "[CLS]-attention pruning needs one")
     return inner, tower

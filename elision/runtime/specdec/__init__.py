@@ -7,7 +7,7 @@
 from elision.runtime.specdec.cache import CacheOverflowError
 from elision.runtime.specdec.drafters import KNOWN_DRAFTERS as _BASE_DRAFTERS
 from elision.runtime.specdec.generate import GenerationResult, SpeculativeGenerator, generate
-from elision.runtime.specdec.tree import TokenTree
+from elision.runtime.specdec_core.tree import TokenTree
 
 # every drafter name generate() accepts, plus the recommended combination
 KNOWN_DRAFTERS = _BASE_DRAFTERS + ("recycling+lookup",)

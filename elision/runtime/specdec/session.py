@@ -11,7 +11,7 @@ import torch
 
 from elision.runtime.specdec.backends import ModelBackend
 from elision.runtime.specdec.cache import SlotTable
-from elision.runtime.specdec.tree import TokenTree
+from elision.runtime.specdec_core.tree import TokenTree
 
 
 class KVSession:
