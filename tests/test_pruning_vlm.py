@@ -22,14 +22,15 @@ def _clip(layers: int = 3, image: int = 32, patch: int = 8):
     return T.CLIPVisionModel(cfg).eval()
 
 
-def _llava(images_per_row: int = 1, batch: int = 2, text: int = 6):
-    """Tiny LLaVA-1.5 layout: CLIP tower (4x4 = 16 patches), penultimate-layer features, Llama LM."""
+def _llava(images_per_row: int = 1, batch: int = 2, text: int = 6, lm_layers: int = 2, lm: str = "llama"):
+    """Tiny LLaVA-1.5 layout: CLIP tower (4x4 = 16 patches), penultimate-layer features, Llama (or Qwen2) LM."""
     import transformers as T
     torch.manual_seed(0)
     vc = T.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                             image_size=32, patch_size=8)
-    tc = T.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=256)
+    text_config = {"llama": T.LlamaConfig, "qwen2": T.Qwen2Config}[lm]
+    tc = text_config(hidden_size=64, intermediate_size=128, num_hidden_layers=lm_layers, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=256)
     cfg = T.LlavaConfig(vision_config=vc, text_config=tc, image_token_id=IMAGE_TOKEN, projector_hidden_act="gelu")
     model = T.LlavaForConditionalGeneration(cfg).eval()
     g = torch.Generator().manual_seed(1)

@@ -12,7 +12,8 @@ the KV cache that generation builds from it is therefore consistent.
 `prune_image_tokens` returns the pruned prompt as `inputs_embeds` (+ attention mask) for the model's own
 `forward` / `generate`; `image_pruning_fidelity` measures what it costs against the unpruned model (KL of the
 next-token distribution, top-1 agreement, agreement of greedy continuations). keep=1 reproduces the original
-prompt embeddings exactly. Approximate: use it only when the fidelity report is acceptable.
+prompt embeddings exactly. Approximate: use it only when the fidelity report is acceptable. Pruning inside the
+language model instead (FastV: every image token reaches the first K layers) is `fastv.py`.
 """
 from __future__ import annotations
 
@@ -33,17 +34,54 @@ class PrunedPrompt:
     prompt_len: int                      # L before pruning
 
 
-def _parts(model):
-    """(LlavaModel-like inner model, vision tower) of a LLaVA model, or a clear error."""
+def _llava(model):
+    """The LlavaModel-like inner model of a LLaVA model (vision tower, projector, image token id), or a clear error."""
     inner = model.model if hasattr(model, "model") and hasattr(model.model, "vision_tower") else model
-    tower = getattr(inner, "vision_tower", None)
-    if tower is None or not hasattr(inner, "multi_modal_projector") or not hasattr(model.config, "image_token_id"):
+    if (getattr(inner, "vision_tower", None) is None or not hasattr(inner, "multi_modal_projector")
+            or not hasattr(model.config, "image_token_id")):
         raise alg.PruningError(f"{type(model).__name__}: not a LLaVA-style model (needs a vision_tower, a "
                                "multi_modal_projector and config.image_token_id)")
+    return inner
+
+
+def _parts(model):
+    """(LlavaModel-like inner model, vision tower) of a LLaVA model whose tower has a [CLS] token, or a clear error."""
+    inner = _llava(model)
+    tower = inner.vision_tower
     if not is_clip_vision(tower):
         raise alg.PruningError(f"vision tower {type(tower).__name__} is not a CLIP-style tower with a [CLS] token; "
                                "[CLS]-attention pruning needs one")
     return inner, tower
+
+
+def _image_spans(model, input_ids: torch.Tensor, images: int, patches: int) -> torch.Tensor:
+    """(images, P, 2): (row, position) of each image token, image j's span in row j. The prompt must hold one run of
+    P image tokens per image, every row the same number (the pruned rows must keep one length)."""
+    is_image = input_ids == model.config.image_token_id
+    per_row = is_image.sum(1)
+    total = int(per_row.sum())
+    if total == 0:
+        raise alg.PruningError(f"the prompt holds no image tokens (config.image_token_id="
+                               f"{model.config.image_token_id}): there is nothing to prune")
+    if total != images * patches:
+        raise alg.PruningError(f"the prompt holds {total} image tokens but {images} image(s) give "
+                               f"{images * patches} features ({patches} per image): build the prompt with the "
+                               "model's processor")
+    if per_row.unique().numel() != 1:
+        raise alg.PruningError("every row of the batch must hold the same number of images (the pruned prompts "
+                               "must keep one length)")
+    # nonzero() lists (row, position) in order, so image j's span is entries [j*P, (j+1)*P)
+    return is_image.nonzero().view(images, patches, 2)
+
+
+def _keep_mask(input_ids: torch.Tensor, image_token_id: int, spans: torch.Tensor,
+               kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """((B, L) bool: the text tokens (never pruned) and the `kept` (images, K) patches of every image span,
+    (images*K, 2) (row, position) of the kept patches, image by image)."""
+    kept_pos = torch.gather(spans, 1, kept.unsqueeze(-1).expand(-1, -1, 2)).reshape(-1, 2)
+    keep_mask = input_ids != image_token_id
+    keep_mask[kept_pos[:, 0], kept_pos[:, 1]] = True
+    return keep_mask, kept_pos
 
 
 @torch.no_grad()
@@ -80,22 +118,10 @@ def prune_image_tokens(model, input_ids: torch.Tensor, pixel_values: torch.Tenso
     kept = scores.topk(alg.keep_count(patches, keep), dim=1).indices.sort(dim=1).values
     image_embeds = inner.multi_modal_projector(alg.gather_tokens(features, kept))  # (images, K, D)
 
-    is_image = input_ids == model.config.image_token_id
-    per_row = is_image.sum(1)
-    if int(per_row.sum()) != images * patches:
-        raise alg.PruningError(f"the prompt holds {int(per_row.sum())} image tokens but {images} image(s) give "
-                               f"{images * patches} features ({patches} per image): build the prompt with the "
-                               "model's processor")
-    if per_row.unique().numel() != 1:
-        raise alg.PruningError("every row of the batch must hold the same number of images (the pruned prompts "
-                               "must keep one length)")
-    # image token positions in (row, position) order: image j's span is rows [j*P, (j+1)*P) of this list
-    spans = is_image.nonzero().view(images, patches, 2)
-    kept_pos = torch.gather(spans, 1, kept.unsqueeze(-1).expand(-1, -1, 2)).reshape(-1, 2)
-    keep_mask = ~is_image
-    keep_mask[kept_pos[:, 0], kept_pos[:, 1]] = True
+    spans = _image_spans(model, input_ids, images, patches)
+    keep_mask, kept_pos = _keep_mask(input_ids, model.config.image_token_id, spans, kept)
     embed = inner.get_input_embeddings()
-    embeds = embed(input_ids.masked_fill(is_image, 0))
+    embeds = embed(input_ids.masked_fill(input_ids == model.config.image_token_id, 0))
     embeds[kept_pos[:, 0], kept_pos[:, 1]] = image_embeds.reshape(-1, image_embeds.shape[-1]).to(embeds.dtype)
     batch, length = input_ids.shape
     new_len = int(keep_mask[0].sum())
