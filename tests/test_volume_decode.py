@@ -189,8 +189,10 @@ def _device_decode_matches_cpu(tiny, device: str, dtype: torch.dtype, max_flip_f
     lat = fixture_latents("thin_plate")
     dense = decode_volume(tiny, lat, 64, "hoist-invariants")
     moved = copy.deepcopy(tiny).to(device, dtype)
-    for passes in ("", DEFAULT_PIPELINE, "hoist-invariants,sparse-volume,adaptive-kv{topk=32,min_mass=0.5}"):
-        # the same pipeline on CPU in fp32 (adaptive KV at min_mass=0.5 approximates: compare like with like)
+    for passes in ("", DEFAULT_PIPELINE, "hoist-invariants,sparse-volume,adaptive-kv{topk=32,min_mass=0.5,block=8}"):
+        # the same pipeline on CPU in fp32 (adaptive KV at min_mass=0.5 approximates: compare like with like;
+        # its per-block choices are discrete, and rounding moves a few blocks to another rung, so small blocks
+        # keep that effect within the tolerance)
         ref = decode_volume(tiny, lat, 64, passes) if "adaptive" in passes else dense
         got = decode_volume(moved, lat, 64, passes)
         assert got.grid.dtype == torch.float32 and got.grid.device.type == "cpu"

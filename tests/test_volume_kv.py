@@ -27,10 +27,57 @@ def test_low_retained_mass_falls_back_to_full_kv():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, x, 16, generator=g) * 0.1 for x in (500, 256, 256))  # near-uniform attention
     bid = torch.arange(500) // 50
-    out, stats = adaptive_attention(q, k, v, bid, AdaptiveKVOptions(topk=16, min_mass=0.9))
-    assert stats.fallback_blocks == stats.blocks == 10
-    assert stats.min_retained_mass < 0.2
-    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), atol=2e-6, rtol=1e-5)
+    for tiers, worst in ((0, 0.2), (3, 0.6)):  # the mass recorded is the top rung's: 16 resp. 128 of 256 tokens
+        out, stats = adaptive_attention(q, k, v, bid, AdaptiveKVOptions(topk=16, min_mass=0.9, tiers=tiers))
+        assert stats.fallback_blocks == stats.blocks == 10 and not stats.blocks_per_k
+        assert stats.min_retained_mass < worst
+        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), atol=2e-6, rtol=1e-5)
+
+
+def _reference_adaptive(q, k, v, bid, opts):
+    """Block by block, straight from the definition: rank tokens by the mean softmax of `samples` evenly spaced
+    members, take the smallest rung whose worst retained mass (over heads and samples) reaches min_mass, attend
+    over those tokens; no passing rung (or a block too small to probe) -> full KV. Returns (out, {k: blocks})."""
+    heads, m = q.shape[0], k.shape[1]
+    out, per_k = torch.empty_like(q), {}
+    for b in bid.unique():
+        members = (bid == b).nonzero().flatten()  # ascending = the stable order adaptive_attention sorts into
+        c, s = members.numel(), opts.samples
+        chosen = None
+        if c >= 4 * s:
+            samp = members[(torch.arange(s) * (c - 1)) // max(s - 1, 1)]
+            probs = torch.softmax(q[:, samp] @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, -1)  # [h, s, M]
+            for kk in opts.ladder(m):
+                sel = probs.mean(1).topk(kk, -1).indices                                         # [h, kk]
+                if torch.gather(probs, -1, sel[:, None].expand(-1, s, -1)).sum(-1).min() >= opts.min_mass:
+                    chosen = sel
+                    per_k[kk] = per_k.get(kk, 0) + 1
+                    break
+        for h in range(heads):
+            idx = slice(None) if chosen is None else chosen[h]
+            out[h, members] = F.scaled_dot_product_attention(q[h, members], k[h, idx], v[h, idx])
+    return out, per_k
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10_000), topk=st.integers(1, 12), tiers=st.integers(0, 3), tile=st.integers(1, 40),
+       min_mass=st.floats(0.3, 0.99), blocks=st.integers(1, 12))
+def test_ladder_and_tiles_match_the_per_block_definition(seed, topk, tiers, tile, min_mass, blocks):
+    """Each block gets the smallest rung of topk * 2^j that keeps min_mass (else full KV), and cutting blocks
+    into tiles of `tile` queries does not change any query's result."""
+    g = torch.Generator().manual_seed(seed)
+    m, heads = 48, 2
+    # peaked, block-dependent attention: each block's queries point at its own few keys, so rungs differ
+    centers = torch.randn(blocks, heads, 1, 8, generator=g) * 3
+    bid = torch.randint(0, blocks, (400,), generator=g)
+    q = (centers[bid].squeeze(2).transpose(0, 1) + torch.randn(heads, 400, 8, generator=g) * 0.5)
+    k, v = torch.randn(heads, m, 8, generator=g), torch.randn(heads, m, 8, generator=g)
+    opts = AdaptiveKVOptions(topk=topk, tiers=tiers, tile=tile, min_mass=min_mass, samples=4)
+    out, stats = adaptive_attention(q, k, v, bid, opts, max_batch_queries=97)
+    ref, per_k = _reference_adaptive(q, k, v, bid, opts)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+    assert stats.blocks_per_k == per_k
+    assert stats.fallback_blocks == stats.blocks - sum(per_k.values())
 
 
 def test_local_attention_topk_is_accurate_and_reads_less():

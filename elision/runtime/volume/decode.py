@@ -185,6 +185,7 @@ class _Evaluator:
         self.kv_stats = AdaptiveKVStats() if kv is not None else None
         self._level: int | None = None       # resolution of the current level
         self._level_start = (0, 0)           # (probed, accepted) blocks when the current level began
+        self.seconds = 0.0                   # time spent evaluating the field (the rest is grid bookkeeping)
 
     # After this many probed blocks, a guard that accepted under NONLOCAL_ACCEPT of them has shown the
     # decoder's attention is not local for this shape: stop probing and run the plain path (the probes
@@ -208,6 +209,13 @@ class _Evaluator:
         return probed >= self.NONLOCAL_PROBES and accepted < self.NONLOCAL_ACCEPT * probed
 
     def __call__(self, index: torch.Tensor, resolution: int, bounds: float) -> torch.Tensor:
+        t0 = time.perf_counter()
+        try:
+            return self._evaluate(index, resolution, bounds)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def _evaluate(self, index: torch.Tensor, resolution: int, bounds: float) -> torch.Tensor:
         points = index_to_points(index, resolution, bounds)
         if self.kv is None:
             return evaluate_chunked(self.decoder, self.state, points, self.chunk, self.progress)
@@ -269,7 +277,7 @@ def decode_dense(decoder: FieldDecoder, latents: torch.Tensor, resolution: int, 
     t2 = time.perf_counter()
     return VolumeResult(grid=grid, evaluated=torch.ones_like(grid, dtype=torch.bool), resolution=resolution,
                         bounds=bounds, queries=grid.numel(), queries_per_level=[grid.numel()],
-                        levels=[resolution], seconds={"prepare": t1 - t0, "decode": t2 - t1},
+                        levels=[resolution], seconds={"prepare": t1 - t0, "decode": t2 - t1, "field": ev.seconds},
                         kv_stats=ev.kv_stats.as_dict() if ev.kv_stats else None)
 
 
@@ -401,6 +409,7 @@ def decode_sparse(decoder: FieldDecoder, latents: torch.Tensor, resolution: int,
         seconds[f"level{lvl}_{r}"] = time.perf_counter() - t
         del cells, todo
     seconds["decode"] = sum(v for k, v in seconds.items() if k.startswith("level"))
+    seconds["field"] = ev.seconds  # of which: evaluating field queries (adaptive KV acts on this part only)
     return VolumeResult(grid=grid, evaluated=known, resolution=resolution, bounds=bounds,
                         queries=sum(per_level), queries_per_level=per_level, levels=levels, seconds=seconds,
                         band=band0, kv_stats=ev.kv_stats.as_dict() if ev.kv_stats else None)
