@@ -100,3 +100,26 @@ def test_onnx_artifact_drives_hierarchical_decoding_with_onnxruntime(tmp_path):
     b = decode_volume(model, lat, 48, plan)
     assert a.queries == b.queries
     assert int(((a.grid > 0) != (b.grid > 0)).sum()) <= 2  # fp32 ORT vs torch near the iso level only
+
+    # the gathered-token session: tiles of queries, each attending only to its own tokens per head
+    from elision.runtime.volume.field import TorchFieldDecoder
+    tdec = TorchFieldDecoder(model)
+    heads = tdec.kv(tdec.prepare(lat))[0].shape[0]
+    for tiles, tile, k in ((1, 1, 1), (7, 33, 16), (3, 64, 100)):
+        tp = torch.rand(tiles, tile, 3) * 2 - 1
+        tokens = torch.randint(0, 128, (heads, tiles, k))
+        torch.testing.assert_close(ort_dec.evaluate_gathered(ort_dec.prepare(lat), tp, tokens),
+                                   tdec.evaluate_gathered(tdec.prepare(lat), tp, tokens), atol=1e-4, rtol=1e-4)
+    # and adaptive KV that really selects (top-16 of 128, a loose guard) decodes alike on both backends
+    plan = "hoist-invariants,sparse-volume{min_res=24},adaptive-kv{topk=16,block=8,min_mass=0.3}"
+    a, b = decode_volume(ort_dec, lat, 48, plan), decode_volume(model, lat, 48, plan)
+    assert a.kv_stats["blocks_per_k"] and a.kv_stats["blocks_per_k"] == b.kv_stats["blocks_per_k"]
+    assert int(((a.grid > 0) != (b.grid > 0)).sum()) <= 2
+
+
+def test_onnx_field_artifact_missing_a_session_is_a_clear_error(tmp_path):
+    from elision.runtime.volume.onnx_field import OrtFieldDecoder
+    (tmp_path / "field.json").write_text('{"config": {}, "files": []}')
+    (tmp_path / "latents_side.onnx").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="lacks field_chunk.onnx.*export it again"):
+        OrtFieldDecoder(tmp_path)

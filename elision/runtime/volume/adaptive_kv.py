@@ -20,6 +20,7 @@ gathered attention runs `elision::sparse_cross_attention` (Triton); on CPU it ru
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -104,11 +105,19 @@ def _sparse_kernel():
         return None
 
 
+def gather_heads(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [h, M, d], idx [h, ...] token ids per head -> [h, ..., d]: one flat Gather over the (head, token) rows,
+    so neither torch nor an ONNX graph materializes a per-block copy of K or V."""
+    h, m, d = x.shape
+    offset = (torch.arange(h, device=idx.device) * m).view(h, *([1] * (idx.dim() - 1)))
+    return x.reshape(h * m, d)[idx + offset]
+
+
 def gathered_attention(qb: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor,
                        use_kernel: bool = True) -> torch.Tensor:
-    """qb [h, nb, c, d] (nb blocks of c queries), k/v [h, M, d], idx [h, nb, topk] -> [h, nb, c, d].
+    """qb [h, nb, c, d] (nb tiles of c queries), k/v [h, M, d], idx [h, nb, topk] -> [h, nb, c, d].
 
-    Each block attends only to its own token list (per head).
+    Each tile attends only to its own token list (per head).
     """
     h, nb, c, d = qb.shape
     # On CPU the registered op runs its unfused reference (explicit softmax); SDPA's fused CPU kernel over
@@ -117,10 +126,7 @@ def gathered_attention(qb: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: 
     if kernel is not None:
         out = kernel(qb.reshape(1, h, nb * c, d), k.unsqueeze(0), v.unsqueeze(0), idx.unsqueeze(0), c)
         return out.reshape(h, nb, c, -1)
-    kh = torch.gather(k.unsqueeze(1).expand(-1, nb, -1, -1), 2, idx.unsqueeze(-1).expand(-1, -1, -1, d))
-    vh = torch.gather(v.unsqueeze(1).expand(-1, nb, -1, -1), 2,
-                      idx.unsqueeze(-1).expand(-1, -1, -1, v.shape[-1]))
-    return F.scaled_dot_product_attention(qb, kh, vh)
+    return F.scaled_dot_product_attention(qb, gather_heads(k, idx), gather_heads(v, idx))
 
 
 def block_ids_from_grid(index: torch.Tensor, block: int, resolution: int) -> torch.Tensor:
@@ -130,106 +136,134 @@ def block_ids_from_grid(index: torch.Tensor, block: int, resolution: int) -> tor
     return (b[:, 0] * nb + b[:, 1]) * nb + b[:, 2]
 
 
-def _probe(q: torch.Tensor, k: torch.Tensor, samp: torch.Tensor, kmax: int,
-           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank tokens with a few sample queries per block: samp [nb, s] query ids -> (the kmax best token ids
-    per head, best first [h, nb, kmax], worst retained softmax mass over heads and samples when keeping the
-    best j+1 tokens [nb, kmax]) -- one ranking serves every rung of the ladder."""
-    h, (nb, s) = q.shape[0], samp.shape
+def _probe(qs: torch.Tensor, k: torch.Tensor, kmax: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank tokens with a few sample queries per block: qs [h, nb, s, d] -> (the kmax best token ids per head,
+    best first [h, nb, kmax], worst retained softmax mass over heads and samples when keeping the best j+1
+    tokens [nb, kmax]) -- one ranking serves every rung of the ladder."""
+    h, nb, s, d = qs.shape
     # one [h, nb*s, d] x [h, d, M] product: broadcasting k over the block axis would copy it per block
-    logits = torch.bmm(q[:, samp.reshape(-1)], k.transpose(-1, -2)).view(h, nb, s, -1)
+    logits = torch.bmm(qs.reshape(h, nb * s, d), k.transpose(-1, -2)).view(h, nb, s, -1)
     probs = torch.softmax(logits * scale, dim=-1)                         # [h, nb, s, M]
     sel = probs.mean(dim=2).topk(kmax, dim=-1).indices                    # [h, nb, kmax], sorted
     retained = torch.gather(probs, -1, sel.unsqueeze(2).expand(-1, -1, s, -1)).cumsum(-1)
     return sel, retained.amin(dim=(0, 2)).cpu()  # block bookkeeping stays on the CPU
 
 
-def _run_gathered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, order: torch.Tensor, cnt: torch.Tensor,
-                  st: torch.Tensor, sel: torch.Tensor, out: torch.Tensor, use_kernel: bool, tile: int) -> None:
-    """Attention of the blocks (sizes cnt, starts st into `order`) over their own tokens sel [h, nb, k],
-    written into out [h, N, d].
+@dataclass
+class TileGroup:
+    """Blocks that attend to the same number of tokens, cut into tiles of at most `tile` queries that share
+    their block's tokens; only a block's last tile is padded (repeating its last query). Padding every block
+    to the largest one instead doubled the attention work on a real surface, where block sizes range over 10x."""
+    topk: int
+    queries: torch.Tensor  # [tiles, c] query ids (padded)
+    valid: torch.Tensor    # [tiles, c] False on padding
+    tokens: torch.Tensor   # [h, tiles, topk] token ids per head
 
-    Blocks are cut into tiles of `tile` queries that share their block's tokens; only a block's last tile is
-    padded (repeating its last query). Padding every block to the largest one instead doubled the attention
-    work on a real surface, where block sizes range over 10x.
-    """
+
+@dataclass
+class KVPlan:
+    groups: list[TileGroup]
+    full: torch.Tensor     # query ids that attend to every token (unprobed or rejected blocks)
+
+
+def _tiles(order: torch.Tensor, cnt: torch.Tensor, st: torch.Tensor, sel: torch.Tensor, tile: int) -> TileGroup:
     tile = min(tile, int(cnt.max()))
     ntile = (cnt + tile - 1) // tile
     tb = torch.repeat_interleave(torch.arange(cnt.numel()), ntile)          # tile -> block
     within = torch.arange(tb.numel()) - torch.repeat_interleave(torch.cumsum(ntile, 0) - ntile, ntile)
     offs = within[:, None] * tile + torch.arange(tile)[None, :]              # [tiles, tile] offset in block
     last = (cnt - 1)[tb][:, None]
-    qidx = order[st[tb][:, None] + torch.minimum(offs, last)]
-    valid = offs <= last
-    res = gathered_attention(q[:, qidx].contiguous(), k, v, sel[:, tb].contiguous(), use_kernel=use_kernel)
-    out[:, qidx[valid]] = res[:, valid]
+    return TileGroup(sel.shape[-1], order[st[tb][:, None] + torch.minimum(offs, last)], offs <= last,
+                     sel[:, tb.to(sel.device)].contiguous())
+
+
+# probe logits/probabilities held at once: h x blocks x samples x M elements (64 MiB in fp32)
+PROBE_BUDGET = 1 << 24
+
+
+def plan_adaptive_kv(query_heads: Callable[[torch.Tensor], torch.Tensor], k: torch.Tensor,
+                     block_ids: torch.Tensor, opts: AdaptiveKVOptions) -> tuple[KVPlan, AdaptiveKVStats]:
+    """Decide, per block of queries (block_ids [N]), which tokens each head attends to.
+
+    `query_heads(ids)` gives the queries' heads [h, len(ids), d] for query ids: only the `samples` probe
+    queries of each block are asked for, so a backend can compute them alone. k is [h, M, d].
+
+    Cost model (the path must never cost much more than plain attention): blocks with fewer than
+    4 x `samples` queries are not probed (the probe would cost over a quarter of the block's attention), and
+    every block that is not probed or fails the retained-mass guard on every rung attends to all tokens, in
+    one plain call over all such queries. A fully non-local decoder therefore pays plain attention plus the
+    probes (`samples` queries per probed block, at most a quarter of it) and the sort by block.
+    """
+    heads, m, d = k.shape
+    n = block_ids.numel()
+    stats = AdaptiveKVStats(queries=n, kv_reads_dense=n * m)
+    ladder = opts.ladder(m)
+    if n == 0 or not ladder:  # nothing to do, or exact attention: selecting every token is plain attention
+        stats.kv_reads = n * m
+        return KVPlan([], torch.arange(n)), stats
+    order = torch.argsort(block_ids, stable=True)
+    _, counts = torch.unique_consecutive(block_ids[order], return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    stats.blocks = int(counts.numel())
+    s = opts.samples
+    probed = (counts >= 4 * s).nonzero().flatten()
+    full_blocks = [(counts < 4 * s).nonzero().flatten()]
+    rungs = torch.tensor(ladder)
+    chosen: dict[int, list] = {kk: [] for kk in ladder}  # rung -> [(blocks' counts, starts, tokens)]
+    per_batch = max(1, PROBE_BUDGET // (heads * s * m))
+    for pos in range(0, probed.numel(), per_batch):
+        blocks = probed[pos:pos + per_batch]
+        cnt, st = counts[blocks], starts[blocks]
+        samp = order[st[:, None] + (torch.arange(s)[None, :] * (cnt - 1)[:, None]) // max(s - 1, 1)]
+        qs = query_heads(samp.reshape(-1)).reshape(heads, blocks.numel(), s, d)
+        sel, retained = _probe(qs, k, ladder[-1], d ** -0.5)
+        at_rungs = retained[:, rungs - 1]                                   # [nb, rungs]
+        passes = at_rungs >= opts.min_mass
+        rung = torch.where(passes.any(1), passes.int().argmax(1), len(ladder))  # first passing rung, or all
+        worst = torch.gather(at_rungs, 1, rung.clamp(max=len(ladder) - 1)[:, None])[:, 0]
+        stats.retained_mass.extend(worst.tolist())
+        stats.min_retained_mass = min(stats.min_retained_mass, float(worst.min()))
+        full_blocks.append(blocks[rung == len(ladder)])
+        for j, kk in enumerate(ladder):
+            ok = rung == j
+            if ok.any():
+                chosen[kk].append((cnt[ok], st[ok], sel[:, ok.to(sel.device), :kk]))
+    groups = []
+    for kk, parts in chosen.items():
+        if parts:
+            cnt, st = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            groups.append(_tiles(order, cnt, st, torch.cat([p[2] for p in parts], 1), opts.tile))
+            stats.kv_reads += int(cnt.sum()) * kk
+            stats.blocks_per_k[kk] = int(cnt.numel())
+    fb = torch.cat(full_blocks)
+    stats.fallback_blocks = int(fb.numel())
+    # every query of every full-KV block, in block order
+    members = torch.repeat_interleave(starts[fb], counts[fb])
+    members += torch.arange(members.numel()) - torch.repeat_interleave(torch.cumsum(counts[fb], 0) - counts[fb],
+                                                                      counts[fb])
+    stats.kv_reads += int(members.numel()) * m
+    return KVPlan(groups, order[members]), stats
+
+
+def tile_batches(group: TileGroup, max_queries: int):
+    """Slices of a group's tiles holding at most `max_queries` queries (at least one tile) each."""
+    step = max(1, max_queries // group.queries.shape[1])
+    for t in range(0, group.queries.shape[0], step):
+        yield slice(t, t + step)
 
 
 def adaptive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_ids: torch.Tensor,
                        opts: AdaptiveKVOptions, max_batch_queries: int = 65536,
                        use_kernel: bool = True) -> tuple[torch.Tensor, AdaptiveKVStats]:
-    """Attention of q [h, N, d] over k, v [h, M, d] with per-block top-k token selection.
-
-    block_ids [N] groups spatially coherent queries. Returns ([h, N, d], stats).
-
-    Cost model (the path must never cost much more than plain attention): blocks with fewer than
-    4 x `samples` queries are not probed (the probe would cost over a quarter of the block's attention), and
-    every block that is not probed or fails the retained-mass guard on every rung joins ONE plain full-KV call
-    over all such queries. A fully non-local decoder therefore pays plain attention plus the probes
-    (`samples` queries per probed block, at most a quarter of it) and the sort by block.
-    """
-    heads, n, d = q.shape
-    m = k.shape[1]
-    stats = AdaptiveKVStats(queries=n, kv_reads_dense=n * m)
-    if n == 0:
-        return q.new_zeros(heads, 0, v.shape[-1]), stats
-    ladder = opts.ladder(m)
-    if not ladder:  # exact attention: selecting every token is plain attention
-        stats.kv_reads = n * m
-        return attention(q, k, v), stats
-    out = torch.empty(heads, n, v.shape[-1], dtype=q.dtype, device=q.device)
-    order = torch.argsort(block_ids, stable=True)
-    _, counts = torch.unique_consecutive(block_ids[order], return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
-    stats.blocks = int(counts.numel())
-    probe_min = 4 * opts.samples
-    probed = (counts >= probe_min).nonzero().flatten()
-    plain_blocks = [(counts < probe_min).nonzero().flatten()]
-    scale = d ** -0.5
-    s = opts.samples
-    rungs = torch.tensor(ladder)
-    # Probe and run the accepted blocks in batches, largest first, so padding stays small.
-    by_size = probed[torch.argsort(counts[probed], descending=True, stable=True)]
-    pos = 0
-    while pos < by_size.numel():
-        cmax = int(counts[by_size[pos]])
-        nb = max(1, min(by_size.numel() - pos, max_batch_queries // cmax))
-        blocks = by_size[pos:pos + nb]
-        pos += nb
-        cnt, st = counts[blocks], starts[blocks]
-        samp_off = (torch.arange(s)[None, :] * (cnt - 1)[:, None]) // max(s - 1, 1)
-        sel, retained = _probe(q, k, order[st[:, None] + samp_off], ladder[-1], scale)
-        at_rungs = retained[:, rungs - 1]                                  # [nb, rungs]
-        passes = at_rungs >= opts.min_mass
-        rung = torch.where(passes.any(1), passes.int().argmax(1), len(ladder))  # first passing rung, or full KV
-        worst = torch.gather(at_rungs, 1, rung.clamp(max=len(ladder) - 1)[:, None])[:, 0]
-        stats.retained_mass.extend(worst.tolist())
-        stats.min_retained_mass = min(stats.min_retained_mass, float(worst.min()))
-        plain_blocks.append(blocks[rung == len(ladder)])
-        for j, kj in enumerate(ladder):
-            ok = rung == j
-            if ok.any():
-                _run_gathered(q, k, v, order, cnt[ok], st[ok], sel[:, ok, :kj], out, use_kernel, opts.tile)
-                stats.kv_reads += int(cnt[ok].sum()) * kj
-                stats.blocks_per_k[kj] = stats.blocks_per_k.get(kj, 0) + int(ok.sum())
-    fallback = torch.cat(plain_blocks)
-    stats.fallback_blocks = int(fallback.numel())
-    if fallback.numel():
-        # one plain call over every query of every fallback block (no padding, no per-block batching)
-        members = torch.repeat_interleave(starts[fallback], counts[fallback])
-        members += torch.arange(members.numel()) - torch.repeat_interleave(
-            torch.cumsum(counts[fallback], 0) - counts[fallback], counts[fallback])
-        qi = order[members]
-        out[:, qi] = attention(q[:, qi], k, v)
-        stats.kv_reads += int(qi.numel()) * m
+    """Attention of q [h, N, d] over k, v [h, M, d] with per-block token selection (see `plan_adaptive_kv`);
+    returns ([h, N, d], stats). Gathered tiles run in batches of at most `max_batch_queries` queries."""
+    plan, stats = plan_adaptive_kv(lambda ids: q[:, ids], k, block_ids, opts)
+    out = torch.empty(q.shape[0], q.shape[1], v.shape[-1], dtype=q.dtype, device=q.device)
+    for g in plan.groups:
+        for sl in tile_batches(g, max_batch_queries):
+            qidx, valid = g.queries[sl], g.valid[sl]
+            res = gathered_attention(q[:, qidx].contiguous(), k, v, g.tokens[:, sl], use_kernel=use_kernel)
+            out[:, qidx[valid]] = res[:, valid]
+    if plan.full.numel():
+        out[:, plan.full] = attention(q[:, plan.full], k, v)
     return out, stats

@@ -30,9 +30,9 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from elision.runtime.volume.adaptive_kv import (AdaptiveKVOptions, AdaptiveKVStats, adaptive_attention,
-                                                block_ids_from_grid)
-from elision.runtime.volume.field import FieldDecoder, SplitFieldDecoder, evaluate_chunked
+from elision.runtime.volume.adaptive_kv import (AdaptiveKVOptions, AdaptiveKVStats, block_ids_from_grid,
+                                                plan_adaptive_kv, tile_batches)
+from elision.runtime.volume.field import FieldDecoder, GatheredFieldDecoder, evaluate_chunked
 
 DEFAULT_BOUNDS = 1.01
 
@@ -178,8 +178,8 @@ class _Evaluator:
 
     def __init__(self, decoder: FieldDecoder, state: Any, chunk: int, kv: AdaptiveKVOptions | None,
                  progress: ProgressFn | None) -> None:
-        if kv is not None and not isinstance(decoder, SplitFieldDecoder):
-            raise VolumeError(f"adaptive-kv needs a decoder exposing kv/prologue/epilogue; "
+        if kv is not None and not isinstance(decoder, GatheredFieldDecoder):
+            raise VolumeError(f"adaptive-kv needs a decoder exposing kv/query_heads/evaluate_gathered; "
                               f"{type(decoder).__name__} does not")
         self.decoder, self.state, self.chunk, self.kv, self.progress = decoder, state, chunk, kv, progress
         self.kv_stats = AdaptiveKVStats() if kv is not None else None
@@ -215,6 +215,22 @@ class _Evaluator:
         finally:
             self.seconds += time.perf_counter() - t0
 
+    def _evaluate_adaptive(self, points: torch.Tensor, block_ids: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Field values [N] of points [N,3] with per-block token selection (one chunk of whole blocks)."""
+        dec, state = self.decoder, self.state
+        plan, stats = plan_adaptive_kv(lambda ids: dec.query_heads(state, points[ids]),  # type: ignore[attr-defined]
+                                       k, block_ids, self.kv)  # type: ignore[arg-type]
+        self.kv_stats.merge(stats)  # type: ignore[union-attr]
+        out = torch.empty(points.shape[0], dtype=torch.float32)
+        for g in plan.groups:
+            for sl in tile_batches(g, self.chunk):
+                qidx, valid = g.queries[sl], g.valid[sl]
+                values = dec.evaluate_gathered(state, points[qidx], g.tokens[:, sl])  # type: ignore[attr-defined]
+                out[qidx[valid]] = torch.as_tensor(values).float().cpu()[valid]
+        if plan.full.numel():
+            out[plan.full] = evaluate_chunked(dec, state, points[plan.full], self.chunk)
+        return out
+
     def _evaluate(self, index: torch.Tensor, resolution: int, bounds: float) -> torch.Tensor:
         points = index_to_points(index, resolution, bounds)
         if self.kv is None:
@@ -229,7 +245,7 @@ class _Evaluator:
         order = torch.argsort(bid, stable=True)
         bid_sorted = bid[order]
         out = torch.empty(points.shape[0], dtype=torch.float32)
-        k, v = self.decoder.kv(self.state)  # type: ignore[attr-defined]
+        k, _ = self.decoder.kv(self.state)  # type: ignore[attr-defined]
         start = 0
         n = points.shape[0]
         while start < n:
@@ -237,10 +253,7 @@ class _Evaluator:
             if stop < n:  # extend to the end of the current block
                 stop = int(torch.searchsorted(bid_sorted, bid_sorted[stop - 1], right=True))
             sel = order[start:stop]
-            x, q = self.decoder.prologue(self.state, points[sel])  # type: ignore[attr-defined]
-            attn, st = adaptive_attention(q, k, v, bid[sel], self.kv)
-            out[sel] = self.decoder.epilogue(self.state, x, attn).float().cpu()  # type: ignore[attr-defined]
-            self.kv_stats.merge(st)  # type: ignore[union-attr]
+            out[sel] = self._evaluate_adaptive(points[sel], bid[sel], k)
             if self.progress is not None:
                 self.progress(stop - start)
             start = stop

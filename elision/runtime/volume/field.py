@@ -3,8 +3,8 @@
 `FieldDecoder` is the protocol the volume loop drives: `prepare(latents)` does the shape-invariant work
 once (latent self-attention stack, K/V projections) and `evaluate(state, points)` maps query points
 [N, 3] to field values [N]. That split is the hoist-invariants rewrite; the compiler's `latents_side` /
-`field_chunk` functions implement the same protocol. Decoders that also expose the attention split
-(`SplitFieldDecoder`) can run adaptive KV selection between the query prologue and the epilogue.
+`field_chunk` functions implement the same protocol. Decoders that can also attend to a chosen subset of
+the latent tokens per tile of queries (`GatheredFieldDecoder`) run adaptive KV selection.
 """
 from __future__ import annotations
 
@@ -25,14 +25,17 @@ class FieldDecoder(Protocol):
 
 
 @runtime_checkable
-class SplitFieldDecoder(FieldDecoder, Protocol):
-    """A field decoder whose single cross-attention can be replaced (adaptive KV)."""
+class GatheredFieldDecoder(FieldDecoder, Protocol):
+    """A field decoder whose single cross-attention can be restricted per tile of queries (adaptive KV):
+    the planner probes with `query_heads` of a few queries per block, then every tile of queries attends
+    only to its own token ids."""
 
     def kv(self, state: Any) -> tuple[torch.Tensor, torch.Tensor]: ...  # K, V [heads, M, d]
 
-    def prologue(self, state: Any, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...  # x, q[h,N,d]
+    def query_heads(self, state: Any, points: torch.Tensor) -> torch.Tensor: ...  # [N,3] -> q [heads, N, d]
 
-    def epilogue(self, state: Any, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor: ...  # -> [N]
+    def evaluate_gathered(self, state: Any, points: torch.Tensor,
+                          tokens: torch.Tensor) -> torch.Tensor: ...  # [T,C,3], [heads,T,k] -> [T,C]
 
 
 @dataclass
@@ -70,19 +73,26 @@ class TorchFieldDecoder:
     def kv(self, state: KVState) -> tuple[torch.Tensor, torch.Tensor]:
         return state.k, state.v
 
-    @torch.inference_mode()
-    def prologue(self, state: KVState, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x, q = self.geo.query_heads(points.to(self.device, self.dtype).unsqueeze(0))
+    def _prologue(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, q = self.geo.query_heads(points.reshape(1, -1, 3).to(self.device, self.dtype))
         return x, q[0]
 
     @torch.inference_mode()
-    def epilogue(self, state: KVState, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        return self.geo.epilogue(x, attn.unsqueeze(0))[0, :, 0]
+    def query_heads(self, state: KVState, points: torch.Tensor) -> torch.Tensor:
+        return self._prologue(points)[1]
 
     @torch.inference_mode()
     def evaluate(self, state: KVState, points: torch.Tensor) -> torch.Tensor:
-        x, q = self.prologue(state, points)
-        return self.epilogue(state, x, attention(q, state.k, state.v))
+        x, q = self._prologue(points)
+        return self.geo.epilogue(x, attention(q, state.k, state.v).unsqueeze(0))[0, :, 0]
+
+    @torch.inference_mode()
+    def evaluate_gathered(self, state: KVState, points: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        from elision.runtime.volume.adaptive_kv import gathered_attention  # (it imports this module)
+        tiles, c = points.shape[:2]
+        x, q = self._prologue(points)
+        attn = gathered_attention(q.view(q.shape[0], tiles, c, -1), state.k, state.v, tokens.to(self.device))
+        return self.geo.epilogue(x, attn.reshape(1, q.shape[0], tiles * c, -1))[0, :, 0].view(tiles, c)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
