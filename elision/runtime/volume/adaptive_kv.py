@@ -7,15 +7,18 @@ for the representative queries is measured, and a block gets the smallest k of a
 rung satisfies fall back to full KV (FlashVDM has one fixed k and no guard; see the research note §7.2 for
 why the guard is needed). The ladder matters because locality varies across the surface: on the fitted
 local decoder most fine-level blocks need only 32 tokens while a few need 128-512, and a single k either
-wastes reads on the first or sends the second to full KV. With topk >= M the result is exact attention. The volume evaluator stops probing for the rest
-of a level once the guard has rejected almost every probed block there (the decoder is not local at that
-block size: coarse levels' blocks span much of the shape), so a non-local decoder costs about what plain
-hierarchical decoding costs, while a local one still gains at the fine levels.
+wastes reads on the first or sends the second to full KV. With topk >= M the result is exact attention.
+The volume evaluator stops probing for the rest of a level once the guard has rejected almost every probed
+block there (the decoder is not local at that block size: coarse levels' blocks span much of the shape), so
+a non-local decoder costs about what plain hierarchical decoding costs, while a local one still gains at
+the fine levels.
 
-Accepted blocks are processed in batches with queries padded to the largest block of the batch (blocks
-sorted by size, so padding stays small); all full-KV blocks share one plain attention call. On CUDA the
-gathered attention runs `elision::sparse_cross_attention` (Triton); on CPU it runs
-`torch.nn.functional.scaled_dot_product_attention` over the gathered K/V.
+`plan_adaptive_kv` makes the decisions (it only needs the probe queries); execution is the backend's:
+accepted blocks are cut into tiles of queries that share their block's tokens (`TileGroup`), which a field
+decoder evaluates whole (`GatheredFieldDecoder.evaluate_gathered`: torch, or one ONNX Runtime session), and
+all full-KV queries go through the plain decoder in one pass. On CUDA the gathered attention runs
+`elision::sparse_cross_attention` (Triton); on CPU it runs `torch.nn.functional.scaled_dot_product_attention`
+over the gathered K/V.
 """
 from __future__ import annotations
 
