@@ -35,3 +35,15 @@ def fashion_vit_ir():
     model = load_model("builtin:fashion-vit").model
     x, _y = fashion_sample(3)
     return model, export_to_ir(model, (x,)), (x,)
+
+
+@pytest.fixture(scope="module")
+def fashion_vit_dynamic_ir():
+    """(builtin:fashion-vit, its IR traced at batch 3 with the batch dynamic, inputs of 6 rows): the token-reduction
+    passes must keep the batch symbolic so one artifact serves every batch size."""
+    from elision.compiler.frontend import export_to_ir, load_model
+    from elision.passes.pruning.calib import fashion_sample
+
+    model = load_model("builtin:fashion-vit").model
+    x, _y = fashion_sample(6)
+    return model, export_to_ir(model, (x[:3],), {0: {0: "batch"}}), (x,)

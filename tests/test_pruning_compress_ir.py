@@ -164,3 +164,39 @@ def test_compress_tokens_is_approximate(fashion_vit_ir):
 
     with pytest.raises(PassError, match="approximate"):
         PassManager(parse_pipeline("compress-tokens{after=1;keep=0.5}")).run(fashion_vit_ir[1].copy())
+
+
+def test_dynamic_batch_compressed_vit_onnx_serves_every_batch(fashion_vit_dynamic_ir, tmp_path):
+    """Traced with a symbolic batch, the DCT tap and the carried-over mask (an all-true mask expanded to the batch,
+    checked uniform at several batch sizes) stay symbolic in the batch: the IR equals the executor bit for bit and
+    one ONNX artifact computes it at batch 1, 2 and 5."""
+    import onnx
+
+    from elision.compiler.lowering import emit_onnx, run_onnx_artifact
+    from elision.passes.pruning.executor import ReductionPlan, adapter_for, run_encoder
+
+    model, module, (x,) = fashion_vit_dynamic_ir
+    compressed = _compress(module, "after=1;keep=0.25")
+    text = str(compressed)
+    assert "bool[batch, 1, 17, 17]" in text and "f32[batch, 4, 17, 16] = aten.scaled_dot_product_attention" in text
+    assert "[3, " not in text.split("func @forward")[1]  # the traced batch of 3 is spelled nowhere
+    emit_onnx(compressed, None, tmp_path, ort_fusions=False)
+    inputs = onnx.load(str(tmp_path / "forward.onnx")).graph.input
+    assert [d.dim_param or d.dim_value for d in inputs[0].type.tensor_type.shape.dim] == ["batch", 1, 28, 28]
+    plan = ReductionPlan(dct_after=1, dct_keep=0.25)
+    for b in (1, 2, 5):
+        expect = run_encoder(adapter_for(model), (x[:b],), plan)
+        assert torch.equal(_run(compressed, (x[:b],)), expect)
+        torch.testing.assert_close(run_onnx_artifact(tmp_path, "forward", (x[:b],))[0], expect, atol=1e-5, rtol=1e-5)
+
+
+def test_dynamic_batch_non_uniform_mask_is_refused(fashion_vit_dynamic_ir):
+    """A mask that varies over the patches stays refused when the batch is symbolic."""
+    from elision.passes.base import PassError
+
+    module = fashion_vit_dynamic_ir[1].copy()
+    fn = module.functions["forward"]
+    ge = next(n for n in fn.nodes if n.op == "aten.ge.Scalar")  # arange(50) >= 0: the all-true mask
+    ge.args = (ge.args[0], 3)  # patches 1, 2 hidden, the rest visible
+    with pytest.raises(PassError, match="differs between patches or depends on the inputs"):
+        _compress(module, "after=1;keep=0.25")

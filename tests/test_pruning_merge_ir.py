@@ -124,3 +124,38 @@ def test_merge_tokens_is_approximate(fashion_vit_ir):
 
     with pytest.raises(PassError, match="approximate"):
         PassManager(parse_pipeline("merge-tokens{r=4}")).run(fashion_vit_ir[1].copy())
+
+
+def test_dynamic_batch_merges_stay_symbolic_and_match_executor(fashion_vit_dynamic_ir):
+    """Traced with a symbolic batch, three merges (matching, the size and protected marks threaded from one merge to
+    the next, proportional attention) stay symbolic in the batch and equal the executor bit for bit at batch 1, 2, 5."""
+    from elision.passes.pruning.executor import ReductionPlan, adapter_for, run_encoder
+
+    model, module, (x,) = fashion_vit_dynamic_ir
+    merged = _apply(module, "merge-tokens{r=8,start=3}")
+    text = str(merged)
+    assert "f32[batch, 4, 34, 16] = aten.scaled_dot_product_attention" in text
+    assert "[3, " not in text.split("func @forward")[1]  # the traced batch of 3 is spelled nowhere
+    plan = ReductionPlan(merge_r=8, merge_start=3)
+    for b in (1, 2, 5):
+        assert torch.equal(_run(merged, (x[:b],)), run_encoder(adapter_for(model), (x[:b],), plan))
+
+
+def test_dynamic_batch_merged_vit_onnx_serves_every_batch(fashion_vit_dynamic_ir, tmp_path):
+    """One ONNX artifact of a merged ViT traced with a symbolic batch: its input is (batch, 1, 28, 28) and
+    onnxruntime computes the executor's output at batch 1, 2 and 5."""
+    import onnx
+
+    from elision.compiler.lowering import emit_onnx, run_onnx_artifact
+    from elision.passes.pruning.executor import ReductionPlan, adapter_for, run_encoder
+
+    model, module, (x,) = fashion_vit_dynamic_ir
+    merged = _apply(module, "merge-tokens{r=8,start=5}")  # one merge keeps the (dynamic-shape) export short
+    emit_onnx(merged, None, tmp_path, ort_fusions=False)
+    inputs = onnx.load(str(tmp_path / "forward.onnx")).graph.input
+    assert [d.dim_param or d.dim_value for d in inputs[0].type.tensor_type.shape.dim] == ["batch", 1, 28, 28]
+    plan = ReductionPlan(merge_r=8, merge_start=5)
+    for b in (1, 2, 5):
+        expect = run_encoder(adapter_for(model), (x[:b],), plan)
+        assert torch.equal(_run(merged, (x[:b],)), expect)
+        torch.testing.assert_close(run_onnx_artifact(tmp_path, "forward", (x[:b],))[0], expect, atol=1e-5, rtol=1e-5)

@@ -22,6 +22,17 @@ def bert_ir():
 
 
 @pytest.fixture(scope="module")
+def bert_dynamic_ir():
+    """The tiny mean-pooled BERT of `bert_ir` traced with a dynamic batch (the sequence stays 12)."""
+    from elision.compiler.frontend import export_to_ir
+    from elision.models.vision import MeanPooledEncoder
+
+    model = MeanPooledEncoder(tiny_bert(num_hidden_layers=3, intermediate_size=48, add_pooling_layer=False)).eval()
+    ids, mask = padded_bert_batch((12, 9, 5), 12)
+    return model, export_to_ir(model, (ids, mask), {0: {0: "batch"}, 1: {0: "batch"}})
+
+
+@pytest.fixture(scope="module")
 def vit_ir():
     from elision.compiler.frontend import export_to_ir
 
@@ -43,6 +54,17 @@ def _run(module, inputs):
     from elision.ir import interpret
 
     return interpret(module, "forward", *inputs)[0]
+
+
+def _onnx_input_dims(out_dir) -> list[list]:
+    import onnx
+
+    graph = onnx.load(str(out_dir / "forward.onnx")).graph
+    return [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input]
+
+
+# padded text batches of 1, 2 and 5 rows at the traced length 12 (real lengths, shortest 3: [CLS] x [SEP])
+DYNAMIC_BATCHES = [(7,), (12, 9), (12, 9, 5, 3, 11)]
 
 
 @pytest.mark.parametrize("score, after, keep",
@@ -142,6 +164,77 @@ def test_pruned_bert_lowers_to_onnx_and_matches_torch(bert_ir, tmp_path):
     torch.testing.assert_close(got, _run(pruned, inputs), atol=1e-5, rtol=1e-5)
 
 
+def test_dynamic_batch_pruned_bert_keeps_batch_symbolic_and_matches_executor(bert_dynamic_ir):
+    """Traced with a symbolic batch, the pruned graph stays symbolic in the batch (the tap's shape arguments and the
+    gathered mask's views read it with sym_size) and equals the executor at batch 1, 2 and 5, padding included."""
+    from elision.passes.pruning.executor import ReductionPlan, adapter_for, run_encoder
+
+    model, module = bert_dynamic_ir
+    assert module.functions["forward"].inputs[0].type.shape == ("batch", 12)
+    plan = ReductionPlan(prune_after=0, keep=0.75, extra_stages=((1, 0.5),), score="last-token-attn")
+    pruned = module.copy()
+    from elision.passes.base import PassManager, parse_pipeline
+
+    PassManager(parse_pipeline(plan.describe()), verify_each=True, check_types=True, allow_approximate=True).run(pruned)
+    text = str(pruned)
+    assert text.count("aten.topk.default") == 2 and "bool[batch, 1, 6, 6] = aten.__and__.Tensor(" in text
+    assert "[3, " not in text.split("func @forward")[1]  # the traced batch of 3 is spelled nowhere
+    for i, lengths in enumerate(DYNAMIC_BATCHES):
+        inputs = padded_bert_batch(lengths, 12, seed=i)
+        torch.testing.assert_close(_run(pruned, inputs), run_encoder(adapter_for(model), inputs, plan),
+                                   atol=1e-6, rtol=1e-6)
+
+
+def test_dynamic_batch_pruned_bert_onnx_serves_every_batch(bert_dynamic_ir, tmp_path):
+    """One ONNX artifact of the pruned text encoder: its inputs are (batch, 12) with a symbolic batch, and
+    onnxruntime computes the pruned IR's output (and so the executor's) at batch 1, 2 and 5 with padded rows."""
+    from elision.compiler.lowering import emit_onnx, run_onnx_artifact
+    from elision.passes.pruning.executor import ReductionPlan, adapter_for, run_encoder
+
+    model, module = bert_dynamic_ir
+    pruned = _prune(module, "after=1;keep=0.5")
+    emit_onnx(pruned, None, tmp_path, ort_fusions=False)
+    assert _onnx_input_dims(tmp_path) == [["batch", 12], ["batch", 12]]
+    for i, lengths in enumerate(DYNAMIC_BATCHES):
+        inputs = padded_bert_batch(lengths, 12, seed=i)
+        got = run_onnx_artifact(tmp_path, "forward", inputs)[0]
+        assert got.shape == (len(lengths), 32)
+        torch.testing.assert_close(got, _run(pruned, inputs), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got, run_encoder(adapter_for(model), inputs, ReductionPlan(prune_after=1, keep=0.5)),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_symbolic_sequence_length_is_refused():
+    """Only the batch may stay symbolic: a graph traced with a dynamic sequence gets a PassError saying so."""
+    from elision.compiler.frontend import export_to_ir
+    from elision.models.vision import MeanPooledEncoder
+    from elision.passes.base import PassError
+    from elision.passes.pruning.token_axes import check_symbolic_batch
+
+    with pytest.raises(PassError, match="dimension 'heads' \\(axis 1 of a 4-d value\\) is symbolic"):
+        check_symbolic_batch("prune-tokens", ("batch", "heads", 12, 8), token_axis=2)
+    check_symbolic_batch("prune-tokens", ("batch", 12, 32))
+    model = MeanPooledEncoder(tiny_bert(num_hidden_layers=2, intermediate_size=48, add_pooling_layer=False)).eval()
+    dims = {0: {0: "batch", 1: "seq"}, 1: {0: "batch", 1: "seq"}}
+    module = export_to_ir(model, padded_bert_batch((12, 9, 5), 12), dims)
+    with pytest.raises(PassError, match="the sequence length is symbolic \\('seq'\\); token reduction needs a static "
+                                        "sequence length"):
+        _prune(module, "after=0;keep=0.5")
+
+
+def test_tap_traced_with_symbolic_batch_or_refused():
+    """`trace_tap` keeps a symbolic batch symbolic (a sym_size in the shape arguments, not the example's size) and
+    refuses a tap whose code branches on the batch size instead of baking one branch in."""
+    from elision.passes.base import PassError
+    from elision.passes.pruning.token_axes import trace_tap
+
+    fn = trace_tap(lambda h: torch.ones(h.shape[0], 4) + h[:, :4, 0], {"h": (("batch", 6, 8), torch.float32)}, "t")
+    text = str(fn)
+    assert "aten.sym_size.int(%h, 0)" in text and "f32[batch, 4]" in text
+    with pytest.raises(PassError, match="t: the tap's code depends on the value of the symbolic dims \\['batch'\\]"):
+        trace_tap(lambda h: h[:1] if h.shape[0] > 3 else h, {"h": (("batch", 6, 8), torch.float32)}, "t")
+
+
 @pytest.mark.parametrize("opts, message", [
     ("keep=0", "keep=0.0 is outside \\(0, 1\\]"),
     ("keep=1.5", "outside \\(0, 1\\]"),
@@ -174,7 +267,8 @@ def test_prune_tokens_is_approximate(bert_ir):
 
 def test_compile_cli_prunes_builtin_vit_to_onnx(tmp_path):
     """`elision compile --passes prune-tokens{...} --approximate --emit onnx` on the trained Fashion ViT: traced at
-    a fixed shape, the ORT artifact equals the layer-by-layer executor with the same settings."""
+    a fixed image size with the spec's batch dim kept dynamic, the one ORT artifact equals the layer-by-layer
+    executor with the same settings at batch 1, 2 and 5."""
     from typer.testing import CliRunner
 
     from elision.compiler.cli import app
@@ -187,16 +281,32 @@ def test_compile_cli_prunes_builtin_vit_to_onnx(tmp_path):
     res = CliRunner().invoke(app, ["compile", "builtin:fashion-vit", "--passes", "prune-tokens{after=2;keep=0.25}",
                                    "--approximate", "--emit", "onnx", "-o", str(out)])
     assert res.exit_code == 0, res.output
-    assert "exported at fixed input shapes [[2, 1, 28, 28]]" in res.output
-    x, _y = fashion_sample(2)
-    got = run_onnx_artifact(out, "forward", (x,))[0]
+    assert "exported at fixed input shapes [[batch, 1, 28, 28]] (the pipeline needs static shapes; batch stays " \
+           "dynamic)" in " ".join(res.output.split())
+    assert _onnx_input_dims(out) == [["batch", 1, 28, 28]]
+    x, _y = fashion_sample(5)
     model = load_model("builtin:fashion-vit").model
-    expect = run_encoder(adapter_for(model), (x,), ReductionPlan(prune_after=2, keep=0.25))
-    torch.testing.assert_close(got, expect, atol=1e-4, rtol=1e-4)
+    for b in (1, 2, 5):
+        got = run_onnx_artifact(out, "forward", (x[:b],))[0]
+        expect = run_encoder(adapter_for(model), (x[:b],), ReductionPlan(prune_after=2, keep=0.25))
+        torch.testing.assert_close(got, expect, atol=1e-4, rtol=1e-4)
     refused = CliRunner().invoke(app, ["compile", "builtin:fashion-vit", "--passes", "prune-tokens{after=2;keep=0.25}",
                                        "--emit", "onnx", "-o", str(tmp_path / "no")])
     # the CLI's entry point turns the PassError into a one-line message; CliRunner shows the exception itself
     assert refused.exit_code != 0 and "approximate" in str(refused.exception)
+
+
+def test_compile_cli_keeps_only_the_batch_dynamic():
+    """Token-reduction pipelines fix every dynamic dim but the one named batch; a static-shape pass that does not
+    handle a symbolic batch (no `dynamic_batch`) still fixes them all, as does a spec without a batch dim."""
+    from elision.compiler.cli import _keep_dims, _static_shapes
+
+    dims = {0: {0: "batch", 1: "seq"}, 1: {0: "batch", 1: "seq"}}
+    assert _keep_dims(dims, "batch") == {0: {0: "batch"}, 1: {0: "batch"}}
+    assert _keep_dims(dims, None) == {} and _keep_dims({0: {1: "seq"}}, "batch") == {}
+    ids = torch.zeros(2, 16, dtype=torch.long)
+    assert _static_shapes((ids, ids), _keep_dims(dims, "batch")) == [["batch", 16], ["batch", 16]]
+    assert _static_shapes((ids, ids), {}) == [[2, 16], [2, 16]]
 
 
 def test_onnx_timer_runs_the_deployed_plan(bert_ir):

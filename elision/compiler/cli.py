@@ -91,10 +91,14 @@ def compile_cmd(
         task = progress.add_task(f"loading {model}")
         lm = load_model(model)
         progress.update(task, description="tracing with torch.export")
-        if any(getattr(p, "static_shapes", False) for p in pm_passes):
-            # token pruning changes the sequence length inside the graph: trace (and emit) at the example's length
-            lm.dynamic_dims = {}
-            result["static_shapes"] = [list(x.shape) for x in lm.example_inputs if hasattr(x, "shape")]
+        static = [p for p in pm_passes if getattr(p, "static_shapes", False)]
+        if static:
+            # token pruning changes the sequence length inside the graph: trace (and emit) at the example's length;
+            # when every such pass handles a symbolic batch, the spec's batch dim stays dynamic (one artifact
+            # serves any batch size)
+            keep = BATCH_DIM if all(getattr(p, "dynamic_batch", False) for p in static) else None
+            lm.dynamic_dims = _keep_dims(lm.dynamic_dims, keep)
+            result["static_shapes"] = _static_shapes(lm.example_inputs, lm.dynamic_dims)
         ir = export_to_ir(lm.model, lm.example_inputs, lm.dynamic_dims, input_names=lm.input_names)
         nodes_before = ir.node_count()
         pm = PassManager(pm_passes, verify_each=verify_ir, check_types=verify_ir, dump_dir=dump_ir,
@@ -116,6 +120,31 @@ def compile_cmd(
         _print_compile_report(result)
     if verify and not result["verify"]["ok"]:
         raise typer.Exit(3)
+
+
+BATCH_DIM = "batch"  # the dynamic dim name that token-reduction pipelines keep dynamic
+
+
+def _keep_dims(dynamic_dims: dict | None, name: str | None) -> dict:
+    """`dynamic_dims` ({input: {axis: name}}) reduced to the dims called `name` (none when `name` is None)."""
+    kept = {}
+    for i, axes in (dynamic_dims or {}).items():
+        axes = {a: n for a, n in (axes or {}).items() if name is not None and n == name}
+        if axes:
+            kept[i] = axes
+    return kept
+
+
+def _static_shapes(example_inputs, dynamic_dims: dict) -> list[list]:
+    """The traced input shapes, with the dims left dynamic spelled by name."""
+    shapes = []
+    for i, x in enumerate(example_inputs):
+        if not hasattr(x, "shape"):
+            continue
+        dyn = dynamic_dims.get(i) or dynamic_dims.get(str(i)) or {}
+        names = {int(a): n for a, n in dyn.items()}
+        shapes.append([names.get(a, int(d)) for a, d in enumerate(x.shape)])
+    return shapes
 
 
 def _compile_for_generate(model: str, for_use: str, emit: str, passes: Optional[str], output: Path, verify: bool,
@@ -207,7 +236,10 @@ def _print_compile_report(result: dict) -> None:
     out.print(t)
     out.print(f"nodes: {result['nodes_before']} -> {result['nodes_after']}")
     if result.get("static_shapes"):
-        out.print(f"exported at fixed input shapes {result['static_shapes']} (the pipeline needs static shapes)")
+        shapes = ", ".join("[" + ", ".join(str(d) for d in s) + "]" for s in result["static_shapes"])
+        dynamic = sorted({d for s in result["static_shapes"] for d in s if isinstance(d, str)})
+        why = "the pipeline needs static shapes" + (f"; {', '.join(dynamic)} stays dynamic" if dynamic else "")
+        out.print(f"exported at fixed input shapes [{shapes}] ({why})", markup=False)
     for w in result["written"]:
         out.print(f"wrote {w}")
     if "verify" in result:

@@ -15,8 +15,9 @@ A compressed token mixes every patch, so it has no source token: a full-length v
 compression point (the attention mask) is read at [CLS] and at the first patch for all compressed tokens. That
 is exact only when the value is the same for every patch (the all-true mask of an image batch); the pass
 evaluates such values at compile time and refuses any it cannot prove uniform. The grid comes from the patch
-embedding convolution, [CLS] must be prepended before it. Approximate: runs only when approximate passes are
-allowed.
+embedding convolution, [CLS] must be prepended before it. The batch may stay dynamic (a mask that depends on
+it only through its size is checked at several batch sizes), the grid must be static. Approximate: runs only
+when approximate passes are allowed.
 """
 from __future__ import annotations
 
@@ -27,10 +28,12 @@ import torch
 
 from elision.ir.core import Function, Module, Node, Value, map_values
 from elision.ir.ops import resolve_op
+from elision.ir.symbolic import evaluate, free_symbols
+from elision.ir.types import ScalarType
 from elision.passes.base import Pass, PassError, register_pass
 from elision.passes.pruning import algorithms as alg
-from elision.passes.pruning.token_axes import (TokenRewriter, check_layer_option, model_map_for, shape_of, shorten_tokens,
-                                               splice, trace_tap)
+from elision.passes.pruning.token_axes import (TokenRewriter, check_layer_option, check_symbolic_batch, model_map_for,
+                                               shape_of, shorten_tokens, splice, trace_tap)
 
 
 def _compress_tap(hidden, dh, dw, ih, iw):
@@ -42,8 +45,16 @@ def _compress_tap(hidden, dh, dw, ih, iw):
     return torch.cat([hidden[:, :1], small], 1), src
 
 
-def _compile_time_value(fn: Function, v: Value) -> torch.Tensor | None:
-    """`v` evaluated now if it depends only on parameters and constants (a mask built from `arange`), else None."""
+def _bound_size(node: Node, sizes: dict[str, int] | None) -> bool:
+    """A `sym_size` whose symbolic size is bound in `sizes`."""
+    ty = node.result.type
+    return bool(sizes) and node.op == "aten.sym_size.int" and isinstance(ty, ScalarType) and ty.expr is not None \
+        and free_symbols(ty.expr) <= set(sizes)
+
+
+def _compile_time_value(fn: Function, v: Value, sizes: dict[str, int] | None = None) -> torch.Tensor | None:
+    """`v` evaluated now if it depends only on parameters and constants (a mask built from `arange`), else None.
+    `sizes` binds symbolic dims (a dynamic batch): a `sym_size` of an input then reads as that size."""
     producers, needed, stack = fn.producers(), set(), [v]
     while stack:
         cur = stack.pop()
@@ -52,13 +63,18 @@ def _compile_time_value(fn: Function, v: Value) -> torch.Tensor | None:
         if cur not in producers:
             return None  # a function input
         needed.add(cur)
-        stack.extend(producers[cur].inputs)
+        node = producers[cur]
+        if not _bound_size(node, sizes):
+            stack.extend(node.inputs)
     env: dict[Value, object] = {}
     for node in fn.nodes:
         if node.result not in needed:
             continue
         if node.op == "param":
             env[node.result] = fn.module.params[node.args[0]]
+            continue
+        if _bound_size(node, sizes):
+            env[node.result] = evaluate(node.result.type.expr, sizes)
             continue
         try:
             env[node.result] = resolve_op(node.op)(*map_values(node.args, env.__getitem__),
@@ -69,18 +85,32 @@ def _compile_time_value(fn: Function, v: Value) -> torch.Tensor | None:
     return out if isinstance(out, torch.Tensor) else None
 
 
+# batch sizes a value that depends on a dynamic batch only through its size is checked at
+_CHECK_BATCHES = (1, 2, 5)
+
+
 class _UniformOverPatches(TokenRewriter):
     """Reads full-length values at the first patch for every compressed token (see the module docstring), after
-    checking that this is exact: the value must be known at compile time and constant over the patches."""
+    checking that this is exact: the value must be known at compile time and constant over the patches. A value
+    that depends on a dynamic batch only through its size (a mask expanded to the batch) is checked at several
+    batch sizes."""
 
-    def external(self, e: Value, user: Node, as_sdpa_mask: bool) -> Value:
-        val = _compile_time_value(self.fn, e)
-        for a in self.axes[e.name] if val is not None else ():
+    def _uniform(self, e: Value, sizes: dict[str, int] | None) -> bool:
+        val = _compile_time_value(self.fn, e, sizes)
+        if val is None:
+            return False
+        for a in self.axes[e.name]:
             patches = val.narrow(a, 1, self.n - 1)
             if not torch.equal(patches, val.narrow(a, 1, 1).expand_as(patches)):
-                val = None
-                break
-        if val is None:
+                return False
+        return True
+
+    def external(self, e: Value, user: Node, as_sdpa_mask: bool) -> Value:
+        syms = sorted({s for d in (shape_of(e) or ()) if isinstance(d, str) for s in free_symbols(d)} |
+                      {s for n in self.fn.nodes if n.op == "aten.sym_size.int" and isinstance(n.result.type, ScalarType)
+                       and n.result.type.expr for s in free_symbols(n.result.type.expr)})
+        bindings = [{s: b for s in syms} for b in _CHECK_BATCHES] if syms else [None]
+        if not all(self._uniform(e, sizes) for sizes in bindings):
             raise self._err(f"%{e.name} (built before the compression point, used at '{user.loc}') is a per-token "
                             "value that differs between patches or depends on the inputs; a compressed token mixes "
                             "all patches, so it cannot be carried over")
@@ -95,6 +125,7 @@ class CompressTokens(Pass):
     name: ClassVar[str] = "compress-tokens"
     approximate: ClassVar[bool] = True
     static_shapes: ClassVar[bool] = True  # the compressed graph's shapes depend on the grid
+    dynamic_batch: ClassVar[bool] = True  # ... but a dynamic batch dim stays dynamic (see `token_axes`)
     method: Literal["dct"] = "dct"
     after: int = 0
     keep: float = 1.0
@@ -113,6 +144,9 @@ class CompressTokens(Pass):
         if not layers or grid is None or len(grid) != 2 or cls is None or cls.index != 0:
             raise PassError("compress-tokens: no patch grid was recognised in this model; it needs a ViT-style "
                             "encoder (a patch-embedding convolution with a [CLS] token prepended to its patches)")
+        if not all(isinstance(d, int) for d in grid):
+            raise PassError(f"compress-tokens: the patch grid {grid[0]}x{grid[1]} is symbolic; export the model at a "
+                            "fixed image size (only the batch may stay dynamic)")
         check_layer_option("compress-tokens", "after", self.after, len(layers), last_allowed=False)
         mats = alg.dct_low_pass_matrices(tuple(grid), self.keep)
         if mats is None:
@@ -121,6 +155,8 @@ class CompressTokens(Pass):
         layer = layers[self.after]
         hidden = layer.output
         hs = shape_of(hidden)
+        if hs is not None and len(hs) == 3:
+            check_symbolic_batch("compress-tokens", hs)
         if hs is None or len(hs) != 3 or hs[1] != 1 + grid[0] * grid[1]:
             raise PassError(f"compress-tokens: layer {self.after} does not output [CLS] + the {grid[0]}x{grid[1]} "
                             "patch grid; compress-tokens must come before any token pruning/merging")

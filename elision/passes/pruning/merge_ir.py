@@ -1,4 +1,4 @@
-"""IR rewrite `merge-tokens`: ToMe token merging in every layer from `start` on, at static shapes.
+"""IR rewrite `merge-tokens`: ToMe token merging in every layer from `start` on, at a static token count.
 
 merge-tokens{r=R; start=S}
 
@@ -9,7 +9,8 @@ tokens shrink by r per layer (fewer once only [CLS] would be left to pair), so e
 `token_axes.shorten_tokens` rewrite. The size vector (how many patches each token stands for) and the
 protected marks are threaded from one merge to the next, and each merge's proportional-attention bias
 log(size) replaces the attention mask of every later layer. The result equals the executor with
-`ReductionPlan(merge_r=R, merge_start=S)`; r=0 leaves the module untouched.
+`ReductionPlan(merge_r=R, merge_start=S)`; r=0 leaves the module untouched. The batch may stay dynamic (the
+matching is traced with the batch symbolic), the number of tokens must be static.
 
 ViT-style encoders only (a patch embedding with [CLS] first, pre-norm layers, no padding): a text encoder's
 padding mask and size-weighted pooling would have to be carried through the merges as well. Approximate:
@@ -25,8 +26,8 @@ import torch
 from elision.ir.core import Module, Node, Value
 from elision.passes.base import Pass, PassError, register_pass
 from elision.passes.pruning import algorithms as alg
-from elision.passes.pruning.token_axes import (TokenRewriter, check_layer_option, model_map_for, shape_of, shorten_tokens,
-                                               splice, trace_tap)
+from elision.passes.pruning.token_axes import (TokenRewriter, check_layer_option, check_symbolic_batch, model_map_for,
+                                               shape_of, shorten_tokens, splice, trace_tap)
 
 
 def _merge_tap(r: int):
@@ -64,6 +65,7 @@ class MergeTokens(Pass):
     name: ClassVar[str] = "merge-tokens"
     approximate: ClassVar[bool] = True
     static_shapes: ClassVar[bool] = True  # the merged graph's shapes depend on the number of tokens
+    dynamic_batch: ClassVar[bool] = True  # ... but a dynamic batch dim stays dynamic (see `token_axes`)
     r: int = 0
     start: int = 0
     fn_name: str = "forward"
@@ -88,6 +90,8 @@ class MergeTokens(Pass):
             # nodes keep their identity through the rewrites, values do not (their types shrink): look up by name
             values = {v.name: v for v in fn.values()}
             hidden, k = layer.residual_adds[0].result, values[layer.attention.k.name]
+            check_symbolic_batch("merge-tokens", shape_of(hidden))
+            check_symbolic_batch("merge-tokens", shape_of(k), token_axis=2)
             n = shape_of(hidden)[1]
             r = min(self.r, (n + 1) // 2 - 1)  # as the executor: [CLS] is the one protected even-position token
             if r <= 0:

@@ -14,8 +14,9 @@ to ONNX TopK/Sort/GatherElements):
 Everything downstream is rewritten to length K (see `token_axes`): reshapes and expands that spelled N, and
 values built at length N before the pruning point - the attention mask, a pooling mask - are gathered with
 the same indices and combined with the kept-valid marks. The graph must have a static sequence length
-(export it at a fixed length: the pruned graph's shapes depend on N). The result equals the layer-by-layer
-executor (`executor.run_encoder`) with the same settings; keep=1 leaves the module untouched.
+(export it at a fixed length: the pruned graph's shapes depend on N); the batch may stay dynamic (a symbolic
+batch dim is carried through the tap and the rewrite, so one graph serves every batch size). The result equals
+the layer-by-layer executor (`executor.run_encoder`) with the same settings; keep=1 leaves the module untouched.
 
 Encoders add positions at their input, so no position-dependent values flow past the pruning point and
 `positions` changes nothing there; a rotary model (positions applied inside each layer) is refused until
@@ -31,7 +32,8 @@ import torch
 from elision.ir.core import Function, Module, Value
 from elision.passes.base import Pass, PassError, register_pass
 from elision.passes.pruning import algorithms as alg
-from elision.passes.pruning.token_axes import check_layer_option, model_map_for, shape_of, shorten_tokens, splice, trace_tap
+from elision.passes.pruning.token_axes import (check_layer_option, check_symbolic_batch, model_map_for, shape_of,
+                                               shorten_tokens, splice, trace_tap)
 
 
 def _tap_function(score: str, keep: float, num_protected: int, sep: int, shapes: dict, n0_default: int) -> Function:
@@ -84,6 +86,7 @@ class PruneTokens(Pass):
     name: ClassVar[str] = "prune-tokens"
     approximate: ClassVar[bool] = True
     static_shapes: ClassVar[bool] = True  # `elision compile` traces at a fixed sequence length for this pass
+    dynamic_batch: ClassVar[bool] = True  # ... but keeps a dynamic batch dim (named "batch") dynamic
     score: Literal["cls-attn", "last-token-attn", "key-norm"] = "cls-attn"
     after: int = 0
     keep: float = 1.0
@@ -116,9 +119,11 @@ class PruneTokens(Pass):
                             "bidirectional encoders (BERT, ViT)")
         hidden = layer.output
         hs, qs, ks = shape_of(hidden), shape_of(att.q), shape_of(att.k)
-        if hs is None or len(hs) != 3 or qs is None or ks is None or not all(isinstance(d, int) for d in hs):
-            raise PassError("prune-tokens: the layer output must be a (batch, tokens, channels) tensor of static "
-                            "shape; export the model at a fixed sequence length for token pruning")
+        if hs is None or len(hs) != 3 or qs is None or ks is None:
+            raise PassError("prune-tokens: the layer output must be a (batch, tokens, channels) tensor; export the "
+                            "model at a fixed sequence length for token pruning")
+        for s in (hs, qs, ks):
+            check_symbolic_batch("prune-tokens", s, token_axis=1 if s is hs else 2)
         n = hs[1]
         ids = _input_named(module, fn, "input_ids")
         mask = _input_named(module, fn, "attention_mask")

@@ -11,16 +11,24 @@ static, so N cannot be found by value (a head dim or a batch may also equal N). 
 along the data flow: an (value, axis) pair is linked to the pairs it corresponds to through each op
 (elementwise broadcasting, linear, transpose, view by prefix product, SDPA query/key/mask axes, ...), and
 the class of (hidden state after the pruning layer, axis 1) is the token axis everywhere it reaches.
+
+The sequence length must be static (K is a static top-k), the batch need not be: a symbolic batch dim (a
+name such as ``batch`` in the IR types, a ``sym_size`` value in shape arguments) flows through the analysis
+(reshape prefixes are compared as sympy products), the taps are traced with that dim symbolic
+(`trace_tap`) and the rewrite spells it with a ``sym_size`` of a value that has it, so a pruned graph keeps
+serving every batch size. Any other symbolic dim that the rewrite would have to spell is refused.
 """
 from __future__ import annotations
 
 import math
 from typing import Callable
 
+import sympy
 import torch
 
 from elision.ir.core import Function, Node, Value, map_values
-from elision.ir.types import TensorType
+from elision.ir.symbolic import to_sympy
+from elision.ir.types import ScalarType, TensorType
 from elision.passes.base import PassError
 
 # ops whose output aligns with their (broadcast) inputs axis by axis, right-aligned
@@ -70,6 +78,17 @@ class AxisClasses:
         ra, rb = self.find((a.name, ia)), self.find((b.name, ib))
         if ra != rb:
             self.parent[ra] = rb
+
+
+def _prod(dims) -> int | sympy.Expr:
+    """Product of static and symbolic (string) dims; symbolic ones as a sympy expression (so `batch*50` keys
+    compare; a sympy integer equals and hashes as the int)."""
+    if all(isinstance(d, int) for d in dims):
+        return math.prod(dims)
+    out = sympy.Integer(1)
+    for d in dims:
+        out = out * (to_sympy(d) if isinstance(d, str) else sympy.Integer(d))
+    return sympy.expand(out)
 
 
 def _dims(arg, rank: int) -> list[int]:
@@ -150,11 +169,12 @@ def link_node(node: Node, uf: AxisClasses) -> None:
     elif op in _RESHAPE and sx is not None:
         # axis a of the input is axis b of the output when both have the same size and the same number of
         # elements before them (the axis was neither split nor merged)
-        pre_in = [math.prod(sx[:a]) for a in range(len(sx))]
-        pre_out = {math.prod(so[:b]): b for b in range(ro)}
+        # (element counts may be symbolic: a dynamic batch in front of the axis)
+        pre_in = [_prod(sx[:a]) for a in range(len(sx))]
+        pre_out = {_prod(so[:b]): b for b in range(ro)}
         for a in range(len(sx)):
             b = pre_out.get(pre_in[a])
-            if b is not None and isinstance(sx[a], int) and all(isinstance(d, int) for d in so):
+            if b is not None:
                 uf.union(x, a, out, b)
     elif op in ("matmul", "bmm") and sx is not None and shape_of(args[1]) is not None:
         y, sy = args[1], shape_of(args[1])
@@ -221,19 +241,66 @@ def check_layer_option(pass_name: str, option: str, value: int, num_layers: int,
                         f"use 0..{top}{why}")
 
 
+def check_symbolic_batch(what: str, shape: tuple, token_axis: int = 1) -> None:
+    """Token reduction needs a static sequence (a static top-k); only a named batch dim may stay symbolic."""
+    for a, d in enumerate(shape):
+        if isinstance(d, int):
+            continue
+        if a == token_axis % len(shape):
+            raise PassError(f"{what}: the sequence length is symbolic ({d!r}); token reduction needs a static "
+                            "sequence length: export the model at a fixed length (only the batch may stay dynamic)")
+        if a != 0 or not d.isidentifier():
+            raise PassError(f"{what}: dimension {d!r} (axis {a} of a {len(shape)}-d value) is symbolic; only a "
+                            "dynamic batch (a plain named dim on axis 0) is supported, export the rest at fixed sizes")
+
+
 def trace_tap(tap, shapes: dict[str, tuple], what: str) -> Function:
     """`tap` (plain torch code from `algorithms`, the executor's own) traced with make_fx for inputs of `shapes`
-    (name -> (shape, dtype)) and imported as an IR function, ready to `splice`."""
+    (name -> (shape, dtype)) and imported as an IR function, ready to `splice`.
+
+    Symbolic dims (a dynamic batch, spelled as in the IR) stay symbolic: the tap is traced on fake tensors whose
+    sizes are those symbols, so its shape arguments become `sym_size` values instead of the example's size. A tap
+    whose code had to specialize on such a dim (a guard on its value) is refused rather than baked in."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from elision.compiler.importer import import_graph
 
-    examples = [torch.zeros(s, dtype=d) for s, d in shapes.values()]
-    gm = make_fx(tap, tracing_mode="fake")(*examples)
+    symbolic = sorted({d for s, _ in shapes.values() for d in s if isinstance(d, str)})
+    symbol_names: dict[str, str] = {}
+    if not symbolic:
+        examples = [torch.zeros(s, dtype=d) for s, d in shapes.values()]
+        gm = make_fx(tap, tracing_mode="fake")(*examples)
+    else:
+        from torch._dynamo.source import ConstantSource
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+        bad = [d for d in symbolic if not d.isidentifier()]
+        if bad:
+            raise PassError(f"{what}: symbolic dimension {bad[0]!r} is an expression; only a plain named dim (a "
+                            "dynamic batch) can stay symbolic")
+        env = ShapeEnv()
+        static = {d for s, _ in shapes.values() for d in s if isinstance(d, int)}
+        hints = (h for h in range(17, 10_000) if h not in static)  # sizes no static dim has: no accidental ties
+        sizes, named = {}, {}
+        for name in symbolic:
+            hint = next(hints)
+            sym = env.create_symbol(hint, ConstantSource(f"elision_dim_{name}"), dynamic_dim=DimDynamic.DYNAMIC)
+            sizes[name] = env.create_symintnode(sym, hint=hint)
+            symbol_names[str(sym)] = name
+            named[sym] = sympy.Symbol(name)
+        with FakeTensorMode(shape_env=env) as mode:
+            examples = [torch.empty(tuple(sizes.get(d, d) for d in s), dtype=d_) for s, d_ in shapes.values()]
+        with mode:
+            gm = make_fx(tap, tracing_mode="real")(*examples)
+        guards = [str(g.expr.xreplace(named)) for g in env.guards if g.expr.free_symbols]
+        if guards:
+            raise PassError(f"{what}: the tap's code depends on the value of the symbolic dims {symbolic} "
+                            f"({'; '.join(guards[:3])}); export the model at a fixed batch size for this pass")
     if any(n.op == "get_attr" for n in gm.graph.nodes):
         raise PassError(f"{what}: the tap traced to graph constants; cannot splice it")
     return import_graph(gm.graph, fn_name=what.replace("-", "_") + "_tap", param_placeholders={},
-                        input_names=list(shapes))
+                        input_names=list(shapes), symbol_names=symbol_names)
 
 
 def splice(fn: Function, tap: Function, inputs: list[Value], after: Node, loc: str, prefix: str) -> list[Value]:
@@ -260,6 +327,7 @@ class TokenRewriter:
         self.remap: dict[Value, Value] = {}
         self.gathered: dict[tuple[str, str], Value] = {}
         self.producers = fn.producers()
+        self.sizes: dict[str, Value] = {}  # symbolic dim -> an int value holding it (a dynamic batch)
 
     def _err(self, what: str) -> PassError:
         return PassError(f"{self.where}: {what}")
@@ -276,6 +344,32 @@ class TokenRewriter:
         v = self.fn.new_value(ty, "shortened")
         self.fn.insert_before(before, [Node(op, args, kwargs or {}, v, self.loc)])
         return v
+
+    def _size(self, d, have: list[Value], before: Node):
+        """`d` as a shape argument: an int, or for a symbolic dim (a dynamic batch) an int value read off a tensor
+        in `have` that has that dim (`aten.sym_size.int`, made once and reused)."""
+        if isinstance(d, int):
+            return d
+        if d in self.sizes:
+            return self.sizes[d]
+        for t in have:
+            shape = shape_of(t)
+            if t is None or shape is None or d not in shape:
+                continue
+            v = self.fn.new_value(ScalarType("int", d), "sym_size")
+            node = Node("aten.sym_size.int", (t, shape.index(d)), {}, v, self.loc)
+            # right after the tensor it reads (the idx of the tap: before every rewritten node), else before the user
+            anchor = self.fn.producer(t) if t is self.idx else None
+            if anchor is not None:
+                self.fn.insert_after(anchor, [node])
+                self.sizes[d] = v
+            else:
+                self.fn.insert_before(before, [node])
+            return v
+        raise self._err(f"cannot spell the symbolic dimension {d!r} in a shape argument: no value at hand has it")
+
+    def _shape_arg(self, shape, have: list[Value], before: Node) -> list:
+        return [self._size(d, have, before) for d in shape]
 
     def _is_mask(self, v: Value) -> bool:
         """Derived from a non-float model input (the attention mask), i.e. a keep/drop weight, not a feature."""
@@ -295,7 +389,8 @@ class TokenRewriter:
     def _kept_as(self, shape: tuple, axis: int, dtype: str, before: Node) -> Value:
         view = [shape[0]] + [1] * (len(shape) - 1)
         view[axis] = self.k
-        kv = self._add("aten.view.default", (self.kept, view), TensorType("bool", tuple(view)), before)
+        kv = self._add("aten.view.default", (self.kept, self._shape_arg(view, [self.idx, self.kept], before)),
+                       TensorType("bool", tuple(view)), before)
         if dtype == "bool":
             return kv
         return self._add("aten._to_copy.default", (kv,), TensorType(dtype, tuple(view)), before,
@@ -315,13 +410,16 @@ class TokenRewriter:
         cur, shape = e, list(ty.shape)
         if shape[0] != b:  # broadcast over the batch (a shared mask or position table): materialize rows
             shape[0] = b
-            cur = self._add("aten.expand.default", (cur, list(shape)), TensorType(ty.dtype, tuple(shape)), before)
+            cur = self._add("aten.expand.default", (cur, self._shape_arg(shape, [self.idx, e], before)),
+                            TensorType(ty.dtype, tuple(shape)), before)
         for a in axes:
             view = [b] + [1] * (len(shape) - 1)
             view[a] = self.k
-            iv = self._add("aten.view.default", (self.idx, view), TensorType("i64", tuple(view)), before)
+            iv = self._add("aten.view.default", (self.idx, self._shape_arg(view, [self.idx, e], before)),
+                           TensorType("i64", tuple(view)), before)
             shape[a] = self.k
-            ie = self._add("aten.expand.default", (iv, list(shape)), TensorType("i64", tuple(shape)), before)
+            ie = self._add("aten.expand.default", (iv, self._shape_arg(shape, [self.idx, e], before)),
+                           TensorType("i64", tuple(shape)), before)
             cur = self._add("aten.gather.default", (cur, a, ie), TensorType(ty.dtype, tuple(shape)), before)
         if self.kept is not None and self._is_mask(e):
             # surplus slots of shorter rows (and padding) must stay hidden downstream: keys for attention,
@@ -369,6 +467,9 @@ class TokenRewriter:
             raise self._err(f"cannot rewrite {node.op} (%{node.result.name}, at '{node.loc}') to the shorter "
                             "sequence length; this op is not supported after the shortening point")
         x_axes = self.axes.get(node.args[0].name, []) if node.args and isinstance(node.args[0], Value) else []
+        if op in _RESHAPE and x_axes and not out_axes:
+            raise self._err(f"%{node.result.name} = {node.op} (at '{node.loc}') merges or splits the token axis; "
+                            "cannot rewrite it to the shorter sequence length")
         if op in _SHAPE_ARG_OPS:
             shape = list(args[1])
             for a in out_axes:
