@@ -29,7 +29,7 @@ On a CUDA GPU (torch backend only; adaptive KV then runs elision's Triton sparse
   (writes bench_results/volume_cuda.md / .json / .png instead of volume.*)
 Adaptive KV with fidelity, on the decoder whose attention is local (1024 latents):
   .venv/bin/python tools/bench_volume.py --model builtin:vecset-local --topk 64 --kv-block 16 --stem volume_local
-Options: [--model builtin:vecset-tiny] [--shape elephant] [--repeats 3] [--dense-repeats 1] [--topk 32] [--kv-block 8]
+Options: [--model builtin:vecset-tiny] [--shape elephant] [--repeats 3] [--dense-repeats 1] [--topk 32] [--kv-block 16]
          [--backends torch ort] [--ort-resolutions 128 256] [--dense-fraction 1.0] [--no-fixtures]
          [--fixtures-resolution 256] [--no-kv-speed] [--kv-queries 4096] [--kv-topk 128 256 1024]
          [--device cpu|cuda] [--dtype float32|float16|bfloat16]
@@ -279,7 +279,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dense-repeats", type=int, default=1)
     ap.add_argument("--topk", type=int, default=32)
-    ap.add_argument("--kv-block", type=int, default=8, help="adaptive-KV block edge in grid points")
+    ap.add_argument("--kv-block", type=int, default=16, help="adaptive-KV block edge in grid points")
     ap.add_argument("--chunk", type=int, default=8000, help="queries per call (Hunyuan default num_chunks=8000)")
     ap.add_argument("--backends", nargs="+", default=["torch", "ort"])
     ap.add_argument("--ort-resolutions", type=int, nargs="*", default=None,

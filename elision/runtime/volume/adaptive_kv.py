@@ -36,7 +36,7 @@ class AdaptiveKVOptions:
     topk: int = 32          # tokens kept per head and block (the first rung of the ladder)
     block: int = 16         # block edge in grid points of the current level
     samples: int = 8        # representative queries per block
-    min_mass: float = 0.98  # retained softmax mass below which a block moves up the ladder (then: all tokens)
+    min_mass: float = 0.99  # retained softmax mass below which a block moves up the ladder (then: all tokens)
     tiers: int = 3          # doublings of topk tried before full KV (0: one fixed k, as FlashVDM)
     tile: int = 128         # queries per attention tile (a block's tiles share its tokens)
 

@@ -4,7 +4,7 @@ Grammar: comma-separated pass names with optional `{knob=value,...}`:
   query-independence          prove per-query independence before any subset evaluation (refuses if not)
   hoist-invariants            compute latent-side work once per shape instead of once per chunk
   sparse-volume{min_res=16,levels=,band=auto,dilation=0,iso=0}
-  adaptive-kv{topk=32,block=16,samples=8,min_mass=0.98,tiers=3,tile=128}
+  adaptive-kv{topk=32,block=16,samples=8,min_mass=0.99,tiers=3,tile=128}
 "" is dense decoding exactly as published (chunked, latent K/V recomputed per chunk).
 """
 from __future__ import annotations
