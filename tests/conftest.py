@@ -47,3 +47,28 @@ def fashion_vit_dynamic_ir():
     model = load_model("builtin:fashion-vit").model
     x, _y = fashion_sample(6)
     return model, export_to_ir(model, (x[:3],), {0: {0: "batch"}}), (x,)
+
+
+@pytest.fixture(scope="module")
+def bert_ir():
+    """A tiny BERT with sentence-transformers mean pooling, batch 3 with two padded rows, static length 12."""
+    from pruning_models import padded_bert_batch, tiny_bert
+
+    from elision.compiler.frontend import export_to_ir
+    from elision.models.vision import MeanPooledEncoder
+
+    model = MeanPooledEncoder(tiny_bert(num_hidden_layers=3, intermediate_size=48, add_pooling_layer=False)).eval()
+    ids, mask = padded_bert_batch((12, 9, 5), 12)
+    return model, export_to_ir(model, (ids, mask)), (ids, mask)
+
+
+@pytest.fixture(scope="module")
+def bert_dynamic_ir():
+    """The tiny mean-pooled BERT of `bert_ir` traced with a dynamic batch (the sequence stays 12)."""
+    from pruning_models import padded_bert_batch, tiny_bert
+
+    from elision.compiler.frontend import export_to_ir
+    from elision.models.vision import MeanPooledEncoder
+
+    model = MeanPooledEncoder(tiny_bert(num_hidden_layers=3, intermediate_size=48, add_pooling_layer=False)).eval()
+    return model, export_to_ir(model, padded_bert_batch((12, 9, 5), 12), {0: {0: "batch"}, 1: {0: "batch"}})

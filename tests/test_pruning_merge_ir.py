@@ -1,7 +1,8 @@
-"""IR rewrite `merge-tokens{r,start}` (ToMe) on the trained Fashion ViT ([CLS] + 49 patches, 6 layers): equal to the
-layer-by-layer executor bit for bit, the token axis shrinks by r per layer with proportional attention threaded
-through, combined with skip-layers as the tuner prints it, r=0 identity, print/parse round trip, ONNX lowering run
-by onnxruntime, bad options and models it must refuse."""
+"""IR rewrite `merge-tokens{r,start}` (ToMe) on the trained Fashion ViT ([CLS] + 49 patches, 6 layers) and on mean-pooled
+BERT text encoders with padding (a tiny BERT, all-MiniLM-L6-v2): equal to the layer-by-layer executor bit for bit,
+the token axis shrinks by r per layer with proportional attention threaded through (padding at size 0), the text
+pooling weighted by token size, combined with skip-layers as the tuner prints it, r=0 identity, print/parse round
+trip, ONNX lowering run by onnxruntime, a dynamic batch, bad options and models it must refuse."""
 from __future__ import annotations
 
 import pytest
@@ -108,14 +109,16 @@ def test_bad_options(fashion_vit_ir, opts, message):
         _apply(fashion_vit_ir[1], "merge-tokens{" + opts + "}")
 
 
-def test_text_encoder_is_refused():
+def test_unpooled_text_encoder_is_refused():
+    """A text encoder whose output is the per-token states (no pooling with the attention mask): merged tokens have
+    no per-token output and the executor's size-weighted mean pooling has nothing to replace."""
     from pruning_models import padded_bert_batch, tiny_bert
 
     from elision.compiler.frontend import export_to_ir
     from elision.passes.base import PassError
 
     bert = export_to_ir(tiny_bert(num_hidden_layers=2, add_pooling_layer=False), padded_bert_batch((6, 4), 6))
-    with pytest.raises(PassError, match="merge-tokens: the IR pass handles ViT-style encoders"):
+    with pytest.raises(PassError, match="not pooled with the attention mask"):
         _apply(bert, "merge-tokens{r=1}")
 
 
@@ -159,3 +162,157 @@ def test_dynamic_batch_merged_vit_onnx_serves_every_batch(fashion_vit_dynamic_ir
         expect = run_encoder(adapter_for(model), (x[:b],), plan)
         assert torch.equal(_run(merged, (x[:b],)), expect)
         torch.testing.assert_close(run_onnx_artifact(tmp_path, "forward", (x[:b],))[0], expect, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ text encoders
+
+# padded text batches of 1, 2 and 5 rows at the traced length 12 (real lengths, shortest 3: [CLS] x [SEP])
+TEXT_BATCHES = [(7,), (12, 9), (12, 9, 5, 3, 11)]
+
+
+@pytest.mark.parametrize("r, start", [(1, 0), (2, 0), (3, 1), (2, 2)])
+def test_text_merged_ir_matches_executor_bit_for_bit(bert_ir, r, start):
+    """Padded rows (sizes 0 never pull a real token's value), [CLS] and [SEP] protected, proportional attention and the
+    size-weighted mean pooling: the merged IR computes exactly what the executor measured."""
+    from elision.passes.pruning.executor import ReductionPlan, adapter_for, run_encoder
+
+    model, module, inputs = bert_ir
+    merged = _apply(module, f"merge-tokens{{r={r},start={start}}}")
+    expect = run_encoder(adapter_for(model), inputs, ReductionPlan(merge_r=r, merge_start=start))
+    assert torch.equal(_run(merged, inputs), expect)
+    assert not torch.allclose(_run(module, inputs), expect, atol=1e-3)  # the merging did change the output
+
+
+def test_text_golden_lengths_masks_and_pooling(bert_ir):
+    """r=3 from layer 1: 12 tokens through layers 0 and 1's attention, 9 and 6 after; layer 2 attends with the float
+    bias log(size) instead of the model's boolean padding mask, and the pooling weights are the last sizes (cast to
+    the mask's integer dtype and back), not the attention mask."""
+    _model, module, _inputs = bert_ir
+    lines = str(_apply(module, "merge-tokens{r=3,start=1}")).splitlines()
+    sdpa = [ln for ln in lines if "aten.scaled_dot_product_attention" in ln]
+    assert [int(ln.split(" : f32[3, 4, ")[1].split(",")[0]) for ln in sdpa] == [12, 12, 9]
+    masks = [ln.split("(")[1].split(", ")[3] for ln in sdpa]
+    assert masks[0] == masks[1] and any(ln.startswith(f"  {masks[0]} : bool[3, 1, 12, 12]") for ln in lines)
+    assert any(ln.startswith(f"  {masks[2]} : f32[3, 1, 1, 9] = aten.view.default(") for ln in lines)
+    for layer, n_out in ((1, 9), (2, 6)):
+        tap = [ln for ln in lines if f'loc("encoder_model.encoder.layer.{layer}.merge_tokens")' in ln]
+        assert any(f": f32[3, {n_out}, 32] = aten.gather.default(" in ln for ln in tap)
+    producers = {ln.split(" : ")[0].strip(): ln for ln in lines if " = " in ln}
+
+    def arg0(line):
+        return line.split("(", 1)[1].split(",")[0].split(")")[0]
+
+    weight_sum = next(ln for ln in lines if ": f32[3, 1] = aten.sum.dim_IntList(" in ln)  # the pooling denominator
+    weight = producers[arg0(weight_sum)]
+    assert ": f32[3, 6, 1] = aten.unsqueeze.default(" in weight
+    to_float = producers[arg0(weight)]
+    assert ": f32[3, 6] = aten._to_copy.default(" in to_float
+    size = producers[arg0(to_float)]  # the mask's i64 dtype, holding the last merge's sizes (whole token counts)
+    assert ": i64[3, 6] = aten._to_copy.default(%merge_" in size
+    assert "attention_mask" not in "\n".join(lines[lines.index(weight_sum) - 12:])
+
+
+def test_text_r_zero_is_untouched_and_round_trips(bert_ir):
+    from elision.ir import verify
+    from elision.ir.parser import parse
+
+    _model, module, inputs = bert_ir
+    assert str(_apply(module, "merge-tokens{r=0,start=1}")) == str(module)
+    merged = _apply(module, "merge-tokens{r=2,start=0}")
+    text = str(merged)
+    reparsed = parse(text, merged.params)
+    verify(reparsed, check_types=True)
+    assert str(reparsed) == text
+    assert torch.equal(_run(reparsed, inputs), _run(merged, inputs))
+
+
+def test_merged_text_encoder_lowers_to_onnx_and_matches_torch(bert_ir, tmp_path):
+    from elision.compiler.lowering import emit_onnx, run_onnx_artifact
+    from elision.passes.pruning.executor import ReductionPlan, adapter_for, run_encoder
+
+    model, module, inputs = bert_ir
+    merged = _apply(module, "merge-tokens{r=2,start=1}")
+    emit_onnx(merged, None, tmp_path, ort_fusions=False)
+    got = run_onnx_artifact(tmp_path, "forward", inputs)[0]
+    torch.testing.assert_close(got, _run(merged, inputs), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, run_encoder(adapter_for(model), inputs, ReductionPlan(merge_r=2, merge_start=1)),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_dynamic_batch_merged_text_encoder_matches_executor(bert_dynamic_ir):
+    """Traced with a symbolic batch, the text merges (the first one reading the attention mask and [SEP] marks, the
+    sizes and protected marks threaded to the next, the pooling weights) stay symbolic in the batch and equal the
+    executor bit for bit at batch 1, 2 and 5 with padded rows."""
+    from pruning_models import padded_bert_batch
+
+    from elision.passes.pruning.executor import ReductionPlan, adapter_for, run_encoder
+
+    model, module = bert_dynamic_ir
+    merged = _apply(module, "merge-tokens{r=2,start=1}")
+    text = str(merged)
+    assert "f32[batch, 4, 10, 8] = aten.scaled_dot_product_attention" in text  # layer 2 attends over 12 - 2 tokens
+    assert "[3, " not in text.split("func @forward")[1]  # the traced batch of 3 is spelled nowhere
+    plan = ReductionPlan(merge_r=2, merge_start=1)
+    for i, lengths in enumerate(TEXT_BATCHES):
+        inputs = padded_bert_batch(lengths, 12, seed=i)
+        assert torch.equal(_run(merged, inputs), run_encoder(adapter_for(model), inputs, plan))
+
+
+def test_dynamic_batch_merged_text_encoder_onnx_serves_every_batch(bert_dynamic_ir, tmp_path):
+    """One ONNX artifact of a merged text encoder traced with a symbolic batch: its inputs are (batch, 12) and
+    onnxruntime computes the executor's output at batch 1, 2 and 5 with padded rows."""
+    import onnx
+
+    from pruning_models import padded_bert_batch
+
+    from elision.compiler.lowering import emit_onnx, run_onnx_artifact
+    from elision.passes.pruning.executor import ReductionPlan, adapter_for, run_encoder
+
+    model, module = bert_dynamic_ir
+    merged = _apply(module, "merge-tokens{r=2,start=2}")  # one merge keeps the (dynamic-shape) export short
+    emit_onnx(merged, None, tmp_path, ort_fusions=False)
+    graph = onnx.load(str(tmp_path / "forward.onnx")).graph
+    assert [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input] == \
+        [["batch", 12], ["batch", 12]]
+    plan = ReductionPlan(merge_r=2, merge_start=2)
+    for i, lengths in enumerate(TEXT_BATCHES):
+        inputs = padded_bert_batch(lengths, 12, seed=i)
+        expect = run_encoder(adapter_for(model), inputs, plan)
+        torch.testing.assert_close(run_onnx_artifact(tmp_path, "forward", inputs)[0], expect, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("opts, message", [
+    ("r=4", "r=4 is too large for this text sequence: 8 tokens reach layer 1, where at most 2 can merge with "
+            r"\[CLS\] and \[SEP\] protected .* use r <= 2 with start=0"),
+    ("r=7;start=1", "r=7 is too large for this text sequence: 12 tokens reach layer 1, where at most 4 can merge"),
+    ("r=2;start=3", "start=3 is out of range: the model has 3 layers, use 0..2"),
+    ("r=-1", "r=-1 must be >= 0"),
+])
+def test_text_bad_options(bert_ir, opts, message):
+    from elision.passes.base import PassError
+
+    with pytest.raises(PassError, match=message):
+        _apply(bert_ir[1], "merge-tokens{" + opts + "}")
+
+
+def test_text_merge_after_prune_is_refused(bert_ir):
+    from elision.passes.base import PassError
+
+    with pytest.raises(PassError, match="already pruned by prune-tokens; the IR pass does not merge after pruning"):
+        _apply(bert_ir[1], "prune-tokens{after=0;keep=0.75},merge-tokens{r=1;start=1}")
+
+
+def test_minilm_merged_ir_matches_executor():
+    """The committed all-MiniLM-L6-v2 (6 post-norm layers, 384 wide) on three padded sentences: two merges per layer
+    from layer 3 equal the executor bit for bit."""
+    from pruning_models import padded_bert_batch
+
+    from elision.compiler.frontend import export_to_ir
+    from elision.models.registry import get_builtin
+    from elision.passes.pruning.executor import ReductionPlan, adapter_for, run_encoder
+
+    model = get_builtin("minilm").build()
+    inputs = padded_bert_batch((16, 11, 6), 16, seed=3)
+    merged = _apply(export_to_ir(model, inputs), "merge-tokens{r=2,start=3}")
+    expect = run_encoder(adapter_for(model), inputs, ReductionPlan(merge_r=2, merge_start=3))
+    assert torch.equal(_run(merged, inputs), expect)

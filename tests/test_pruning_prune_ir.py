@@ -11,28 +11,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def bert_ir():
-    """A tiny BERT with sentence-transformers mean pooling, batch 3 with two padded rows, static length 12."""
-    from elision.compiler.frontend import export_to_ir
-    from elision.models.vision import MeanPooledEncoder
-
-    model = MeanPooledEncoder(tiny_bert(num_hidden_layers=3, intermediate_size=48, add_pooling_layer=False)).eval()
-    ids, mask = padded_bert_batch((12, 9, 5), 12)
-    return model, export_to_ir(model, (ids, mask)), (ids, mask)
-
-
-@pytest.fixture(scope="module")
-def bert_dynamic_ir():
-    """The tiny mean-pooled BERT of `bert_ir` traced with a dynamic batch (the sequence stays 12)."""
-    from elision.compiler.frontend import export_to_ir
-    from elision.models.vision import MeanPooledEncoder
-
-    model = MeanPooledEncoder(tiny_bert(num_hidden_layers=3, intermediate_size=48, add_pooling_layer=False)).eval()
-    ids, mask = padded_bert_batch((12, 9, 5), 12)
-    return model, export_to_ir(model, (ids, mask), {0: {0: "batch"}, 1: {0: "batch"}})
-
-
-@pytest.fixture(scope="module")
 def vit_ir():
     from elision.compiler.frontend import export_to_ir
 
@@ -318,10 +296,15 @@ def test_onnx_timer_runs_the_deployed_plan(bert_ir):
     model, _module, inputs = bert_ir
     plan = ReductionPlan(prune_after=1, keep=0.5, skip_attn=frozenset({1}))
     adapter = adapter_for(model)
-    assert deployable(plan, adapter) and not deployable(ReductionPlan(merge_r=2), adapter)  # no merge pass for text
+    merged = ReductionPlan(merge_r=2, merge_start=1, skip_attn=frozenset({1}))
+    assert deployable(plan, adapter) and deployable(merged, adapter)
+    # what the text merge pass does not follow: an earlier pruning stage, an MLP skip in a merging layer
+    assert not deployable(ReductionPlan(prune_after=0, keep=0.5, merge_r=2, merge_start=1), adapter)
+    assert not deployable(ReductionPlan(merge_r=2, merge_start=1, skip_mlp=frozenset({1})), adapter)
+    assert deployable(ReductionPlan(merge_r=2, merge_start=1, skip_mlp=frozenset({0})), adapter)
     timer = OnnxTimer(model, inputs, ["input_ids", "attention_mask"], threads=1)
     try:
-        for p in (IDENTITY, plan):
+        for p in (IDENTITY, plan, merged):
             got = torch.from_numpy(next(iter(timer.runner(p)().values())))
             torch.testing.assert_close(got, run_encoder(adapter_for(model), inputs, p), atol=1e-5, rtol=1e-5)
     finally:

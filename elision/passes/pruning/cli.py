@@ -180,6 +180,7 @@ def register(app: typer.Typer) -> None:
         out.print(f"  {result.best.report.summary()}; speed-up {result.best.speedup:.2f}x "
                   f"({'ONNX artifacts' if result.measured_in == 'deployed' else 'eager executor'})")
         if not deployable(result.best.plan, adapter):
-            console.print("note: the merge-tokens IR pass handles vision encoders only, so `elision compile` cannot "
-                          "apply this pipeline; use --measure onnx to tune among deployable pipelines",
+            console.print("note: on a text encoder the merge-tokens IR pass follows no prune-tokens stage and no MLP "
+                          "skip in a merging layer, so `elision compile` cannot apply this pipeline; use --measure "
+                          "onnx to tune among deployable pipelines",
                           highlight=False, soft_wrap=True)

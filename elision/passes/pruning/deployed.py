@@ -4,7 +4,7 @@ The executor (`executor.run_encoder`) is exact but eager; what users ship is `el
 --emit onnx`. `OnnxTimer` traces the model once at the calibration shape (pruned graphs need a static sequence
 length), applies a plan's pipeline string with the IR passes, emits the artifact and returns a callable that
 runs it on the calibration inputs. The unpruned artifact built the same way is the baseline. Plans with no
-IR pass for the model (merge-tokens on a text encoder) cannot be deployed and so cannot be timed this way.
+IR pass for the model (see `deployable`) cannot be deployed and so cannot be timed this way.
 """
 from __future__ import annotations
 
@@ -18,9 +18,12 @@ from elision.passes.pruning.executor import EncoderAdapter, ReductionPlan
 
 
 def deployable(plan: ReductionPlan, adapter: EncoderAdapter) -> bool:
-    """Whether every part of `plan` has an IR pass for this model (so `elision compile` can apply it): the
-    merge-tokens pass handles vision encoders only."""
-    return plan.merge_r == 0 or adapter.grid is not None
+    """Whether every part of `plan` has an IR pass for this model (so `elision compile` can apply it). Vision
+    encoders take any plan; on a text encoder the merge-tokens pass does not follow an earlier prune-tokens
+    stage, and skip-layers cannot find the MLP branch of a layer that merges (after its attention LayerNorm)."""
+    if plan.merge_r == 0 or adapter.grid is not None:
+        return True
+    return not plan.prune_stages() and all(i < plan.merge_start for i in plan.skip_mlp)
 
 
 class OnnxTimer:
