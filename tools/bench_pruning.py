@@ -108,7 +108,9 @@ def reference_plans(name: str, num_layers: int):
 
 MINILM_ONNX_PIPELINES = ("", "prune-tokens{after=2;keep=0.75}", "prune-tokens{after=2;keep=0.5}",
                          "prune-tokens{after=1;keep=0.5}", "prune-tokens{after=0;keep=0.25}",
-                         "prune-tokens{after=2;keep=0.5},skip-layers{layers=mlp4}")
+                         "prune-tokens{after=2;keep=0.5},skip-layers{layers=mlp4}",
+                         # ToMe on text (size-weighted pooling, padding never merged)
+                         "merge-tokens{r=4;start=0}", "merge-tokens{r=8;start=2}", "merge-tokens{r=16;start=2}")
 # FasterVLM (penultimate layer, 25%), ToMe, Fourier DCT, and the plan `elision tune` picked in pruning.md
 VIT_ONNX_PIPELINES = ("", "prune-tokens{after=4;keep=0.25}", "merge-tokens{r=8;start=0}", "merge-tokens{r=16;start=1}",
                       "compress-tokens{method=dct;after=1;keep=0.25}",
