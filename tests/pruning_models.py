@@ -1,4 +1,5 @@
-"""Tiny randomly initialised HF encoders shared by the token-pruning tests (shapes and exactness, not fidelity)."""
+"""Tiny randomly initialised HF encoders shared by the token-pruning tests (shapes and exactness, not fidelity), and
+the checks every token-reduction IR pass test repeats (apply, interpret, print/parse round trip, ONNX input dims)."""
 from __future__ import annotations
 
 import torch
@@ -35,3 +36,39 @@ def padded_bert_batch(lengths: tuple[int, ...], seq: int, seed: int = 1) -> tupl
         ids[row, length:] = 0
         mask[row, length:] = 0
     return ids, mask
+
+
+def apply_pipeline(module, pipeline: str):
+    """A copy of the IR `module` rewritten by `pipeline` (verified after each pass, approximate passes allowed)."""
+    from elision.passes.base import PassManager, parse_pipeline
+
+    out = module.copy()
+    PassManager(parse_pipeline(pipeline), verify_each=True, check_types=True, allow_approximate=True).run(out)
+    return out
+
+
+def run_ir(module, inputs):
+    """The first output of the IR interpreter on `forward`."""
+    from elision.ir import interpret
+
+    return interpret(module, "forward", *inputs)[0]
+
+
+def assert_round_trips(module, inputs) -> None:
+    """The rewritten IR prints, parses back to the same text, verifies with types, and computes the same output."""
+    from elision.ir import verify
+    from elision.ir.parser import parse
+
+    text = str(module)
+    reparsed = parse(text, module.params)
+    verify(reparsed, check_types=True)
+    assert str(reparsed) == text
+    assert torch.equal(run_ir(reparsed, inputs), run_ir(module, inputs))
+
+
+def onnx_input_dims(out_dir) -> list[list]:
+    """Input shapes of an emitted forward.onnx, symbolic dims by name."""
+    import onnx
+
+    graph = onnx.load(str(out_dir / "forward.onnx")).graph
+    return [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input]

@@ -5,23 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pruning_models import apply_pipeline, assert_round_trips, onnx_input_dims, run_ir
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _compress(module, opts: str):
-    from elision.passes.base import PassManager, parse_pipeline
-
-    out = module.copy()
-    PassManager(parse_pipeline("compress-tokens{" + opts + "}"), verify_each=True, check_types=True,
-                allow_approximate=True).run(out)
-    return out
-
-
-def _run(module, inputs):
-    from elision.ir import interpret
-
-    return interpret(module, "forward", *inputs)[0]
+    return apply_pipeline(module, "compress-tokens{" + opts + "}")
 
 
 @pytest.mark.parametrize("after, keep", [(1, 0.25), (3, 0.5), (0, 0.1)])
@@ -33,8 +23,8 @@ def test_compressed_ir_matches_executor_bit_for_bit(fashion_vit_ir, after, keep)
     model, module, inputs = fashion_vit_ir
     compressed = _compress(module, f"method=dct;after={after};keep={keep}")
     expect = run_encoder(adapter_for(model), inputs, ReductionPlan(dct_after=after, dct_keep=keep))
-    assert torch.equal(_run(compressed, inputs), expect)
-    assert not torch.allclose(_run(module, inputs), expect, atol=1e-3)  # the compression did change the output
+    assert torch.equal(run_ir(compressed, inputs), expect)
+    assert not torch.allclose(run_ir(module, inputs), expect, atol=1e-3)  # the compression did change the output
 
 
 def test_golden_token_axis_after_the_layer(fashion_vit_ir):
@@ -66,19 +56,12 @@ def test_golden_token_axis_after_the_layer(fashion_vit_ir):
 
 
 def test_keep_one_is_untouched_and_round_trips(fashion_vit_ir):
-    from elision.ir import verify
-    from elision.ir.parser import parse
-
     _model, module, inputs = fashion_vit_ir
     text = str(module)
     # keep=0.99 rounds to the whole 7x7 grid, so it is the identity too
     assert str(_compress(module, "after=1;keep=1.0")) == text and str(_compress(module, "after=1;keep=0.99")) == text
     compressed = _compress(module, "after=2;keep=0.3")
-    text = str(compressed)
-    reparsed = parse(text, compressed.params)
-    verify(reparsed, check_types=True)
-    assert str(reparsed) == text
-    assert torch.equal(_run(reparsed, inputs), _run(compressed, inputs))
+    assert_round_trips(compressed, inputs)
 
 
 def test_compressed_vit_lowers_to_onnx_and_matches_torch(fashion_vit_ir, tmp_path):
@@ -93,7 +76,7 @@ def test_compressed_vit_lowers_to_onnx_and_matches_torch(fashion_vit_ir, tmp_pat
     assert "MatMul" in graph_ops and "Cos" not in graph_ops  # the DCT matrices ship as initializers
     got = run_onnx_artifact(tmp_path, "forward", inputs)[0]
     assert got.shape == (3, 10)
-    torch.testing.assert_close(got, _run(compressed, inputs), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, run_ir(compressed, inputs), atol=1e-5, rtol=1e-5)
 
 
 def test_tuner_plan_with_skips_compiles_to_the_measured_plan(fashion_vit_ir):
@@ -109,7 +92,7 @@ def test_tuner_plan_with_skips_compiles_to_the_measured_plan(fashion_vit_ir):
     assert deployable(plan, adapter_for(model))
     out = module.copy()
     PassManager(parse_pipeline(plan.describe()), verify_each=True, check_types=True, allow_approximate=True).run(out)
-    assert torch.equal(_run(out, inputs), run_encoder(adapter_for(model), inputs, plan))
+    assert torch.equal(run_ir(out, inputs), run_encoder(adapter_for(model), inputs, plan))
 
 
 @pytest.mark.parametrize("opts, message", [
@@ -170,8 +153,6 @@ def test_dynamic_batch_compressed_vit_onnx_serves_every_batch(fashion_vit_dynami
     """Traced with a symbolic batch, the DCT tap and the carried-over mask (an all-true mask expanded to the batch,
     checked uniform at several batch sizes) stay symbolic in the batch: the IR equals the executor bit for bit and
     one ONNX artifact computes it at batch 1, 2 and 5."""
-    import onnx
-
     from elision.compiler.lowering import emit_onnx, run_onnx_artifact
     from elision.passes.pruning.executor import ReductionPlan, adapter_for, run_encoder
 
@@ -181,12 +162,11 @@ def test_dynamic_batch_compressed_vit_onnx_serves_every_batch(fashion_vit_dynami
     assert "bool[batch, 1, 17, 17]" in text and "f32[batch, 4, 17, 16] = aten.scaled_dot_product_attention" in text
     assert "[3, " not in text.split("func @forward")[1]  # the traced batch of 3 is spelled nowhere
     emit_onnx(compressed, None, tmp_path, ort_fusions=False)
-    inputs = onnx.load(str(tmp_path / "forward.onnx")).graph.input
-    assert [d.dim_param or d.dim_value for d in inputs[0].type.tensor_type.shape.dim] == ["batch", 1, 28, 28]
+    assert onnx_input_dims(tmp_path)[0] == ["batch", 1, 28, 28]
     plan = ReductionPlan(dct_after=1, dct_keep=0.25)
     for b in (1, 2, 5):
         expect = run_encoder(adapter_for(model), (x[:b],), plan)
-        assert torch.equal(_run(compressed, (x[:b],)), expect)
+        assert torch.equal(run_ir(compressed, (x[:b],)), expect)
         torch.testing.assert_close(run_onnx_artifact(tmp_path, "forward", (x[:b],))[0], expect, atol=1e-5, rtol=1e-5)
 
 

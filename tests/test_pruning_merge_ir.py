@@ -7,22 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pruning_models import apply_pipeline, assert_round_trips, onnx_input_dims, run_ir
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _apply(module, pipeline: str):
-    from elision.passes.base import PassManager, parse_pipeline
-
-    out = module.copy()
-    PassManager(parse_pipeline(pipeline), verify_each=True, check_types=True, allow_approximate=True).run(out)
-    return out
-
-
-def _run(module, inputs):
-    from elision.ir import interpret
-
-    return interpret(module, "forward", *inputs)[0]
 
 
 @pytest.mark.parametrize("r, start", [(4, 0), (8, 1), (30, 0)])
@@ -31,10 +18,10 @@ def test_merged_ir_matches_executor_bit_for_bit(fashion_vit_ir, r, start):
     from elision.passes.pruning.executor import ReductionPlan, adapter_for, run_encoder
 
     model, module, inputs = fashion_vit_ir
-    merged = _apply(module, f"merge-tokens{{r={r},start={start}}}")
+    merged = apply_pipeline(module, f"merge-tokens{{r={r},start={start}}}")
     expect = run_encoder(adapter_for(model), inputs, ReductionPlan(merge_r=r, merge_start=start))
-    assert torch.equal(_run(merged, inputs), expect)
-    assert not torch.allclose(_run(module, inputs), expect, atol=1e-3)  # the merging did change the output
+    assert torch.equal(run_ir(merged, inputs), expect)
+    assert not torch.allclose(run_ir(module, inputs), expect, atol=1e-3)  # the merging did change the output
 
 
 def test_golden_lengths_and_proportional_attention(fashion_vit_ir):
@@ -42,7 +29,7 @@ def test_golden_lengths_and_proportional_attention(fashion_vit_ir):
     every layer after the first merge attends with the float bias log(size) of the tokens it sees."""
     _model, module, _inputs = fashion_vit_ir
     before = str(module)
-    lines = str(_apply(module, "merge-tokens{r=8,start=1}")).splitlines()
+    lines = str(apply_pipeline(module, "merge-tokens{r=8,start=1}")).splitlines()
     sdpa = [ln for ln in lines if "aten.scaled_dot_product_attention" in ln]
     assert [int(ln.split(" : f32[3, 4, ")[1].split(",")[0]) for ln in sdpa] == [50, 50, 42, 34, 26, 18]
     masks = [ln.split("(")[1].split(", ")[3] for ln in sdpa]
@@ -66,21 +53,14 @@ def test_tuner_pipeline_with_skips_compiles_to_the_measured_plan(fashion_vit_ir)
     plan = ReductionPlan(merge_r=16, merge_start=1, skip_attn=frozenset({4}), skip_mlp=frozenset({4}))
     assert plan.describe() == "merge-tokens{r=16,start=1},skip-layers{layers=attn4+mlp4}"
     assert deployable(plan, adapter_for(model))
-    assert torch.equal(_run(_apply(module, plan.describe()), inputs), run_encoder(adapter_for(model), inputs, plan))
+    assert torch.equal(run_ir(apply_pipeline(module, plan.describe()), inputs), run_encoder(adapter_for(model), inputs, plan))
 
 
 def test_r_zero_is_untouched_and_round_trips(fashion_vit_ir):
-    from elision.ir import verify
-    from elision.ir.parser import parse
-
     _model, module, inputs = fashion_vit_ir
-    assert str(_apply(module, "merge-tokens{r=0,start=1}")) == str(module)
-    merged = _apply(module, "merge-tokens{r=6,start=2}")
-    text = str(merged)
-    reparsed = parse(text, merged.params)
-    verify(reparsed, check_types=True)
-    assert str(reparsed) == text
-    assert torch.equal(_run(reparsed, inputs), _run(merged, inputs))
+    assert str(apply_pipeline(module, "merge-tokens{r=0,start=1}")) == str(module)
+    merged = apply_pipeline(module, "merge-tokens{r=6,start=2}")
+    assert_round_trips(merged, inputs)
 
 
 def test_merged_vit_lowers_to_onnx_and_matches_torch(fashion_vit_ir, tmp_path):
@@ -89,12 +69,12 @@ def test_merged_vit_lowers_to_onnx_and_matches_torch(fashion_vit_ir, tmp_path):
     from elision.compiler.lowering import emit_onnx, run_onnx_artifact
 
     _model, module, inputs = fashion_vit_ir
-    merged = _apply(module, "merge-tokens{r=8,start=3}")  # three merges keep the export short
+    merged = apply_pipeline(module, "merge-tokens{r=8,start=3}")  # three merges keep the export short
     emit_onnx(merged, None, tmp_path, ort_fusions=False)
     graph_ops = {n.op_type for p in tmp_path.glob("*.onnx") for n in onnx.load(str(p)).graph.node}
     assert {"ArgMax", "TopK", "ScatterElements", "GatherElements", "Log"} <= graph_ops
     got = run_onnx_artifact(tmp_path, "forward", inputs)[0]
-    torch.testing.assert_close(got, _run(merged, inputs), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, run_ir(merged, inputs), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("opts, message", [
@@ -106,7 +86,7 @@ def test_bad_options(fashion_vit_ir, opts, message):
     from elision.passes.base import PassError
 
     with pytest.raises(PassError, match=message):
-        _apply(fashion_vit_ir[1], "merge-tokens{" + opts + "}")
+        apply_pipeline(fashion_vit_ir[1], "merge-tokens{" + opts + "}")
 
 
 def test_unpooled_text_encoder_is_refused():
@@ -119,7 +99,7 @@ def test_unpooled_text_encoder_is_refused():
 
     bert = export_to_ir(tiny_bert(num_hidden_layers=2, add_pooling_layer=False), padded_bert_batch((6, 4), 6))
     with pytest.raises(PassError, match="not pooled with the attention mask"):
-        _apply(bert, "merge-tokens{r=1}")
+        apply_pipeline(bert, "merge-tokens{r=1}")
 
 
 def test_merge_tokens_is_approximate(fashion_vit_ir):
@@ -135,32 +115,29 @@ def test_dynamic_batch_merges_stay_symbolic_and_match_executor(fashion_vit_dynam
     from elision.passes.pruning.executor import ReductionPlan, adapter_for, run_encoder
 
     model, module, (x,) = fashion_vit_dynamic_ir
-    merged = _apply(module, "merge-tokens{r=8,start=3}")
+    merged = apply_pipeline(module, "merge-tokens{r=8,start=3}")
     text = str(merged)
     assert "f32[batch, 4, 34, 16] = aten.scaled_dot_product_attention" in text
     assert "[3, " not in text.split("func @forward")[1]  # the traced batch of 3 is spelled nowhere
     plan = ReductionPlan(merge_r=8, merge_start=3)
     for b in (1, 2, 5):
-        assert torch.equal(_run(merged, (x[:b],)), run_encoder(adapter_for(model), (x[:b],), plan))
+        assert torch.equal(run_ir(merged, (x[:b],)), run_encoder(adapter_for(model), (x[:b],), plan))
 
 
 def test_dynamic_batch_merged_vit_onnx_serves_every_batch(fashion_vit_dynamic_ir, tmp_path):
     """One ONNX artifact of a merged ViT traced with a symbolic batch: its input is (batch, 1, 28, 28) and
     onnxruntime computes the executor's output at batch 1, 2 and 5."""
-    import onnx
-
     from elision.compiler.lowering import emit_onnx, run_onnx_artifact
     from elision.passes.pruning.executor import ReductionPlan, adapter_for, run_encoder
 
     model, module, (x,) = fashion_vit_dynamic_ir
-    merged = _apply(module, "merge-tokens{r=8,start=5}")  # one merge keeps the (dynamic-shape) export short
+    merged = apply_pipeline(module, "merge-tokens{r=8,start=5}")  # one merge keeps the (dynamic-shape) export short
     emit_onnx(merged, None, tmp_path, ort_fusions=False)
-    inputs = onnx.load(str(tmp_path / "forward.onnx")).graph.input
-    assert [d.dim_param or d.dim_value for d in inputs[0].type.tensor_type.shape.dim] == ["batch", 1, 28, 28]
+    assert onnx_input_dims(tmp_path)[0] == ["batch", 1, 28, 28]
     plan = ReductionPlan(merge_r=8, merge_start=5)
     for b in (1, 2, 5):
         expect = run_encoder(adapter_for(model), (x[:b],), plan)
-        assert torch.equal(_run(merged, (x[:b],)), expect)
+        assert torch.equal(run_ir(merged, (x[:b],)), expect)
         torch.testing.assert_close(run_onnx_artifact(tmp_path, "forward", (x[:b],))[0], expect, atol=1e-5, rtol=1e-5)
 
 
@@ -177,10 +154,10 @@ def test_text_merged_ir_matches_executor_bit_for_bit(bert_ir, r, start):
     from elision.passes.pruning.executor import ReductionPlan, adapter_for, run_encoder
 
     model, module, inputs = bert_ir
-    merged = _apply(module, f"merge-tokens{{r={r},start={start}}}")
+    merged = apply_pipeline(module, f"merge-tokens{{r={r},start={start}}}")
     expect = run_encoder(adapter_for(model), inputs, ReductionPlan(merge_r=r, merge_start=start))
-    assert torch.equal(_run(merged, inputs), expect)
-    assert not torch.allclose(_run(module, inputs), expect, atol=1e-3)  # the merging did change the output
+    assert torch.equal(run_ir(merged, inputs), expect)
+    assert not torch.allclose(run_ir(module, inputs), expect, atol=1e-3)  # the merging did change the output
 
 
 def test_text_golden_lengths_masks_and_pooling(bert_ir):
@@ -188,7 +165,7 @@ def test_text_golden_lengths_masks_and_pooling(bert_ir):
     bias log(size) instead of the model's boolean padding mask, and the pooling weights are the last sizes (cast to
     the mask's integer dtype and back), not the attention mask."""
     _model, module, _inputs = bert_ir
-    lines = str(_apply(module, "merge-tokens{r=3,start=1}")).splitlines()
+    lines = str(apply_pipeline(module, "merge-tokens{r=3,start=1}")).splitlines()
     sdpa = [ln for ln in lines if "aten.scaled_dot_product_attention" in ln]
     assert [int(ln.split(" : f32[3, 4, ")[1].split(",")[0]) for ln in sdpa] == [12, 12, 9]
     masks = [ln.split("(")[1].split(", ")[3] for ln in sdpa]
@@ -213,17 +190,10 @@ def test_text_golden_lengths_masks_and_pooling(bert_ir):
 
 
 def test_text_r_zero_is_untouched_and_round_trips(bert_ir):
-    from elision.ir import verify
-    from elision.ir.parser import parse
-
     _model, module, inputs = bert_ir
-    assert str(_apply(module, "merge-tokens{r=0,start=1}")) == str(module)
-    merged = _apply(module, "merge-tokens{r=2,start=0}")
-    text = str(merged)
-    reparsed = parse(text, merged.params)
-    verify(reparsed, check_types=True)
-    assert str(reparsed) == text
-    assert torch.equal(_run(reparsed, inputs), _run(merged, inputs))
+    assert str(apply_pipeline(module, "merge-tokens{r=0,start=1}")) == str(module)
+    merged = apply_pipeline(module, "merge-tokens{r=2,start=0}")
+    assert_round_trips(merged, inputs)
 
 
 def test_merged_text_encoder_lowers_to_onnx_and_matches_torch(bert_ir, tmp_path):
@@ -231,10 +201,10 @@ def test_merged_text_encoder_lowers_to_onnx_and_matches_torch(bert_ir, tmp_path)
     from elision.passes.pruning.executor import ReductionPlan, adapter_for, run_encoder
 
     model, module, inputs = bert_ir
-    merged = _apply(module, "merge-tokens{r=2,start=1}")
+    merged = apply_pipeline(module, "merge-tokens{r=2,start=1}")
     emit_onnx(merged, None, tmp_path, ort_fusions=False)
     got = run_onnx_artifact(tmp_path, "forward", inputs)[0]
-    torch.testing.assert_close(got, _run(merged, inputs), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, run_ir(merged, inputs), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got, run_encoder(adapter_for(model), inputs, ReductionPlan(merge_r=2, merge_start=1)),
                                atol=1e-5, rtol=1e-5)
 
@@ -248,14 +218,14 @@ def test_dynamic_batch_merged_text_encoder_matches_executor(bert_dynamic_ir):
     from elision.passes.pruning.executor import ReductionPlan, adapter_for, run_encoder
 
     model, module = bert_dynamic_ir
-    merged = _apply(module, "merge-tokens{r=2,start=1}")
+    merged = apply_pipeline(module, "merge-tokens{r=2,start=1}")
     text = str(merged)
     assert "f32[batch, 4, 10, 8] = aten.scaled_dot_product_attention" in text  # layer 2 attends over 12 - 2 tokens
     assert "[3, " not in text.split("func @forward")[1]  # the traced batch of 3 is spelled nowhere
     plan = ReductionPlan(merge_r=2, merge_start=1)
     for i, lengths in enumerate(TEXT_BATCHES):
         inputs = padded_bert_batch(lengths, 12, seed=i)
-        assert torch.equal(_run(merged, inputs), run_encoder(adapter_for(model), inputs, plan))
+        assert torch.equal(run_ir(merged, inputs), run_encoder(adapter_for(model), inputs, plan))
 
 
 def test_dynamic_batch_merged_text_encoder_onnx_serves_every_batch(bert_dynamic_ir, tmp_path):
@@ -269,7 +239,7 @@ def test_dynamic_batch_merged_text_encoder_onnx_serves_every_batch(bert_dynamic_
     from elision.passes.pruning.executor import ReductionPlan, adapter_for, run_encoder
 
     model, module = bert_dynamic_ir
-    merged = _apply(module, "merge-tokens{r=2,start=2}")  # one merge keeps the (dynamic-shape) export short
+    merged = apply_pipeline(module, "merge-tokens{r=2,start=2}")  # one merge keeps the (dynamic-shape) export short
     emit_onnx(merged, None, tmp_path, ort_fusions=False)
     graph = onnx.load(str(tmp_path / "forward.onnx")).graph
     assert [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input] == \
@@ -292,14 +262,14 @@ def test_text_bad_options(bert_ir, opts, message):
     from elision.passes.base import PassError
 
     with pytest.raises(PassError, match=message):
-        _apply(bert_ir[1], "merge-tokens{" + opts + "}")
+        apply_pipeline(bert_ir[1], "merge-tokens{" + opts + "}")
 
 
 def test_text_merge_after_prune_is_refused(bert_ir):
     from elision.passes.base import PassError
 
     with pytest.raises(PassError, match="already pruned by prune-tokens; the IR pass does not merge after pruning"):
-        _apply(bert_ir[1], "prune-tokens{after=0;keep=0.75},merge-tokens{r=1;start=1}")
+        apply_pipeline(bert_ir[1], "prune-tokens{after=0;keep=0.75},merge-tokens{r=1;start=1}")
 
 
 def test_minilm_merged_ir_matches_executor():
@@ -313,6 +283,6 @@ def test_minilm_merged_ir_matches_executor():
 
     model = get_builtin("minilm").build()
     inputs = padded_bert_batch((16, 11, 6), 16, seed=3)
-    merged = _apply(export_to_ir(model, inputs), "merge-tokens{r=2,start=3}")
+    merged = apply_pipeline(export_to_ir(model, inputs), "merge-tokens{r=2,start=3}")
     expect = run_encoder(adapter_for(model), inputs, ReductionPlan(merge_r=2, merge_start=3))
-    assert torch.equal(_run(merged, inputs), expect)
+    assert torch.equal(run_ir(merged, inputs), expect)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pruning_models import padded_bert_batch, tiny_bert, tiny_vit
+from pruning_models import (apply_pipeline, assert_round_trips, onnx_input_dims, padded_bert_batch, run_ir, tiny_bert,
+                            tiny_vit)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -20,25 +21,7 @@ def vit_ir():
 
 
 def _prune(module, opts: str):
-    from elision.passes.base import PassManager, parse_pipeline
-
-    out = module.copy()
-    PassManager(parse_pipeline("prune-tokens{" + opts + "}"), verify_each=True, check_types=True,
-                allow_approximate=True).run(out)
-    return out
-
-
-def _run(module, inputs):
-    from elision.ir import interpret
-
-    return interpret(module, "forward", *inputs)[0]
-
-
-def _onnx_input_dims(out_dir) -> list[list]:
-    import onnx
-
-    graph = onnx.load(str(out_dir / "forward.onnx")).graph
-    return [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input]
+    return apply_pipeline(module, "prune-tokens{" + opts + "}")
 
 
 # padded text batches of 1, 2 and 5 rows at the traced length 12 (real lengths, shortest 3: [CLS] x [SEP])
@@ -53,25 +36,21 @@ def test_bert_pruned_ir_matches_executor_with_padding(bert_ir, score, after, kee
     model, module, inputs = bert_ir
     pruned = _prune(module, f"score={score};after={after};keep={keep}")
     expect = run_encoder(adapter_for(model), inputs, ReductionPlan(prune_after=after, keep=keep, score=score))
-    torch.testing.assert_close(_run(pruned, inputs), expect, atol=1e-6, rtol=1e-6)
-    assert not torch.allclose(_run(module, inputs), expect, atol=1e-4)  # the pruning did change the output
+    torch.testing.assert_close(run_ir(pruned, inputs), expect, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(run_ir(module, inputs), expect, atol=1e-4)  # the pruning did change the output
 
 
 def test_tuner_pipeline_string_compiles_to_the_measured_plan(bert_ir):
     """What `elision tune` prints (progressive pruning + skipped branches) is a pipeline the IR passes apply, and
     the rewritten graph computes exactly what the tuner measured with the executor."""
-    from elision.passes.base import PassManager, parse_pipeline
     from elision.passes.pruning.executor import ReductionPlan, adapter_for, run_encoder
 
     model, module, inputs = bert_ir
     plan = ReductionPlan(prune_after=0, keep=0.75, extra_stages=((1, 0.5),), skip_mlp=frozenset({1}))
-
-    pruned = module.copy()
-    PassManager(parse_pipeline(plan.describe()), verify_each=True, check_types=True,
-                allow_approximate=True).run(pruned)
+    pruned = apply_pipeline(module, plan.describe())
     assert str(pruned).count("aten.topk.default") == 2
     expect = run_encoder(adapter_for(model), inputs, plan)
-    torch.testing.assert_close(_run(pruned, inputs), expect, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(run_ir(pruned, inputs), expect, atol=1e-6, rtol=1e-6)
 
 
 def test_later_stage_must_follow_the_earlier_one(bert_ir):
@@ -87,7 +66,7 @@ def test_vit_pruned_ir_matches_executor(vit_ir):
     model, module, inputs = vit_ir
     pruned = _prune(module, "after=1;keep=0.25")
     expect = run_encoder(adapter_for(model), inputs, ReductionPlan(prune_after=1, keep=0.25))
-    torch.testing.assert_close(_run(pruned, inputs), expect, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(run_ir(pruned, inputs), expect, atol=1e-5, rtol=1e-5)
 
 
 def test_golden_bert_before_after(bert_ir):
@@ -114,18 +93,11 @@ def test_golden_bert_before_after(bert_ir):
 
 
 def test_keep_one_is_bit_for_bit_and_round_trips(bert_ir):
-    from elision.ir import verify
-    from elision.ir.parser import parse
-
     _model, module, inputs = bert_ir
     same = _prune(module, "after=1;keep=1.0")
-    assert str(same) == str(module) and torch.equal(_run(same, inputs), _run(module, inputs))
+    assert str(same) == str(module) and torch.equal(run_ir(same, inputs), run_ir(module, inputs))
     pruned = _prune(module, "after=1;keep=0.4")
-    text = str(pruned)
-    reparsed = parse(text, pruned.params)
-    verify(reparsed, check_types=True)
-    assert str(reparsed) == text
-    assert torch.equal(_run(reparsed, inputs), _run(pruned, inputs))
+    assert_round_trips(pruned, inputs)
 
 
 def test_pruned_bert_lowers_to_onnx_and_matches_torch(bert_ir, tmp_path):
@@ -139,7 +111,7 @@ def test_pruned_bert_lowers_to_onnx_and_matches_torch(bert_ir, tmp_path):
     graph_ops = {n.op_type for p in tmp_path.glob("*.onnx") for n in onnx.load(str(p)).graph.node}
     assert {"TopK", "GatherElements"} <= graph_ops
     got = run_onnx_artifact(tmp_path, "forward", inputs)[0]
-    torch.testing.assert_close(got, _run(pruned, inputs), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, run_ir(pruned, inputs), atol=1e-5, rtol=1e-5)
 
 
 def test_dynamic_batch_pruned_bert_keeps_batch_symbolic_and_matches_executor(bert_dynamic_ir):
@@ -150,16 +122,13 @@ def test_dynamic_batch_pruned_bert_keeps_batch_symbolic_and_matches_executor(ber
     model, module = bert_dynamic_ir
     assert module.functions["forward"].inputs[0].type.shape == ("batch", 12)
     plan = ReductionPlan(prune_after=0, keep=0.75, extra_stages=((1, 0.5),), score="last-token-attn")
-    pruned = module.copy()
-    from elision.passes.base import PassManager, parse_pipeline
-
-    PassManager(parse_pipeline(plan.describe()), verify_each=True, check_types=True, allow_approximate=True).run(pruned)
+    pruned = apply_pipeline(module, plan.describe())
     text = str(pruned)
     assert text.count("aten.topk.default") == 2 and "bool[batch, 1, 6, 6] = aten.__and__.Tensor(" in text
     assert "[3, " not in text.split("func @forward")[1]  # the traced batch of 3 is spelled nowhere
     for i, lengths in enumerate(DYNAMIC_BATCHES):
         inputs = padded_bert_batch(lengths, 12, seed=i)
-        torch.testing.assert_close(_run(pruned, inputs), run_encoder(adapter_for(model), inputs, plan),
+        torch.testing.assert_close(run_ir(pruned, inputs), run_encoder(adapter_for(model), inputs, plan),
                                    atol=1e-6, rtol=1e-6)
 
 
@@ -172,12 +141,12 @@ def test_dynamic_batch_pruned_bert_onnx_serves_every_batch(bert_dynamic_ir, tmp_
     model, module = bert_dynamic_ir
     pruned = _prune(module, "after=1;keep=0.5")
     emit_onnx(pruned, None, tmp_path, ort_fusions=False)
-    assert _onnx_input_dims(tmp_path) == [["batch", 12], ["batch", 12]]
+    assert onnx_input_dims(tmp_path) == [["batch", 12], ["batch", 12]]
     for i, lengths in enumerate(DYNAMIC_BATCHES):
         inputs = padded_bert_batch(lengths, 12, seed=i)
         got = run_onnx_artifact(tmp_path, "forward", inputs)[0]
         assert got.shape == (len(lengths), 32)
-        torch.testing.assert_close(got, _run(pruned, inputs), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got, run_ir(pruned, inputs), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got, run_encoder(adapter_for(model), inputs, ReductionPlan(prune_after=1, keep=0.5)),
                                    atol=1e-5, rtol=1e-5)
 
@@ -261,7 +230,7 @@ def test_compile_cli_prunes_builtin_vit_to_onnx(tmp_path):
     assert res.exit_code == 0, res.output
     assert "exported at fixed input shapes [[batch, 1, 28, 28]] (the pipeline needs static shapes; batch stays " \
            "dynamic)" in " ".join(res.output.split())
-    assert _onnx_input_dims(out) == [["batch", 1, 28, 28]]
+    assert onnx_input_dims(out) == [["batch", 1, 28, 28]]
     x, _y = fashion_sample(5)
     model = load_model("builtin:fashion-vit").model
     for b in (1, 2, 5):

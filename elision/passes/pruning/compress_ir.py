@@ -30,10 +30,11 @@ from elision.ir.core import Function, Module, Node, Value, map_values
 from elision.ir.ops import resolve_op
 from elision.ir.symbolic import evaluate, free_symbols
 from elision.ir.types import ScalarType
-from elision.passes.base import Pass, PassError, register_pass
+from elision.passes.base import PassError, register_pass
 from elision.passes.pruning import algorithms as alg
-from elision.passes.pruning.token_axes import (TokenRewriter, check_layer_option, check_symbolic_batch, model_map_for,
-                                               shape_of, shorten_tokens, splice, trace_tap)
+from elision.passes.pruning.token_axes import (TokenReductionPass, TokenRewriter, check_layer_option,
+                                               check_symbolic_batch, model_map_for, shape_of, shorten_tokens, splice,
+                                               trace_tap)
 
 
 def _compress_tap(hidden, dh, dw, ih, iw):
@@ -119,13 +120,10 @@ class _UniformOverPatches(TokenRewriter):
 
 @register_pass
 @dataclass(frozen=True)
-class CompressTokens(Pass):
+class CompressTokens(TokenReductionPass):
     """Low-pass the patch grid of a ViT-style encoder after a layer (see module docstring)."""
 
     name: ClassVar[str] = "compress-tokens"
-    approximate: ClassVar[bool] = True
-    static_shapes: ClassVar[bool] = True  # the compressed graph's shapes depend on the grid
-    dynamic_batch: ClassVar[bool] = True  # ... but a dynamic batch dim stays dynamic (see `token_axes`)
     method: Literal["dct"] = "dct"
     after: int = 0
     keep: float = 1.0

@@ -34,10 +34,11 @@ import torch
 
 from elision.ir.core import Module, Node, Value
 from elision.ir.types import TensorType
-from elision.passes.base import Pass, PassError, register_pass
+from elision.passes.base import PassError, register_pass
 from elision.passes.pruning import algorithms as alg
-from elision.passes.pruning.token_axes import (TokenRewriter, check_layer_option, check_symbolic_batch, model_map_for,
-                                               shape_of, shorten_tokens, splice, trace_tap)
+from elision.passes.pruning.token_axes import (TokenReductionPass, TokenRewriter, check_layer_option,
+                                               check_symbolic_batch, model_map_for, shape_of, shorten_tokens, splice,
+                                               trace_tap)
 
 
 def _merge_tap(r: int, names: list[str], sep: int, num_protected_a: int):
@@ -138,13 +139,10 @@ def _text_r_fits(r: int, n: int, layers: int, num_protected: int) -> int | None:
 
 @register_pass
 @dataclass(frozen=True)
-class MergeTokens(Pass):
+class MergeTokens(TokenReductionPass):
     """ToMe merging of r tokens in every layer >= start of a ViT-style or BERT-style encoder (see module docstring)."""
 
     name: ClassVar[str] = "merge-tokens"
-    approximate: ClassVar[bool] = True
-    static_shapes: ClassVar[bool] = True  # the merged graph's shapes depend on the number of tokens
-    dynamic_batch: ClassVar[bool] = True  # ... but a dynamic batch dim stays dynamic (see `token_axes`)
     r: int = 0
     start: int = 0
     sep: int = 102  # [SEP] id of BERT uncased vocabularies (text encoders only); -1: protect only [CLS]

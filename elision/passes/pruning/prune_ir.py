@@ -30,10 +30,10 @@ from typing import ClassVar, Literal
 import torch
 
 from elision.ir.core import Function, Module, Value
-from elision.passes.base import Pass, PassError, register_pass
+from elision.passes.base import PassError, register_pass
 from elision.passes.pruning import algorithms as alg
-from elision.passes.pruning.token_axes import (check_layer_option, check_symbolic_batch, model_map_for, shape_of,
-                                               shorten_tokens, splice, trace_tap)
+from elision.passes.pruning.token_axes import (TokenReductionPass, check_layer_option, check_symbolic_batch,
+                                               model_map_for, shape_of, shorten_tokens, splice, trace_tap)
 
 
 def _tap_function(score: str, keep: float, num_protected: int, sep: int, shapes: dict, n0_default: int) -> Function:
@@ -80,13 +80,10 @@ def _input_named(module: Module, fn: Function, name: str) -> Value | None:
 
 @register_pass
 @dataclass(frozen=True)
-class PruneTokens(Pass):
+class PruneTokens(TokenReductionPass):
     """Drop low-scoring tokens after a layer of a recognized encoder (see module docstring)."""
 
     name: ClassVar[str] = "prune-tokens"
-    approximate: ClassVar[bool] = True
-    static_shapes: ClassVar[bool] = True  # `elision compile` traces at a fixed sequence length for this pass
-    dynamic_batch: ClassVar[bool] = True  # ... but keeps a dynamic batch dim (named "batch") dynamic
     score: Literal["cls-attn", "last-token-attn", "key-norm"] = "cls-attn"
     after: int = 0
     keep: float = 1.0

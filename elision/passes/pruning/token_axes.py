@@ -21,7 +21,7 @@ serving every batch size. Any other symbolic dim that the rewrite would have to 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, ClassVar
 
 import sympy
 import torch
@@ -29,7 +29,18 @@ import torch
 from elision.ir.core import Function, Node, Value, map_values
 from elision.ir.symbolic import to_sympy
 from elision.ir.types import ScalarType, TensorType
-from elision.passes.base import PassError
+from elision.passes.base import Pass, PassError
+
+
+class TokenReductionPass(Pass):
+    """What prune-tokens, merge-tokens and compress-tokens share: they change the model's output on purpose
+    (approximate), the rewritten graph's shapes follow the number of tokens, so `elision compile` traces at a fixed
+    sequence length / image size for them (static_shapes), and the batch stays symbolic through every rewrite here,
+    so the spec's dynamic dim named "batch" is kept dynamic (dynamic_batch)."""
+
+    approximate: ClassVar[bool] = True
+    static_shapes: ClassVar[bool] = True
+    dynamic_batch: ClassVar[bool] = True
 
 # ops whose output aligns with their (broadcast) inputs axis by axis, right-aligned
 _ELEMENTWISE = {
