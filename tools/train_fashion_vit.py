@@ -6,6 +6,7 @@ Debian package `dataset-fashion-mnist` (IDX files under /usr/share/datasets/fash
 script writes, under elision/models/builtin/fashion-vit/:
 
   config.json          the ViTConfig
+  preprocessor_config.json  how raw images become pixel_values (size, the normalisation below)
   model.safetensors    the trained weights (float32)
   test_sample.safetensors  500 normalised test images + labels, so tests never need the dataset
   train_log.json       epochs, wall time and test accuracy on the full 10k test set
@@ -140,6 +141,10 @@ def main() -> None:
 
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     config.to_json_file(OUT_DIR / "config.json")
+    (OUT_DIR / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": 28, "width": 28},
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [MEAN], "image_std": [STD]},
+        indent=1))
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, OUT_DIR / "model.safetensors")
     # A fixed, class-balanced-enough sample of the test set: the first 500 images.

@@ -27,6 +27,7 @@ def build_fashion_vit():
         raise FileNotFoundError(f"{weights} is missing; create it with `python tools/train_fashion_vit.py`")
     config = ViTConfig.from_json_file(str(FASHION_DIR / "config.json"))
     config._attn_implementation = "sdpa"
+    config._name_or_path = str(FASHION_DIR)  # as from_pretrained would: preprocessor_config.json is found there
     model = ViTForImageClassification(config)
     model.load_state_dict(load_file(str(weights)))
     return model.eval()

@@ -2,11 +2,14 @@
 
     elision tune builtin:minilm --passes prune-tokens,skip-layers --min-fidelity 0.98 --calib stdlib
     elision tune builtin:fashion-vit --passes prune-tokens,merge-tokens --calib fashion --plot pareto.png
+    elision tune ./clip-vit-base-patch32 --passes prune-tokens,merge-tokens --calib images
 
 Prints the chosen pipeline string (the `--passes` syntax of `elision compile`) and writes a speed-fidelity
 Pareto plot (PNG). Calibration data: `stdlib` (docstrings of the Python standard library, text encoders),
-`fashion` (the committed Fashion-MNIST sample), or a .safetensors file holding the model's input tensors
-(`input_ids` [+ `attention_mask`] or `pixel_values`, optional `labels`).
+`images` (random crops of the photographs bundled with scikit-image, for vision towers such as CLIP),
+`fashion` (the committed Fashion-MNIST sample, resized for other vision models), a folder of image files, or
+a .safetensors file holding the model's input tensors (`input_ids` [+ `attention_mask`] or `pixel_values`,
+optional `labels`). Images are preprocessed as the model's preprocessor_config.json says (size, mean, std).
 """
 from __future__ import annotations
 
@@ -30,26 +33,37 @@ def _fail(msg: str) -> typer.Exit:
 def load_calibration(spec: str, model, adapter, samples: int, seq_len: int):
     """Returns (inputs tuple, labels or None)."""
     from elision.passes.pruning import calib
-    from elision.passes.pruning.executor import BertAdapter, ViTAdapter
+    from elision.passes.pruning.executor import BertAdapter
 
+    text = isinstance(adapter, BertAdapter)
+    prep = None if text else calib.ImagePreprocessing.for_model(model)
     if spec == "auto":
-        spec = "stdlib" if isinstance(adapter, BertAdapter) else "fashion"
+        spec = "stdlib" if text else ("fashion" if prep == calib.fashion_preprocessing() else "images")
     if spec == "stdlib":
-        if not isinstance(adapter, BertAdapter):
-            raise ValueError("--calib stdlib is text; this model takes images (use --calib fashion or a .safetensors file)")
+        if not text:
+            raise ValueError("--calib stdlib is text; this model takes images (use --calib images, fashion, "
+                             "a folder of images or a .safetensors file)")
         tok = getattr(model, "tokenizer", None)
         if tok is None:
             raise ValueError("the model has no tokenizer; pass --calib FILE.safetensors with input_ids and attention_mask")
         texts = calib.long_texts(samples, int(seq_len * 0.9)) if seq_len > 200 else calib.stdlib_paragraphs(samples)
         return calib.tokenize(tok, texts, seq_len, pad_to_max=True), None
-    if spec == "fashion":
-        if not isinstance(adapter, ViTAdapter):
-            raise ValueError("--calib fashion is images; this model takes text (use --calib stdlib)")
-        x, y = calib.fashion_sample(samples)
-        return (x,), y
     path = Path(spec)
+    if spec in ("fashion", "images") or path.is_dir():
+        if text:
+            raise ValueError(f"--calib {spec} is images; this model takes text (use --calib stdlib)")
+        if spec == "images":
+            return (calib.natural_images(samples, prep),), None
+        if path.is_dir():
+            return (calib.folder_images(path, samples, prep),), None
+        x, y = calib.fashion_sample(samples)
+        if prep == calib.fashion_preprocessing():
+            return (x,), y
+        # another model's input format: same pictures, its size/channels/normalisation (labels belong to the ViT)
+        return (prep(calib.fashion_preprocessing().to_unit(x)),), None
     if not path.is_file() or path.suffix != ".safetensors":
-        raise ValueError(f"--calib {spec!r}: use stdlib, fashion, or an existing .safetensors file of input tensors")
+        raise ValueError(f"--calib {spec!r}: use stdlib, images, fashion, a folder of images, or an existing "
+                         ".safetensors file of input tensors")
     from safetensors.torch import load_file
 
     data = load_file(str(path))
@@ -71,7 +85,9 @@ def register(app: typer.Typer) -> None:
                                    help="comma list of prune-tokens, merge-tokens, skip-layers, compress-tokens"),
         min_fidelity: float = typer.Option(0.98, "--min-fidelity",
                                            help="floor on fidelity: mean cosine (embeddings) or exp(-KL) (logits)"),
-        calib_spec: str = typer.Option("auto", "--calib", help="stdlib | fashion | FILE.safetensors"),
+        calib_spec: str = typer.Option(
+            "auto", "--calib", help="stdlib (text) | images (photos bundled with scikit-image) | fashion | "
+                                    "a folder of images | FILE.safetensors; auto picks by model"),
         samples: int = typer.Option(32, "--samples", help="calibration rows"),
         seq_len: int = typer.Option(128, "--seq-len", help="token length for text calibration"),
         plot: Path = typer.Option(Path("tune_pareto.png"), "--plot", help="where to write the Pareto plot (PNG)"),
@@ -120,7 +136,7 @@ def register(app: typer.Typer) -> None:
             names = ["input_ids", "attention_mask"] if len(calib) == 2 else ["pixel_values"]
             console.print("tracing the model at the calibration shape for ONNX timing")
             timer = OnnxTimer(loaded.model, calib, names, threads=max(1, min(threads, 2)))
-        kind = "embedding" if adapter.grid is None else "logits"
+        kind = adapter.output_kind
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), console=console, transient=True) as prog:
             task = prog.add_task("tuning", total=1)

@@ -76,6 +76,7 @@ class EncoderAdapter:
     num_layers: int
     num_heads: int
     grid: tuple[int, int] | None = None  # patch grid for vision models (tokens after [CLS])
+    output_kind: str = "embedding"        # what `head` returns: "embedding" (compared by cosine) or "logits"
 
     def embed(self, *inputs) -> TokenState: ...
     def qkv(self, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
@@ -141,6 +142,7 @@ class ViTAdapter(EncoderAdapter):
         self.num_heads = self.vit.config.num_attention_heads
         side = self.vit.config.image_size // self.vit.config.patch_size
         self.grid = (side, side)
+        self.output_kind = "logits" if hasattr(model, "classifier") else "embedding"
 
     def embed(self, pixel_values) -> TokenState:
         h = self.vit.embeddings(pixel_values)
