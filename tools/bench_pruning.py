@@ -17,7 +17,12 @@ rewritten by the IR passes (prune-tokens, merge-tokens, compress-tokens, skip-la
 onnxruntime, against the unpruned ONNX artifact built the same way (timings interleaved round by round). Writes
 bench_results/pruning_onnx.md.
 
-Usage: .venv/bin/python tools/bench_pruning.py [--repeats 5] [--quick] [--onnx]
+--fastv instead times FastV inside the language model of a random-weight HF LLaVA at a LLaVA-1.5-like shape
+(576 image tokens, scaled-down widths): HF `generate` against `fastv_generate` unpruned and pruned, prefill and
+32-token totals interleaved round by round. Speed only (random weights). Writes bench_results/pruning_fastv.md and
+pruning_fastv.png (--quick: smaller model, under bench_results/quick/).
+
+Usage: .venv/bin/python tools/bench_pruning.py [--repeats 5] [--quick] [--onnx | --fastv]
 """
 from __future__ import annotations
 
@@ -179,17 +184,176 @@ def onnx_benchmark(args) -> None:
     print("\n".join(lines))
 
 
+# LLaVA-1.5 layout (CLIP 336/14 -> 576 image tokens, Llama LM), widths scaled down so one ~620-token prefill takes
+# well under a second on 2 cores; --quick shrinks everything for a smoke run.
+FASTV_SIZES = {"image": 336, "patch": 14, "vision_hidden": 256, "vision_layers": 4, "lm_hidden": 768,
+               "lm_layers": 8, "lm_heads": 12, "lm_intermediate": 2048, "vocab": 32064, "text": 40,
+               "batches": (1,), "new_tokens": 32}
+FASTV_QUICK = {**FASTV_SIZES, "image": 168, "vision_layers": 2, "lm_hidden": 256, "lm_layers": 4, "lm_heads": 4,
+               "lm_intermediate": 704, "batches": (1,), "new_tokens": 8}
+# (table label, short label for progress and plot, K, keep)
+FASTV_ROWS = (("FastV keep 100% (our loop, unpruned)", "loop 100%", 2, 1.0), ("FastV K=2 R=50%", "K=2 50%", 2, 0.5),
+              ("FastV K=2 keep 25%", "K=2 25%", 2, 0.25), ("FastV K=3 keep 25%", "K=3 25%", 3, 0.25))
+
+
+def _fastv_llava(z: dict):
+    import transformers as T
+
+    torch.manual_seed(0)
+    vc = T.CLIPVisionConfig(hidden_size=z["vision_hidden"], intermediate_size=4 * z["vision_hidden"],
+                            num_hidden_layers=z["vision_layers"], num_attention_heads=4, image_size=z["image"],
+                            patch_size=z["patch"])
+    tc = T.LlamaConfig(hidden_size=z["lm_hidden"], intermediate_size=z["lm_intermediate"],
+                       num_hidden_layers=z["lm_layers"], num_attention_heads=z["lm_heads"], vocab_size=z["vocab"])
+    # image token 32000 as in llava-hf/llava-1.5 (vocab 32064); text tokens are drawn below it
+    cfg = T.LlavaConfig(vision_config=vc, text_config=tc, image_token_id=32000, projector_hidden_act="gelu")
+    model = T.LlavaForConditionalGeneration(cfg).eval()
+    model.generation_config.pad_token_id = tc.eos_token_id  # silences HF's "setting pad_token_id" warning
+    return model
+
+
+def _fastv_prompt(z: dict, batch: int):
+    """batch rows of text / one image span / text (no padding: every row has the same length)."""
+    g = torch.Generator().manual_seed(1)
+    half = z["text"] // 2
+    image = torch.full((1, (z["image"] // z["patch"]) ** 2), 32000)
+    ids = torch.cat([torch.randint(3, 32000, (batch, half), generator=g), image.expand(batch, -1),
+                     torch.randint(3, 32000, (batch, z["text"] - half), generator=g)], 1)
+    return ids, torch.randn(batch, 3, z["image"], z["image"], generator=g)
+
+
+def _lm_prefill_flops(z: dict, after: int, n: int, n_kept: int) -> float:
+    """Decoder-layer FLOPs of the prefill (FastV's accounting: projections, MLP and attention matmuls; embedding,
+    vision tower, projector and head excluded - the head runs on one token either way)."""
+    d, m = z["lm_hidden"], z["lm_intermediate"]
+
+    def layer(t: int) -> float:  # q,k,v,o projections + gate/up/down MLP + QK^T and AV (full, not halved)
+        return 2 * t * (4 * d * d + 3 * d * m) + 4 * t * t * d
+
+    return after * layer(n) + (z["lm_layers"] - after) * layer(n_kept)
+
+
+def fastv_benchmark(args) -> None:
+    """Prefill and 32-token latency of HF generate vs fastv_generate (unpruned and pruned) on a random LLaVA."""
+    import statistics
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from elision.passes.pruning.fastv import fastv_generate
+
+    z = FASTV_QUICK if args.quick else FASTV_SIZES
+    out = OUT / "quick" if args.quick else OUT  # a smoke run must not overwrite the committed results
+    repeats = 2 if args.quick else args.repeats
+    new = z["new_tokens"]
+    load0, t_start = os.getloadavg()[0], time.time()
+    model = _fastv_llava(z)
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    n_img = (z["image"] // z["patch"]) ** 2
+    lines = ["## FastV inside the LLaVA language model (speed only, random weights)", "",
+             f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared with other jobs; "
+             f"load average {load0:.1f} at start), torch {torch.__version__}, {torch.get_num_threads()} threads, fp32. "
+             f"Model: HF `LlavaForConditionalGeneration` built from a config at a LLaVA-1.5-like shape with random "
+             f"(seeded) weights, {params:.0f}M parameters: CLIP tower image {z['image']} / patch {z['patch']} "
+             f"({n_img} image tokens), hidden {z['vision_hidden']}, {z['vision_layers']} layers; Llama LM hidden "
+             f"{z['lm_hidden']}, {z['lm_layers']} layers, {z['lm_heads']} heads, intermediate {z['lm_intermediate']}, "
+             f"vocab {z['vocab']}. Prompt: {z['text']} text tokens around one image span; greedy, {new} new tokens "
+             f"(no EOS stop).", "",
+             f"Prefill = time to the first token (`max_new_tokens=1`), total = {new} new tokens, decode = (total - "
+             f"prefill) / {new - 1}. Median of {repeats} rounds after a warm-up round; each round runs every row "
+             "once (start rotated), so load changes hit all rows alike; the fastest round is in brackets (other jobs on "
+             "the shared cores slow single rounds several-fold). HF = `model.generate(do_sample=False, "
+             f"min_new_tokens={new})` on the same model and inputs; \"loop\" = `fastv_generate` with keep 100% "
+             "(same layers, nothing pruned: its ratio to HF is the loop's own overhead). LM FLOPs = the decoder "
+             "layers' share of the prefill relative to unpruned (projections + MLP + attention matmuls).", ""]
+    fig, axes = plt.subplots(1, len(z["batches"]), figsize=(6 * len(z["batches"]), 4.2), squeeze=False)
+    for b, ax in zip(z["batches"], axes[0]):
+        ids, px = _fastv_prompt(z, b)
+        mask, n = torch.ones_like(ids), ids.shape[1]  # explicit mask: pad == eos here, HF would warn
+
+        def hf(k: int):
+            return model.generate(input_ids=ids, pixel_values=px, attention_mask=mask, max_new_tokens=k,
+                                  min_new_tokens=k, do_sample=False)[:, n:]
+
+        def fv(after: int, keep: float, k: int):
+            return fastv_generate(model, ids, px, after=after, keep=keep, max_new_tokens=k, attention_mask=mask)
+
+        labels, short = ["HF generate"] + [r[0] for r in FASTV_ROWS], ["HF"] + [r[1] for r in FASTV_ROWS]
+        fns = [hf] + [(lambda k, a=a, kp=kp: fv(a, kp, k)) for _, _, a, kp in FASTV_ROWS]
+        # (row, prefill|total) measurements, interleaved; the warm-up round's outputs give the token agreement
+        cells = [(i, k) for i in range(len(fns)) for k in (1, new)]
+        warm = {c: fns[c[0]](c[1]) for c in cells}
+        times: dict = {c: [] for c in cells}
+        with torch.no_grad():
+            for r in range(repeats):
+                for j in range(len(cells)):
+                    c = cells[(j + r) % len(cells)]
+                    t0 = time.perf_counter()
+                    fns[c[0]](c[1])
+                    times[c].append(time.perf_counter() - t0)
+                print(f"batch {b} round {r + 1}/{repeats}: " + ", ".join(
+                    f"{short[i]} {'pre' if k == 1 else 'tot'} {times[(i, k)][-1]:.2f}s" for i, k in cells),
+                    flush=True)
+        pre = [statistics.median(times[(i, 1)]) for i in range(len(fns))]
+        tot = [statistics.median(times[(i, new)]) for i in range(len(fns))]
+        ref_tokens = warm[(0, new)]
+        lines += [f"### batch {b}, prompt {n} tokens ({n_img} image)", "",
+                  "| row | prompt tokens in layers < K / >= K | LM prefill FLOPs | prefill ms | vs HF | vs loop | "
+                  f"{new} tokens ms (min) | vs HF | vs loop | decode ms/token | vs HF | greedy agree with HF* |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        dec = [(t - p) / (new - 1) for p, t in zip(pre, tot)]
+        for i, label in enumerate(labels):
+            if i == 0:
+                group, flops, agree = f"{n} / {n} (all layers)", 1.0, "-"
+            else:
+                after = FASTV_ROWS[i - 1][2]
+                res = warm[(i, new)]
+                n_kept = res.tokens_per_group[1]
+                group = f"{res.tokens_per_group[0]} / {n_kept} (K={after})"
+                flops = _lm_prefill_flops(z, after, n, n_kept) / _lm_prefill_flops(z, after, n, n)
+                agree = f"{float((res.tokens == ref_tokens).float().mean()):.2f}"
+            lines.append(f"| {label} | {group} | {flops:.2f} | {pre[i] * 1e3:.0f} | {pre[0] / pre[i]:.2f}x | "
+                         f"{pre[1] / pre[i]:.2f}x | {tot[i] * 1e3:.0f} ({min(times[(i, new)]) * 1e3:.0f}) | {tot[0] / tot[i]:.2f}x | {tot[1] / tot[i]:.2f}x | "
+                         f"{dec[i] * 1e3:.1f} | {dec[0] / dec[i]:.2f}x | {agree} |")
+        lines.append("")
+        ax.bar(range(len(labels)), [p * 1e3 for p in pre], label="prefill (first token)")
+        ax.bar(range(len(labels)), [(t - p) * 1e3 for p, t in zip(pre, tot)], bottom=[p * 1e3 for p in pre],
+               label=f"decode ({new - 1} more tokens)")
+        ax.set_xticks(range(len(labels)), short, fontsize=8)
+        ax.set_ylabel(f"ms for {new} new tokens (median)")
+        ax.set_title(f"batch {b}, {n}-token prompt")
+        ax.legend(fontsize=8)
+    fig.suptitle("FastV in a random-weight LLaVA LM (CPU, speed only)", fontsize=10)
+    fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / "pruning_fastv.png", dpi=110)
+    plt.close(fig)
+    lines += ["*Greedy agreement on RANDOM weights is NOT a quality measure: it only shows that the pipeline ran "
+              "(keep 100% must match HF; pruned rows diverge freely because random logits are nearly flat). "
+              "Real-weight VLM fidelity is not measured here: no weights can be downloaded on this machine.", "",
+              "![FastV speed](pruning_fastv.png)", "",
+              f"Total wall time {time.time() - t_start:.0f} s; load average {os.getloadavg()[0]:.1f} at the end.", ""]
+    (out / "pruning_fastv.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="fewer rows and a smaller search (smoke run)")
     ap.add_argument("--onnx", action="store_true", help="measure IR-pruned ONNX artifacts (deployed form) only")
+    ap.add_argument("--fastv", action="store_true", help="time FastV in a random-weight LLaVA LM (speed only)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(min(args.threads, 2))
     if args.onnx:
         onnx_benchmark(args)
+        return
+    if args.fastv:
+        fastv_benchmark(args)
         return
 
     import matplotlib
