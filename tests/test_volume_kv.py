@@ -206,3 +206,32 @@ def test_adaptive_kv_on_the_local_decoder_reads_little_and_keeps_the_sign_field(
     flips = int(((kv.grid > 0) != (plain.grid > 0)).sum())
     assert flips <= 1e-4 * plain.grid.numel(), flips
     assert occupancy_iou(kv, plain) >= 0.995
+
+
+def test_planning_spans_do_not_change_the_decisions_or_values(monkeypatch):
+    """Once a level has shown enough probed blocks, the evaluator plans 65536 queries at a time (cheaper) while
+    still calling the decoder with at most `chunk` queries: every block's decision is its own, so the values and
+    the statistics equal planning one chunk at a time."""
+    from elision.models.registry import get_builtin
+    from elision.models.vecset import LOCAL_FIXTURE_DIR, fixture_latents
+    from elision.runtime.volume import decode_volume
+    from elision.runtime.volume.decode import _Evaluator
+    model = get_builtin("vecset-local").build()
+    lat = fixture_latents("elephant", LOCAL_FIXTURE_DIR)
+    passes = "hoist-invariants,sparse-volume,adaptive-kv{topk=32}"
+    calls = []
+    real_plan = _Evaluator._evaluate_adaptive
+
+    def counting(self, points, block_ids, k):
+        calls.append(points.shape[0])
+        return real_plan(self, points, block_ids, k)
+
+    monkeypatch.setattr(_Evaluator, "_evaluate_adaptive", counting)
+    wide = decode_volume(model, lat, 128, passes, chunk=2048)
+    wide_calls, calls[:] = list(calls), []
+    monkeypatch.setattr(_Evaluator, "PLAN_SPAN", 0)  # every span = one chunk, as before
+    narrow = decode_volume(model, lat, 128, passes, chunk=2048)
+    assert max(wide_calls) > 4 * 2048 and len(wide_calls) < len(calls)  # the wide spans were used
+    assert max(calls) <= 2048 + 16 ** 3  # a span ends at a block boundary: one block (16^3 points) beyond
+    torch.testing.assert_close(wide.grid, narrow.grid, atol=1e-6, rtol=1e-6)
+    assert wide.kv_stats == narrow.kv_stats

@@ -203,6 +203,15 @@ class _Evaluator:
         if resolution != self._level:
             self._level, self._level_start = resolution, self._counts()
 
+    # Queries planned at once once the guard has seen enough blocks of a level: planning has a fixed cost per
+    # call (sorting, the ladder, tiling), and the decoder is still called with at most `chunk` queries at a time.
+    # Until then spans stay at `chunk`, so a non-local decoder is caught after as few probes as before.
+    PLAN_SPAN = 65536
+
+    def _span(self) -> int:
+        probed = self._counts()[0] - self._level_start[0]
+        return self.chunk if probed < self.NONLOCAL_PROBES else max(self.chunk, self.PLAN_SPAN)
+
     def _nonlocal(self) -> bool:
         (probed, accepted), (probed0, accepted0) = self._counts(), self._level_start
         probed, accepted = probed - probed0, accepted - accepted0
@@ -249,7 +258,7 @@ class _Evaluator:
         start = 0
         n = points.shape[0]
         while start < n:
-            stop = min(start + self.chunk, n)
+            stop = min(start + self._span(), n)
             if stop < n:  # extend to the end of the current block
                 stop = int(torch.searchsorted(bid_sorted, bid_sorted[stop - 1], right=True))
             sel = order[start:stop]
