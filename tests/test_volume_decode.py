@@ -211,3 +211,16 @@ def test_decode_with_a_bfloat16_model_matches_fp32(tiny):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_decode_on_cuda_matches_cpu(tiny, dtype):
     _device_decode_matches_cpu(tiny, "cuda", dtype, max_flip_fraction=1e-4 if dtype == torch.float32 else 2e-3)
+
+
+@pytest.mark.parametrize("r,density,seed", [(1, 1.0, 0), (2, 0.5, 1), (3, 0.3, 2), (5, 0.1, 3), (6, 0.02, 4)])
+def test_cell_corners_are_the_fine_points_in_or_on_an_active_cell(r, density, seed):
+    """By definition (brute force): fine point f of the (2r+1)^3 grid is kept iff f/2 lies in the closed box
+    [c, c+1]^3 of some active coarse cell c."""
+    from elision.runtime.volume.decode import cell_corners
+    cells = torch.rand(r, r, r, generator=torch.Generator().manual_seed(seed)) < density
+    expect = torch.zeros((2 * r + 1,) * 3, dtype=torch.bool)
+    for c in cells.nonzero().tolist():
+        expect[2 * c[0]:2 * c[0] + 3, 2 * c[1]:2 * c[1] + 3, 2 * c[2]:2 * c[2] + 3] = True
+    got = cell_corners(cells)
+    assert got.is_contiguous() and torch.equal(got, expect)
