@@ -188,6 +188,8 @@ def test_tap_traced_with_symbolic_batch_or_refused():
     ("after=2;keep=0.5", "after=2 is out of range: the model has 3 layers, use 0..1"),
     ("after=-1;keep=0.5", "out of range"),
     ("score=entropy", "not one of cls-attn, last-token-attn, key-norm"),
+    ("after=auto;keep=0.5", "needs calibration data .* run `elision tune MODEL --passes prune-tokens"),
+    ("after=two;keep=0.5", "'two' is not any of int, 'auto'"),
 ])
 def test_bad_options(bert_ir, opts, message):
     from elision.passes.base import PassError

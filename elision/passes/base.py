@@ -117,6 +117,12 @@ def _split_options(body: str) -> dict[str, str]:
     return opts
 
 
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is typing.Literal:
+        return ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
 def _convert(value: str, tp: Any, where: str):
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -131,7 +137,7 @@ def _convert(value: str, tp: Any, where: str):
                 return _convert(value, a, where)
             except PassError as e:
                 errors.append(str(e))
-        raise PassError(f"{where}: {value!r} is not any of {', '.join(getattr(a, '__name__', str(a)) for a in args)}")
+        raise PassError(f"{where}: {value!r} is not any of {', '.join(_type_name(a) for a in args)}")
     if origin is typing.Literal:
         if value in args:
             return value

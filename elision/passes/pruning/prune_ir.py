@@ -1,6 +1,6 @@
 """IR rewrite `prune-tokens`: drop low-scoring tokens after an encoder layer, at a static sequence length.
 
-prune-tokens{score=cls-attn|last-token-attn|key-norm; after=L; keep=R; positions=renumber|preserve; sep=102}
+prune-tokens{score=cls-attn|last-token-attn|key-norm; after=L|auto; keep=R; positions=renumber|preserve; sep=102}
 
 At the output of layer `after` the pass splices in, as plain aten ops (so every backend runs it and it lowers
 to ONNX TopK/Sort/GatherElements):
@@ -25,7 +25,7 @@ position ids are threaded through. Approximate: runs only when approximate passe
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, Union
 
 import torch
 
@@ -85,7 +85,7 @@ class PruneTokens(TokenReductionPass):
 
     name: ClassVar[str] = "prune-tokens"
     score: Literal["cls-attn", "last-token-attn", "key-norm"] = "cls-attn"
-    after: int = 0
+    after: Union[int, Literal["auto"]] = 0  # auto: searched by `elision tune` (needs calibration data)
     keep: float = 1.0
     positions: Literal["renumber", "preserve"] = "renumber"
     sep: int = 102  # [SEP] id of BERT uncased vocabularies (all-MiniLM-L6-v2); -1: protect only [CLS]
@@ -97,6 +97,10 @@ class PruneTokens(TokenReductionPass):
             alg.check_keep_ratio(self.keep)
         except alg.PruningError as e:
             raise PassError(f"prune-tokens: {e}") from None
+        if self.after == "auto":
+            raise PassError("prune-tokens{after=auto} needs calibration data (where to prune differs per model and is "
+                            "measured, never assumed): run `elision tune MODEL --passes prune-tokens --min-fidelity "
+                            "0.98` and use the pipeline it prints")
         mm = model_map_for("prune-tokens", module, self.fn_name)
         layers = mm.layers
         if not layers:
