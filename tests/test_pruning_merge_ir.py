@@ -265,6 +265,22 @@ def test_text_bad_options(bert_ir, opts, message):
         apply_pipeline(bert_ir[1], "merge-tokens{" + opts + "}")
 
 
+@pytest.mark.parametrize("skips", [{"skip_mlp": frozenset({1})}, {"skip_attn": frozenset({1}), "skip_mlp": frozenset({1})},
+                                   {"skip_attn": frozenset({1})}])
+def test_text_merge_with_skips_in_a_merging_layer_compiles_to_the_measured_plan(bert_ir, skips):
+    """A BERT layer merges after its attention LayerNorm; skip-layers still finds that layer's MLP branch (it reads
+    the merged tokens), so the plans the tuner prints are deployable and the IR equals the executor."""
+    from elision.passes.pruning.deployed import deployable
+    from elision.passes.pruning.executor import ReductionPlan, adapter_for, run_encoder
+
+    model, module, inputs = bert_ir
+    plan = ReductionPlan(merge_r=2, merge_start=0, **skips)
+    assert deployable(plan, adapter_for(model))
+    out = run_ir(apply_pipeline(module, plan.describe()), inputs)
+    assert torch.equal(out, run_encoder(adapter_for(model), inputs, plan))
+    assert not torch.equal(out, run_encoder(adapter_for(model), inputs, ReductionPlan(merge_r=2, merge_start=0)))
+
+
 def test_text_merge_after_prune_is_refused(bert_ir):
     from elision.passes.base import PassError
 

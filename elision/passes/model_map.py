@@ -830,7 +830,8 @@ class _Builder:
         self.claimed: set[int] = set()  # ids of nodes explained by a recognized structure
         self.extra_embeddings: list[Embedding] = []
         # passes that splice a token-reducing op into the residual stream inside a layer (merge-tokens, between
-        # attention and MLP) record where the stream continues: attention residual add -> value the MLP reads
+        # attention and MLP) record where the stream continues: attention residual add (pre-norm) or attention
+        # LayerNorm output (post-norm) -> value the MLP reads
         values = {v.name: v for v in self.fn.values()}
         self.stream_continues = {a: values[b] for a, b in module.attrs.get(f"residual_stream.{fn_name}", {}).items()
                                  if b in values}
@@ -1154,6 +1155,7 @@ class _Builder:
             if n_in is None and post_norm is not None and len(users) == 1:
                 norms.append(post_norm)
                 stream, post = post_norm.output, True
+                stream = self.stream_continues.get(stream.name, stream)  # a post-norm layer merged after its norm
             mlp, add2, mlp_branch, out = self._find_mlp(stream, post, norms)
             self.claim([add1] + ([add2] if add2 is not None else []))
             layer = Layer(index=index, loc=layer_loc, input=residual_in,

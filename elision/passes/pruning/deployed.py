@@ -20,10 +20,8 @@ from elision.passes.pruning.executor import EncoderAdapter, ReductionPlan
 def deployable(plan: ReductionPlan, adapter: EncoderAdapter) -> bool:
     """Whether every part of `plan` has an IR pass for this model (so `elision compile` can apply it). Vision
     encoders take any plan; on a text encoder the merge-tokens pass does not follow an earlier prune-tokens
-    stage, and skip-layers cannot find the MLP branch of a layer that merges (after its attention LayerNorm)."""
-    if plan.merge_r == 0 or adapter.grid is not None:
-        return True
-    return not plan.prune_stages() and all(i < plan.merge_start for i in plan.skip_mlp)
+    stage."""
+    return plan.merge_r == 0 or adapter.grid is not None or not plan.prune_stages()
 
 
 class OnnxTimer:

@@ -9,7 +9,9 @@ tokens shrink by r per layer (fewer once only [CLS] would be left to pair), so e
 `token_axes.shorten_tokens` rewrite. The size vector (how many patches each token stands for) and the
 protected marks are threaded from one merge to the next, and each merge's proportional-attention bias
 log(size) replaces the attention mask of every later layer. The result equals the executor with
-`ReductionPlan(merge_r=R, merge_start=S)`; r=0 leaves the module untouched. The batch may stay dynamic (the
+`ReductionPlan(merge_r=R, merge_start=S)`; r=0 leaves the module untouched. Each merge records where its layer's
+residual stream continues (the model map's `residual_stream` attribute), so a later skip-layers still finds the
+MLP branch of a merging layer. The batch may stay dynamic (the
 matching is traced with the batch symbolic), the number of tokens must be static.
 
 Two kinds of encoders:
@@ -226,9 +228,9 @@ class MergeTokens(TokenReductionPass):
                 for node in later:  # proportional attention from here on (a later merge replaces it again)
                     _set_attn_mask(node, bias)
                 state[:] = [size, prot]
-                if not text:
-                    # the MLP of this layer reads the merged stream: tell the model map (skip-layers uses it)
-                    module.attrs.setdefault(f"residual_stream.{self.fn_name}", {})[hidden.name] = merged.name
+                # the MLP of this layer reads the merged stream (a ViT's attention residual add, a BERT layer's
+                # attention LayerNorm output): tell the model map, so skip-layers still finds the MLP branch
+                module.attrs.setdefault(f"residual_stream.{self.fn_name}", {})[hidden.name] = merged.name
                 return merged, None, None
 
             where = f"merge-tokens{{r={self.r},start={self.start}}}"
