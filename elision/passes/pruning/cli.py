@@ -36,9 +36,15 @@ def load_calibration(spec: str, model, adapter, samples: int, seq_len: int):
     from elision.passes.pruning.executor import BertAdapter
 
     text = isinstance(adapter, BertAdapter)
-    prep = None if text else calib.ImagePreprocessing.for_model(model)
+
+    def prep() -> calib.ImagePreprocessing:  # only image sources need it (a .safetensors file of inputs does not)
+        try:
+            return calib.ImagePreprocessing.for_model(model)
+        except ValueError as e:
+            raise ValueError(f"{e}; pass --calib FILE.safetensors holding pixel_values for this model") from None
+
     if spec == "auto":
-        spec = "stdlib" if text else ("fashion" if prep == calib.fashion_preprocessing() else "images")
+        spec = "stdlib" if text else ("fashion" if prep() == calib.fashion_preprocessing() else "images")
     if spec == "stdlib":
         if not text:
             raise ValueError("--calib stdlib is text; this model takes images (use --calib images, fashion, "
@@ -52,15 +58,16 @@ def load_calibration(spec: str, model, adapter, samples: int, seq_len: int):
     if spec in ("fashion", "images") or path.is_dir():
         if text:
             raise ValueError(f"--calib {spec} is images; this model takes text (use --calib stdlib)")
+        to_model = prep()
         if spec == "images":
-            return (calib.natural_images(samples, prep),), None
+            return (calib.natural_images(samples, to_model),), None
         if path.is_dir():
-            return (calib.folder_images(path, samples, prep),), None
+            return (calib.folder_images(path, samples, to_model),), None
         x, y = calib.fashion_sample(samples)
-        if prep == calib.fashion_preprocessing():
+        if to_model == calib.fashion_preprocessing():
             return (x,), y
         # another model's input format: same pictures, its size/channels/normalisation (labels belong to the ViT)
-        return (prep(calib.fashion_preprocessing().to_unit(x)),), None
+        return (to_model(calib.fashion_preprocessing().to_unit(x)),), None
     if not path.is_file() or path.suffix != ".safetensors":
         raise ValueError(f"--calib {spec!r}: use stdlib, images, fashion, a folder of images, or an existing "
                          ".safetensors file of input tensors")
