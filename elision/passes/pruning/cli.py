@@ -203,7 +203,7 @@ def register(app: typer.Typer) -> None:
         out.print(f"  {result.best.report.summary()}; speed-up {result.best.speedup:.2f}x "
                   f"({'ONNX artifacts' if result.measured_in == 'deployed' else 'eager executor'})")
         if not deployable(result.best.plan, adapter):
-            console.print("note: on a text encoder the merge-tokens IR pass follows no prune-tokens stage and no MLP "
-                          "skip in a merging layer, so `elision compile` cannot apply this pipeline; use --measure "
-                          "onnx to tune among deployable pipelines",
+            console.print("note: on a text encoder the merge-tokens IR pass does not follow a prune-tokens stage, "
+                          "so `elision compile` cannot apply this pipeline; use --measure onnx to tune among "
+                          "deployable pipelines",
                           highlight=False, soft_wrap=True)
