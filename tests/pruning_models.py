@@ -54,6 +54,16 @@ def run_ir(module, inputs):
     return interpret(module, "forward", *inputs)[0]
 
 
+def assert_matches_executor(model, module, inputs, pipeline: str, plan) -> None:
+    """The IR `module` rewritten by `pipeline` computes bit for bit what the layer-by-layer executor computes for
+    `plan`, and that output differs from the unrewritten model's (the rewrite did something)."""
+    from elision.passes.pruning.executor import adapter_for, run_encoder
+
+    expect = run_encoder(adapter_for(model), inputs, plan)
+    assert torch.equal(run_ir(apply_pipeline(module, pipeline), inputs), expect)
+    assert not torch.allclose(run_ir(module, inputs), expect, atol=1e-3)
+
+
 def assert_round_trips(module, inputs) -> None:
     """The rewritten IR prints, parses back to the same text, verifies with types, and computes the same output."""
     from elision.ir import verify
@@ -64,6 +74,20 @@ def assert_round_trips(module, inputs) -> None:
     verify(reparsed, check_types=True)
     assert str(reparsed) == text
     assert torch.equal(run_ir(reparsed, inputs), run_ir(module, inputs))
+
+
+def lower_and_run(module, inputs, out_dir) -> tuple[torch.Tensor, set[str]]:
+    """Lower `module` to an ONNX artifact in out_dir and run it with onnxruntime; checks its first output against the
+    IR interpreter (within 1e-5) and returns (that output, the op types of the emitted graphs)."""
+    import onnx
+
+    from elision.compiler.lowering import emit_onnx, run_onnx_artifact
+
+    emit_onnx(module, None, out_dir, ort_fusions=False)
+    ops = {n.op_type for p in out_dir.glob("*.onnx") for n in onnx.load(str(p)).graph.node}
+    got = run_onnx_artifact(out_dir, "forward", inputs)[0]
+    torch.testing.assert_close(got, run_ir(module, inputs), atol=1e-5, rtol=1e-5)
+    return got, ops
 
 
 def onnx_input_dims(out_dir) -> list[list]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pruning_models import apply_pipeline, assert_round_trips, onnx_input_dims, run_ir
+from pruning_models import (apply_pipeline, assert_matches_executor, assert_round_trips, lower_and_run, onnx_input_dims,
+                            run_ir)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -18,13 +19,10 @@ def _compress(module, opts: str):
 def test_compressed_ir_matches_executor_bit_for_bit(fashion_vit_ir, after, keep):
     """The tap is the executor's own `dct_low_pass` with the same constant matrices, and the all-true attention mask
     carried over stays all-true: the logits are identical, not just close."""
-    from elision.passes.pruning.executor import ReductionPlan, adapter_for, run_encoder
+    from elision.passes.pruning.executor import ReductionPlan
 
-    model, module, inputs = fashion_vit_ir
-    compressed = _compress(module, f"method=dct;after={after};keep={keep}")
-    expect = run_encoder(adapter_for(model), inputs, ReductionPlan(dct_after=after, dct_keep=keep))
-    assert torch.equal(run_ir(compressed, inputs), expect)
-    assert not torch.allclose(run_ir(module, inputs), expect, atol=1e-3)  # the compression did change the output
+    assert_matches_executor(*fashion_vit_ir, f"compress-tokens{{method=dct;after={after};keep={keep}}}",
+                            ReductionPlan(dct_after=after, dct_keep=keep))
 
 
 def test_golden_token_axis_after_the_layer(fashion_vit_ir):
@@ -65,18 +63,10 @@ def test_keep_one_is_untouched_and_round_trips(fashion_vit_ir):
 
 
 def test_compressed_vit_lowers_to_onnx_and_matches_torch(fashion_vit_ir, tmp_path):
-    import onnx
-
-    from elision.compiler.lowering import emit_onnx, run_onnx_artifact
-
     _model, module, inputs = fashion_vit_ir
-    compressed = _compress(module, "after=1;keep=0.25")
-    emit_onnx(compressed, None, tmp_path, ort_fusions=False)
-    graph_ops = {n.op_type for p in tmp_path.glob("*.onnx") for n in onnx.load(str(p)).graph.node}
+    got, graph_ops = lower_and_run(_compress(module, "after=1;keep=0.25"), inputs, tmp_path)
     assert "MatMul" in graph_ops and "Cos" not in graph_ops  # the DCT matrices ship as initializers
-    got = run_onnx_artifact(tmp_path, "forward", inputs)[0]
     assert got.shape == (3, 10)
-    torch.testing.assert_close(got, run_ir(compressed, inputs), atol=1e-5, rtol=1e-5)
 
 
 def test_tuner_plan_with_skips_compiles_to_the_measured_plan(fashion_vit_ir):

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pruning_models import apply_pipeline, assert_round_trips, onnx_input_dims, run_ir
+from pruning_models import (apply_pipeline, assert_matches_executor, assert_round_trips, lower_and_run, onnx_input_dims,
+                            run_ir)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -15,13 +16,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.mark.parametrize("r, start", [(4, 0), (8, 1), (30, 0)])
 def test_merged_ir_matches_executor_bit_for_bit(fashion_vit_ir, r, start):
     """r=30 is more than half the tokens: every layer clamps it as the executor does (50 -> 26 -> 14 -> ... -> 2)."""
-    from elision.passes.pruning.executor import ReductionPlan, adapter_for, run_encoder
+    from elision.passes.pruning.executor import ReductionPlan
 
-    model, module, inputs = fashion_vit_ir
-    merged = apply_pipeline(module, f"merge-tokens{{r={r},start={start}}}")
-    expect = run_encoder(adapter_for(model), inputs, ReductionPlan(merge_r=r, merge_start=start))
-    assert torch.equal(run_ir(merged, inputs), expect)
-    assert not torch.allclose(run_ir(module, inputs), expect, atol=1e-3)  # the merging did change the output
+    assert_matches_executor(*fashion_vit_ir, f"merge-tokens{{r={r},start={start}}}",
+                            ReductionPlan(merge_r=r, merge_start=start))
 
 
 def test_golden_lengths_and_proportional_attention(fashion_vit_ir):
@@ -64,17 +62,10 @@ def test_r_zero_is_untouched_and_round_trips(fashion_vit_ir):
 
 
 def test_merged_vit_lowers_to_onnx_and_matches_torch(fashion_vit_ir, tmp_path):
-    import onnx
-
-    from elision.compiler.lowering import emit_onnx, run_onnx_artifact
-
     _model, module, inputs = fashion_vit_ir
     merged = apply_pipeline(module, "merge-tokens{r=8,start=3}")  # three merges keep the export short
-    emit_onnx(merged, None, tmp_path, ort_fusions=False)
-    graph_ops = {n.op_type for p in tmp_path.glob("*.onnx") for n in onnx.load(str(p)).graph.node}
+    _got, graph_ops = lower_and_run(merged, inputs, tmp_path)
     assert {"ArgMax", "TopK", "ScatterElements", "GatherElements", "Log"} <= graph_ops
-    got = run_onnx_artifact(tmp_path, "forward", inputs)[0]
-    torch.testing.assert_close(got, run_ir(merged, inputs), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("opts, message", [
@@ -151,13 +142,10 @@ TEXT_BATCHES = [(7,), (12, 9), (12, 9, 5, 3, 11)]
 def test_text_merged_ir_matches_executor_bit_for_bit(bert_ir, r, start):
     """Padded rows (sizes 0 never pull a real token's value), [CLS] and [SEP] protected, proportional attention and the
     size-weighted mean pooling: the merged IR computes exactly what the executor measured."""
-    from elision.passes.pruning.executor import ReductionPlan, adapter_for, run_encoder
+    from elision.passes.pruning.executor import ReductionPlan
 
-    model, module, inputs = bert_ir
-    merged = apply_pipeline(module, f"merge-tokens{{r={r},start={start}}}")
-    expect = run_encoder(adapter_for(model), inputs, ReductionPlan(merge_r=r, merge_start=start))
-    assert torch.equal(run_ir(merged, inputs), expect)
-    assert not torch.allclose(run_ir(module, inputs), expect, atol=1e-3)  # the merging did change the output
+    assert_matches_executor(*bert_ir, f"merge-tokens{{r={r},start={start}}}",
+                            ReductionPlan(merge_r=r, merge_start=start))
 
 
 def test_text_golden_lengths_masks_and_pooling(bert_ir):
@@ -197,14 +185,10 @@ def test_text_r_zero_is_untouched_and_round_trips(bert_ir):
 
 
 def test_merged_text_encoder_lowers_to_onnx_and_matches_torch(bert_ir, tmp_path):
-    from elision.compiler.lowering import emit_onnx, run_onnx_artifact
     from elision.passes.pruning.executor import ReductionPlan, adapter_for, run_encoder
 
     model, module, inputs = bert_ir
-    merged = apply_pipeline(module, "merge-tokens{r=2,start=1}")
-    emit_onnx(merged, None, tmp_path, ort_fusions=False)
-    got = run_onnx_artifact(tmp_path, "forward", inputs)[0]
-    torch.testing.assert_close(got, run_ir(merged, inputs), atol=1e-5, rtol=1e-5)
+    got, _ops = lower_and_run(apply_pipeline(module, "merge-tokens{r=2,start=1}"), inputs, tmp_path)
     torch.testing.assert_close(got, run_encoder(adapter_for(model), inputs, ReductionPlan(merge_r=2, merge_start=1)),
                                atol=1e-5, rtol=1e-5)
 
@@ -231,8 +215,6 @@ def test_dynamic_batch_merged_text_encoder_matches_executor(bert_dynamic_ir):
 def test_dynamic_batch_merged_text_encoder_onnx_serves_every_batch(bert_dynamic_ir, tmp_path):
     """One ONNX artifact of a merged text encoder traced with a symbolic batch: its inputs are (batch, 12) and
     onnxruntime computes the executor's output at batch 1, 2 and 5 with padded rows."""
-    import onnx
-
     from pruning_models import padded_bert_batch
 
     from elision.compiler.lowering import emit_onnx, run_onnx_artifact
@@ -241,9 +223,7 @@ def test_dynamic_batch_merged_text_encoder_onnx_serves_every_batch(bert_dynamic_
     model, module = bert_dynamic_ir
     merged = apply_pipeline(module, "merge-tokens{r=2,start=2}")  # one merge keeps the (dynamic-shape) export short
     emit_onnx(merged, None, tmp_path, ort_fusions=False)
-    graph = onnx.load(str(tmp_path / "forward.onnx")).graph
-    assert [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input] == \
-        [["batch", 12], ["batch", 12]]
+    assert onnx_input_dims(tmp_path) == [["batch", 12], ["batch", 12]]
     plan = ReductionPlan(merge_r=2, merge_start=2)
     for i, lengths in enumerate(TEXT_BATCHES):
         inputs = padded_bert_batch(lengths, 12, seed=i)
@@ -265,7 +245,8 @@ def test_text_bad_options(bert_ir, opts, message):
         apply_pipeline(bert_ir[1], "merge-tokens{" + opts + "}")
 
 
-@pytest.mark.parametrize("skips", [{"skip_mlp": frozenset({1})}, {"skip_attn": frozenset({1}), "skip_mlp": frozenset({1})},
+@pytest.mark.parametrize("skips", [{"skip_mlp": frozenset({1})},
+                                   {"skip_attn": frozenset({1}), "skip_mlp": frozenset({1})},
                                    {"skip_attn": frozenset({1})}])
 def test_text_merge_with_skips_in_a_merging_layer_compiles_to_the_measured_plan(bert_ir, skips):
     """A BERT layer merges after its attention LayerNorm; skip-layers still finds that layer's MLP branch (it reads

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pruning_models import (apply_pipeline, assert_round_trips, onnx_input_dims, padded_bert_batch, run_ir, tiny_bert,
-                            tiny_vit)
+from pruning_models import (apply_pipeline, assert_round_trips, lower_and_run, onnx_input_dims, padded_bert_batch,
+                            run_ir, tiny_bert, tiny_vit)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -101,17 +101,9 @@ def test_keep_one_is_bit_for_bit_and_round_trips(bert_ir):
 
 
 def test_pruned_bert_lowers_to_onnx_and_matches_torch(bert_ir, tmp_path):
-    import onnx
-
-    from elision.compiler.lowering import emit_onnx, run_onnx_artifact
-
     _model, module, inputs = bert_ir
-    pruned = _prune(module, "after=1;keep=0.5")
-    emit_onnx(pruned, None, tmp_path, ort_fusions=False)
-    graph_ops = {n.op_type for p in tmp_path.glob("*.onnx") for n in onnx.load(str(p)).graph.node}
+    _got, graph_ops = lower_and_run(_prune(module, "after=1;keep=0.5"), inputs, tmp_path)
     assert {"TopK", "GatherElements"} <= graph_ops
-    got = run_onnx_artifact(tmp_path, "forward", inputs)[0]
-    torch.testing.assert_close(got, run_ir(pruned, inputs), atol=1e-5, rtol=1e-5)
 
 
 def test_dynamic_batch_pruned_bert_keeps_batch_symbolic_and_matches_executor(bert_dynamic_ir):

@@ -220,11 +220,11 @@ def test_planning_spans_do_not_change_the_decisions_or_values(monkeypatch):
     lat = fixture_latents("elephant", LOCAL_FIXTURE_DIR)
     passes = "hoist-invariants,sparse-volume,adaptive-kv{topk=32}"
     calls = []
-    real_plan = _Evaluator._evaluate_adaptive
+    real_evaluate = _Evaluator._evaluate_adaptive
 
     def counting(self, points, block_ids, k):
         calls.append(points.shape[0])
-        return real_plan(self, points, block_ids, k)
+        return real_evaluate(self, points, block_ids, k)
 
     monkeypatch.setattr(_Evaluator, "_evaluate_adaptive", counting)
     wide = decode_volume(model, lat, 128, passes, chunk=2048)

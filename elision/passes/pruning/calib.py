@@ -119,7 +119,8 @@ class ImagePreprocessing:
             raise ValueError(f"{type(model).__name__} has no vision config (image_size): it does not take images")
         size = cfg.image_size if isinstance(cfg.image_size, int) else int(cfg.image_size[0])
         channels = int(getattr(cfg, "num_channels", 3))
-        mean, std = (_CLIP_MEAN, _CLIP_STD) if "clip" in str(getattr(cfg, "model_type", "")) else (_HF_DEFAULT, _HF_DEFAULT)
+        clip = "clip" in str(getattr(cfg, "model_type", ""))
+        mean, std = (_CLIP_MEAN, _CLIP_STD) if clip else (_HF_DEFAULT, _HF_DEFAULT)
         # from_pretrained records the weights' directory; its image processor config is the authority on mean/std
         proc = Path(str(getattr(cfg, "_name_or_path", "") or "")) / "preprocessor_config.json"
         if proc.is_file():
