@@ -8,8 +8,8 @@ __version__ = "0.1.0"
 
 
 def compile(model, example_inputs=None, passes=None, target="torch", **kwargs):
-    """See :func:`elision.compiler.api.compile`."""
-    from elision.compiler.api import compile as _compile
+    """See :func:`elision.apps.compile.api.compile`."""
+    from elision.apps.compile.api import compile as _compile
 
     return _compile(model, example_inputs=example_inputs, passes=passes, target=target, **kwargs)
 

@@ -29,8 +29,9 @@ def one_torch_thread():
 def fashion_vit_ir():
     """(builtin:fashion-vit, its IR traced at batch 3, the inputs): the trained ViT the token-reduction IR passes
     are checked on (its uniform background patches make ties in scores and matching)."""
-    from elision.compiler.frontend import export_to_ir, load_model
-    from elision.passes.pruning.calib import fashion_sample
+    from elision.frontend.model_spec import load_model
+    from elision.frontend.trace import export_to_ir
+    from elision.models.datasets import fashion_sample
 
     model = load_model("builtin:fashion-vit").model
     x, _y = fashion_sample(3)
@@ -41,8 +42,9 @@ def fashion_vit_ir():
 def fashion_vit_dynamic_ir():
     """(builtin:fashion-vit, its IR traced at batch 3 with the batch dynamic, inputs of 6 rows): the token-reduction
     passes must keep the batch symbolic so one artifact serves every batch size."""
-    from elision.compiler.frontend import export_to_ir, load_model
-    from elision.passes.pruning.calib import fashion_sample
+    from elision.frontend.model_spec import load_model
+    from elision.frontend.trace import export_to_ir
+    from elision.models.datasets import fashion_sample
 
     model = load_model("builtin:fashion-vit").model
     x, _y = fashion_sample(6)
@@ -54,7 +56,7 @@ def bert_ir():
     """A tiny BERT with sentence-transformers mean pooling, batch 3 with two padded rows, static length 12."""
     from pruning_models import padded_bert_batch, tiny_bert
 
-    from elision.compiler.frontend import export_to_ir
+    from elision.frontend.trace import export_to_ir
     from elision.models.vision import MeanPooledEncoder
 
     model = MeanPooledEncoder(tiny_bert(num_hidden_layers=3, intermediate_size=48, add_pooling_layer=False)).eval()
@@ -67,7 +69,7 @@ def bert_dynamic_ir():
     """The tiny mean-pooled BERT of `bert_ir` traced with a dynamic batch (the sequence stays 12)."""
     from pruning_models import padded_bert_batch, tiny_bert
 
-    from elision.compiler.frontend import export_to_ir
+    from elision.frontend.trace import export_to_ir
     from elision.models.vision import MeanPooledEncoder
 
     model = MeanPooledEncoder(tiny_bert(num_hidden_layers=3, intermediate_size=48, add_pooling_layer=False)).eval()

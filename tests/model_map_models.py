@@ -10,8 +10,7 @@ import math
 
 import torch
 
-from elision.compiler.frontend import export_to_ir
-
+from elision.frontend.trace import export_to_ir
 SEQ = {0: {0: "batch", 1: "seq"}}
 BATCH = {0: {0: "batch"}}
 

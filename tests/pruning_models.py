@@ -40,8 +40,8 @@ def padded_bert_batch(lengths: tuple[int, ...], seq: int, seed: int = 1) -> tupl
 
 def apply_pipeline(module, pipeline: str):
     """A copy of the IR `module` rewritten by `pipeline` (verified after each pass, approximate passes allowed)."""
-    from elision.passes.base import PassManager, parse_pipeline
-
+    from elision.passes.manager import PassManager
+    from elision.passes.pipeline import parse_pipeline
     out = module.copy()
     PassManager(parse_pipeline(pipeline), verify_each=True, check_types=True, allow_approximate=True).run(out)
     return out
@@ -57,7 +57,7 @@ def run_ir(module, inputs):
 def assert_matches_executor(model, module, inputs, pipeline: str, plan) -> None:
     """The IR `module` rewritten by `pipeline` computes bit for bit what the layer-by-layer executor computes for
     `plan`, and that output differs from the unrewritten model's (the rewrite did something)."""
-    from elision.passes.pruning.executor import adapter_for, run_encoder
+    from elision.apps.tokens.executor import adapter_for, run_encoder
 
     expect = run_encoder(adapter_for(model), inputs, plan)
     assert torch.equal(run_ir(apply_pipeline(module, pipeline), inputs), expect)
@@ -81,7 +81,7 @@ def lower_and_run(module, inputs, out_dir) -> tuple[torch.Tensor, set[str]]:
     IR interpreter (within 1e-5) and returns (that output, the op types of the emitted graphs)."""
     import onnx
 
-    from elision.compiler.lowering import emit_onnx, run_onnx_artifact
+    from elision.lowering.emit import emit_onnx, run_onnx_artifact
 
     emit_onnx(module, None, out_dir, ort_fusions=False)
     ops = {n.op_type for p in out_dir.glob("*.onnx") for n in onnx.load(str(p)).graph.node}

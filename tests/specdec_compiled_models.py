@@ -9,7 +9,7 @@ import functools
 
 import torch
 
-from elision.compiler.frontend import export_to_ir
+from elision.frontend.trace import export_to_ir
 from elision.ir.core import Module
 from elision.passes import run_pipeline
 

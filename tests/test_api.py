@@ -4,7 +4,7 @@ import torch
 import transformers
 
 import elision
-from elision.compiler.errors import ElisionError
+from elision.errors import ElisionError
 from elision.passes import PassError
 
 

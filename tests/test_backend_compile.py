@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from _lowering_models import PrimaryOutput, pixels, tiny_bert, tiny_gpt2, tiny_llama, tiny_vit, token_ids
-from elision.compiler.backend import ElisionFallbackWarning, elision_backend, register
+from elision.apps.compile.backend import ElisionFallbackWarning, elision_backend, register
 
 ATOL = 1e-4  # float32; ORT reorders reductions, torch target is exact up to fused-op rounding
 
@@ -135,7 +135,7 @@ def test_strict_and_bad_options_raise():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU message of the triton target")
 def test_triton_target_on_cpu_says_it_uses_the_torch_reference():
-    import elision.compiler.backend as backend_module
+    import elision.apps.compile.backend as backend_module
 
     backend_module._warned.discard("triton:no-cuda")
     model = _mlp()

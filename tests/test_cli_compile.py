@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from elision.compiler.cli import main
+from elision.cli.main import main
 from elision.ir.serialize import load_module
 from elision.ir import interpret
 
@@ -51,9 +51,9 @@ def test_compile_bad_input_exit_codes(argv, code, msg, capsys):
 
 
 def test_console_script_runs_without_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "elision.compiler.cli", "compile", "builtin:missing"],
+    proc = subprocess.run([sys.executable, "-m", "elision.cli.main", "compile", "builtin:missing"],
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "unknown builtin model" in proc.stderr and "Traceback" not in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "elision.compiler.cli", "--help"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "elision.cli.main", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "compile" in proc.stdout

@@ -2,7 +2,7 @@
 import torch
 import transformers
 
-from elision.compiler.frontend import import_graph_module
+from elision.frontend.trace import import_graph_module
 from elision.ir import to_fx
 
 

@@ -4,8 +4,9 @@ import json
 import pytest
 import torch
 
-from elision.compiler.errors import ExportError, ModelSpecError, UnsupportedOpError
-from elision.compiler.frontend import export_to_ir, load_model
+from elision.errors import ExportError, ModelSpecError, UnsupportedOpError
+from elision.frontend.model_spec import load_model
+from elision.frontend.trace import export_to_ir
 from elision.ir import IRError, interpret, parse
 
 

@@ -12,7 +12,7 @@ import torch
 from elision.ir import interpret, parse, verify
 from elision.passes import run_pipeline
 from elision.passes.fusion import DEFAULT_PIPELINE
-from elision.passes.model_map import build_model_map
+from elision.analysis.model_map import build_model_map
 from tests._filecheck import filecheck
 from tests.model_map_models import built, exported
 
@@ -297,8 +297,7 @@ def test_bf16_llama_norm_casts_fuse():
             if name.endswith("layernorm.weight") or name == "model.norm.weight":
                 p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
     model = model.to(torch.bfloat16)
-    from elision.compiler.frontend import export_to_ir
-
+    from elision.frontend.trace import export_to_ir
     mod = export_to_ir(model, example, dyn)
     mm = build_model_map(mod)
     assert [n.kind for n in mm.norms] == ["rmsnorm"] * 5

@@ -6,12 +6,12 @@ import json
 import typer
 from typer.testing import CliRunner
 
-from elision.compiler import cli_inspect
+from elision.cli import inspect as cli_inspect
 
 
 def _app() -> typer.Typer:
     try:
-        from elision.compiler.cli import app  # the real CLI, when the lead has wired register() in
+        from elision.cli.main import app  # the real CLI, when the lead has wired register() in
         if any(c.name == "inspect" for c in app.registered_commands):
             return app
     except ImportError:

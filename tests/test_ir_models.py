@@ -3,8 +3,8 @@ import pytest
 import torch
 import transformers
 
-from elision.compiler.frontend import export_to_ir
-from elision.compiler.numerics import fresh_inputs
+from elision.frontend.trace import export_to_ir
+from elision.apps.compile.numerics import fresh_inputs
 from elision.ir import interpret, parse, to_fx, verify
 from elision.passes import run_pipeline
 

@@ -16,7 +16,7 @@ import torch
 from torch.export import Dim
 
 from elision.kernels import ops, reference
-from elision.kernels.onnx_translations import custom_translation_table
+from elision.lowering.onnx_ops import custom_translation_table
 
 
 class AllOps(torch.nn.Module):

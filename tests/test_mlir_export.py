@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("torch_mlir", reason="torch-mlir is the optional [mlir] extra")
 
 from _lowering_models import PrimaryOutput, tiny_llama, token_ids  # noqa: E402
-from elision.compiler.mlir_export import MlirExportError, export_mlir, parse_mlir  # noqa: E402
+from elision.lowering.mlir_export import MlirExportError, export_mlir, parse_mlir  # noqa: E402
 
 
 def _mlp() -> torch.nn.Module:
@@ -46,11 +46,11 @@ def test_llama_with_non_persistent_buffers(tmp_path):
 
 def test_optimized_graph_with_fused_elision_ops(tmp_path):
     """The graph after elision's default pipeline: fused elision ops decompose to their ATen reference."""
-    from elision.compiler.api import default_pipeline
-    from elision.compiler.frontend import export_to_ir
+    from elision.apps.compile.api import default_pipeline
+    from elision.frontend.trace import export_to_ir
     from elision.ir import to_fx
-    from elision.passes.base import PassManager, parse_pipeline
-
+    from elision.passes.manager import PassManager
+    from elision.passes.pipeline import parse_pipeline
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4)).eval()
     x = torch.randn(3, 8)

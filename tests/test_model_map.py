@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from elision.passes import run_pipeline
-from elision.passes.model_map import build_model_map
+from elision.analysis.model_map import build_model_map
 from tests.model_map_models import exported
 
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from _lowering_models import PrimaryOutput, tiny_llama, token_ids
-from elision.compiler.onnx_export import OnnxExportError, export_onnx, source_hash_of, to_dynamic_shapes
-from elision.runtime.ort import (
+from elision.lowering.onnx_export import OnnxExportError, export_onnx, source_hash_of, to_dynamic_shapes
+from elision.runtime.artifact import (
     FORMAT_VERSION,
     ArtifactCorruptError,
     ArtifactInputError,
@@ -176,7 +176,7 @@ def test_manifest_from_another_format_version(llama_artifact, tmp_path):
 def test_runtime_does_not_import_torch(llama_artifact):
     code = (
         "import sys, numpy as np\n"
-        "import elision.runtime.ort as rt\n"
+        "import elision.runtime.artifact as rt\n"
         f"a = rt.load_artifact({str(llama_artifact)!r}, threads=1)\n"
         "out = a.run('logits', x=np.ones((1, 3), np.int64))\n"
         "assert out['logits'].shape == (1, 3, 256)\n"

@@ -10,8 +10,8 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from elision.compiler.onnx_export import export_onnx, source_hash_of
-from elision.runtime.cli_run import register
+from elision.lowering.onnx_export import export_onnx, source_hash_of
+from elision.cli.run import register
 
 
 class TwoLayer(torch.nn.Module):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from _lowering_models import PrimaryOutput, pixels, tiny_bert, tiny_gpt2, tiny_vit, token_ids
-from elision.compiler.onnx_export import export_onnx, source_hash_of
-from elision.runtime.ort import load_artifact
+from elision.lowering.onnx_export import export_onnx, source_hash_of
+from elision.runtime.artifact import load_artifact
 
 ATOL_F32 = 1e-4
 

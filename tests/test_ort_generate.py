@@ -17,8 +17,8 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from elision.runtime.ort import ArtifactTamperedError
-from elision.runtime.ort_generate import GenerationError, KVCacheOverflowError, OrtGenerator
+from elision.runtime.artifact import ArtifactTamperedError
+from elision.runtime.generation.ort_generator import GenerationError, KVCacheOverflowError, OrtGenerator
 from specdec_helpers import save_tiny_lm_dir
 
 PROMPTS = [
@@ -30,7 +30,7 @@ PROMPTS = [
 
 def _compile(model: str, out: Path) -> Path:
     """Through the real `elision compile` command, so the CLI path is what every test exercises."""
-    from elision.compiler.cli import app
+    from elision.cli.main import app
 
     result = CliRunner().invoke(app, ["compile", model, "--emit", "onnx", "--for", "generate", "-o", str(out)])
     assert result.exit_code == 0, result.output
@@ -120,7 +120,7 @@ def test_generation_does_not_import_torch(tiny):
     model, tokenizer, art = tiny
     code = (
         "import json, sys\n"
-        "from elision.runtime.ort_generate import OrtGenerator\n"
+        "from elision.runtime.generation.ort_generator import OrtGenerator\n"
         f"r = OrtGenerator.load({str(art)!r}, threads=1).generate({PROMPTS[0]!r}, 12, drafter='recycling+lookup')\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
         "print(json.dumps(r.tokens))\n"
@@ -132,8 +132,8 @@ def test_generation_does_not_import_torch(tiny):
 
 
 def _cli() -> typer.Typer:
-    from elision.runtime.cli_run import register as register_run
-    from elision.runtime.specdec.cli import register as register_generate
+    from elision.cli.run import register as register_run
+    from elision.cli.generate import register as register_generate
 
     app = typer.Typer()
 
@@ -226,7 +226,7 @@ def test_library_errors(tiny):
     (["/nonexistent/model", "--emit", "onnx", "--for", "generate"], "model directory '/nonexistent/model' does not exist"),
 ])
 def test_compile_for_generate_errors(args, message, tmp_path):
-    from elision.compiler.cli import app
+    from elision.cli.main import app
 
     result = CliRunner().invoke(app, ["compile", *args, "-o", str(tmp_path / "out")])
     assert result.exit_code == 2, result.output

@@ -20,9 +20,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from elision.runtime.ort_generate import GenerationError, OrtGenerator
-from elision.runtime.specdec_core.sampling import ProcessedRows, SamplingConfig, sample_token, target_probs, verify_sampling
-from elision.runtime.specdec_core.tree import TokenTree
+from elision.runtime.generation.ort_generator import GenerationError, OrtGenerator
+from elision.runtime.generation.sampling import ProcessedRows, SamplingConfig, sample_token, target_probs, verify_sampling
+from elision.runtime.generation.tree import TokenTree
 from test_ort_generate import _cli, _compile
 from test_specdec_sampling import chi_square_ok
 

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from elision.passes.pruning import algorithms as alg
+from elision.kernels import token_reduction as alg
 
 torch.set_num_threads(1)
 

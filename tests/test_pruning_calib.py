@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from elision.passes.pruning import calib
+from elision.models import datasets as calib
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -28,7 +28,7 @@ def _clip_dir(tmp_path, mean=None, layers: int = 4):
 
 
 def _load(d):
-    from elision.compiler.frontend import load_model
+    from elision.frontend.model_spec import load_model
     return load_model(str(d)).model
 
 
@@ -98,7 +98,7 @@ def test_tune_a_clip_tower_on_bundled_photographs(tmp_path):
     judges candidates by the cosine of the pooled [CLS] state (the tower has no classifier logits)."""
     from typer.testing import CliRunner
 
-    from elision.compiler.cli import app
+    from elision.cli.main import app
 
     d = _clip_dir(tmp_path)
     report, plot = tmp_path / "tune.json", tmp_path / "pareto.png"

@@ -19,7 +19,7 @@ def _compress(module, opts: str):
 def test_compressed_ir_matches_executor_bit_for_bit(fashion_vit_ir, after, keep):
     """The tap is the executor's own `dct_low_pass` with the same constant matrices, and the all-true attention mask
     carried over stays all-true: the logits are identical, not just close."""
-    from elision.passes.pruning.executor import ReductionPlan
+    from elision.apps.tokens.executor import ReductionPlan
 
     assert_matches_executor(*fashion_vit_ir, f"compress-tokens{{method=dct;after={after};keep={keep}}}",
                             ReductionPlan(dct_after=after, dct_keep=keep))
@@ -28,7 +28,7 @@ def test_compressed_ir_matches_executor_bit_for_bit(fashion_vit_ir, after, keep)
 def test_golden_token_axis_after_the_layer(fashion_vit_ir):
     """keep=0.25 of a 7x7 grid keeps the 4x4 lowest frequencies (round(7 * 0.5) = 4): 1 + 16 = 17 tokens from
     layer 2 on, 50 up to layer 1; the tap is two pairs of matmuls with the DCT matrices stored as parameters."""
-    from elision.passes.pruning import algorithms as alg
+    from elision.kernels import token_reduction as alg
 
     assert alg.dct_grid_size(7, 7, 0.25) == (4, 4)
     _model, module, _inputs = fashion_vit_ir
@@ -72,9 +72,10 @@ def test_compressed_vit_lowers_to_onnx_and_matches_torch(fashion_vit_ir, tmp_pat
 def test_tuner_plan_with_skips_compiles_to_the_measured_plan(fashion_vit_ir):
     """What `elision tune` prints for a compress-tokens plan with a skipped branch is deployable and the IR passes
     compute exactly what the executor measured."""
-    from elision.passes.base import PassManager, parse_pipeline
-    from elision.passes.pruning.deployed import deployable
-    from elision.passes.pruning.executor import ReductionPlan, adapter_for, run_encoder
+    from elision.passes.manager import PassManager
+    from elision.passes.pipeline import parse_pipeline
+    from elision.apps.tokens.deployed import deployable
+    from elision.apps.tokens.executor import ReductionPlan, adapter_for, run_encoder
 
     model, module, inputs = fashion_vit_ir
     plan = ReductionPlan(dct_after=1, dct_keep=0.5, skip_mlp=frozenset({3}))
@@ -94,14 +95,14 @@ def test_tuner_plan_with_skips_compiles_to_the_measured_plan(fashion_vit_ir):
 ])
 def test_bad_options(fashion_vit_ir, opts, message):
     from elision.passes.base import PassError
-
     with pytest.raises(PassError, match=message):
         _compress(fashion_vit_ir[1], opts)
 
 
 def test_only_before_pruning(fashion_vit_ir):
-    from elision.passes.base import PassError, PassManager, parse_pipeline
-
+    from elision.passes.base import PassError
+    from elision.passes.manager import PassManager
+    from elision.passes.pipeline import parse_pipeline
     pruned = fashion_vit_ir[1].copy()
     PassManager(parse_pipeline("prune-tokens{after=0;keep=0.5}"), allow_approximate=True).run(pruned)
     with pytest.raises(PassError, match="does not output \\[CLS\\] \\+ the 7x7 patch grid; compress-tokens must come "
@@ -112,7 +113,6 @@ def test_only_before_pruning(fashion_vit_ir):
 def test_non_uniform_mask_is_refused(fashion_vit_ir):
     """A mask that hides some patches cannot be carried over to tokens that mix all patches."""
     from elision.passes.base import PassError
-
     module = fashion_vit_ir[1].copy()
     fn = module.functions["forward"]
     ge = next(n for n in fn.nodes if n.op == "aten.ge.Scalar")  # arange(50) >= 0: the all-true ViT mask
@@ -124,17 +124,17 @@ def test_non_uniform_mask_is_refused(fashion_vit_ir):
 def test_model_without_patch_grid_is_refused():
     from pruning_models import padded_bert_batch, tiny_bert
 
-    from elision.compiler.frontend import export_to_ir
+    from elision.frontend.trace import export_to_ir
     from elision.passes.base import PassError
-
     bert = export_to_ir(tiny_bert(num_hidden_layers=2, add_pooling_layer=False), padded_bert_batch((6, 4), 6))
     with pytest.raises(PassError, match="no patch grid was recognised in this model"):
         _compress(bert, "after=0;keep=0.5")
 
 
 def test_compress_tokens_is_approximate(fashion_vit_ir):
-    from elision.passes.base import PassError, PassManager, parse_pipeline
-
+    from elision.passes.base import PassError
+    from elision.passes.manager import PassManager
+    from elision.passes.pipeline import parse_pipeline
     with pytest.raises(PassError, match="approximate"):
         PassManager(parse_pipeline("compress-tokens{after=1;keep=0.5}")).run(fashion_vit_ir[1].copy())
 
@@ -143,8 +143,8 @@ def test_dynamic_batch_compressed_vit_onnx_serves_every_batch(fashion_vit_dynami
     """Traced with a symbolic batch, the DCT tap and the carried-over mask (an all-true mask expanded to the batch,
     checked uniform at several batch sizes) stay symbolic in the batch: the IR equals the executor bit for bit and
     one ONNX artifact computes it at batch 1, 2 and 5."""
-    from elision.compiler.lowering import emit_onnx, run_onnx_artifact
-    from elision.passes.pruning.executor import ReductionPlan, adapter_for, run_encoder
+    from elision.lowering.emit import emit_onnx, run_onnx_artifact
+    from elision.apps.tokens.executor import ReductionPlan, adapter_for, run_encoder
 
     model, module, (x,) = fashion_vit_dynamic_ir
     compressed = _compress(module, "after=1;keep=0.25")
@@ -163,7 +163,6 @@ def test_dynamic_batch_compressed_vit_onnx_serves_every_batch(fashion_vit_dynami
 def test_dynamic_batch_non_uniform_mask_is_refused(fashion_vit_dynamic_ir):
     """A mask that varies over the patches stays refused when the batch is symbolic."""
     from elision.passes.base import PassError
-
     module = fashion_vit_dynamic_ir[1].copy()
     fn = module.functions["forward"]
     ge = next(n for n in fn.nodes if n.op == "aten.ge.Scalar")  # arange(50) >= 0: the all-true mask

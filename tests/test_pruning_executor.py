@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from elision.passes.pruning import algorithms as alg
-from elision.passes.pruning.executor import IDENTITY, ReductionPlan, adapter_for, reference_output, run_encoder
-from elision.runtime.fidelity import compare_outputs
+from elision.kernels import token_reduction as alg
+from elision.apps.tokens.executor import IDENTITY, ReductionPlan, adapter_for, reference_output, run_encoder
+from elision.apps.tokens.fidelity import compare_outputs
 from pruning_models import padded_bert_batch, tiny_bert, tiny_vit
 
 torch.set_num_threads(1)
@@ -93,7 +93,7 @@ def test_bad_options_give_clear_errors(bert):
 
 
 def test_custom_ops_export_with_static_shapes():
-    from elision.passes.pruning import ops
+    from elision.kernels import token_ops as ops
 
     class Tap(torch.nn.Module):
         def forward(self, h, q, k, protected, valid):

@@ -6,8 +6,8 @@ import pytest
 import torch
 from test_pruning_vlm import IMAGE_TOKEN, _clip, _llava
 
-from elision.passes.pruning import algorithms as alg
-from elision.passes.pruning.fastv import fastv_fidelity, fastv_forward, fastv_generate
+from elision.kernels import token_reduction as alg
+from elision.apps.tokens.fastv import fastv_fidelity, fastv_forward, fastv_generate
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -11,8 +11,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def vit_ir():
-    from elision.compiler.frontend import export_to_ir
-
+    from elision.frontend.trace import export_to_ir
     model = tiny_vit()
     x = torch.randn(2, 1, 16, 16)
     return model, export_to_ir(model, (x,)), x
@@ -26,8 +25,9 @@ def _run(module, x):
 
 def test_skip_layers_ir_rewrite_matches_executor(vit_ir):
     from elision.ir import verify
-    from elision.passes.base import PassManager, parse_pipeline
-    from elision.passes.pruning.executor import ReductionPlan, adapter_for, run_encoder
+    from elision.passes.manager import PassManager
+    from elision.passes.pipeline import parse_pipeline
+    from elision.apps.tokens.executor import ReductionPlan, adapter_for, run_encoder
 
     model, module, x = vit_ir
     rewritten = module.copy()
@@ -46,7 +46,7 @@ def test_skip_layers_ir_rewrite_matches_executor(vit_ir):
 
 
 def test_skip_layers_nothing_skipped_is_unchanged(vit_ir):
-    from elision.passes.pruning.ir_passes import SkipLayers
+    from elision.passes.tokens.skip_layers import SkipLayers
 
     _model, module, x = vit_ir
     copy = module.copy()
@@ -62,24 +62,26 @@ def test_skip_layers_nothing_skipped_is_unchanged(vit_ir):
     ("layers=ffn2", "write I \\(both branches\\), attnI or mlpI"),
 ])
 def test_skip_layers_bad_options(vit_ir, opts, message):
-    from elision.passes.base import PassError, PassManager, parse_pipeline
-
+    from elision.passes.base import PassError
+    from elision.passes.manager import PassManager
+    from elision.passes.pipeline import parse_pipeline
     _model, module, _x = vit_ir
     with pytest.raises(PassError, match=message):
         PassManager(parse_pipeline("skip-layers{" + opts + "}"), allow_approximate=True).run(module.copy())
 
 
 def test_skip_layers_is_approximate_and_refused_by_default(vit_ir):
-    from elision.passes.base import PassError, PassManager, parse_pipeline
-
+    from elision.passes.base import PassError
+    from elision.passes.manager import PassManager
+    from elision.passes.pipeline import parse_pipeline
     with pytest.raises(PassError, match="approximate"):
         PassManager(parse_pipeline("skip-layers{layers=attn1}")).run(vit_ir[1].copy())
 
 
 def test_skip_layers_reads_the_tuner_spelling():
     """`elision tune` joins branches with "+"; the pass reads that and the comma form alike."""
-    from elision.passes.base import parse_pipeline
-    from elision.passes.pruning.ir_passes import parse_branches
+    from elision.passes.pipeline import parse_pipeline
+    from elision.passes.tokens.skip_layers import parse_branches
 
     (p,) = parse_pipeline("skip-layers{layers=attn1+mlp2+3}")
     assert parse_branches(p.layers, 5) == [("attn", 1), ("mlp", 2), ("attn", 3), ("mlp", 3)]

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.mark.parametrize("r, start", [(4, 0), (8, 1), (30, 0)])
 def test_merged_ir_matches_executor_bit_for_bit(fashion_vit_ir, r, start):
     """r=30 is more than half the tokens: every layer clamps it as the executor does (50 -> 26 -> 14 -> ... -> 2)."""
-    from elision.passes.pruning.executor import ReductionPlan
+    from elision.apps.tokens.executor import ReductionPlan
 
     assert_matches_executor(*fashion_vit_ir, f"merge-tokens{{r={r},start={start}}}",
                             ReductionPlan(merge_r=r, merge_start=start))
@@ -44,8 +44,8 @@ def test_golden_lengths_and_proportional_attention(fashion_vit_ir):
 def test_tuner_pipeline_with_skips_compiles_to_the_measured_plan(fashion_vit_ir):
     """The tuned Fashion-ViT pipeline (merging + a skipped layer inside the merging range) is deployable and the IR
     passes compute exactly what the executor measured: skip-layers still finds layer 4's MLP after the merge."""
-    from elision.passes.pruning.deployed import deployable
-    from elision.passes.pruning.executor import ReductionPlan, adapter_for, run_encoder
+    from elision.apps.tokens.deployed import deployable
+    from elision.apps.tokens.executor import ReductionPlan, adapter_for, run_encoder
 
     model, module, inputs = fashion_vit_ir
     plan = ReductionPlan(merge_r=16, merge_start=1, skip_attn=frozenset({4}), skip_mlp=frozenset({4}))
@@ -75,7 +75,6 @@ def test_merged_vit_lowers_to_onnx_and_matches_torch(fashion_vit_ir, tmp_path):
 ])
 def test_bad_options(fashion_vit_ir, opts, message):
     from elision.passes.base import PassError
-
     with pytest.raises(PassError, match=message):
         apply_pipeline(fashion_vit_ir[1], "merge-tokens{" + opts + "}")
 
@@ -85,17 +84,17 @@ def test_unpooled_text_encoder_is_refused():
     no per-token output and the executor's size-weighted mean pooling has nothing to replace."""
     from pruning_models import padded_bert_batch, tiny_bert
 
-    from elision.compiler.frontend import export_to_ir
+    from elision.frontend.trace import export_to_ir
     from elision.passes.base import PassError
-
     bert = export_to_ir(tiny_bert(num_hidden_layers=2, add_pooling_layer=False), padded_bert_batch((6, 4), 6))
     with pytest.raises(PassError, match="not pooled with the attention mask"):
         apply_pipeline(bert, "merge-tokens{r=1}")
 
 
 def test_merge_tokens_is_approximate(fashion_vit_ir):
-    from elision.passes.base import PassError, PassManager, parse_pipeline
-
+    from elision.passes.base import PassError
+    from elision.passes.manager import PassManager
+    from elision.passes.pipeline import parse_pipeline
     with pytest.raises(PassError, match="approximate"):
         PassManager(parse_pipeline("merge-tokens{r=4}")).run(fashion_vit_ir[1].copy())
 
@@ -103,7 +102,7 @@ def test_merge_tokens_is_approximate(fashion_vit_ir):
 def test_dynamic_batch_merges_stay_symbolic_and_match_executor(fashion_vit_dynamic_ir):
     """Traced with a symbolic batch, three merges (matching, the size and protected marks threaded from one merge to
     the next, proportional attention) stay symbolic in the batch and equal the executor bit for bit at batch 1, 2, 5."""
-    from elision.passes.pruning.executor import ReductionPlan, adapter_for, run_encoder
+    from elision.apps.tokens.executor import ReductionPlan, adapter_for, run_encoder
 
     model, module, (x,) = fashion_vit_dynamic_ir
     merged = apply_pipeline(module, "merge-tokens{r=8,start=3}")
@@ -118,8 +117,8 @@ def test_dynamic_batch_merges_stay_symbolic_and_match_executor(fashion_vit_dynam
 def test_dynamic_batch_merged_vit_onnx_serves_every_batch(fashion_vit_dynamic_ir, tmp_path):
     """One ONNX artifact of a merged ViT traced with a symbolic batch: its input is (batch, 1, 28, 28) and
     onnxruntime computes the executor's output at batch 1, 2 and 5."""
-    from elision.compiler.lowering import emit_onnx, run_onnx_artifact
-    from elision.passes.pruning.executor import ReductionPlan, adapter_for, run_encoder
+    from elision.lowering.emit import emit_onnx, run_onnx_artifact
+    from elision.apps.tokens.executor import ReductionPlan, adapter_for, run_encoder
 
     model, module, (x,) = fashion_vit_dynamic_ir
     merged = apply_pipeline(module, "merge-tokens{r=8,start=5}")  # one merge keeps the (dynamic-shape) export short
@@ -142,7 +141,7 @@ TEXT_BATCHES = [(7,), (12, 9), (12, 9, 5, 3, 11)]
 def test_text_merged_ir_matches_executor_bit_for_bit(bert_ir, r, start):
     """Padded rows (sizes 0 never pull a real token's value), [CLS] and [SEP] protected, proportional attention and the
     size-weighted mean pooling: the merged IR computes exactly what the executor measured."""
-    from elision.passes.pruning.executor import ReductionPlan
+    from elision.apps.tokens.executor import ReductionPlan
 
     assert_matches_executor(*bert_ir, f"merge-tokens{{r={r},start={start}}}",
                             ReductionPlan(merge_r=r, merge_start=start))
@@ -185,7 +184,7 @@ def test_text_r_zero_is_untouched_and_round_trips(bert_ir):
 
 
 def test_merged_text_encoder_lowers_to_onnx_and_matches_torch(bert_ir, tmp_path):
-    from elision.passes.pruning.executor import ReductionPlan, adapter_for, run_encoder
+    from elision.apps.tokens.executor import ReductionPlan, adapter_for, run_encoder
 
     model, module, inputs = bert_ir
     got, _ops = lower_and_run(apply_pipeline(module, "merge-tokens{r=2,start=1}"), inputs, tmp_path)
@@ -199,7 +198,7 @@ def test_dynamic_batch_merged_text_encoder_matches_executor(bert_dynamic_ir):
     executor bit for bit at batch 1, 2 and 5 with padded rows."""
     from pruning_models import padded_bert_batch
 
-    from elision.passes.pruning.executor import ReductionPlan, adapter_for, run_encoder
+    from elision.apps.tokens.executor import ReductionPlan, adapter_for, run_encoder
 
     model, module = bert_dynamic_ir
     merged = apply_pipeline(module, "merge-tokens{r=2,start=1}")
@@ -217,8 +216,8 @@ def test_dynamic_batch_merged_text_encoder_onnx_serves_every_batch(bert_dynamic_
     onnxruntime computes the executor's output at batch 1, 2 and 5 with padded rows."""
     from pruning_models import padded_bert_batch
 
-    from elision.compiler.lowering import emit_onnx, run_onnx_artifact
-    from elision.passes.pruning.executor import ReductionPlan, adapter_for, run_encoder
+    from elision.lowering.emit import emit_onnx, run_onnx_artifact
+    from elision.apps.tokens.executor import ReductionPlan, adapter_for, run_encoder
 
     model, module = bert_dynamic_ir
     merged = apply_pipeline(module, "merge-tokens{r=2,start=2}")  # one merge keeps the (dynamic-shape) export short
@@ -240,7 +239,6 @@ def test_dynamic_batch_merged_text_encoder_onnx_serves_every_batch(bert_dynamic_
 ])
 def test_text_bad_options(bert_ir, opts, message):
     from elision.passes.base import PassError
-
     with pytest.raises(PassError, match=message):
         apply_pipeline(bert_ir[1], "merge-tokens{" + opts + "}")
 
@@ -251,8 +249,8 @@ def test_text_bad_options(bert_ir, opts, message):
 def test_text_merge_with_skips_in_a_merging_layer_compiles_to_the_measured_plan(bert_ir, skips):
     """A BERT layer merges after its attention LayerNorm; skip-layers still finds that layer's MLP branch (it reads
     the merged tokens), so the plans the tuner prints are deployable and the IR equals the executor."""
-    from elision.passes.pruning.deployed import deployable
-    from elision.passes.pruning.executor import ReductionPlan, adapter_for, run_encoder
+    from elision.apps.tokens.deployed import deployable
+    from elision.apps.tokens.executor import ReductionPlan, adapter_for, run_encoder
 
     model, module, inputs = bert_ir
     plan = ReductionPlan(merge_r=2, merge_start=0, **skips)
@@ -264,7 +262,6 @@ def test_text_merge_with_skips_in_a_merging_layer_compiles_to_the_measured_plan(
 
 def test_text_merge_after_prune_is_refused(bert_ir):
     from elision.passes.base import PassError
-
     with pytest.raises(PassError, match="already pruned by prune-tokens; the IR pass does not merge after pruning"):
         apply_pipeline(bert_ir[1], "prune-tokens{after=0;keep=0.75},merge-tokens{r=1;start=1}")
 
@@ -274,9 +271,9 @@ def test_minilm_merged_ir_matches_executor():
     from layer 3 equal the executor bit for bit."""
     from pruning_models import padded_bert_batch
 
-    from elision.compiler.frontend import export_to_ir
+    from elision.frontend.trace import export_to_ir
     from elision.models.registry import get_builtin
-    from elision.passes.pruning.executor import ReductionPlan, adapter_for, run_encoder
+    from elision.apps.tokens.executor import ReductionPlan, adapter_for, run_encoder
 
     model = get_builtin("minilm").build()
     inputs = padded_bert_batch((16, 11, 6), 16, seed=3)

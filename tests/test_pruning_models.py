@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from elision.passes.pruning.executor import IDENTITY, ReductionPlan, adapter_for, reference_output, run_encoder
-from elision.runtime.fidelity import compare_outputs
+from elision.apps.tokens.executor import IDENTITY, ReductionPlan, adapter_for, reference_output, run_encoder
+from elision.apps.tokens.fidelity import compare_outputs
 
 torch.set_num_threads(1)
 
@@ -13,7 +13,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def fashion():
     from elision.models.registry import get_builtin
-    from elision.passes.pruning.calib import fashion_sample
+    from elision.models.datasets import fashion_sample
 
     model = get_builtin("fashion-vit").build()
     x, y = fashion_sample(200)
@@ -49,7 +49,7 @@ def test_fashion_vit_token_reduction_fidelity(fashion):
 @pytest.fixture(scope="module")
 def minilm():
     from elision.models.registry import get_builtin
-    from elision.passes.pruning.calib import stdlib_paragraphs, tokenize
+    from elision.models.datasets import stdlib_paragraphs, tokenize
 
     model = get_builtin("minilm").build()
     ids, mask = tokenize(model.tokenizer, stdlib_paragraphs(12, min_words=30), 80)
@@ -78,7 +78,7 @@ def test_minilm_where_to_prune_matters(minilm):
 def test_tune_cli_end_to_end_and_bad_input(tmp_path):
     from typer.testing import CliRunner
 
-    from elision.compiler.cli import app
+    from elision.cli.main import app
 
     runner = CliRunner()
     plot = tmp_path / "pareto.png"
@@ -104,7 +104,7 @@ def test_tune_keeps_model_unchanged_when_nothing_qualifies(tmp_path):
 
     from typer.testing import CliRunner
 
-    from elision.compiler.cli import app
+    from elision.cli.main import app
 
     report = tmp_path / "tune.json"
     res = CliRunner().invoke(app, ["tune", "builtin:fashion-vit", "--passes", "skip-layers", "--threads", "1",
@@ -119,7 +119,7 @@ def test_tune_keeps_model_unchanged_when_nothing_qualifies(tmp_path):
 
 def test_choose_best_never_picks_a_slowdown():
     """The situation `make demo` hit on the Fashion ViT: every timed candidate slower than the unchanged model."""
-    from elision.passes.pruning.search import Candidate, choose_best
+    from elision.apps.tokens.search import Candidate, choose_best
 
     rep = compare_outputs(torch.ones(2, 3), torch.ones(2, 3), "logits")
 
@@ -135,7 +135,7 @@ def test_choose_best_never_picks_a_slowdown():
 def test_interleaved_latencies_measure_each_function():
     import time
 
-    from elision.passes.pruning.search import interleaved_latencies
+    from elision.apps.tokens.search import interleaved_latencies
 
     calls = []
     lat = interleaved_latencies([lambda: (calls.append("a"), time.sleep(0.002)),

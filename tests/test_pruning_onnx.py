@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from elision.passes.pruning import algorithms as alg
+from elision.kernels import token_reduction as alg
 
 
 class ClsPrune(torch.nn.Module):

@@ -13,8 +13,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def vit_ir():
-    from elision.compiler.frontend import export_to_ir
-
+    from elision.frontend.trace import export_to_ir
     model = tiny_vit()
     x = torch.randn(2, 1, 16, 16)
     return model, export_to_ir(model, (x,)), (x,)
@@ -31,7 +30,7 @@ DYNAMIC_BATCHES = [(7,), (12, 9), (12, 9, 5, 3, 11)]
 @pytest.mark.parametrize("score, after, keep",
                          [("cls-attn", 1, 0.5), ("key-norm", 0, 0.3), ("last-token-attn", 1, 0.6)])
 def test_bert_pruned_ir_matches_executor_with_padding(bert_ir, score, after, keep):
-    from elision.passes.pruning.executor import ReductionPlan, adapter_for, run_encoder
+    from elision.apps.tokens.executor import ReductionPlan, adapter_for, run_encoder
 
     model, module, inputs = bert_ir
     pruned = _prune(module, f"score={score};after={after};keep={keep}")
@@ -43,7 +42,7 @@ def test_bert_pruned_ir_matches_executor_with_padding(bert_ir, score, after, kee
 def test_tuner_pipeline_string_compiles_to_the_measured_plan(bert_ir):
     """What `elision tune` prints (progressive pruning + skipped branches) is a pipeline the IR passes apply, and
     the rewritten graph computes exactly what the tuner measured with the executor."""
-    from elision.passes.pruning.executor import ReductionPlan, adapter_for, run_encoder
+    from elision.apps.tokens.executor import ReductionPlan, adapter_for, run_encoder
 
     model, module, inputs = bert_ir
     plan = ReductionPlan(prune_after=0, keep=0.75, extra_stages=((1, 0.5),), skip_mlp=frozenset({1}))
@@ -55,13 +54,12 @@ def test_tuner_pipeline_string_compiles_to_the_measured_plan(bert_ir):
 
 def test_later_stage_must_follow_the_earlier_one(bert_ir):
     from elision.passes.base import PassError
-
     with pytest.raises(PassError, match="already pruned after layer 1; a further stage must come later"):
         _prune(_prune(bert_ir[1], "after=1;keep=0.5"), "after=0;keep=0.5")
 
 
 def test_vit_pruned_ir_matches_executor(vit_ir):
-    from elision.passes.pruning.executor import ReductionPlan, adapter_for, run_encoder
+    from elision.apps.tokens.executor import ReductionPlan, adapter_for, run_encoder
 
     model, module, inputs = vit_ir
     pruned = _prune(module, "after=1;keep=0.25")
@@ -109,7 +107,7 @@ def test_pruned_bert_lowers_to_onnx_and_matches_torch(bert_ir, tmp_path):
 def test_dynamic_batch_pruned_bert_keeps_batch_symbolic_and_matches_executor(bert_dynamic_ir):
     """Traced with a symbolic batch, the pruned graph stays symbolic in the batch (the tap's shape arguments and the
     gathered mask's views read it with sym_size) and equals the executor at batch 1, 2 and 5, padding included."""
-    from elision.passes.pruning.executor import ReductionPlan, adapter_for, run_encoder
+    from elision.apps.tokens.executor import ReductionPlan, adapter_for, run_encoder
 
     model, module = bert_dynamic_ir
     assert module.functions["forward"].inputs[0].type.shape == ("batch", 12)
@@ -127,8 +125,8 @@ def test_dynamic_batch_pruned_bert_keeps_batch_symbolic_and_matches_executor(ber
 def test_dynamic_batch_pruned_bert_onnx_serves_every_batch(bert_dynamic_ir, tmp_path):
     """One ONNX artifact of the pruned text encoder: its inputs are (batch, 12) with a symbolic batch, and
     onnxruntime computes the pruned IR's output (and so the executor's) at batch 1, 2 and 5 with padded rows."""
-    from elision.compiler.lowering import emit_onnx, run_onnx_artifact
-    from elision.passes.pruning.executor import ReductionPlan, adapter_for, run_encoder
+    from elision.lowering.emit import emit_onnx, run_onnx_artifact
+    from elision.apps.tokens.executor import ReductionPlan, adapter_for, run_encoder
 
     model, module = bert_dynamic_ir
     pruned = _prune(module, "after=1;keep=0.5")
@@ -145,10 +143,10 @@ def test_dynamic_batch_pruned_bert_onnx_serves_every_batch(bert_dynamic_ir, tmp_
 
 def test_symbolic_sequence_length_is_refused():
     """Only the batch may stay symbolic: a graph traced with a dynamic sequence gets a PassError saying so."""
-    from elision.compiler.frontend import export_to_ir
+    from elision.frontend.trace import export_to_ir
     from elision.models.vision import MeanPooledEncoder
     from elision.passes.base import PassError
-    from elision.passes.pruning.token_axes import check_symbolic_batch
+    from elision.analysis.token_axes import check_symbolic_batch
 
     with pytest.raises(PassError, match="dimension 'heads' \\(axis 1 of a 4-d value\\) is symbolic"):
         check_symbolic_batch("prune-tokens", ("batch", "heads", 12, 8), token_axis=2)
@@ -165,7 +163,7 @@ def test_tap_traced_with_symbolic_batch_or_refused():
     """`trace_tap` keeps a symbolic batch symbolic (a sym_size in the shape arguments, not the example's size) and
     refuses a tap whose code branches on the batch size instead of baking one branch in."""
     from elision.passes.base import PassError
-    from elision.passes.pruning.token_axes import trace_tap
+    from elision.analysis.token_axes import trace_tap
 
     fn = trace_tap(lambda h: torch.ones(h.shape[0], 4) + h[:, :4, 0], {"h": (("batch", 6, 8), torch.float32)}, "t")
     text = str(fn)
@@ -185,23 +183,22 @@ def test_tap_traced_with_symbolic_batch_or_refused():
 ])
 def test_bad_options(bert_ir, opts, message):
     from elision.passes.base import PassError
-
     with pytest.raises(PassError, match=message):
         _prune(bert_ir[1], opts)
 
 
 def test_model_without_attention_is_refused():
-    from elision.compiler.frontend import export_to_ir
+    from elision.frontend.trace import export_to_ir
     from elision.passes.base import PassError
-
     mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8)).eval()
     with pytest.raises(PassError, match="no stack of attention layers was recognised"):
         _prune(export_to_ir(mlp, (torch.randn(2, 5, 8),)), "after=0;keep=0.5")
 
 
 def test_prune_tokens_is_approximate(bert_ir):
-    from elision.passes.base import PassError, PassManager, parse_pipeline
-
+    from elision.passes.base import PassError
+    from elision.passes.manager import PassManager
+    from elision.passes.pipeline import parse_pipeline
     with pytest.raises(PassError, match="approximate"):
         PassManager(parse_pipeline("prune-tokens{after=1;keep=0.5}")).run(bert_ir[1].copy())
 
@@ -212,11 +209,11 @@ def test_compile_cli_prunes_builtin_vit_to_onnx(tmp_path):
     executor with the same settings at batch 1, 2 and 5."""
     from typer.testing import CliRunner
 
-    from elision.compiler.cli import app
-    from elision.compiler.frontend import load_model
-    from elision.compiler.lowering import run_onnx_artifact
-    from elision.passes.pruning.calib import fashion_sample
-    from elision.passes.pruning.executor import ReductionPlan, adapter_for, run_encoder
+    from elision.cli.main import app
+    from elision.frontend.model_spec import load_model
+    from elision.lowering.emit import run_onnx_artifact
+    from elision.models.datasets import fashion_sample
+    from elision.apps.tokens.executor import ReductionPlan, adapter_for, run_encoder
 
     out = tmp_path / "art"
     res = CliRunner().invoke(app, ["compile", "builtin:fashion-vit", "--passes", "prune-tokens{after=2;keep=0.25}",
@@ -240,7 +237,7 @@ def test_compile_cli_prunes_builtin_vit_to_onnx(tmp_path):
 def test_compile_cli_keeps_only_the_batch_dynamic():
     """Token-reduction pipelines fix every dynamic dim but the one named batch; a static-shape pass that does not
     handle a symbolic batch (no `dynamic_batch`) still fixes them all, as does a spec without a batch dim."""
-    from elision.compiler.cli import _keep_dims, _static_shapes
+    from elision.cli.main import _keep_dims, _static_shapes
 
     dims = {0: {0: "batch", 1: "seq"}, 1: {0: "batch", 1: "seq"}}
     assert _keep_dims(dims, "batch") == {0: {0: "batch"}, 1: {0: "batch"}}
@@ -253,8 +250,8 @@ def test_compile_cli_keeps_only_the_batch_dynamic():
 def test_onnx_timer_runs_the_deployed_plan(bert_ir):
     """`elision tune --measure onnx` times what it would ship: the artifact of a plan computes the executor's output
     for that plan (so the fidelity the tuner measured is the artifact's), and only IR-expressible plans qualify."""
-    from elision.passes.pruning.deployed import OnnxTimer, deployable
-    from elision.passes.pruning.executor import IDENTITY, ReductionPlan, adapter_for, run_encoder
+    from elision.apps.tokens.deployed import OnnxTimer, deployable
+    from elision.apps.tokens.executor import IDENTITY, ReductionPlan, adapter_for, run_encoder
 
     model, _module, inputs = bert_ir
     plan = ReductionPlan(prune_after=1, keep=0.5, skip_attn=frozenset({1}))

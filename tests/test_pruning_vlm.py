@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from elision.passes.pruning import algorithms as alg
-from elision.passes.pruning.executor import CLIPVisionAdapter, ReductionPlan, adapter_for, reference_output, run_encoder
-from elision.passes.pruning.vlm import image_pruning_fidelity, image_token_scores, prune_image_tokens
+from elision.kernels import token_reduction as alg
+from elision.apps.tokens.executor import CLIPVisionAdapter, ReductionPlan, adapter_for, reference_output, run_encoder
+from elision.apps.tokens.vlm import image_pruning_fidelity, image_token_scores, prune_image_tokens
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

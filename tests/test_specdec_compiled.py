@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from elision.runtime.specdec.cache import CacheOverflowError
-from elision.runtime.specdec.compiled_backend import (CompiledSpecDec, candidate_skip_sets, make_backend,
+from elision.apps.specdec.cache import CacheOverflowError
+from elision.apps.specdec.compiled_backend import (CompiledSpecDec, candidate_skip_sets, make_backend,
                                                       make_generator, model_config, search_skip_layers)
 from specdec_compiled_models import VOCAB, compiled
 

@@ -8,14 +8,14 @@ import numpy as np
 import torch
 
 from elision.ir import to_fx
-from elision.runtime.specdec.compiled_backend import CompiledSpecDec, export_specdec_onnx, model_config
+from elision.apps.specdec.compiled_backend import CompiledSpecDec, export_specdec_onnx, model_config
 from specdec_compiled_models import VOCAB, compiled, tree_inputs
 
 torch.set_num_threads(1)
 
 
 def test_verify_step_in_onnxruntime_matches_torch(tmp_path):
-    from elision.runtime.ort import load_artifact
+    from elision.runtime.artifact import load_artifact
 
     model, ir = compiled("llama")
     spec = CompiledSpecDec(ir, model_config(model), "canonicalize,cse,kv-cache,tree-verify,layer-skip-draft")

@@ -15,7 +15,7 @@ import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from elision.runtime.specdec import SpeculativeGenerator, generate
+from elision.apps.specdec import SpeculativeGenerator, generate
 
 VOCAB = 64
 DRAFTERS = ["lookup", "recycling", "copy", "layer-skip", "draft-model", "recycling+lookup", "copy+recycling"]

@@ -86,7 +86,7 @@ def test_layer_skip_draft_equals_bypassed_hf_model():
     assert [v.name for v in draft_fn.inputs] == ["input_ids", "positions", "attn_bias",
                                                  "past_k_0", "past_v_0", "past_k_1", "past_v_1"]
     bypassed = copy.deepcopy(model)
-    from elision.runtime.specdec.backends import _Bypass, find_decoder_layers
+    from elision.apps.specdec.backends import _Bypass, find_decoder_layers
 
     layers = find_decoder_layers(bypassed)
     layers[2] = _Bypass()

@@ -15,9 +15,9 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from elision.runtime.specdec import generate
-from elision.runtime.specdec_core.tree import TokenTree
-from elision.runtime.specdec.verify import SamplingConfig, target_probs, verify_sampling
+from elision.apps.specdec import generate
+from elision.runtime.generation.tree import TokenTree
+from elision.apps.specdec.verify import SamplingConfig, target_probs, verify_sampling
 
 VOCAB = 6
 N = 1000

@@ -10,10 +10,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from elision.runtime.specdec import CacheOverflowError, SpeculativeGenerator, TokenTree, generate  # noqa: E402
-from elision.runtime.specdec.backends import HFCausalLMBackend  # noqa: E402
-from elision.runtime.specdec.session import KVSession  # noqa: E402
-from elision.runtime.specdec_core.tree_builders import StaticTemplate, VerifyCostCurve, choose_tree_size  # noqa: E402
+from elision.apps.specdec import CacheOverflowError, SpeculativeGenerator, TokenTree, generate  # noqa: E402
+from elision.apps.specdec.backends import HFCausalLMBackend  # noqa: E402
+from elision.apps.specdec.session import KVSession  # noqa: E402
+from elision.runtime.generation.tree_builders import StaticTemplate, VerifyCostCurve, choose_tree_size  # noqa: E402
 
 VOCAB = 64
 
@@ -164,7 +164,7 @@ def test_streamer_receives_prompt_then_tokens(llama):
 
 
 def test_layer_skip_calibration_picks_a_measured_set(llama):
-    from elision.runtime.specdec.calibrate import calibrate_layer_skip
+    from elision.apps.specdec.calibrate import calibrate_layer_skip
 
     cal = calibrate_layer_skip(llama, [[1, 2, 3, 1, 2]], max_new_tokens=8)
     assert cal.table and cal.baseline_tokens_per_s > 0
@@ -189,7 +189,7 @@ def test_stop_strings_with_tokenizer(lm_dir):
 
 
 def test_visualize_png_and_html(llama, tmp_path):
-    from elision.runtime.specdec.visualize import pick_step, render_tree
+    from elision.apps.specdec.visualize import pick_step, render_tree
 
     result = generate(llama, [[3, 4, 5, 3, 4, 5, 3]], max_new_tokens=10, drafter="recycling+lookup", record_trees=True)
     step = pick_step(result)
@@ -204,7 +204,7 @@ def test_visualize_png_and_html(llama, tmp_path):
 def _cli():
     import typer
 
-    from elision.runtime.specdec.cli import register
+    from elision.cli.generate import register
 
     app = typer.Typer()
     register(app)

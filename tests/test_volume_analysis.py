@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from elision.models.vecset import VecSetConfig, build_field
-from elision.runtime.volume import VolumeError, decode_volume
-from elision.runtime.volume.analysis import export_field, query_independence, split_invariants
+from elision.apps.volume import VolumeError, decode_volume
+from elision.analysis.query_independence import export_field, query_independence, split_invariants
 
 SMALL = VecSetConfig(num_latents=16, embed_dim=8, width=32, heads=4, num_decoder_layers=1)
 

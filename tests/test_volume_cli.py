@@ -9,7 +9,7 @@ import typer
 from typer.testing import CliRunner
 
 from elision.models.vecset import FIXTURE_DIR
-from elision.runtime.volume.cli import register
+from elision.cli.shape import register
 
 runner = CliRunner()
 
@@ -83,8 +83,8 @@ def test_encode_shape_fits_latents_for_a_mesh(app, tmp_path):
 def test_onnx_artifact_drives_hierarchical_decoding_with_onnxruntime(tmp_path):
     from elision.models.registry import get_builtin
     from elision.models.vecset import fixture_latents
-    from elision.runtime.volume import decode_volume
-    from elision.runtime.volume.onnx_field import OrtFieldDecoder, export_field_onnx
+    from elision.apps.volume import decode_volume
+    from elision.apps.volume.onnx_field import OrtFieldDecoder, export_field_onnx
     import onnx
     model = get_builtin("vecset-tiny").build()
     export_field_onnx(model, tmp_path)
@@ -102,7 +102,7 @@ def test_onnx_artifact_drives_hierarchical_decoding_with_onnxruntime(tmp_path):
     assert int(((a.grid > 0) != (b.grid > 0)).sum()) <= 2  # fp32 ORT vs torch near the iso level only
 
     # the gathered-token session: tiles of queries, each attending only to its own tokens per head
-    from elision.runtime.volume.field import TorchFieldDecoder
+    from elision.apps.volume.field import TorchFieldDecoder
     tdec = TorchFieldDecoder(model)
     heads = tdec.kv(tdec.prepare(lat))[0].shape[0]
     for tiles, tile, k in ((1, 1, 1), (7, 33, 16), (3, 64, 100)):
@@ -118,7 +118,7 @@ def test_onnx_artifact_drives_hierarchical_decoding_with_onnxruntime(tmp_path):
 
 
 def test_onnx_field_artifact_missing_a_session_is_a_clear_error(tmp_path):
-    from elision.runtime.volume.onnx_field import OrtFieldDecoder
+    from elision.apps.volume.onnx_field import OrtFieldDecoder
     (tmp_path / "field.json").write_text('{"config": {}, "files": []}')
     (tmp_path / "latents_side.onnx").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="lacks field_chunk.onnx.*export it again"):

@@ -6,11 +6,11 @@ import pytest
 import torch
 from _gpu import needs_compiled_cuda
 
-from elision.runtime.volume import VolumeError, decode_volume, parse_volume_pipeline
-from elision.runtime.volume.decode import (SparseVolumeOptions, check_memory, decode_dense, decode_sparse,
+from elision.apps.volume import VolumeError, decode_volume, parse_volume_pipeline
+from elision.apps.volume.decode import (SparseVolumeOptions, check_memory, decode_dense, decode_sparse,
                                            index_to_points, level_schedule)
-from elision.runtime.volume.mesh import chamfer_fscore, extract_mesh, occupancy_iou, render_preview, save_mesh
-from elision.runtime.volume.shapes import plate_sdf
+from elision.apps.volume.mesh import chamfer_fscore, extract_mesh, occupancy_iou, render_preview, save_mesh
+from elision.apps.volume.shapes import plate_sdf
 
 
 class AnalyticField:
@@ -137,8 +137,8 @@ def test_fixture_sparse_sign_field_equals_dense_at_default(tiny, shape):
     field on every fixture, loses no part, and evaluates every corner of every surface cell. The same
     comparison at 256^3 is the fixtures section of tools/bench_volume.py (dense takes minutes there)."""
     from elision.models.vecset import fixture_latents
-    from elision.runtime.volume import DEFAULT_PIPELINE
-    from elision.runtime.volume.mesh import lost_components
+    from elision.apps.volume import DEFAULT_PIPELINE
+    from elision.apps.volume.mesh import lost_components
     lat = fixture_latents(shape)
     dense = decode_volume(tiny, lat, 64, "hoist-invariants")
     sparse = decode_volume(tiny, lat, 64, DEFAULT_PIPELINE)
@@ -154,7 +154,7 @@ def test_default_pipeline_query_reduction_at_256_on_every_fixture(tiny):
     """The issue's goal, >= 20x fewer field queries than dense at 256^3, on every fixture. Query counts
     are deterministic (no timing); sign fidelity at 256 is checked by the benchmark's fixtures section."""
     from elision.models.vecset import fixture_latents
-    from elision.runtime.volume import DEFAULT_PIPELINE
+    from elision.apps.volume import DEFAULT_PIPELINE
     for shape in FIXTURES:
         sparse = decode_volume(tiny, fixture_latents(shape), 256, DEFAULT_PIPELINE)
         assert sparse.levels == [16, 32, 64, 128, 256]
@@ -185,7 +185,7 @@ def _device_decode_matches_cpu(tiny, device: str, dtype: torch.dtype, max_flip_f
     import copy
 
     from elision.models.vecset import fixture_latents
-    from elision.runtime.volume import DEFAULT_PIPELINE
+    from elision.apps.volume import DEFAULT_PIPELINE
     lat = fixture_latents("thin_plate")
     dense = decode_volume(tiny, lat, 64, "hoist-invariants")
     moved = copy.deepcopy(tiny).to(device, dtype)
@@ -217,7 +217,7 @@ def test_decode_on_cuda_matches_cpu(tiny, dtype):
 def test_cell_corners_are_the_fine_points_in_or_on_an_active_cell(r, density, seed):
     """By definition (brute force): fine point f of the (2r+1)^3 grid is kept iff f/2 lies in the closed box
     [c, c+1]^3 of some active coarse cell c."""
-    from elision.runtime.volume.decode import cell_corners
+    from elision.apps.volume.decode import cell_corners
     cells = torch.rand(r, r, r, generator=torch.Generator().manual_seed(seed)) < density
     expect = torch.zeros((2 * r + 1,) * 3, dtype=torch.bool)
     for c in cells.nonzero().tolist():

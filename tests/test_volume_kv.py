@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from _gpu import needs_compiled_cuda
-from elision.runtime.volume.adaptive_kv import AdaptiveKVOptions, adaptive_attention, gathered_attention
+from elision.apps.volume.adaptive_kv import AdaptiveKVOptions, adaptive_attention, gathered_attention
 
 
 @settings(max_examples=8, deadline=None)
@@ -116,7 +116,7 @@ def test_gathered_attention_torch_path_matches_reference_kernel_semantics():
 def test_decode_with_adaptive_kv_topk_all_equals_plain_sparse():
     from elision.models.registry import get_builtin
     from elision.models.vecset import fixture_latents
-    from elision.runtime.volume import decode_volume
+    from elision.apps.volume import decode_volume
     model = get_builtin("vecset-tiny").build()
     lat = fixture_latents("thin_rods")
     plain = decode_volume(model, lat, 48, "hoist-invariants,sparse-volume{min_res=24}")
@@ -153,7 +153,7 @@ def test_decode_stops_probing_a_non_local_decoder_and_matches_plain_sparse():
     the level's remaining queries skip the probe and run the plain path, with the plain result."""
     from elision.models.registry import get_builtin
     from elision.models.vecset import fixture_latents
-    from elision.runtime.volume import decode_volume
+    from elision.apps.volume import decode_volume
     model = get_builtin("vecset-tiny").build()
     lat = fixture_latents("elephant")
     plain = decode_volume(model, lat, 128, "hoist-invariants,sparse-volume")
@@ -194,8 +194,8 @@ def test_adaptive_kv_on_the_local_decoder_reads_little_and_keeps_the_sign_field(
     coarse levels, whose blocks span much of the shape, fall back per level without stopping the fine ones)."""
     from elision.models.registry import get_builtin
     from elision.models.vecset import LOCAL_FIXTURE_DIR, fixture_latents
-    from elision.runtime.volume import decode_volume
-    from elision.runtime.volume.mesh import occupancy_iou
+    from elision.apps.volume import decode_volume
+    from elision.apps.volume.mesh import occupancy_iou
     model = get_builtin("vecset-local").build()
     lat = fixture_latents("elephant", LOCAL_FIXTURE_DIR)
     plain = decode_volume(model, lat, 128, "hoist-invariants,sparse-volume")
@@ -214,8 +214,8 @@ def test_planning_spans_do_not_change_the_decisions_or_values(monkeypatch):
     the statistics equal planning one chunk at a time."""
     from elision.models.registry import get_builtin
     from elision.models.vecset import LOCAL_FIXTURE_DIR, fixture_latents
-    from elision.runtime.volume import decode_volume
-    from elision.runtime.volume.decode import _Evaluator
+    from elision.apps.volume import decode_volume
+    from elision.apps.volume.decode import _Evaluator
     model = get_builtin("vecset-local").build()
     lat = fixture_latents("elephant", LOCAL_FIXTURE_DIR)
     passes = "hoist-invariants,sparse-volume,adaptive-kv{topk=32}"

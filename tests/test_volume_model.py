@@ -10,8 +10,8 @@ import torch
 
 from elision.models.vecset import (HUNYUAN3D_2_TURBO_VAE, HUNYUAN3D_2_VAE, TINY_VAE, VecSetConfig, build_field,
                                    load_checkpoint, load_latents, save_checkpoint, save_latents)
-from elision.runtime.volume.field import TorchFieldDecoder
-from elision.runtime.volume.pipeline import PublishedFieldDecoder
+from elision.apps.volume.field import TorchFieldDecoder
+from elision.apps.volume.pipeline import PublishedFieldDecoder
 
 
 def _hunyuan_expected_shapes(layers: int = 16, w: int = 1024, heads: int = 16) -> dict[str, tuple]:
@@ -138,8 +138,8 @@ def test_locality_term_concentrates_the_attention_of_a_neighbourhood():
     from dataclasses import replace
 
     from elision.models.vecset import LOCAL_VAE, build_field
-    from elision.runtime.volume.encode import attention_locality_loss, fit
-    from elision.runtime.volume.shapes import PROCEDURAL
+    from elision.apps.volume.encode import attention_locality_loss, fit
+    from elision.apps.volume.shapes import PROCEDURAL
     src = PROCEDURAL["thin_plate"]()
     surface = torch.from_numpy(src.surface_samples(5000, np.random.default_rng(0)))
     cfg = replace(LOCAL_VAE, num_latents=256)

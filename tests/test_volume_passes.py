@@ -12,7 +12,7 @@ SMALL = VecSetConfig(num_latents=16, embed_dim=8, width=32, heads=4, num_decoder
 
 @pytest.fixture(scope="module")
 def ir_module():
-    from elision.compiler.frontend import export_to_ir
+    from elision.frontend.trace import export_to_ir
     torch.manual_seed(0)
     model = build_field(SMALL)
     example = (torch.rand(1, 8, 3) * 2 - 1, torch.randn(1, 16, 8))
@@ -60,7 +60,7 @@ class QueryMeanDecoder(nn.Module):
 
 
 def test_query_independence_pass_refuses_and_names_the_op():
-    from elision.compiler.frontend import export_to_ir
+    from elision.frontend.trace import export_to_ir
     from elision.passes import PassError, PassManager, parse_pipeline
     module = export_to_ir(QueryMeanDecoder(), (torch.rand(1, 8, 3), torch.randn(1, 4, 2)),
                           dynamic_dims={0: {1: "queries"}})

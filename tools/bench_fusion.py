@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
-from elision.compiler.frontend import export_to_ir, load_model
+from elision.frontend.model_spec import load_model
+
+from elision.frontend.trace import export_to_ir
 from elision.ir import to_fx
 from elision.passes import run_pipeline
 from elision.passes.fusion import DEFAULT_PIPELINE

@@ -120,7 +120,7 @@ def _max_err(got: Any, want: torch.Tensor) -> float:
 def build_columns(model: torch.nn.Module, ids: torch.Tensor, dyn: dict, model_type: str, heads: int, hidden: int,
                   tmp: Path, progress: Progress, task) -> dict[str, Callable]:
     """Build every column's callable once (compilation is not timed)."""
-    from elision.compiler.api import compile as elision_compile
+    from elision.apps.compile.api import compile as elision_compile
 
     fns: dict[str, Callable] = {}
     errors: dict[str, str] = {}
@@ -178,8 +178,7 @@ def minilm(tmp: Path, progress: Progress, quick: bool) -> tuple[list[dict], dict
 
 
 def code_lm(tmp: Path, progress: Progress, quick: bool) -> tuple[list[dict], dict]:
-    from elision.compiler.frontend import load_model
-
+    from elision.frontend.model_spec import load_model
     try:
         hf = load_model("builtin:tiny-code-lm").model
         name = "tiny-code-lm"

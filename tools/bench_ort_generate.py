@@ -37,11 +37,11 @@ def main() -> None:
     torch.set_num_threads(1)
 
     from elision.models import code_lm
-    from elision.runtime.ort_generate import OrtGenerator
-    from elision.runtime.specdec import SpeculativeGenerator
-    from elision.runtime.specdec.artifact import export_generation_artifact
-    from elision.runtime.specdec.cli import load_causal_lm
-    from elision.runtime.specdec.compiled_backend import compile_specdec
+    from elision.runtime.generation.ort_generator import OrtGenerator
+    from elision.apps.specdec import SpeculativeGenerator
+    from elision.apps.specdec.artifact import export_generation_artifact
+    from elision.apps.specdec.loading import load_causal_lm
+    from elision.apps.specdec.compiled_backend import compile_specdec
 
     model, tokenizer = load_causal_lm(args.model)
     art = args.artifact

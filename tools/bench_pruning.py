@@ -1,7 +1,7 @@
 """Benchmark token pruning / merging / layer skipping: latency against fidelity, side by side with the
 reference methods' settings, on all-MiniLM-L6-v2 (seq 128 and 512) and the Fashion-MNIST ViT.
 
-Every row runs the same executor (`elision.passes.pruning.executor.run_encoder`, the model's own HF
+Every row runs the same executor (`elision.apps.tokens.executor.run_encoder`, the model's own HF
 sub-modules) on the same inputs, so latency ratios compare like with like; the unmodified HF model is timed
 too for context. Reference settings reproduced:
   FasterVLM   [CLS]-attention of the penultimate layer, keep 25% / 10% / 5%
@@ -75,7 +75,7 @@ def goal_line(name: str, kind: str, results, base_lat: float) -> str:
 
 def settings(quick: bool):
     from elision.models.vision import build_fashion_vit, build_minilm
-    from elision.passes.pruning import calib
+    from elision.models import datasets as calib
 
     minilm = build_minilm()
     n128, n512 = (8, 2) if quick else (32, 8)
@@ -96,7 +96,7 @@ def settings(quick: bool):
 
 
 def reference_plans(name: str, num_layers: int):
-    from elision.passes.pruning.executor import ReductionPlan
+    from elision.apps.tokens.executor import ReductionPlan
 
     pen = num_layers - 2
     plans = [("FasterVLM keep 25%", ReductionPlan(prune_after=pen, keep=0.25)),
@@ -127,12 +127,13 @@ def _onnx_rows(model, inputs: tuple, names: list[str], pipelines: tuple[str, ...
     """Trace once, rewrite with each pipeline, lower to ONNX, time all artifacts interleaved; table rows."""
     import tempfile
 
-    from elision.compiler.frontend import export_to_ir
-    from elision.compiler.lowering import emit_onnx
-    from elision.passes.base import PassManager, parse_pipeline
-    from elision.passes.pruning.search import interleaved_latencies
-    from elision.runtime.fidelity import compare_outputs
-    from elision.runtime.ort import load_artifact
+    from elision.frontend.trace import export_to_ir
+    from elision.lowering.emit import emit_onnx
+    from elision.passes.manager import PassManager
+    from elision.passes.pipeline import parse_pipeline
+    from elision.apps.tokens.search import interleaved_latencies
+    from elision.apps.tokens.fidelity import compare_outputs
+    from elision.runtime.artifact import load_artifact
 
     feeds = {n: t.numpy() for n, t in zip(names, inputs)}
     base = export_to_ir(model, inputs, {}, input_names=names)
@@ -159,7 +160,7 @@ def onnx_benchmark(args) -> None:
     """Latency of IR-rewritten ONNX artifacts (MiniLM, Fashion-MNIST ViT) against the unpruned artifact."""
     from elision.models.registry import get_builtin
     from elision.models.vision import build_minilm
-    from elision.passes.pruning import calib
+    from elision.models import datasets as calib
 
     model = build_minilm()
     ids, mask = calib.tokenize(model.tokenizer, calib.long_texts(8, 130, offset=0), 128, pad_to_max=True)
@@ -242,7 +243,7 @@ def fastv_benchmark(args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from elision.passes.pruning.fastv import fastv_generate
+    from elision.apps.tokens.fastv import fastv_generate
 
     z = FASTV_QUICK if args.quick else FASTV_SIZES
     out = OUT / "quick" if args.quick else OUT  # a smoke run must not overwrite the committed results
@@ -363,9 +364,9 @@ def main() -> None:
     from rich.console import Console
     from rich.progress import Progress
 
-    from elision.passes.pruning.executor import IDENTITY, adapter_for, reference_output, run_encoder
-    from elision.passes.pruning.search import tune
-    from elision.runtime.fidelity import compare_outputs, median_latency
+    from elision.apps.tokens.executor import IDENTITY, adapter_for, reference_output, run_encoder
+    from elision.apps.tokens.search import tune
+    from elision.apps.tokens.fidelity import compare_outputs, median_latency
 
     console = Console()
     OUT.mkdir(exist_ok=True)

@@ -7,10 +7,10 @@ docstring prose from prompts.json), same number of new tokens, same threads. Met
     hf-lookup        HF prompt lookup decoding (`prompt_lookup_num_tokens=10`)
     hf-assisted      HF assisted generation with `builtin:tiny-code-lm-draft`
     hf-early-exit    HF `assistant_early_exit=N` (self-speculation from the first N layers)
-    elision-<drafter> `elision.runtime.specdec.generate(..., drafter=<drafter>)` for every drafter
+    elision-<drafter> `elision.apps.specdec.generate(..., drafter=<drafter>)` for every drafter
                      the runtime offers (columns are omitted, and the report says so, if it is absent)
     elision-ort-<d>  the same model compiled to an ONNX generation artifact (`elision compile --emit onnx
-                     --for generate`) and decoded by `elision.runtime.ort_generate.OrtGenerator` (numpy +
+                     --for generate`) and decoded by `elision.runtime.generation.ort_generator.OrtGenerator` (numpy +
                      onnxruntime, no torch), greedy and sampled;
                      `elision-ort-none` is the ORT loop without speculation (the runtime gain alone)
 
@@ -111,26 +111,26 @@ def hf_generate(method: str, target, draft, ids, n_new: int, sample: bool, seed:
 
 
 class ElisionAdapter:
-    """Calls `elision.runtime.specdec.generate` with whatever signature it actually has."""
+    """Calls `elision.apps.specdec.generate` with whatever signature it actually has."""
 
     def __init__(self):
         self.available = False
         self.reason = ""
         self.drafters: list[str] = []
         try:
-            from elision.runtime import specdec
+            from elision.apps import specdec
         except Exception as e:  # the runtime is being written concurrently
-            self.reason = f"`import elision.runtime.specdec` failed: {type(e).__name__}: {e}"
+            self.reason = f"`import elision.apps.specdec` failed: {type(e).__name__}: {e}"
             return
         gen = getattr(specdec, "generate", None)
         if gen is None:
-            self.reason = "`elision.runtime.specdec` has no `generate` function yet"
+            self.reason = "`elision.apps.specdec` has no `generate` function yet"
             return
         self.generate = gen
         self.params = inspect.signature(gen).parameters
         known = getattr(specdec, "KNOWN_DRAFTERS", None)
         if known is None:
-            from elision.runtime.specdec import drafters as _d
+            from elision.apps.specdec import drafters as _d
             known = getattr(_d, "KNOWN_DRAFTERS", ("lookup", "recycling", "copy", "layer-skip", "draft-model"))
         self.drafters = [d for d in known if d != "none"]
         self.available = True
@@ -179,8 +179,8 @@ class OrtAdapter:
     def __init__(self, threads: int, drafters: list[str]):
         import tempfile
 
-        from elision.runtime.ort_generate import OrtGenerator
-        from elision.runtime.specdec.artifact import export_generation_artifact
+        from elision.runtime.generation.ort_generator import OrtGenerator
+        from elision.apps.specdec.artifact import export_generation_artifact
 
         self.drafters = drafters
         path = Path(tempfile.mkdtemp(prefix="elision-bench-specdec-")) / "tiny-code-lm"
@@ -441,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(cells, methods, settings, n_prompts)
     # The verification-cost curves the dynamic trees were sized with (measured by the runtimes at their first
     # dynamic-tree call in this process): seconds of one verify forward over the live cache by tree nodes.
-    from elision.runtime.specdec.generate import measured_cost_curves
+    from elision.apps.specdec.generate import measured_cost_curves
 
     curves = {}
     torch_curves = measured_cost_curves(target)

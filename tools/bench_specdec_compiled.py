@@ -29,7 +29,7 @@ def present_backend(spec, config):
     """@verify returning cat(past, new) per layer instead of the new slices (runtime adopts the tensors)."""
     from elision.ir.execute import to_fx
     from elision.passes.specdec import META_KEY
-    from elision.runtime.specdec.compiled_backend import CompiledBackend
+    from elision.apps.specdec.compiled_backend import CompiledBackend
 
     ir = spec.ir.copy()
     fn = ir.functions["verify"]
@@ -57,8 +57,8 @@ def main() -> None:
     from rich.console import Console
     from rich.progress import track
 
-    from elision.runtime.specdec.compiled_backend import compile_specdec, make_generator
-    from elision.runtime.specdec.generate import SpeculativeGenerator
+    from elision.apps.specdec.compiled_backend import compile_specdec, make_generator
+    from elision.apps.specdec.generate import SpeculativeGenerator
 
     console = Console()
     torch.manual_seed(0)

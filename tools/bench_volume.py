@@ -51,9 +51,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from elision.models.vecset import FIXTURE_DIR, LOCAL_FIXTURE_DIR, fixture_latents  # noqa: E402
-from elision.runtime.volume import decode_volume, parse_volume_pipeline  # noqa: E402
-from elision.runtime.volume.cli import load_vecset  # noqa: E402
-from elision.runtime.volume.mesh import (chamfer_fscore, extract_mesh, lost_components, occupancy_iou,  # noqa: E402
+from elision.apps.volume import decode_volume, parse_volume_pipeline  # noqa: E402
+from elision.cli.shape import load_vecset  # noqa: E402
+from elision.apps.volume.mesh import (chamfer_fscore, extract_mesh, lost_components, occupancy_iou,  # noqa: E402
                                         render_preview)
 
 METHODS = {
@@ -96,8 +96,8 @@ class PeakRSS:
 def dense_sampled(dec, lat, res: int, plan, chunk: int, fraction: float) -> tuple[float, torch.Tensor, torch.Tensor]:
     """Dense decoding timed on every (1/fraction)-th chunk only: (extrapolated wall s, flat indices of the
     sampled points, their values). The published loop's cost is the same per chunk, so the time scales."""
-    from elision.runtime.volume import decoder_for
-    from elision.runtime.volume.decode import evaluate_grid_points
+    from elision.apps.volume import decoder_for
+    from elision.apps.volume.decode import evaluate_grid_points
     decoder = decoder_for(dec, plan)
     n = (res + 1) ** 3
     stride = max(1, round(1 / fraction))
@@ -209,7 +209,7 @@ def run_methods(args, decoders, lat) -> list[dict]:
 def run_fixtures(model, res: int, chunk: int, directory) -> list[dict]:
     """Default pipeline on every fixture: queries per level and sign fidelity vs dense (not timed)."""
     from elision.models.vecset import fixture_names
-    from elision.runtime.volume import DEFAULT_PIPELINE
+    from elision.apps.volume import DEFAULT_PIPELINE
     out = []
     for name in fixture_names(directory):
         lat = fixture_latents(name, directory)
@@ -229,7 +229,7 @@ def run_fixtures(model, res: int, chunk: int, directory) -> list[dict]:
 def shell_indices(res: int, n: int, block: int = 8) -> torch.Tensor:
     """n grid indices of a res^3 grid within 3 cells of a sphere (radius 0.5), taken whole block by block
     (block^3 blocks): the spatial layout of the queries hierarchical decoding leaves at its finest level."""
-    from elision.runtime.volume.adaptive_kv import block_ids_from_grid
+    from elision.apps.volume.adaptive_kv import block_ids_from_grid
     ax = torch.arange(res + 1)
     idx = torch.stack(torch.meshgrid(ax, ax, ax, indexing="ij"), -1).reshape(-1, 3)
     p = idx.float() * (2.02 / res) - 1.01
@@ -242,9 +242,9 @@ def run_kv_speed(n_queries: int, topks: list[int], chunk: int, repeats: int, dev
                  dtype: torch.dtype = torch.float32) -> list[dict]:
     """SPEED ONLY, random weights: per-query time, plain vs adaptive KV (fixed top-k, guard off)."""
     from elision.models.vecset import HUNYUAN3D_2_TURBO_VAE, HUNYUAN3D_2_VAE, build_field
-    from elision.runtime.volume.adaptive_kv import AdaptiveKVOptions
-    from elision.runtime.volume.decode import evaluate_grid_points
-    from elision.runtime.volume.field import TorchFieldDecoder
+    from elision.apps.volume.adaptive_kv import AdaptiveKVOptions
+    from elision.apps.volume.decode import evaluate_grid_points
+    from elision.apps.volume.field import TorchFieldDecoder
     from dataclasses import replace
     idx = shell_indices(256, n_queries)
     rows = []
@@ -331,7 +331,7 @@ def main() -> None:
     lat = fixture_latents(args.shape, args.fixture_dir)
     decoders: dict[str, object] = {"torch": model}
     if "ort" in args.backends:
-        from elision.runtime.volume.onnx_field import OrtFieldDecoder, export_field_onnx
+        from elision.apps.volume.onnx_field import OrtFieldDecoder, export_field_onnx
         tmp = Path(tempfile.mkdtemp(prefix="bench-volume-"))
         export_field_onnx(model, tmp)
         decoders["ort"] = OrtFieldDecoder(tmp, threads=args.threads)

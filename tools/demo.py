@@ -28,7 +28,7 @@ console = Console()
 
 
 def elision(*args: str) -> None:
-    cmd = [sys.executable, "-m", "elision.compiler.cli", *args]
+    cmd = [sys.executable, "-m", "elision.cli.main", *args]
     console.print(f"[dim]$ elision {' '.join(args)}[/]")
     subprocess.run(cmd, check=True, cwd=ROOT)
 
@@ -54,7 +54,7 @@ def step_onnx() -> None:
     art = OUT / "tiny-code-lm-onnx"
     elision("compile", "builtin:tiny-code-lm", "--emit", "onnx", "-o", str(art), "--verify")
     from elision.models import get_builtin
-    from elision.runtime.ort import load_artifact
+    from elision.runtime.artifact import load_artifact
 
     model = get_builtin("tiny-code-lm").build()
     artifact = load_artifact(art)
@@ -76,7 +76,7 @@ def step_onnx() -> None:
 def step_specdec() -> None:
     console.rule("3. speculative decoding on builtin:tiny-code-lm (greedy, lossless)")
     from elision.models.code_lm import load_model, load_prompts, load_tokenizer
-    from elision.runtime.specdec import generate
+    from elision.apps.specdec import generate
 
     model, tok = load_model("tiny-code-lm"), load_tokenizer("tiny-code-lm")
     prompt = load_prompts("tiny-code-lm")["code"][0]["text"]
@@ -107,7 +107,7 @@ def step_specdec() -> None:
     # --prompt` does at deploy time)
     art = OUT / "tiny-code-lm-generate"
     elision("compile", "builtin:tiny-code-lm", "--emit", "onnx", "--for", "generate", "-o", str(art))
-    from elision.runtime.ort_generate import OrtGenerator
+    from elision.runtime.generation.ort_generator import OrtGenerator
 
     ort = OrtGenerator.load(art)
     ort.generate(ids[0].tolist(), max_new_tokens=4, eos_token_id=[])
@@ -133,8 +133,8 @@ def step_volume() -> None:
     console.rule("5. sparse volume decoding of a fitted VecSet shape (elephant, 128^3)")
     from elision.models.vecset import fixture_latents, load_checkpoint
     from elision.models.vecset import FIXTURE_DIR
-    from elision.runtime.volume import decode_volume
-    from elision.runtime.volume.mesh import extract_mesh, occupancy_iou, render_preview, save_mesh
+    from elision.apps.volume import decode_volume
+    from elision.apps.volume.mesh import extract_mesh, occupancy_iou, render_preview, save_mesh
 
     model = load_checkpoint(FIXTURE_DIR / "vecset-tiny.safetensors")
     latents = fixture_latents("elephant")

@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from elision.models.vecset import (FIXTURE_DIR, LOCAL_FIXTURE_DIR, LOCAL_VAE, TINY_VAE, build_field,  # noqa: E402
                                    save_checkpoint, save_latents)
-from elision.runtime.volume.encode import fit, lipschitz_estimate  # noqa: E402
-from elision.runtime.volume.shapes import PROCEDURAL, cgal_mesh, mesh_source  # noqa: E402
+from elision.apps.volume.encode import fit, lipschitz_estimate  # noqa: E402
+from elision.apps.volume.shapes import PROCEDURAL, cgal_mesh, mesh_source  # noqa: E402
 
 CGAL_SHAPES = ["elephant", "knot1"]
 THIN_SHAPES = ["thin_plate", "thin_rods"]

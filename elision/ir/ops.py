@@ -15,8 +15,8 @@ import torch
 # Modules that register ``torch.ops.elision.*`` custom ops when imported.
 CUSTOM_OP_MODULES = [
     "elision.kernels.ops",
-    "elision.passes.pruning.ops",
-    "elision.runtime.volume.ops",
+    "elision.kernels.token_ops",
+    "elision.apps.volume.ops",
 ]
 
 _PY_PREFIX = "py."

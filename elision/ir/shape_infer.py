@@ -1,7 +1,6 @@
 """Type inference by running ops on fake tensors whose sizes are symbolic (sympy symbols named as in the IR)."""
 from __future__ import annotations
 
-import contextlib
 import itertools
 
 import sympy

@@ -4,7 +4,7 @@
 * :mod:`elision.kernels.triton_attention`, :mod:`~elision.kernels.triton_norm`,
   :mod:`~elision.kernels.triton_tokens` — Triton kernels (importing them imports triton).
 * :mod:`elision.kernels.ops` — ``torch.library`` registration of ``torch.ops.elision.*``.
-* :mod:`elision.kernels.onnx_translations` — onnxscript translations for the ONNX exporter.
+* :mod:`elision.lowering.onnx_ops` — onnxscript translations for the ONNX exporter.
 
 Importing this package is cheap: nothing here imports triton or registers ops until
 :func:`ensure_registered` (or ``import elision.kernels.ops``) is called.

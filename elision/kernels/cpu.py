@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import reference
+from elision.kernels import reference
 
 __all__ = [
     "attention",

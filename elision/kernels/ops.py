@@ -44,7 +44,7 @@ from typing import Callable
 import torch
 from torch.library import triton_op
 
-from . import _checks, cpu, reference
+from elision.kernels import _checks, cpu, reference
 
 __all__ = [
     "ensure_registered",

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._launch import block_size, dot_precision, next_pow2
+from elision.kernels._launch import block_size, dot_precision, next_pow2
 
 __all__ = ["attention", "sparse_cross_attention"]
 

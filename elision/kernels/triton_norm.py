@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._launch import next_pow2
+from elision.kernels._launch import next_pow2
 
 __all__ = ["rms_norm", "layer_norm"]
 

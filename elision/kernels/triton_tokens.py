@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._launch import block_size, next_pow2
+from elision.kernels._launch import block_size, next_pow2
 
 __all__ = ["gather_tokens", "token_scores", "score_topk_gather"]
 

@@ -34,7 +34,7 @@ def build_fashion_vit():
 
 
 def fashion_vit_inputs(model) -> tuple:
-    from elision.passes.pruning.calib import fashion_sample
+    from elision.models.datasets import fashion_sample
 
     x, _ = fashion_sample(2)
     return (x,)
@@ -73,7 +73,7 @@ def build_minilm(attn_implementation: str = "sdpa") -> MeanPooledEncoder:
 
 
 def minilm_inputs(model) -> tuple:
-    from elision.passes.pruning.calib import stdlib_paragraphs, tokenize
+    from elision.models.datasets import stdlib_paragraphs, tokenize
 
     ids, mask = tokenize(model.tokenizer, stdlib_paragraphs(2), 128, pad_to_max=True)
     return ids, mask

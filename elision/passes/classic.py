@@ -11,8 +11,6 @@ from elision.ir.core import Function, Module, Node, Value, map_values
 from elision.ir.ops import is_deterministic, is_effectful, resolve_op
 from elision.ir.types import TensorType
 from elision.passes.base import Pass, register_pass
-
-
 def remove_unused_params(module: Module) -> int:
     used = {n.args[0] for f in module.functions.values() for n in f.nodes if n.op == "param"}
     dead = [k for k in module.params if k not in used]

@@ -29,9 +29,10 @@ import torch
 
 from elision.ir.core import Function, Module, Node, Value
 from elision.ir.types import TensorType, TupleType
-from elision.passes.base import Pass, analyses, register_pass
+from elision.passes.base import Pass, register_pass
+from elision.analysis.cache import analyses
 from elision.passes.classic import eliminate_dead_code, remove_unused_params
-from elision.passes.model_map import Attention, ModelMap, Norm, build_model_map
+from elision.analysis.model_map import Attention, ModelMap, Norm, build_model_map
 
 DEFAULT_PIPELINE = "canonicalize,cse,constant-fold,fuse-attention,fuse-norms,fuse-qkv,dce"
 

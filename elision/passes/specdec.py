@@ -758,7 +758,7 @@ class LayerSkipDraft(Pass):
         skip = parse_layers(self.layers, num_layers)
         report = None
         if skip is None:
-            from elision.runtime.specdec.compiled_backend import search_skip_layers
+            from elision.apps.specdec.compiled_backend import search_skip_layers
 
             skip, report = search_skip_layers(module, trials=self.trials, new_tokens=self.new_tokens, seed=self.seed)
         fn = build_draft(module, skip)

@@ -1,4 +1,4 @@
-"""elision runtime: executors for compiled artifacts (speculative decoding lives in `elision.runtime.specdec`).
+"""elision runtime: executors for compiled artifacts (speculative decoding lives in `elision.apps.specdec`).
 
 Kept import-light on purpose: nothing here imports torch or transformers.
 """

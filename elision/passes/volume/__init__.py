@@ -1,6 +1,6 @@
 """Volume-decoding passes on elision IR: `query-independence` (analysis) and `hoist-invariants` (split).
 
-Both reuse `elision.runtime.volume.analysis` through a read-only FX-like view of an IR function, so the
+Both reuse `elision.analysis.query_independence` through a read-only FX-like view of an IR function, so the
 torch.export path (runtime) and the IR path (compiler) share one proof.
 """
 from elision.passes.volume.passes import HoistInvariants, QueryIndependence, ir_query_independence

@@ -14,10 +14,10 @@ import copy
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from elision.ir.core import Function, Module, Node, Value, map_values
+from elision.ir.core import Function, Module, Value, map_values
 from elision.ir.types import TensorType
 from elision.passes.base import Pass, PassError, register_pass
-from elision.runtime.volume.analysis import QueryIndependenceReport, query_independence
+from elision.analysis.query_independence import QueryIndependenceReport, query_independence
 
 
 class _View:

@@ -1,0 +1,378 @@
+"""Lossless speculative generation: draft a token tree, verify it in one target forward, keep the accepted path.
+
+`SpeculativeGenerator(model, ...)` holds what should persist between calls (the Token Recycling matrix,
+the measured verification-cost curve, the backend); `generate(model, input_ids, ...)` is the one-call API
+with Hugging Face-like arguments. Batches of prompts of different lengths are decoded together with
+per-sequence acceptance (every sequence accepts its own path length each step).
+
+Per step: drafter.prepare -> tree per sequence (static template or dynamic best-first, sized from the
+measured cost curve) -> one target forward over all trees (float additive ancestor bias, depth-based
+positions) -> greedy or rejection-sampling verification -> stop handling (EOS, max length, stop strings)
+-> KV compaction of the accepted path -> drafter.observe (online learning).
+"""
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from elision.apps.specdec.backends import HFCausalLMBackend
+from elision.apps.specdec.cache import CacheOverflowError
+from elision.apps.specdec.drafters import Drafter, TokenRecyclingDrafter, make_drafter
+from elision.apps.specdec.session import KVSession
+from elision.runtime.generation.bookkeeping import append_tokens, check_lengths, generation_stats, normalize_eos
+from elision.runtime.generation.tree import TokenTree
+from elision.runtime.generation.tree_builders import (
+    StaticTemplate,
+    VerifyCostCurve,
+    build_dynamic,
+    build_static,
+    choose_tree_size,
+    parse_tree_spec,
+)
+from elision.apps.specdec.verify import (
+    SamplingConfig,
+    sample_token,
+    target_probs,
+    verify_greedy,
+    verify_sampling_logits,
+)
+
+# cost curves are per model object, batch size and tree-size limit, measured once per process
+_COST_CURVES: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+def measured_cost_curves(model) -> dict:
+    """The verification-cost curves measured so far for `model` in this process: {(batch, max tree size): curve}."""
+    return dict(_COST_CURVES.get(model, {}))
+
+
+@dataclass
+class StepRecord:
+    """One verification step of one sequence, kept when `record_trees=True` (for visualize.py)."""
+
+    sequence: int
+    tree: TokenTree
+    accepted: list[int]  # node indices, root first
+    bonus: int
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # newly generated tokens per sequence (prompt excluded)
+    text: list[str] | None
+    stats: dict
+    prompts: list[list[int]] = field(default_factory=list)
+    steps: list[StepRecord] = field(default_factory=list)
+
+    @property
+    def sequences(self) -> list[list[int]]:
+        """Prompt + generated tokens, like the rows of Hugging Face `generate`'s output."""
+        return [p + t for p, t in zip(self.prompts, self.tokens)]
+
+
+def _normalize_prompts(input_ids, attention_mask=None) -> list[list[int]]:
+    if isinstance(input_ids, torch.Tensor):
+        ids = input_ids
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2:
+            raise ValueError(f"input_ids must be 1-D or 2-D, got shape {tuple(input_ids.shape)}")
+        rows = ids.tolist()
+        if attention_mask is not None:
+            mask = attention_mask if attention_mask.dim() == 2 else attention_mask[None]
+            rows = [[t for t, m in zip(r, mr) if m] for r, mr in zip(rows, mask.tolist())]
+    elif isinstance(input_ids, Sequence) and input_ids and all(isinstance(t, int) for t in input_ids):
+        rows = [list(input_ids)]
+    elif isinstance(input_ids, Sequence):
+        rows = [list(r) for r in input_ids]
+    else:
+        raise ValueError("input_ids must be a tensor, a list of token ids, or a list of such lists")
+    if not rows:
+        raise ValueError("input_ids is empty: pass at least one prompt")
+    for i, r in enumerate(rows):
+        if len(r) == 0:
+            raise ValueError(f"prompt {i} is empty: speculative generation needs at least one prompt token")
+    return [[int(t) for t in r] for r in rows]
+
+
+class SpeculativeGenerator:
+    """Speculative decoding for a Hugging Face causal LM (or any backend implementing backends.ModelBackend)."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer=None,
+        drafter: str = "recycling+lookup",
+        draft_model=None,
+        tree: str = "dynamic",
+        max_tree_size: int = 32,
+        max_depth: int = 16,
+        skip_layers: Sequence[int] | None = None,
+        max_cache_len: int | None = None,
+    ):
+        if isinstance(model, torch.nn.Module):
+            self.model = model.eval()
+            self.backend = HFCausalLMBackend(self.model)
+        elif all(hasattr(model, a) for a in ("forward", "select", "truncate", "reset")):
+            self.model = None
+            self.backend = model
+        else:
+            raise TypeError("model must be a Hugging Face causal LM (nn.Module) or a ModelBackend")
+        self.tokenizer = tokenizer
+        self.draft_model = draft_model
+        self.max_tree_size = int(max_tree_size)
+        self.max_depth = int(max_depth)
+        self.skip_layers = frozenset(skip_layers) if skip_layers is not None else None
+        self.max_cache_len = max_cache_len
+        self._recycling = TokenRecyclingDrafter(self.backend.vocab_size)
+        self._drafters: dict[str, Drafter] = {}
+        self.drafter_name = drafter
+        self.tree_spec = tree
+        self._parse_tree(tree)
+        self.drafter(drafter)  # validate now: unknown names fail at construction
+
+    # ------------------------------------------------------------------ configuration
+    def drafter(self, name: str) -> Drafter:
+        if name not in self._drafters:
+            self._drafters[name] = make_drafter(
+                name,
+                vocab_size=self.backend.vocab_size,
+                target_model=self.model,
+                draft_model=self.draft_model,
+                skip_layers=self.skip_layers,
+                recycling=self._recycling,
+                target_backend=self.backend,
+            )
+        return self._drafters[name]
+
+    def _parse_tree(self, tree: str) -> StaticTemplate | None:
+        return parse_tree_spec(tree)
+
+    def cost_curve(self, session: KVSession) -> VerifyCostCurve:
+        owner = self.model if self.model is not None else self.backend
+        per_model = _COST_CURVES.setdefault(owner, {})
+        key = (session.batch_size, self.max_tree_size)
+        if key not in per_model:
+            per_model[key] = VerifyCostCurve.measure(session, self.max_tree_size)
+        return per_model[key]
+
+    # ------------------------------------------------------------------ generation
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids,
+        max_new_tokens: int = 64,
+        *,
+        drafter: str | None = None,
+        tree: str | None = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        eos_token_id: int | Sequence[int] | None = None,
+        stop_strings: str | Sequence[str] | None = None,
+        tokenizer=None,
+        seed: int | None = None,
+        streamer=None,
+        attention_mask: torch.Tensor | None = None,
+        max_length: int | None = None,
+        record_trees: bool = False,
+    ) -> GenerationResult:
+        t_start = time.perf_counter()
+        prompts = _normalize_prompts(input_ids, attention_mask)
+        tokenizer = tokenizer if tokenizer is not None else self.tokenizer
+        sampling = SamplingConfig(bool(do_sample), float(temperature), int(top_k or 0), float(top_p))
+        sampling.validate()
+        drafter_name = drafter or self.drafter_name
+        draft = self.drafter(drafter_name)
+        template = self._parse_tree(tree or self.tree_spec)
+        if max_length is not None:
+            max_new_tokens = min(max_new_tokens, max_length - max(len(p) for p in prompts))
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        eos = normalize_eos(eos_token_id)
+        stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
+        if stops and tokenizer is None:
+            raise ValueError("stop_strings need a tokenizer: pass tokenizer=...")
+        if streamer is not None and len(prompts) != 1:
+            raise ValueError("streaming supports a single prompt (batch size 1)")
+        vocab = self.backend.vocab_size
+        for i, p in enumerate(prompts):
+            bad = [t for t in p if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        longest = max(len(p) for p in prompts)
+        check_lengths(longest, max_new_tokens, self.backend.max_positions, CacheOverflowError)
+        tree_budget = len(template) if template is not None else self.max_tree_size
+        capacity = longest + max_new_tokens + tree_budget + 1
+        if self.max_cache_len is not None and capacity > self.max_cache_len:
+            raise CacheOverflowError(
+                f"cache overflow: this request needs {capacity} KV slots (prompt {longest} + {max_new_tokens} new + "
+                f"a {tree_budget}-node tree) but max_cache_len is {self.max_cache_len}; "
+                "lower max_new_tokens or raise max_cache_len"
+            )
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        if generator is None and sampling.do_sample:
+            generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
+
+        b_size = len(prompts)
+        timing = dict(prefill_s=0.0, cost_curve_s=0.0, draft_s=0.0, verify_s=0.0, accept_s=0.0)
+        session = KVSession(self.backend, b_size, capacity)
+
+        # ---- prefill
+        t0 = time.perf_counter()
+        logits = session.prefill(prompts)
+        last = torch.stack([logits[b, len(p) - 1] for b, p in enumerate(prompts)])
+        if sampling.do_sample:
+            probs = target_probs(last, sampling)
+            first = [sample_token(probs[b], generator) for b in range(b_size)]
+        else:
+            first = last.argmax(-1).tolist()
+        timing["prefill_s"] = time.perf_counter() - t0
+        outputs: list[list[int]] = [[] for _ in range(b_size)]
+        contexts = [list(p) for p in prompts]
+        active = [True] * b_size
+        if streamer is not None:
+            streamer.put(torch.tensor([prompts[0]]))
+        for b in range(b_size):
+            append_tokens(b, [first[b]], outputs, contexts, active, eos, stops, max_new_tokens, tokenizer)
+        if streamer is not None:
+            streamer.put(torch.tensor(outputs[0]))
+
+        t0 = time.perf_counter()
+        draft.reset(contexts, logits)
+        timing["draft_s"] += time.perf_counter() - t0
+        del logits
+        curve = None
+        if template is None and any(active):
+            t0 = time.perf_counter()
+            curve = self.cost_curve(session)
+            timing["cost_curve_s"] = time.perf_counter() - t0
+
+        steps = 0
+        accepted_lengths: list[list[int]] = [[] for _ in range(b_size)]
+        tree_sizes: list[int] = []
+        records: list[StepRecord] = []
+        while any(active):
+            # ---- draft
+            t0 = time.perf_counter()
+            remaining = [max_new_tokens - len(o) for o in outputs]
+            max_depth = [min(self.max_depth, r - 1) if a else 0 for r, a in zip(remaining, active)]
+            draft.prepare(contexts, active, max_depth)
+            trees: list[TokenTree | None] = []
+            for b in range(b_size):
+                if not active[b]:
+                    trees.append(None)
+                elif template is not None:
+                    trees.append(build_static(draft, b, contexts[b], template, max_depth[b]))
+                else:
+                    trees.append(build_dynamic(draft, b, contexts[b], self.max_tree_size, max_depth[b]))
+            if curve is not None:
+                n = choose_tree_size(trees, curve, self.max_tree_size)
+                trees = [t.truncate(n) if t is not None else None for t in trees]
+            timing["draft_s"] += time.perf_counter() - t0
+
+            # ---- verify forward
+            t0 = time.perf_counter()
+            logits = session.extend(trees)
+            timing["verify_s"] += time.perf_counter() - t0
+
+            # ---- accept
+            t0 = time.perf_counter()
+            steps += 1
+            keep: list[list[int]] = [[] for _ in range(b_size)]
+            if not sampling.do_sample:
+                argmax = logits.argmax(-1).tolist()
+            for b, t in enumerate(trees):
+                if t is None:
+                    continue
+                tree_sizes.append(len(t))
+                n = len(t)
+                if sampling.do_sample:
+                    path, bonus = verify_sampling_logits(t, logits[b, :n], sampling, generator)
+                else:
+                    path, bonus = verify_greedy(t, argmax[b][:n])
+                new = [t.tokens[i] for i in path[1:]] + [bonus]
+                keep[b] = path
+                before = len(outputs[b])
+                append_tokens(b, new, outputs, contexts, active, eos, stops, max_new_tokens, tokenizer)
+                accepted_lengths[b].append(len(outputs[b]) - before)
+                draft.observe(b, t, logits[b, :n], path, contexts[b])
+                if record_trees:
+                    records.append(StepRecord(b, t, path, bonus))
+                if streamer is not None:
+                    streamer.put(torch.tensor(outputs[b][before:]))
+            session.commit(keep)
+            timing["accept_s"] += time.perf_counter() - t0
+        if streamer is not None:
+            streamer.end()
+
+        stats = generation_stats(outputs=outputs, accepted_lengths=accepted_lengths, tree_sizes=tree_sizes, steps=steps,
+                                 total_s=time.perf_counter() - t_start, timing=timing,
+                                 draft_forward_passes=draft.draft_forward_passes, drafter=draft.name,
+                                 tree=tree or self.tree_spec)
+        text = [tokenizer.decode(o, skip_special_tokens=True) for o in outputs] if tokenizer is not None else None
+        return GenerationResult(outputs, text, stats, prompts, records)
+
+
+_GENERATORS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+def generate(
+    model,
+    input_ids,
+    max_new_tokens: int = 64,
+    *,
+    drafter: str = "recycling+lookup",
+    draft_model=None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_id: int | Sequence[int] | None = None,
+    stop_strings: str | Sequence[str] | None = None,
+    tokenizer=None,
+    tree: str = "dynamic",
+    seed: int | None = None,
+    streamer=None,
+    attention_mask: torch.Tensor | None = None,
+    max_length: int | None = None,
+    skip_layers: Sequence[int] | None = None,
+    max_tree_size: int = 32,
+    record_trees: bool = False,
+) -> GenerationResult:
+    """One-call speculative generation; generators (recycling matrix, cost curve) are reused per model."""
+    per_model = _GENERATORS.setdefault(model, {})
+    key = (drafter, id(draft_model), tree, tuple(sorted(skip_layers)) if skip_layers is not None else None, max_tree_size)
+    gen = per_model.get(key)
+    if gen is None:
+        gen = SpeculativeGenerator(
+            model,
+            tokenizer=tokenizer,
+            drafter=drafter,
+            draft_model=draft_model,
+            tree=tree,
+            skip_layers=skip_layers,
+            max_tree_size=max_tree_size,
+        )
+        per_model[key] = gen
+    return gen.generate(
+        input_ids,
+        max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        eos_token_id=eos_token_id,
+        stop_strings=stop_strings,
+        tokenizer=tokenizer,
+        seed=seed,
+        streamer=streamer,
+        attention_mask=attention_mask,
+        max_length=max_length,
+        record_trees=record_trees,
+    )

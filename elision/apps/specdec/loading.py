@@ -1,0 +1,32 @@
+"""Load a Hugging Face causal LM and its tokenizer for speculative decoding (offline, float32)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def load_causal_lm(spec: str):
+    """(model, tokenizer) from a HF directory or a `builtin:` name; raises ValueError with what to do."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if spec.startswith("builtin:"):
+        from elision.models import code_lm
+
+        try:
+            path = code_lm.builtin_dir(spec)
+        except (ValueError, FileNotFoundError) as e:
+            raise ValueError(str(e)) from None
+    else:
+        path = Path(spec)
+        if not path.is_dir():
+            raise ValueError(f"model directory {spec!r} does not exist; pass a Hugging Face causal LM directory or builtin:tiny-code-lm")
+    if not (Path(path) / "config.json").is_file():
+        raise ValueError(f"{spec!r} has no config.json: it is not a Hugging Face model directory")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - any tokenizer loading failure becomes one clear line
+        raise ValueError(f"could not load a tokenizer from {spec!r} ({type(e).__name__}); the directory needs tokenizer files") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype="float32").eval()
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"could not load a causal LM from {spec!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    return model, tokenizer

@@ -1,0 +1,1 @@
+"""The `elision` command line: `main` holds the app and `compile`; one module per other command."""

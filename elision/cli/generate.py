@@ -1,0 +1,117 @@
+"""`elision generate`: speculative generation from the command line, streaming or as one JSON object.
+
+MODEL is a Hugging Face causal-LM directory with a tokenizer (loaded offline), or `builtin:tiny-code-lm`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+KNOWN = "lookup, recycling, copy, layer-skip, draft-model, none, or a '+' combination such as recycling+lookup"
+
+
+def _fail(console: Console, message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(2)
+
+
+class _ConsoleStreamer:
+    """HF-streamer-compatible (`put`/`end`): prints decoded text as tokens are accepted."""
+
+    def __init__(self, console: Console, tokenizer):
+        from elision.runtime.generation.bookkeeping import IncrementalDecoder
+
+        self.console = console
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        piece = self.decoder.push(value.flatten().tolist())
+        if piece:
+            self.console.print(piece, end="", markup=False, highlight=False, soft_wrap=True)
+
+    def end(self) -> None:
+        self.console.print(self.decoder.finish(), markup=False, highlight=False, soft_wrap=True)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("generate")
+    def generate_cmd(
+        model: str = typer.Argument(..., help="Hugging Face causal LM directory (with tokenizer) or builtin:tiny-code-lm"),
+        prompt: str = typer.Option(..., "--prompt", "-p", help="prompt text"),
+        max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="tokens to generate"),
+        drafter: str = typer.Option("recycling+lookup", "--drafter", "-d", help=f"drafter: {KNOWN}"),
+        tree: str = typer.Option("dynamic", "--tree", help="'dynamic' or 'static:<template>' (chain-4, 4x2x1, ...)"),
+        draft_model: Optional[str] = typer.Option(None, "--draft-model", help="draft model directory (drafter draft-model)"),
+        skip_layers: Optional[str] = typer.Option(None, "--skip-layers", help="layer-skip drafter: comma-separated decoder layers to bypass, e.g. 2,4,6"),
+        do_sample: bool = typer.Option(False, "--sample/--greedy", help="sample (lossless rejection sampling) or greedy"),
+        temperature: float = typer.Option(1.0, "--temperature"),
+        top_k: int = typer.Option(0, "--top-k"),
+        top_p: float = typer.Option(1.0, "--top-p"),
+        seed: Optional[int] = typer.Option(None, "--seed"),
+        stop: Optional[list[str]] = typer.Option(None, "--stop", help="stop string (repeatable)"),
+        as_json: bool = typer.Option(False, "--json", help="print one JSON object with tokens, text and stats"),
+        visualize: Optional[Path] = typer.Option(None, "--visualize", help="write the most-accepted draft tree to this .png/.html"),
+    ) -> None:
+        """Generate text with lossless speculative decoding (output identical to the model's own decoding)."""
+        console = Console(stderr=as_json)
+        err = Console(stderr=True)
+        if not prompt:
+            _fail(err, "the prompt is empty: pass some text with --prompt")
+        if max_new_tokens < 1:
+            _fail(err, f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+        if visualize is not None and visualize.suffix.lower() not in (".png", ".html", ".htm"):
+            _fail(err, f"--visualize needs a .png or .html file name, got {visualize.name!r}")
+        skip = None
+        if skip_layers:
+            try:
+                skip = sorted({int(x) for x in skip_layers.split(",") if x.strip()})
+            except ValueError:
+                _fail(err, f"--skip-layers must be comma-separated layer numbers like 2,4,6, got {skip_layers!r}")
+        from elision.apps.specdec.cache import CacheOverflowError
+        from elision.apps.specdec.generate import SpeculativeGenerator
+
+        try:
+            with err.status(f"loading {model}"):
+                from elision.apps.specdec.loading import load_causal_lm  # torch + transformers: only when running
+
+                target, tokenizer = load_causal_lm(model)
+                draft = load_causal_lm(draft_model)[0] if draft_model else None
+            gen = SpeculativeGenerator(target, tokenizer=tokenizer, drafter=drafter, draft_model=draft, tree=tree,
+                                       skip_layers=skip)
+        except ValueError as e:
+            _fail(err, str(e))
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        if ids.shape[1] == 0:
+            _fail(err, "the prompt encodes to zero tokens: pass some text with --prompt")
+        eos = tokenizer.eos_token_id
+        streamer = None if as_json else _ConsoleStreamer(console, tokenizer)
+        try:
+            result = gen.generate(
+                ids, max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                eos_token_id=eos, stop_strings=stop or None, seed=seed, streamer=streamer,
+                record_trees=visualize is not None,
+            )
+        except (ValueError, CacheOverflowError) as e:
+            _fail(err, str(e))
+        stats = result.stats
+        if visualize is not None and result.steps:
+            from elision.apps.specdec.visualize import pick_step, render_tree
+
+            render_tree(pick_step(result), visualize, tokenizer)
+        if as_json:
+            print(json.dumps({"tokens": result.tokens[0], "text": result.text[0], "stats": stats}))
+        else:
+            err.print(
+                f"[dim]{stats['new_tokens']} tokens, {stats['tokens_per_s']:.1f} tok/s, {stats['forward_passes']} forward passes, "
+                f"mean accepted length {stats['mean_accepted_length']:.2f} ({stats['drafter']}, tree {stats['tree']})[/]"
+            )
+            if visualize is not None:
+                err.print(f"[dim]draft tree written to {visualize}[/]")

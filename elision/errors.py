@@ -1,0 +1,26 @@
+"""User-facing errors. The CLI prints their message on one line and exits with ``exit_code``."""
+from __future__ import annotations
+
+
+class ElisionError(Exception):
+    exit_code = 2
+
+
+class ModelSpecError(ElisionError):
+    """The model spec could not be resolved to a model (bad path, unknown builtin, broken directory)."""
+
+
+class UnsupportedOpError(ElisionError):
+    """The traced model contains an op the IR cannot represent; the message names the op and location."""
+
+
+class ExportError(ElisionError):
+    """torch.export failed or specialized a dimension the user asked to keep dynamic."""
+
+
+class VerificationError(ElisionError):
+    exit_code = 3
+
+
+class PassError(ElisionError):
+    """A pipeline string, a pass option, or a pass precondition is wrong; the message says which."""

@@ -1,0 +1,479 @@
+"""Write an ONNX artifact directory: one `.onnx` per function, weights stored once, a versioned manifest.
+
+Each function is exported with `torch.onnx.export(..., dynamo=True, opset_version=18)` (opset 18:
+the opset-23 `Attention`/`RotaryEmbedding` fusions are rejected by ORT's CPU kernels, see
+feasibility-notes.md). elision's custom ops (`torch.ops.elision.*`) are translated with the table from
+`elision.lowering.onnx_ops` when that module is present.
+
+Weights: every initializer of every function is moved into one external-data file, `weights.bin`,
+deduplicated by content, so a prefill and a decode graph over the same parameters share one copy. The
+`.onnx` files hold only graph structure plus (offset, length) references into that file; ONNX Runtime
+reads them with the standard external-data mechanism.
+
+Optional ORT fusions (`ort_fusions=True`): onnxscript's `optimize_for_ort` rewrites attention, norms,
+GELU and rotary subgraphs into ONNX Runtime contrib ops (`com.microsoft.*`). The result is verified in
+ORT against the unfused graph on the example inputs; if ORT rejects it or the numbers drift, the
+unfused graph is kept and the manifest says why.
+
+The manifest (`manifest.json`, reader: `elision.runtime.artifact`) records the format version, elision's
+version, each function's inputs/outputs with symbolic dims, the pass pipeline, the source model hash,
+the runtime settings a generation/decoding loop needs, and the sha256 of every file.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import re
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto
+
+from elision.runtime.artifact import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    WEIGHTS_NAME,
+    TensorSpec,
+    elision_version,
+    sha256_file,
+)
+
+__all__ = ["export_onnx", "source_hash_of", "to_dynamic_shapes", "OnnxExportError", "FunctionExportInfo",
+           "exporter_error_summary"]
+
+log = logging.getLogger(__name__)
+
+OPSET_VERSION = 18
+_ALIGN = 64  # external-data offsets aligned for mmap-friendly reads
+_FN_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+_DERIVED_DIM = re.compile(r"^\s*([A-Za-z_]\w*)\s*([+-])\s*(\d+)\s*$")
+
+DynamicDims = Mapping[int, Mapping[int, str]] | None
+FunctionEntry = tuple[torch.nn.Module, tuple, DynamicDims]
+
+
+class OnnxExportError(ValueError):
+    """A function could not be exported; the message names the function and the cause."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class FunctionExportInfo:
+    name: str
+    file: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    ort_fusions: dict[str, Any]
+
+
+def source_hash_of(model: torch.nn.Module) -> str:
+    """sha256 over the model's class name and its state dict (names, dtypes, shapes, bytes)."""
+    digest = hashlib.sha256(type(model).__qualname__.encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        if t.dtype == torch.bfloat16:
+            t = t.view(torch.int16)
+        digest.update(t.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def to_dynamic_shapes(example_inputs: Sequence[Any], dynamic_dims: DynamicDims) -> tuple | None:
+    """Turn `{input_index: {dim: "name"}}` into torch.export `dynamic_shapes` (one `Dim` per name).
+
+    Names may be derived, `"seq + 1"`, relative to a plain name used elsewhere. Example sizes of 0 or 1
+    are refused because torch.export specializes them to constants.
+    """
+    if not dynamic_dims:
+        return None
+    dims: dict[str, Any] = {}
+
+    def dim_for(label: str) -> Any:
+        match = _DERIVED_DIM.match(label)
+        if match:
+            base, sign, offset = match.group(1), match.group(2), int(match.group(3))
+            root = dims.setdefault(base, torch.export.Dim(base))
+            return root + offset if sign == "+" else root - offset
+        if not re.match(r"^[A-Za-z_]\w*$", label):
+            raise OnnxExportError(f"dynamic dim name {label!r} must be an identifier or 'name + k'")
+        return dims.setdefault(label, torch.export.Dim(label))
+
+    shapes: list[Any] = []
+    for index, value in enumerate(example_inputs):
+        spec = dynamic_dims.get(index) or dynamic_dims.get(str(index))  # JSON round trips make keys strings
+        if not spec:
+            shapes.append(None)
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise OnnxExportError(f"dynamic dims given for input {index}, which is not a tensor")
+        per_input = {}
+        for axis, label in spec.items():
+            axis = int(axis)
+            if axis >= value.dim() or axis < -value.dim():
+                raise OnnxExportError(f"input {index} has {value.dim()} dims; dynamic dim {axis} ({label!r}) is out of range")
+            if value.shape[axis] < 2:
+                raise OnnxExportError(
+                    f"input {index} dim {axis} ({label!r}) has example size {value.shape[axis]}; dynamic dims need "
+                    f"an example size >= 2 because torch.export turns sizes 0 and 1 into constants"
+                )
+            per_input[axis] = dim_for(str(label))
+        shapes.append(per_input)
+    return tuple(shapes)
+
+
+def exporter_error_summary(error: BaseException) -> str:
+    """One line saying why torch.onnx failed: its "Exception summary" line when present, else the first line."""
+    text = str(error).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if line.startswith("## Exception summary") and i + 1 < len(lines):
+            return re.sub(r"\x1b\[[0-9;]*m", "", lines[i + 1])[:400]
+    return re.sub(r"\x1b\[[0-9;]*m", "", lines[0])[:400] if lines else type(error).__name__
+
+
+def _custom_translation_table() -> dict[Callable, Callable]:
+    """elision op -> onnxscript translation, from elision.lowering.onnx_ops when it exists."""
+    try:
+        module = importlib.import_module("elision.lowering.onnx_ops")
+    except ModuleNotFoundError as e:
+        if e.name not in ("elision.lowering.onnx_ops", "elision.kernels"):
+            raise
+        return {}
+    return dict(module.custom_translation_table())
+
+
+_NP_NAMES = {
+    TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", TensorProto.DOUBLE: "float64",
+    TensorProto.BFLOAT16: "bfloat16", TensorProto.INT64: "int64", TensorProto.INT32: "int32",
+    TensorProto.INT16: "int16", TensorProto.INT8: "int8", TensorProto.UINT8: "uint8", TensorProto.BOOL: "bool",
+}
+
+
+def _value_specs(values: Sequence[onnx.ValueInfoProto]) -> tuple[TensorSpec, ...]:
+    specs = []
+    for value in values:
+        tensor_type = value.type.tensor_type
+        shape: list[int | str] = []
+        for i, dim in enumerate(tensor_type.shape.dim):
+            if dim.HasField("dim_value"):
+                shape.append(int(dim.dim_value))
+            elif dim.HasField("dim_param"):
+                shape.append(dim.dim_param)
+            else:
+                shape.append(f"{value.name}_dim{i}")
+        dtype = _NP_NAMES.get(tensor_type.elem_type, TensorProto.DataType.Name(tensor_type.elem_type).lower())
+        specs.append(TensorSpec(value.name, dtype, tuple(shape)))
+    return tuple(specs)
+
+
+class _SharedWeights:
+    """Appends tensors to one external-data file, once per distinct content."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.handle = open(path, "wb")
+        self.offset = 0
+        self.by_digest: dict[tuple[str, int, tuple[int, ...]], tuple[int, int]] = {}
+        self.bytes_referenced = 0
+
+    def externalize(self, model: onnx.ModelProto, min_bytes: int = 64) -> None:
+        """Move every initializer of `model` (>= min_bytes) into the shared file and point the proto at it."""
+        for tensor in model.graph.initializer:
+            if tensor.data_location == TensorProto.EXTERNAL:
+                raise OnnxExportError(f"initializer {tensor.name} is already external; expected in-memory weights")
+            # raw_data is already ONNX's little-endian external layout; typed fields need converting.
+            data = tensor.raw_data if tensor.HasField("raw_data") else onnx.numpy_helper.to_array(tensor).tobytes()
+            if len(data) < min_bytes:
+                continue  # tiny constants (shapes, scalars) stay inline where the checker and ORT fold them
+            key = (hashlib.sha256(data).hexdigest(), tensor.data_type, tuple(tensor.dims))
+            if key not in self.by_digest:
+                pad = (-self.offset) % _ALIGN
+                self.handle.write(b"\0" * pad)
+                self.offset += pad
+                self.handle.write(data)
+                self.by_digest[key] = (self.offset, len(data))
+                self.offset += len(data)
+            offset, length = self.by_digest[key]
+            self.bytes_referenced += length
+            # Clear every in-memory payload field, then record where the bytes live.
+            for field_name in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+                tensor.ClearField(field_name)
+            del tensor.external_data[:]
+            for key_name, value in (("location", self.path.name), ("offset", str(offset)), ("length", str(length))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key_name, value
+            tensor.data_location = TensorProto.EXTERNAL
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def _export_program(name: str, model: torch.nn.Module, example_inputs: tuple, dynamic_dims: DynamicDims):
+    if not isinstance(model, torch.nn.Module):
+        raise OnnxExportError(f"function {name!r}: expected an nn.Module or fx.GraphModule, got {type(model).__name__}")
+    model.eval()
+    dynamic_shapes = to_dynamic_shapes(example_inputs, dynamic_dims)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # exporter FutureWarnings about pytree specs etc.
+            return torch.onnx.export(
+                model,
+                tuple(example_inputs),
+                dynamo=True,
+                opset_version=OPSET_VERSION,
+                dynamic_shapes=dynamic_shapes,
+                custom_translation_table=_custom_translation_table() or None,
+                optimize=True,
+                verbose=False,
+            )
+    except Exception as e:  # the exporter wraps everything in its own error types
+        raise OnnxExportError(f"function {name!r}: torch.onnx export failed: {exporter_error_summary(e)}") from e
+
+
+def _rename_outputs(model: onnx.ModelProto, names: Sequence[str]) -> None:
+    """Give the graph outputs stable names (the exporter names them after the producing op)."""
+    graph = model.graph
+    if len(names) != len(graph.output):
+        raise OnnxExportError(f"{len(names)} output names given for {len(graph.output)} outputs")
+    if len(set(names)) != len(names):
+        raise OnnxExportError(f"output names must be distinct: {list(names)}")
+    taken = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    clash = taken & set(names)
+    if clash:
+        raise OnnxExportError(f"output name(s) {sorted(clash)} collide with input or weight names")
+    sources = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    seen: set[str] = set()
+    mapping: dict[str, str] = {}
+    for out, new in zip(graph.output, names):
+        old = out.name
+        if old == new:
+            seen.add(old)
+            continue
+        if old in sources or old in seen or old in mapping:
+            # an input/weight returned as is, or one value returned twice: give it an Identity to rename
+            graph.node.append(onnx.helper.make_node("Identity", [old], [new]))
+        else:
+            mapping[old] = new
+        seen.add(old)
+    for node in graph.node:
+        node.output[:] = [mapping.get(o, o) for o in node.output]
+        node.input[:] = [mapping.get(i, i) for i in node.input]
+    for value in graph.value_info:
+        value.name = mapping.get(value.name, value.name)
+    for out, new in zip(graph.output, names):
+        out.name = new
+
+
+def _strip_stack_traces(model: onnx.ModelProto) -> None:
+    """Drop per-node Python stack traces the exporter records: they are most of the file size."""
+    for node in model.graph.node:
+        kept = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
+
+
+def _ort_outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def _expand_simplified_layer_norm(node: onnx.NodeProto, serial: int) -> list[onnx.NodeProto]:
+    """Standard-opset form of ORT's `SimplifiedLayerNormalization` (RMSNorm) node.
+
+    onnxscript emits it in the default ONNX domain, where `onnx.checker` has no schema for it; ORT
+    fuses this exact pattern back into its RMSNorm kernel when the session is created.
+    """
+    from onnx import helper
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    axis = int(attrs.get("axis", -1))
+    eps = float(attrs.get("epsilon", 1e-5))
+    x, scale = node.input[0], node.input[1]
+    p = f"_elision_rms{serial}_"
+    return [
+        helper.make_node("Cast", [x], [p + "x32"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", [p + "x32", p + "x32"], [p + "sq"]),
+        helper.make_node("Constant", [], [p + "axes"], value=onnx.numpy_helper.from_array(np.array([axis], np.int64))),
+        helper.make_node("ReduceMean", [p + "sq", p + "axes"], [p + "ms"], keepdims=1),
+        helper.make_node("Constant", [], [p + "eps"], value=onnx.numpy_helper.from_array(np.array(eps, np.float32))),
+        helper.make_node("Add", [p + "ms", p + "eps"], [p + "var"]),
+        helper.make_node("Sqrt", [p + "var"], [p + "rms"]),
+        helper.make_node("Div", [p + "x32", p + "rms"], [p + "n32"]),
+        helper.make_node("CastLike", [p + "n32", x], [p + "n"]),
+        helper.make_node("Mul", [p + "n", scale], [node.output[0]]),
+    ]
+
+
+def _standardize_default_domain(model: onnx.ModelProto) -> None:
+    """Rewrite ORT-only ops that onnxscript put in the default domain into standard ops, or raise."""
+    nodes: list[onnx.NodeProto] = []
+    for serial, node in enumerate(model.graph.node):
+        if node.domain in ("", "ai.onnx") and not onnx.defs.has(node.op_type):
+            if node.op_type == "SimplifiedLayerNormalization" and len(node.output) == 1:
+                nodes.extend(_expand_simplified_layer_norm(node, serial))
+                continue
+            raise OnnxExportError(f"fused graph uses {node.op_type}, which has no standard ONNX schema")
+        nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+
+
+def _apply_ort_fusions(name: str, program, feeds: dict[str, np.ndarray]) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Try onnxscript's ORT fusions; keep them only if ORT accepts the result and it matches the plain graph."""
+    import onnx_ir
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    plain = program.model_proto
+    try:
+        reference = _ort_outputs(plain, feeds)
+        fused_ir = onnx_ir.serde.deserialize_model(plain)
+        _, counts = optimize_for_ort(fused_ir)
+        fused = onnx_ir.serde.serialize_model(fused_ir)
+        _standardize_default_domain(fused)
+        onnx.checker.check_model(fused)
+        got = _ort_outputs(fused, feeds)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        log.info("function %s: ORT fusions not applied: %s", name, first)
+        return plain, {"applied": False, "reason": first[:300]}
+    worst = 0.0
+    for a, b in zip(reference, got):
+        if a.dtype.kind == "f":
+            scale = max(1.0, float(np.abs(a).max(initial=0.0)))
+            worst = max(worst, float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max(initial=0.0)) / scale)
+        elif not np.array_equal(a, b):
+            worst = float("inf")
+    fired = {k: int(v) for k, v in counts.items() if v}
+    if worst > 1e-4:
+        return plain, {"applied": False, "reason": f"fused graph drifted from the plain graph (rel err {worst:.2e})", "fusions": fired}
+    return fused, {"applied": True, "fusions": fired, "max_rel_err": worst}
+
+
+def _feeds_for(program, example_inputs: tuple) -> dict[str, np.ndarray]:
+    tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
+    names = [i.name for i in program.model_proto.graph.input]
+    if len(names) != len(tensors):
+        raise OnnxExportError(f"exported graph has {len(names)} inputs but {len(tensors)} example tensors were given")
+    return {n: t.detach().cpu().numpy() for n, t in zip(names, tensors)}
+
+
+def export_onnx(
+    functions: Mapping[str, FunctionEntry],
+    out_dir: str | Path,
+    *,
+    pipeline: str,
+    source_hash: str,
+    runtime_settings: Mapping[str, Any],
+    ort_fusions: bool = False,
+    output_names: Mapping[str, Sequence[str]] | None = None,
+    progress: Callable[[str], None] | None = None,
+    extra_files: Mapping[str, str | Path] | None = None,
+) -> Path:
+    """Export each function to `<out_dir>/<name>.onnx` with shared weights and write `manifest.json`.
+
+    functions: name -> (module or fx.GraphModule, example inputs, dynamic dims `{input_index: {dim: name}}`).
+    pipeline: the pass pipeline string applied before export (recorded, not run here).
+    source_hash: hash of the source model (see `source_hash_of`). runtime_settings: JSON-serializable
+    settings for the host loop (e.g. eos id, cache layout). ort_fusions: rewrite into ORT contrib ops
+    when that verifies. output_names: per function, names for its outputs (default `output_0`, ...).
+    extra_files: artifact file name -> source path, copied in and hashed like the graphs (e.g. a tokenizer).
+    Returns the artifact directory.
+    """
+    if not functions:
+        raise OnnxExportError("no functions to export")
+    for name in functions:
+        if not _FN_NAME.match(name):
+            raise OnnxExportError(f"function name {name!r} is not a valid file name; use letters, digits, '_' and '-'")
+    try:
+        settings_json = json.loads(json.dumps(dict(runtime_settings)))
+    except TypeError as e:
+        raise OnnxExportError(f"runtime_settings must be JSON-serializable: {e}") from None
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # Remove a previous artifact's files so stale functions cannot linger next to the new manifest.
+    for stale in [out / MANIFEST_NAME, out / WEIGHTS_NAME, *out.glob("*.onnx")]:
+        stale.unlink(missing_ok=True)
+
+    weights = _SharedWeights(out / WEIGHTS_NAME)
+    infos: list[FunctionExportInfo] = []
+    try:
+        for name, entry in functions.items():
+            if len(entry) != 3:
+                raise OnnxExportError(f"function {name!r}: expected (module, example_inputs, dynamic_dims)")
+            model, example_inputs, dynamic_dims = entry
+            if progress:
+                progress(f"exporting {name}")
+            program = _export_program(name, model, tuple(example_inputs), dynamic_dims)
+            fusion_info: dict[str, Any] = {"applied": False, "reason": "not requested"}
+            proto = program.model_proto
+            if ort_fusions:
+                try:
+                    feeds = _feeds_for(program, tuple(example_inputs))
+                except OnnxExportError as e:
+                    fusion_info = {"applied": False, "reason": f"cannot verify fusions: {e}"}
+                else:
+                    proto, fusion_info = _apply_ort_fusions(name, program, feeds)
+            names = (output_names or {}).get(name) or [f"output_{i}" for i in range(len(proto.graph.output))]
+            _rename_outputs(proto, list(names))
+            _strip_stack_traces(proto)
+            proto.producer_name = "elision"
+            proto.producer_version = elision_version()
+            weights.externalize(proto)
+            file_name = f"{name}.onnx"
+            onnx.save_model(proto, str(out / file_name))
+            try:
+                onnx.checker.check_model(str(out / file_name))
+            except onnx.checker.ValidationError as e:
+                raise OnnxExportError(f"function {name!r}: onnx.checker rejected the exported graph: {str(e).splitlines()[0]}") from e
+            infos.append(
+                FunctionExportInfo(
+                    name=name, file=file_name, inputs=_value_specs(proto.graph.input),
+                    outputs=_value_specs(proto.graph.output), ort_fusions=fusion_info,
+                )
+            )
+    finally:
+        weights.close()
+
+    files = {WEIGHTS_NAME: sha256_file(out / WEIGHTS_NAME)}
+    files.update({info.file: sha256_file(out / info.file) for info in infos})
+    for rel, source in (extra_files or {}).items():
+        if not _FN_NAME.match(Path(rel).stem) or Path(rel).name != rel:
+            raise OnnxExportError(f"extra file name {rel!r} must be a plain file name (letters, digits, '_', '-', '.')")
+        if Path(source).resolve() != (out / rel).resolve():
+            shutil.copyfile(source, out / rel)
+        files[rel] = sha256_file(out / rel)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "elision_version": elision_version(),
+        "producer": {"torch": torch.__version__, "onnx": onnx.__version__, "opset": OPSET_VERSION},
+        "pipeline": pipeline,
+        "source_hash": source_hash,
+        "runtime_settings": settings_json,
+        "weights": {"file": WEIGHTS_NAME, "bytes": weights.offset, "bytes_referenced": weights.bytes_referenced},
+        "functions": {
+            info.name: {
+                "file": info.file,
+                "inputs": [t.to_json() for t in info.inputs],
+                "outputs": [t.to_json() for t in info.outputs],
+                "ort_fusions": info.ort_fusions,
+            }
+            for info in infos
+        },
+        "files": files,
+    }
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    return out

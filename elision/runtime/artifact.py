@@ -1,0 +1,361 @@
+"""Load an elision ONNX artifact and run it with ONNX Runtime alone.
+
+An artifact is a directory written by `elision.lowering.onnx_export.export_onnx`:
+
+    manifest.json      format version, elision version, functions and their IO (symbolic dims),
+                       the pass pipeline applied, the source model's hash, runtime settings,
+                       and the sha256 of every other file (tamper detection)
+    <function>.onnx    one ONNX graph per IR function (prefill, decode, draft, ...)
+    weights.bin        ONNX external data shared by all functions: every weight stored once
+
+This module is the deploy-time side, so it must never import torch: it needs numpy and onnxruntime
+only (a test checks that in a fresh interpreter). Errors are `ArtifactError` subclasses whose message
+says what is wrong and what to do about it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+# Bumped whenever the manifest layout changes in a way an older reader would misread.
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+WEIGHTS_NAME = "weights.bin"
+
+_COMPILE_HINT = "re-create it with `elision compile MODEL --emit onnx -o DIR`"
+
+
+class ArtifactError(RuntimeError):
+    """Base class of every artifact problem. `exit_code` is what the CLI exits with."""
+
+    exit_code = 2
+
+
+class ArtifactMissingFileError(ArtifactError):
+    """The directory, the manifest, or a file the manifest names does not exist."""
+
+
+class ArtifactCorruptError(ArtifactError):
+    """A file exists but cannot be parsed (bad JSON, not an ONNX model, ORT refuses it)."""
+
+
+class ArtifactTamperedError(ArtifactError):
+    """A file's sha256 differs from the one recorded in the manifest."""
+
+
+class ArtifactVersionError(ArtifactError):
+    """The manifest was written in a format this elision cannot read."""
+
+
+class ArtifactInputError(ArtifactError):
+    """Inputs passed to `Artifact.run` do not match the function's signature."""
+
+
+def elision_version() -> str:
+    """The installed elision version, read from package metadata (no import of elision internals)."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        return version("elision")
+    except PackageNotFoundError:  # running from a source tree that was never pip-installed
+        return "0.0.0+unknown"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output of a function: numpy dtype name and shape (ints, or strings for symbolic dims)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+    @staticmethod
+    def from_json(obj: Mapping[str, Any]) -> "TensorSpec":
+        return TensorSpec(str(obj["name"]), str(obj["dtype"]), tuple(obj["shape"]))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class FunctionSpec:
+    name: str
+    file: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+
+def select_providers(preferred: Iterable[str] | None = None) -> list[str]:
+    """Execution providers to use: `preferred` filtered to what is installed, else CUDA when present, then CPU.
+
+    `ELISION_ORT_PROVIDERS` (comma separated) overrides the automatic choice.
+    """
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if preferred is None and os.environ.get("ELISION_ORT_PROVIDERS"):
+        preferred = [p.strip() for p in os.environ["ELISION_ORT_PROVIDERS"].split(",") if p.strip()]
+    if preferred is not None:
+        preferred = list(preferred)
+        missing = [p for p in preferred if p not in available]
+        if missing:
+            raise ArtifactError(
+                f"execution provider(s) {', '.join(missing)} not available in this onnxruntime; "
+                f"available: {', '.join(available)} (install onnxruntime-gpu for CUDA)"
+            )
+        return preferred
+    chosen = [p for p in ("CUDAExecutionProvider",) if p in available]
+    return chosen + ["CPUExecutionProvider"]
+
+
+def _read_manifest(root: Path) -> dict[str, Any]:
+    if not root.exists():
+        raise ArtifactMissingFileError(f"artifact directory {root} does not exist; {_COMPILE_HINT}")
+    if not root.is_dir():
+        raise ArtifactMissingFileError(f"{root} is a file, not an artifact directory; {_COMPILE_HINT}")
+    manifest_path = root / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise ArtifactMissingFileError(f"{root} is not an elision artifact: it has no {MANIFEST_NAME}; {_COMPILE_HINT}")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactCorruptError(f"{manifest_path} is not valid JSON ({e}); {_COMPILE_HINT}") from None
+    if not isinstance(manifest, dict) or "format_version" not in manifest:
+        raise ArtifactCorruptError(f"{manifest_path} has no format_version; it was not written by elision. {_COMPILE_HINT}")
+    found = manifest["format_version"]
+    if found != FORMAT_VERSION:
+        writer = manifest.get("elision_version", "an unknown version")
+        raise ArtifactVersionError(
+            f"{manifest_path} has format version {found!r} (written by elision {writer}); this elision "
+            f"{elision_version()} reads format version {FORMAT_VERSION}. Re-export the model with this elision "
+            f"(`elision compile MODEL --emit onnx -o DIR`) or run it with elision {writer}."
+        )
+    for key in ("functions", "files"):
+        if not isinstance(manifest.get(key), dict):
+            raise ArtifactCorruptError(f"{manifest_path} lacks the {key!r} table; {_COMPILE_HINT}")
+    return manifest
+
+
+def _verify_files(root: Path, manifest: Mapping[str, Any], check_hashes: bool) -> None:
+    for rel, expected in manifest["files"].items():
+        path = root / rel
+        if not path.is_file():
+            raise ArtifactMissingFileError(f"artifact file {path} named in {MANIFEST_NAME} is missing; {_COMPILE_HINT}")
+        if check_hashes:
+            actual = sha256_file(path)
+            if actual != expected:
+                raise ArtifactTamperedError(
+                    f"{path} was modified after export: sha256 {actual[:12]}... does not match "
+                    f"{expected[:12]}... recorded in {MANIFEST_NAME}; {_COMPILE_HINT}"
+                )
+
+
+def _parse_functions(manifest: Mapping[str, Any]) -> dict[str, FunctionSpec]:
+    functions = {}
+    try:
+        for name, entry in manifest["functions"].items():
+            functions[name] = FunctionSpec(
+                name=name,
+                file=str(entry["file"]),
+                inputs=tuple(TensorSpec.from_json(t) for t in entry["inputs"]),
+                outputs=tuple(TensorSpec.from_json(t) for t in entry["outputs"]),
+            )
+    except (KeyError, TypeError) as e:
+        raise ArtifactCorruptError(f"{MANIFEST_NAME} function table is malformed (missing {e}); {_COMPILE_HINT}") from None
+    return functions
+
+
+def _session_options(threads: int | None, optimization: str):
+    import onnxruntime as ort
+
+    levels = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    if optimization not in levels:
+        raise ArtifactError(f"unknown graph optimization level {optimization!r}; use one of {', '.join(levels)}")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = levels[optimization]
+    options.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise here
+    if threads is not None:
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+    return options
+
+
+@dataclass
+class Artifact:
+    """A loaded artifact: one ORT session per function, all reading the shared weights file."""
+
+    path: Path
+    manifest: dict[str, Any]
+    functions: dict[str, FunctionSpec]
+    providers: list[str]
+    _sessions: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def runtime_settings(self) -> dict[str, Any]:
+        return dict(self.manifest.get("runtime_settings", {}))
+
+    @property
+    def pipeline(self) -> str:
+        return str(self.manifest.get("pipeline", ""))
+
+    @property
+    def source_hash(self) -> str:
+        return str(self.manifest.get("source_hash", ""))
+
+    @property
+    def device_type(self) -> str:
+        return "cuda" if self.providers and self.providers[0] == "CUDAExecutionProvider" else "cpu"
+
+    def spec(self, fn: str) -> FunctionSpec:
+        if fn not in self.functions:
+            raise ArtifactInputError(f"artifact has no function {fn!r}; functions: {', '.join(self.functions)}")
+        return self.functions[fn]
+
+    def session(self, fn: str):
+        """The `onnxruntime.InferenceSession` of function `fn`."""
+        self.spec(fn)
+        return self._sessions[fn]
+
+    def check_inputs(self, fn: str, inputs: Mapping[str, Any]) -> None:
+        """Raise ArtifactInputError naming the problem when `inputs` do not fit function `fn`."""
+        spec = self.spec(fn)
+        missing = [t.name for t in spec.inputs if t.name not in inputs]
+        extra = [k for k in inputs if k not in spec.input_names]
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"missing {', '.join(missing)}")
+            if extra:
+                parts.append(f"unexpected {', '.join(extra)}")
+            raise ArtifactInputError(
+                f"function {fn!r}: {'; '.join(parts)}; it takes "
+                + ", ".join(f"{t.name}: {t.dtype}{list(t.shape)}" for t in spec.inputs)
+            )
+        for t in spec.inputs:
+            value = inputs[t.name]
+            if not isinstance(value, np.ndarray):
+                continue  # OrtValues are checked by ORT itself
+            if str(value.dtype) != t.dtype:
+                raise ArtifactInputError(
+                    f"function {fn!r}: input {t.name!r} has dtype {value.dtype}, expected {t.dtype} "
+                    f"(convert it with .astype(np.{t.dtype}))"
+                )
+            if value.ndim != len(t.shape):
+                raise ArtifactInputError(
+                    f"function {fn!r}: input {t.name!r} has {value.ndim} dims {list(value.shape)}, expected {len(t.shape)} {list(t.shape)}"
+                )
+            for axis, (got, want) in enumerate(zip(value.shape, t.shape)):
+                if isinstance(want, int) and got != want:
+                    raise ArtifactInputError(
+                        f"function {fn!r}: input {t.name!r} dim {axis} is {got}, expected {want} (shape {list(t.shape)})"
+                    )
+
+    def run(self, fn: str, /, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        """Run function `fn` on numpy inputs given by name; returns outputs by name."""
+        self.check_inputs(fn, inputs)
+        spec = self.spec(fn)
+        values = self._sessions[fn].run(spec.output_names, inputs)
+        return dict(zip(spec.output_names, values))
+
+    def run_with_binding(
+        self, fn: str, inputs: Mapping[str, Any], *, keep_on_device: Iterable[str] = ()
+    ) -> dict[str, Any]:
+        """Run `fn` through an IO binding. Inputs may be numpy arrays or `onnxruntime.OrtValue`s.
+
+        Outputs named in `keep_on_device` come back as OrtValues left where the provider put them, so
+        a KV cache can be fed into the next step without a host round trip; the others are numpy.
+        """
+        self.check_inputs(fn, inputs)
+        import onnxruntime as ort
+
+        spec = self.spec(fn)
+        keep = set(keep_on_device)
+        unknown = keep - set(spec.output_names)
+        if unknown:
+            raise ArtifactInputError(f"function {fn!r} has no output(s) {', '.join(sorted(unknown))}; outputs: {', '.join(spec.output_names)}")
+        binding = self._sessions[fn].io_binding()
+        for name, value in inputs.items():
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name in spec.output_names:
+            binding.bind_output(name, self.device_type if name in keep else "cpu")
+        self._sessions[fn].run_with_iobinding(binding)
+        results = {}
+        for name, value in zip(spec.output_names, binding.get_outputs()):
+            results[name] = value if name in keep else value.numpy()
+        return results
+
+    def describe(self) -> str:
+        lines = [f"artifact {self.path} (elision {self.manifest.get('elision_version')}, providers {', '.join(self.providers)})"]
+        for spec in self.functions.values():
+            ins = ", ".join(f"{t.name}: {t.dtype}{list(t.shape)}" for t in spec.inputs)
+            outs = ", ".join(f"{t.name}: {t.dtype}{list(t.shape)}" for t in spec.outputs)
+            lines.append(f"  {spec.name}({ins}) -> ({outs})")
+        return "\n".join(lines)
+
+
+def load_artifact(
+    path: str | os.PathLike,
+    *,
+    providers: Iterable[str] | None = None,
+    verify: bool = True,
+    threads: int | None = None,
+    optimization: str = "all",
+) -> Artifact:
+    """Load the artifact directory `path` and create one ORT session per function.
+
+    verify: check every file's sha256 against the manifest (tamper detection) before loading.
+    providers: execution providers in priority order; default CUDA when available, else CPU.
+    threads: ORT intra-op threads (default: ORT's choice). optimization: ORT graph optimization level.
+    """
+    import onnxruntime as ort
+
+    root = Path(path)
+    manifest = _read_manifest(root)
+    _verify_files(root, manifest, check_hashes=verify)
+    functions = _parse_functions(manifest)
+    chosen = select_providers(providers)
+    options = _session_options(threads, optimization)
+    artifact = Artifact(path=root, manifest=manifest, functions=functions, providers=chosen)
+    for name, spec in functions.items():
+        model_path = root / spec.file
+        if not model_path.is_file():
+            raise ArtifactMissingFileError(f"function {name!r}: {model_path} is missing; {_COMPILE_HINT}")
+        try:
+            session = ort.InferenceSession(str(model_path), sess_options=options, providers=chosen)
+        except Exception as e:  # ORT raises its own exception types (InvalidProtobuf, Fail, ...)
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ArtifactCorruptError(
+                f"function {name!r}: onnxruntime cannot load {model_path}: {first_line}; {_COMPILE_HINT}"
+            ) from None
+        artifact._sessions[name] = session
+    return artifact
