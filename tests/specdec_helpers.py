@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from scipy.stats import chisquare
 
 
 def save_tiny_lm_dir(path: Path, arch: str = "llama", seed: int = 0, layers: int = 3) -> Path:
@@ -36,3 +37,18 @@ def save_tiny_lm_dir(path: Path, arch: str = "llama", seed: int = 0, layers: int
     model.eval().save_pretrained(path)
     fast.save_pretrained(path)
     return path
+
+
+def chi_square_ok(observed: torch.Tensor, probs: torch.Tensor, n: int) -> float:
+    """p-value of observed counts vs probabilities; cells with expected < 5 are pooled; zero cells must stay empty."""
+    expected = probs.double() * n
+    assert observed[expected == 0].sum() == 0, "a token with zero target probability was generated"
+    big = expected >= 5
+    obs = observed[big].double().tolist()
+    exp = expected[big].tolist()
+    rest_obs, rest_exp = float(observed[~big].sum()), float(expected[~big].sum())
+    if rest_exp > 0:
+        obs.append(rest_obs)
+        exp.append(rest_exp)
+    scale = sum(obs) / sum(exp)  # remove float drift so the totals agree exactly
+    return float(chisquare(obs, [e * scale for e in exp]).pvalue)

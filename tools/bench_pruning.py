@@ -47,7 +47,7 @@ NOTES = """## Reading these numbers
 * ToMe costs many small ops per layer (sort, gather, scatter_add) in the eager executor, so at these sizes it
   is only faster when it removes many tokens; its fidelity is the best per token removed.
 * On all-MiniLM-L6-v2 [CLS]-attention pruning after layer 0 is worse than random and after layer 2 better
-  (tests/test_pruning_models.py); on the Fashion-MNIST ViT [CLS] attention is a poor score before layer 3 - it
+  (tests/apps/tokens/test_tokens_models.py); on the Fashion-MNIST ViT [CLS] attention is a poor score before layer 3 - it
   favours the uniform background patches - while after the penultimate layer (FasterVLM's setting) it keeps
   accuracy at 25/10/5% of the tokens. The tuner measures rather than assumes.
 """

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, as one script (CI has no GPU; run this on a GPU machine by hand):
-#   1. the compiled Triton kernels against their torch references (tests/test_kernels_triton.py runs its
+#   1. the compiled Triton kernels against their torch references (tests/kernels/test_kernels_triton.py runs its
 #      hypothesis shape tests on CUDA when TRITON_INTERPRET=0, plus the CUDA-only tests of the ops,
 #      torch.compile, adaptive-KV attention and volume decoding);
 #   2. tools/bench_kernels.py (Triton kernels vs the PyTorch ops they replace) -> kernels_cuda.md/png;
@@ -23,9 +23,9 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TRITON_INTERPRET=0 PYTHONUNB
 
 status=0
 timeout "${PYTEST_TIMEOUT:-220}" python3 -m pytest -q -p no:cacheprovider -o addopts="" \
-    tests/test_kernels_cuda.py tests/test_kernels_triton.py \
-    tests/test_volume_kv.py::test_adaptive_attention_on_cuda_uses_the_triton_kernel_and_matches_cpu \
-    tests/test_volume_decode.py::test_decode_on_cuda_matches_cpu 2>&1 | tee -a "$OUT/pytest_cuda.log" || status=1
+    tests/kernels/test_kernels_cuda.py tests/kernels/test_kernels_triton.py \
+    tests/apps/volume/test_adaptive_kv.py::test_adaptive_attention_on_cuda_uses_the_triton_kernel_and_matches_cpu \
+    tests/apps/volume/test_volume_decode.py::test_decode_on_cuda_matches_cpu 2>&1 | tee -a "$OUT/pytest_cuda.log" || status=1
 
 timeout "${KERNELS_TIMEOUT:-90}" python3 tools/bench_kernels.py --repeats 50 --out "$OUT" 2>&1 | tail -25 || status=1
 

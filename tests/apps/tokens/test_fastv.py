@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_pruning_vlm import IMAGE_TOKEN, _clip, _llava
+from test_vlm_pruning import IMAGE_TOKEN, _clip, _llava
 
 from elision.kernels import token_reduction as alg
 from elision.apps.tokens.fastv import fastv_fidelity, fastv_forward, fastv_generate

@@ -13,9 +13,9 @@ import itertools
 
 import pytest
 import torch
-from scipy.stats import chisquare
 
 from elision.apps.specdec import generate
+from specdec_helpers import chi_square_ok
 from elision.runtime.generation.tree import TokenTree
 from elision.apps.specdec.verify import SamplingConfig, target_probs, verify_sampling
 
@@ -24,21 +24,6 @@ N = 1000
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def chi_square_ok(observed: torch.Tensor, probs: torch.Tensor, n: int) -> float:
-    """p-value of observed counts vs probabilities; cells with expected < 5 are pooled; zero cells must stay empty."""
-    expected = probs.double() * n
-    assert observed[expected == 0].sum() == 0, "a token with zero target probability was generated"
-    big = expected >= 5
-    obs = observed[big].double().tolist()
-    exp = expected[big].tolist()
-    rest_obs, rest_exp = float(observed[~big].sum()), float(expected[~big].sum())
-    if rest_exp > 0:
-        obs.append(rest_obs)
-        exp.append(rest_exp)
-    scale = sum(obs) / sum(exp)  # remove float drift so the totals agree exactly
-    return float(chisquare(obs, [e * scale for e in exp]).pvalue)
 
 
 def test_target_probs_match_transformers_warpers():

@@ -30,7 +30,7 @@ from elision.models.code_lm import (
     load_tokenizer,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # Measured on the committed checkpoints over the code + prose prompts of prompts.json:
 # target 6.40, draft 5.86 nats/token; uniform is log(4096) = 8.32 (an untrained model scores ~8.3).

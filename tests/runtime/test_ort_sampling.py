@@ -24,7 +24,7 @@ from elision.runtime.generation.ort_generator import GenerationError, OrtGenerat
 from elision.runtime.generation.sampling import ProcessedRows, SamplingConfig, sample_token, target_probs, verify_sampling
 from elision.runtime.generation.tree import TokenTree
 from test_ort_generate import _cli, _compile
-from test_specdec_sampling import chi_square_ok
+from specdec_helpers import chi_square_ok
 
 WORDS = ["<unk>", "<eos>", "a", "b", "c", "d", "e", "f"]
 VOCAB = len(WORDS)

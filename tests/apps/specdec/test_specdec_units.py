@@ -2,13 +2,9 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
 
 from elision.apps.specdec import CacheOverflowError, SpeculativeGenerator, TokenTree, generate  # noqa: E402
 from elision.apps.specdec.backends import HFCausalLMBackend  # noqa: E402

@@ -1,7 +1,7 @@
 """The ops on CUDA, where they dispatch to compiled Triton kernels (skipped without a GPU).
 
 Run on a GPU machine with ``TRITON_INTERPRET=0`` (conftest only sets the interpreter by default):
-``TRITON_INTERPRET=0 pytest tests/test_kernels_cuda.py``.  Tolerances: fp32 2e-4 (IEEE dots, but
+``TRITON_INTERPRET=0 pytest tests/kernels/test_kernels_cuda.py``.  Tolerances: fp32 2e-4 (IEEE dots, but
 different accumulation order over long rows), fp16 5e-3, bf16 3e-2 (atol = rtol).
 """
 
