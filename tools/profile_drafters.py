@@ -135,15 +135,20 @@ def implementations() -> dict[str, SimpleNamespace]:
     }
 
 
-def replay(impl: SimpleNamespace, rec: Recording, vocab: int, max_tree_size: int) -> dict[str, float]:
-    """Drive the recorded steps through `impl`; total seconds per phase. Raises if a tree differs from the recording."""
+def replay(impl: SimpleNamespace, rec: Recording, vocab: int, max_tree_size: int,
+           untruncated: bool = False) -> dict[str, float]:
+    """Drive the recorded steps through `impl`; total seconds per phase. Raises if a tree differs from the recording.
+
+    `untruncated`: time only a best-first tree of the full `max_tree_size` per step (what the loop builds before the
+    cost curve cuts it: the worst case of a dynamic tree), under "draft", with its node count under "nodes"; the
+    recorded tree is then rebuilt untimed, so the drafter sees the same history.
+    """
     from elision.runtime.generation.tree_builders import parse_tree_spec
 
     template = parse_tree_spec(rec.tree)
     curve = impl.curve(rec.curve.sizes, rec.curve.seconds) if rec.curve is not None else None
     drafter = impl.make(rec.drafter, vocab)
-    spent = dict.fromkeys(PHASES, 0.0)
-    spent["reset"] = 0.0
+    spent = dict.fromkeys((*PHASES, "reset", "nodes"), 0.0)
     clock = time.perf_counter
     wall0, cpu0 = clock(), time.process_time()
     for trace in rec.traces:
@@ -152,6 +157,11 @@ def replay(impl: SimpleNamespace, rec: Recording, vocab: int, max_tree_size: int
         drafter.reset([context], trace.prefill_logits)
         spent["reset"] += clock() - t0
         for i, step in enumerate(trace.steps):
+            if untruncated:
+                t0 = clock()
+                drafter.prepare([context], [True], [step.depth])
+                spent["nodes"] += len(impl.build_dynamic(drafter, 0, context, max_tree_size, step.depth))
+                spent["draft"] += clock() - t0
             t0 = clock()
             drafter.prepare([context], [True], [step.depth])
             if template is not None:
@@ -175,13 +185,124 @@ def replay(impl: SimpleNamespace, rec: Recording, vocab: int, max_tree_size: int
             if (tree.tokens, tree.parents, tree.scores, tree.keys, path) != (step.tokens, step.parents, step.scores,
                                                                             step.keys, step.path):
                 raise AssertionError(f"{rec.drafter} / {rec.tree}: step {i} built a different tree than the recording")
-            for name, dt in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
-                spent[name] += dt
+            if not untruncated:
+                for name, dt in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+                    spent[name] += dt
     # on a shared machine the wall clock counts time spent waiting for a core: every phase is scaled by the share
     # of the replay's wall time this process actually ran (one process-CPU clock read per replay, not per phase,
     # because reading that clock costs microseconds)
     share = (time.process_time() - cpu0) / (clock() - wall0)
-    return {name: seconds * share for name, seconds in spent.items()}
+    return {name: seconds * share if name != "nodes" else seconds for name, seconds in spent.items()}
+
+
+@dataclass
+class Row:
+    drafter: str
+    tree: str
+    rec: Recording
+    steps: int
+    per_step: dict[str, dict[str, float]]  # implementation -> phase -> CPU ms per step
+    per_call: dict[str, float]  # implementation -> reset, CPU ms per generate call
+    untruncated: dict[str, tuple[float, float]] = field(default_factory=dict)  # implementation -> (ms, nodes) per step
+
+
+def profile(impls: dict, rec: Recording, vocab: int, args) -> Row:
+    names = [n for n in impls if not (impls[n].sized and rec.tree != "dynamic")]
+    steps = sum(len(t.steps) for t in rec.traces)
+    runs: dict[str, list[dict[str, float]]] = {n: [] for n in names}
+    whole = [n for n in names if not impls[n].sized] if rec.tree == "dynamic" else []
+    full: dict[str, list[dict[str, float]]] = {n: [] for n in whole}
+    for _ in range(args.repeats):  # interleaved, so background load hits every implementation alike
+        for n in names:
+            runs[n].append(replay(impls[n], rec, vocab, args.max_tree_size))
+        for n in whole:
+            full[n].append(replay(impls[n], rec, vocab, args.max_tree_size, untruncated=True))
+    if args.cprofile in names:
+        prof = cProfile.Profile()
+        prof.runcall(replay, impls[args.cprofile], rec, vocab, args.max_tree_size)
+        print(f"--- cProfile of {args.cprofile}, {rec.drafter} / {rec.tree}")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+    return Row(rec.drafter, rec.tree, rec, steps,
+               {n: {ph: statistics.median(r[ph] for r in runs[n]) / steps * 1e3 for ph in PHASES} for n in names},
+               {n: statistics.median(r["reset"] for r in runs[n]) / len(rec.traces) * 1e3 for n in names},
+               {n: (statistics.median(r["draft"] for r in full[n]) / steps * 1e3, full[n][0]["nodes"] / steps)
+                for n in whole})
+
+
+def drafting_ms(ms: dict[str, float]) -> float:
+    """Drafting + tree building: what the loop pays before the verify forward."""
+    return ms["draft"] + ms["size"] + ms["mask"]
+
+
+def report(rows: list[Row], impls: dict, args) -> str:
+    base = next(iter(impls))
+    lines = ["# Drafting and tree building per decoding step (builtin:tiny-code-lm, onnxruntime loop)", "",
+             f"Recorded from `elision run`'s loop (`OrtGenerator`, {args.threads} threads) on {args.prompts} held-out code "
+             f"and {args.prompts} prose prompt(s), {args.new_tokens} new tokens each, max tree size {args.max_tree_size}; "
+             f"then replayed through each implementation, interleaved, median of {args.repeats} repeats; every replayed "
+             "tree equals the recorded one. `reference` = the drafters before issue 13, `live` = today's called as the loop "
+             "calls them, `live-sized` = `build_dynamic(..., curve=)` (same trees, only the nodes the cost curve can pick). "
+             "CPU milliseconds per step (wall time of each phase x the replay's process-time / wall-time share); "
+             "`drafting` = draft + size + mask (before the verify forward), `per step` adds verify and observe (after it). "
+             "`loop verify` is the wall time of the loop's own verify step (one onnxruntime forward, load included), "
+             "for scale. Shared 2-core CPU: compare ratios.", "",
+             f"| drafter | tree | steps | mean tree | loop verify ms | implementation | draft | size | mask | verify | "
+             f"observe | drafting | per step | x {base} |",
+             "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        ref_total = sum(row.per_step[base].values())
+        for n, ms in row.per_step.items():
+            total = sum(ms.values())
+            lines.append(f"| {row.drafter} | {row.tree} | {row.steps} | {row.rec.mean_tree:.1f} | "
+                         f"{row.rec.loop_ms['verify']:.3f} | {n} | " + " | ".join(f"{ms[ph]:.4f}" for ph in PHASES)
+                         + f" | {drafting_ms(ms):.4f} | {total:.4f} | {ref_total / total:.1f}x |")
+    lines += ["", f"Untruncated dynamic trees (up to {args.max_tree_size} nodes, the depth limit of each step): the "
+              "best-first build alone, CPU ms per step, and its mean node count:", "",
+              "| drafter | " + " | ".join(f"{n} ms" for n in impls if not impls[n].sized) + " | nodes | "
+              f"x {base} |", "|---|" + "---:|" * (sum(not i.sized for i in impls.values()) + 2)]
+    for row in rows:
+        if row.untruncated:
+            ms = {n: v[0] for n, v in row.untruncated.items()}
+            nodes = next(iter(row.untruncated.values()))[1]
+            last = list(ms)[-1]
+            lines.append(f"| {row.drafter} | " + " | ".join(f"{v:.4f}" for v in ms.values())
+                         + f" | {nodes:.1f} | {ms[base] / ms[last]:.1f}x |")
+    lines += ["", "Per generate call (not per step): `reset` (indexing the prompt, recycling the prefill logits), "
+              "CPU ms:", "", "| drafter | tree | " + " | ".join(impls) + " |", "|---|---|" + "---:|" * len(impls)]
+    for row in rows:
+        lines.append(f"| {row.drafter} | {row.tree} | "
+                     + " | ".join(f"{row.per_call[n]:.3f}" if n in row.per_call else "-" for n in impls) + " |")
+    lines += ["", "Cost curves the loop measured (verify time relative to a 1-token step; they size the dynamic trees):", ""]
+    for row in rows:
+        if row.rec.curve is not None:
+            c = row.rec.curve
+            lines.append(f"- {row.drafter}: " + ", ".join(f"{n}: {t / c.seconds[0]:.2f}" for n, t in zip(c.sizes, c.seconds)))
+    lines += ["", f"![drafting per step]({args.out.with_suffix('.png').name})"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[Row], impls: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, bars = [], {n: [] for n in impls}
+    for row in rows:
+        labels.append(f"{row.drafter}\n{row.tree}")
+        for n in impls:
+            bars[n].append(drafting_ms(row.per_step[n]) if n in row.per_step else 0.0)
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4))
+    width = 0.8 / len(impls)
+    for i, (n, values) in enumerate(bars.items()):
+        ax.bar([x + i * width for x in range(len(rows))], values, width, label=n)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(rows))], labels, fontsize=7)
+    ax.set_ylabel("drafting + tree building, CPU ms per step")
+    ax.set_title("Model-free drafters per decoding step (tiny-code-lm, onnxruntime loop)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -220,54 +341,15 @@ def main() -> None:
     rows = []
     for tree in args.trees.split(","):
         for drafter in args.drafters.split(","):
-            rec = record(artifact, drafter, tree, prompts, args.new_tokens)
-            names = [n for n in impls if not (impls[n].sized and tree != "dynamic")]
-            n_steps = sum(len(t.steps) for t in rec.traces)
-            runs: dict[str, list[dict[str, float]]] = {n: [] for n in names}
-            for _ in range(args.repeats):  # interleaved, so background load hits every implementation alike
-                for n in names:
-                    runs[n].append(replay(impls[n], rec, vocab, args.max_tree_size))
-            if args.cprofile in names:
-                prof = cProfile.Profile()
-                prof.runcall(replay, impls[args.cprofile], rec, vocab, args.max_tree_size)
-                print(f"--- cProfile of {args.cprofile}, {drafter} / {tree}")
-                pstats.Stats(prof).sort_stats("tottime").print_stats(18)
-            per_step = {n: {ph: statistics.median(r[ph] for r in runs[n]) / n_steps * 1e3 for ph in PHASES} for n in names}
-            per_call = {n: statistics.median(r["reset"] for r in runs[n]) / len(rec.traces) * 1e3 for n in names}
-            rows.append((drafter, tree, n_steps, rec, per_step, per_call))
-            base = sum(per_step["reference"][ph] for ph in PHASES)
-            print(f"{drafter:18s} {tree:14s} steps {n_steps:4d} tree {rec.mean_tree:4.1f} loop verify "
-                  f"{rec.loop_ms['verify']:.3f} ms | " + " | ".join(
-                      f"{n} {sum(per_step[n][ph] for ph in PHASES):.4f} ms (x{base / sum(per_step[n][ph] for ph in PHASES):.1f})"
-                      for n in names), flush=True)
-
-    lines = ["# Drafting and tree building per decoding step (builtin:tiny-code-lm, onnxruntime loop)", "",
-             f"Recorded from `elision run`'s loop (`OrtGenerator`, {args.threads} threads) on {args.prompts} held-out code "
-             f"and {args.prompts} prose prompt(s), {args.new_tokens} new tokens each, max tree size {args.max_tree_size}; "
-             f"then replayed through each implementation, interleaved, median of {args.repeats} repeats; every replayed "
-             "tree equals the recorded one. `reference` = the drafters before issue 13, `live` = today's called as the loop "
-             "calls them, `live-sized` = `build_dynamic(..., curve=)` (same trees, only the nodes the cost curve can pick). "
-             "CPU milliseconds per step (wall time of each phase x the replay's process-time / wall-time share); "
-             "`loop verify` is the wall time of the loop's own verify step (one onnxruntime forward, load included), "
-             "for scale. Shared 2-core CPU: compare ratios.", "",
-             "| drafter | tree | steps | mean tree | loop verify ms | implementation | draft | size | mask | verify | "
-             "observe | per step | x reference | per step / verify |",
-             "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for drafter, tree, n_steps, rec, per_step, _ in rows:
-        base = sum(per_step["reference"][ph] for ph in PHASES)
-        for n, ms in per_step.items():
-            total = sum(ms[ph] for ph in PHASES)
-            lines.append(f"| {drafter} | {tree} | {n_steps} | {rec.mean_tree:.1f} | {rec.loop_ms['verify']:.3f} | {n} | "
-                         + " | ".join(f"{ms[ph]:.4f}" for ph in PHASES)
-                         + f" | {total:.4f} | {base / total:.1f}x | {total / rec.loop_ms['verify']:.2f} |")
-    lines += ["", "Per call (not per step): `reset` (indexing the prompt, recycling the prefill logits), ms:", "",
-              "| drafter | tree | " + " | ".join(impls) + " |", "|---|---|" + "---:|" * len(impls)]
-    for drafter, tree, _, _, _, per_call in rows:
-        lines.append(f"| {drafter} | {tree} | " + " | ".join(f"{per_call[n]:.3f}" if n in per_call else "-" for n in impls) + " |")
-    text = "\n".join(lines) + "\n"
+            row = profile(impls, record(artifact, drafter, tree, prompts, args.new_tokens), vocab, args)
+            rows.append(row)
+            print(f"{drafter:18s} {tree:14s} steps {row.steps:4d} tree {row.rec.mean_tree:4.1f} | drafting " + " | ".join(
+                f"{n} {drafting_ms(ms):.4f} ms" for n, ms in row.per_step.items()), flush=True)
+    text = report(rows, impls, args)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
+    plot(rows, impls, args.out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

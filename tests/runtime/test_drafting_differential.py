@@ -32,6 +32,8 @@ def tree_fields(tree) -> tuple:
 
 def assert_same_tree(new, old) -> None:
     assert tree_fields(new) == tree_fields(old)
+    assert [type(t) for t in new.tokens] == [type(t) for t in old.tokens]  # Python ints and floats, whatever
+    assert [type(s) for s in new.scores] == [type(s) for s in old.scores]  # numbers the drafters handed in
     assert np.array_equal(new.ancestor_mask(), old.ancestor_mask())
 
 
@@ -189,6 +191,8 @@ def scripts(draw, tag: str):
     claims_sorted = draw(st.booleans())
     if claims_sorted:
         table = [sorted(v, key=lambda c: -c[1]) for v in table]
+    if draw(st.booleans()):  # numpy scalars, as a drafter reading arrays might hand out
+        table = [[(np.int64(tok), np.float64(p)) for tok, p in v] for v in table]
     return [[(tok, p, (tag, i)) for i, (tok, p) in enumerate(v)] for v in table], claims_sorted
 
 

@@ -329,9 +329,12 @@ class TokenRecyclingDrafter(Drafter):
         return self._sorted
 
     def children(self, b, context, path):
-        last = path[-1] if path else context[-1]
+        row = self.adj[path[-1] if path else context[-1]].tolist()
+        rates = self._rank_rates if self._rates_version == self.tracker.version else self._rates()
+        if row[-1] >= 0 and min(row) >= 0:  # a recorded row: every rank holds a token
+            return list(zip(row, rates, self._rank_keys))
         out = []
-        for tok, rate, key in zip(self.adj[last].tolist(), self._rates(), self._rank_keys):
+        for tok, rate, key in zip(row, rates, self._rank_keys):
             if tok < 0:
                 break
             out.append((tok, rate, key))
@@ -365,13 +368,14 @@ class CombinedDrafter(Drafter):
             p.prepare(contexts, active, max_depth)
 
     def children(self, b, context, path):
-        first, *rest = self.parts
-        cands = first.children(b, context, path)
+        parts = self.parts
+        cands = parts[0].children(b, context, path)
         best: dict[int, Candidate] = {cand[0]: cand for cand in cands}
-        if len(best) < len(cands):  # a part repeated a token: the first of the best estimates wins
+        if len(best) == len(cands):
+            parts = parts[1:]
+        else:  # the first part repeated a token: the first of its best estimates wins, as below
             best = {}
-            rest = self.parts
-        for part in rest:
+        for part in parts:
             for cand in part.children(b, context, path):
                 old = best.get(cand[0])
                 if old is None or cand[1] > old[1]:

@@ -40,16 +40,17 @@ def top_k_indices(logits: Any, k: int) -> np.ndarray:
 
 def _top_k_by_argmax(rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """([m, k] indices, [m] bool: the row's top k + 1 values are strictly decreasing, so the indices are exact)."""
+    m, vocab = rows.shape
     work = rows.copy()
-    m = len(work)
-    at = np.arange(m)
-    index = np.empty((m, k + 1), dtype=np.int64)
-    value = np.empty((m, k + 1), dtype=work.dtype)
+    flat = work.reshape(-1)
+    row_start = np.arange(0, m * vocab, vocab)
+    index = np.empty((k + 1, m), dtype=np.int64)
     for j in range(k + 1):
         best = work.argmax(axis=1)  # the first maximum: a NaN wins here, and fails the check below
-        index[:, j] = best
-        value[:, j] = work[at, best]
-        work[at, best] = -np.inf
+        index[j] = best
+        flat[best + row_start] = -np.inf
+    index = index.T
+    value = np.take_along_axis(rows, index, axis=1)
     strict = (value[:, :-1] > value[:, 1:]).all(axis=1)
     return index[:, :k], strict
 

@@ -43,40 +43,71 @@ def build_dynamic(drafter, b: int, context: list[int], budget: int, max_depth: i
     tree = TokenTree.root(context[-1])
     if budget <= 1 or max_depth <= 0:
         return tree
-    children_of, scores, depths, taken = drafter.children, tree.scores, tree.depths, tree.children
+    # the tree's own node lists, appended to directly: `add`'s duplicate check is the `taken` test below
+    tokens, parents, scores, keys, depths, taken, bits = (tree.tokens, tree.parents, tree.scores, tree.keys,
+                                                          tree.depths, tree.children, tree.ancestor_bits)
+    children_of, push, replace, pop = drafter.children, heapq.heappush, heapq.heapreplace, heapq.heappop
     presorted = getattr(drafter, "children_sorted", False)  # fixed while the tree grows: no feedback comes in between
-    paths: list[list[int]] = [[]]  # draft tokens root -> node
+    paths: list = [[]]  # draft tokens root -> node, for the nodes that get expanded
     heap: list = []  # (-path score, node, rank j, ranked children, node score): (score, node) is unique
-
-    def expand(node: int) -> None:
-        kids = children_of(b, context, paths[node])
-        base = scores[node]
-        if not presorted and len(kids) > 1:
-            kids = sorted((c for c in kids if c[1] > 0), key=lambda c: -base * min(c[1], 1.0))  # stable: ties in order
-        if kids and kids[0][1] > 0:
-            heapq.heappush(heap, (-base * min(kids[0][1], 1.0), node, 0, kids, base))
-
-    expand(0)
-    sizing = _SizeSearch(curve, budget, min_size) if curve is not None and heap else None
-    while heap and len(tree) < budget:
+    sizing = None
+    size, expand = 1, 0  # expand: the node whose children to rank next (-1: none)
+    while True:
+        if expand >= 0:
+            kids = children_of(b, context, paths[expand])
+            base = scores[expand]
+            if not presorted and len(kids) > 1 and not _descending(kids):
+                kids = sorted((c for c in kids if c[1] > 0), key=lambda c: -base * min(c[1], 1.0))  # stable
+            if kids and kids[0][1] > 0:
+                push(heap, (-base * min(kids[0][1], 1.0), expand, 0, kids, base))
+            if expand == 0 and curve is not None and heap:
+                sizing = _SizeSearch(curve, budget, min_size)
+        if not heap:
+            break
         neg, parent, j, kids, base = heap[0]
         if j + 1 < len(kids) and kids[j + 1][1] > 0:
-            heapq.heapreplace(heap, (-base * min(kids[j + 1][1], 1.0), parent, j + 1, kids, base))
+            replace(heap, (-base * min(kids[j + 1][1], 1.0), parent, j + 1, kids, base))
         else:
-            heapq.heappop(heap)
-        tok = kids[j][0]
+            pop(heap)
+        tok = int(kids[j][0])
         if tok in taken[parent]:
+            expand = -1
             continue
-        node = tree.add(parent, tok, -neg, kids[j][2])
-        paths.append(paths[parent] + [tok])
-        if sizing is not None and sizing.settled(len(tree), -neg):
+        node, size, score = size, size + 1, float(-neg)
+        depth = depths[parent] + 1
+        tokens.append(tok)
+        parents.append(parent)
+        scores.append(score)
+        keys.append(kids[j][2])
+        depths.append(depth)
+        taken.append({})
+        taken[parent][tok] = node
+        bits.append(bits[parent] | (1 << node))
+        if sizing is not None and sizing.settled(size, score):
             tree.shrink(sizing.best_n)
             return tree
-        if depths[node] < max_depth and len(tree) < budget:
-            expand(node)
-    if sizing is not None and len(tree) > 1:
+        if size >= budget:
+            break
+        if depth < max_depth:
+            paths.append(paths[parent] + [tok])
+            expand = node
+        else:
+            paths.append(None)
+            expand = -1
+    if sizing is not None and size > 1:
         tree.shrink(choose_tree_size([tree], curve, budget, min_size))
     return tree
+
+
+def _descending(candidates: list) -> bool:
+    """Probabilities in non-increasing order: then the list is already in (path score, proposal) order, since
+    `score * min(p, 1)` never rises as p falls, and equal scores keep their order."""
+    prob = candidates[0][1]
+    for candidate in candidates:
+        if candidate[1] > prob:
+            return False
+        prob = candidate[1]
+    return True
 
 
 class _SizeSearch:
@@ -277,10 +308,14 @@ def choose_tree_size(trees: list[TokenTree | None], curve: VerifyCostCurve, max_
     longest = min(max_size, max(len(t) for t in live))
     prefix = [list(itertools.accumulate([1.0] + t.scores[1:])) for t in live]
     floor = max(1, min(min_size, longest))
+    if len(prefix) == 1:  # one tree: its own prefix sums (adding them to 0 would not change them)
+        expected_at = prefix[0]
+    else:
+        expected_at = [sum(p[min(n, len(p)) - 1] for p in prefix) for n in range(1, longest + 1)]
     best_n, best_rate = floor, -1.0
+    cost = curve.cost
     for n in range(floor, longest + 1):
-        expected = sum(p[min(n, len(p)) - 1] for p in prefix)
-        rate = expected / curve.cost(n)
+        rate = expected_at[n - 1] / cost(n)
         if rate > best_rate * (1 + 1e-9):
             best_n, best_rate = n, rate
     return best_n
