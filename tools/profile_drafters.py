@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import pstats
 import statistics
 import sys
@@ -214,8 +215,10 @@ def profile(impls: dict, rec: Recording, vocab: int, args) -> Row:
     full: dict[str, list[dict[str, float]]] = {n: [] for n in whole}
     for _ in range(args.repeats):  # interleaved, so background load hits every implementation alike
         for n in names:
+            gc.collect()  # each replay starts with no garbage left by the one before
             runs[n].append(replay(impls[n], rec, vocab, args.max_tree_size))
         for n in whole:
+            gc.collect()
             full[n].append(replay(impls[n], rec, vocab, args.max_tree_size, untruncated=True))
     if args.cprofile in names:
         prof = cProfile.Profile()

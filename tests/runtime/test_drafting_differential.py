@@ -66,16 +66,17 @@ def assert_same_state(new, old) -> None:
 
 @st.composite
 def histories(draw):
-    """A prompt over a small vocabulary (so n-grams repeat), its prefill logits, and per step: the depth limit,
-    which path to accept (random walk choices), the bonus token and the verified nodes' logits (with ties)."""
+    """One or two prompts (a batch, as the torch loop decodes) over a small vocabulary (so n-grams repeat), and per
+    step: the depth limit, which path each sequence accepts (random walk choices) and its bonus token. A seed draws
+    the prefill logits and the verified nodes' logits, rounded to a few values when `coarse` (ties in the top-k)."""
     vocab = draw(st.sampled_from([5, 9, 12, 24]))
     alphabet = st.integers(0, vocab - 1)
-    prompt = draw(st.lists(alphabet, min_size=1, max_size=40))
+    prompts = draw(st.lists(st.lists(alphabet, min_size=1, max_size=40), min_size=1, max_size=2))
     seed = draw(st.integers(0, 2**32 - 1))
     steps = draw(st.lists(st.tuples(st.integers(0, 16), st.lists(st.integers(0, 5), max_size=8), alphabet),
                           min_size=1, max_size=10))
-    coarse = draw(st.booleans())  # logits rounded to a few values: ties in the top-k
-    return vocab, prompt, seed, steps, coarse
+    coarse = draw(st.booleans())
+    return vocab, prompts, seed, steps, coarse
 
 
 def random_logits(rng: np.random.Generator, shape: tuple, coarse: bool) -> np.ndarray:
@@ -97,49 +98,51 @@ def walk(tree, choices: list[int]) -> list[int]:
 
 
 def run_history(name: str, tree_spec: str, budget: int, history, sized: bool = False) -> None:
-    vocab, prompt, seed, steps, coarse = history
+    vocab, prompts, seed, steps, coarse = history
     rng = np.random.default_rng(seed)
     new, old = make(live, name, vocab), make(ref, name, vocab)
     template = builders.parse_tree_spec(tree_spec)
     curve = builders.VerifyCostCurve([1, 2, 4, 8, 16], list(rng.uniform(1.0, 3.0, 5)))
     old_curve = ref.VerifyCostCurve(curve.sizes, curve.seconds)
-    ctx_new = prompt + [int(rng.integers(vocab))]
-    ctx_old = list(ctx_new)
-    prefill = random_logits(rng, (1, len(prompt), vocab), coarse)
-    new.reset([ctx_new], prefill)
-    old.reset([ctx_old], prefill)
+    ctx_new = [p + [int(rng.integers(vocab))] for p in prompts]
+    ctx_old = [list(c) for c in ctx_new]
+    prefill = random_logits(rng, (len(prompts), max(map(len, prompts)), vocab), coarse)
+    new.reset(ctx_new, prefill)
+    old.reset(ctx_old, prefill)
     assert_same_state(new, old)
     for depth, choices, bonus in steps:
-        new.prepare([ctx_new], [True], [depth])
-        old.prepare([ctx_old], [True], [depth])
-        if template is not None:
-            t_new = builders.build_static(new, 0, ctx_new, template, depth)
-            t_old = ref.build_static(old, 0, ctx_old, template, depth)
-        else:
-            t_old = ref.build_dynamic(old, 0, ctx_old, budget, depth)
-            t_new = builders.build_dynamic(new, 0, ctx_new, budget, depth)
-            assert_same_tree(t_new, t_old)
-            n = ref.choose_tree_size([t_old], old_curve, budget)
-            assert builders.choose_tree_size([t_new], curve, budget) == n
-            if sized:
-                t_new = builders.build_dynamic(new, 0, ctx_new, budget, depth, curve=curve)
+        new.prepare(ctx_new, [True] * len(prompts), [depth] * len(prompts))
+        old.prepare(ctx_old, [True] * len(prompts), [depth] * len(prompts))
+        for b in range(len(prompts)):
+            if template is not None:
+                t_new = builders.build_static(new, b, ctx_new[b], template, depth)
+                t_old = ref.build_static(old, b, ctx_old[b], template, depth)
             else:
-                t_new = t_new.truncate(n)
-            t_old = t_old.truncate(n)
-        assert_same_tree(t_new, t_old)
-        path = walk(t_old, choices)
-        logits = random_logits(rng, (len(t_old), vocab), coarse)
-        assert verify_greedy(t_new, logits.argmax(-1).tolist()) == verify_greedy(t_old, logits.argmax(-1).tolist())
-        accepted = [t_old.tokens[i] for i in path[1:]] + [bonus]
-        ctx_new.extend(accepted)
-        ctx_old.extend(accepted)
-        new.observe(0, t_new, logits, path, ctx_new)
-        old.observe(0, t_old, logits, path, ctx_old)
-        assert_same_state(new, old)
-        # candidates after random paths (not only the ones the builders asked for)
-        for choice in choices:
-            tail = [c % vocab for c in choices[: choice % (len(choices) + 1)]]
-            assert new.children(0, ctx_new, tail) == old.children(0, ctx_old, tail)
+                t_old = ref.build_dynamic(old, b, ctx_old[b], budget, depth)
+                t_new = builders.build_dynamic(new, b, ctx_new[b], budget, depth)
+                assert_same_tree(t_new, t_old)
+                n = ref.choose_tree_size([t_old], old_curve, budget)
+                assert builders.choose_tree_size([t_new], curve, budget) == n
+                if sized:
+                    t_new = builders.build_dynamic(new, b, ctx_new[b], budget, depth, curve=curve)
+                else:
+                    t_new = t_new.truncate(n)
+                t_old = t_old.truncate(n)
+            assert_same_tree(t_new, t_old)
+            path = walk(t_old, choices[b:] + choices[:b])
+            logits = random_logits(rng, (len(t_old), vocab), coarse)
+            argmax = logits.argmax(-1).tolist()
+            assert verify_greedy(t_new, argmax) == verify_greedy(t_old, argmax)
+            accepted = [t_old.tokens[i] for i in path[1:]] + [(bonus + b) % vocab]
+            ctx_new[b].extend(accepted)
+            ctx_old[b].extend(accepted)
+            new.observe(b, t_new, logits, path, ctx_new[b])
+            old.observe(b, t_old, logits, path, ctx_old[b])
+            assert_same_state(new, old)
+            # candidates after random paths (not only the ones the builders asked for)
+            for choice in choices:
+                tail = [c % vocab for c in choices[: choice % (len(choices) + 1)]]
+                assert new.children(b, ctx_new[b], tail) == old.children(b, ctx_old[b], tail)
 
 
 DRAFTERS = ["lookup", "copy", "recycling", "recycling+lookup", "lookup+copy", "copy+recycling+lookup", "none",

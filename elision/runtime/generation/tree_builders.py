@@ -115,9 +115,10 @@ class _SizeSearch:
     change the answer.
 
     Scores come in non-increasing order, so after k nodes with last score s the tree of n > k nodes expects at most
-    E_k + (n - k) s tokens; the cost curve is non-decreasing in n and constant between measured sizes, so the best
-    rate any larger tree could reach is bounded by checking the right end of each constant stretch. When no bound
-    beats the best rate so far by the margin `choose_tree_size` needs to switch, the answer is final.
+    E_k + (n - k) s tokens. The cost of n is constant between measured sizes (and proportional to n past the
+    largest), so within each stretch that bound over the cost is largest at one end: checking the ends bounds the
+    rate of every larger tree. When no bound beats the best rate so far by the margin `choose_tree_size` needs to
+    switch, the answer is final.
     """
 
     SAFETY = 1 + 1e-12  # covers the rounding of the sums the bound stands for
