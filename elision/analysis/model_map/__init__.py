@@ -17,9 +17,12 @@ families), matchers (`linears`, `norms`, `attention`), finders over a function (
 Use :func:`build_model_map` (cached through the analysis manager; a pass that changes the graph invalidates it).
 """
 from elision.analysis.model_map.builder import build_model_map, map_function
+from elision.analysis.model_map.decoder import (AttentionSite, DecoderMap, NotADecoder, lm_head_input,
+                                                residual_streams)
 from elision.analysis.model_map.records import (MLP, Attention, ClsToken, Embedding, Layer, Linear, ModelKind, Norm,
                                                 PatchEmbed)
 from elision.analysis.model_map.result import ModelMap
 
 __all__ = ["ModelMap", "ModelKind", "Layer", "Attention", "MLP", "Norm", "Embedding", "Linear", "PatchEmbed",
-           "ClsToken", "build_model_map", "map_function"]
+           "ClsToken", "build_model_map", "map_function", "AttentionSite", "DecoderMap", "NotADecoder",
+           "lm_head_input", "residual_streams"]

@@ -3,6 +3,7 @@ them, what feeds the stacks (embeddings, patches, positions), the head, and note
 from __future__ import annotations
 
 from elision.analysis.cache import analyses
+from elision.analysis.model_map.decoder import NotADecoder, find_decoder
 from elision.analysis.model_map.find_attentions import find_attentions
 from elision.analysis.model_map.find_embeddings import (find_embeddings, find_image_merge, find_patch_embed,
                                                         find_position_ids, find_projector)
@@ -58,6 +59,10 @@ def map_function(module: Module, fn: Function) -> ModelMap:
                 mask_nodes.append(n)
     kind = _kind(st, main, embedding, patch)
     _coverage_notes(st)
+    try:
+        decoder, decoder_problem = find_decoder(g, attentions), None
+    except NotADecoder as e:
+        decoder, decoder_problem = None, str(e)
     hist: dict[str, int] = {}
     for n in st.fn.nodes:
         hist[n.op] = hist.get(n.op, 0) + 1
@@ -67,7 +72,8 @@ def map_function(module: Module, fn: Function) -> ModelMap:
                     stacks=stacks, position_embedding=pos_emb, image_merge=merge, fn_name=fn.name,
                     extra_embeddings=st.extra_embeddings, projector=projector,
                     attentions=attentions, norms=st.norms,
-                    op_histogram=dict(sorted(hist.items(), key=lambda kv: -kv[1])))
+                    op_histogram=dict(sorted(hist.items(), key=lambda kv: -kv[1])),
+                    decoder=decoder, decoder_problem=decoder_problem)
 
 
 def _find_norms(st: MapState) -> list[Norm]:

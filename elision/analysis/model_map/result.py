@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from elision.analysis.model_map.records import (ClsToken, Embedding, Layer, Linear, ModelKind, Norm, PatchEmbed,
-                                                Attention)
+from elision.analysis.model_map.decoder import DecoderMap
+from elision.analysis.model_map.records import (Attention, ClsToken, Embedding, Layer, Linear, ModelKind, Norm,
+                                                PatchEmbed)
 from elision.ir.core import Node, Value
 
 
@@ -30,6 +31,8 @@ class ModelMap:
     norms: list[Norm] = field(default_factory=list)            # every recognized norm, in graph order
     fn_name: str = "forward"
     op_histogram: dict[str, int] = field(default_factory=dict)
+    decoder: DecoderMap | None = None   # the KV-cache view of a decoder-only LM (see `decoder`)
+    decoder_problem: str | None = None  # why there is none
 
     # ---- text ------------------------------------------------------------------------------------
     def describe(self) -> list[str]:
@@ -70,6 +73,11 @@ class ModelMap:
                     f"head_dim={a.head_dim} mask={a.mask_kind}{' (from input)' if a.mask_depends_on_input else ''}"
                     f"{' rotary' if a.rotary else ''}{' packed-qkv' if a.packed_qkv else ''} proj={projs or '-'}; "
                     f"mlp {mlp}; norms {norms}{' (post-norm)' if ly.post_norm else ''}")
+        if self.decoder is not None:
+            d, s0 = self.decoder, self.decoder.sites[0]
+            lines.append(f"decoder view (kv-cache): {d.num_layers} attention sites in {d.layer_prefix}, heads "
+                         f"{s0.heads}/{s0.kv_heads} x {s0.head_dim}, positions "
+                         f"{', '.join('%' + p.name for p in d.positions)}, LM head reads %{d.hidden.name}")
         if self.final_norm:
             lines.append(f"final norm: {self.final_norm.kind} ({self.final_norm.weight})")
         if self.lm_head:
@@ -83,10 +91,11 @@ class ModelMap:
         """(rewrite, applies, one-line reason) for each rewrite elision knows."""
         out: list[tuple[str, bool, str]] = []
         causal = bool(self.layers) and all(ly.attention.causal for ly in self.layers)
-        if self.lm_head is not None and causal:
+        if self.lm_head is not None and causal and self.decoder is not None:
             out.append(("speculative-decoding", True, f"causal decoder with an LM head ({len(self.layers)} layers)"))
         else:
-            why = "no LM head" if self.lm_head is None else "attention is not causal"
+            why = ("no LM head" if self.lm_head is None else "attention is not causal" if not causal
+                   else f"no KV-cache view: {self.decoder_problem}")
             out.append(("speculative-decoding", False, why))
         bidir = [ly for ly in self.layers if ly.attention.causal is False]
         vision = [ly for st in self.stacks.values() for ly in st if ly.attention.causal is False]
@@ -154,6 +163,12 @@ class ModelMap:
             "num_layers": len(self.layers),
             "final_norm": norm(self.final_norm),
             "lm_head": lin(self.lm_head),
+            "decoder": None if self.decoder is None else {
+                "layer_prefix": self.decoder.layer_prefix, "num_layers": self.decoder.num_layers,
+                "heads": self.decoder.sites[0].heads, "kv_heads": self.decoder.sites[0].kv_heads,
+                "head_dim": self.decoder.sites[0].head_dim, "positions": [p.name for p in self.decoder.positions],
+                "hidden": self.decoder.hidden.name},
+            "decoder_problem": self.decoder_problem,
             "unrecognized": list(self.unrecognized),
             "applicable_rewrites": [{"rewrite": r, "applies": ok, "reason": why}
                                     for r, ok, why in self.applicable_rewrites()],
