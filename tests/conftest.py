@@ -1,5 +1,7 @@
 """Shared pytest setup.
 
+``ELISION_VERIFY_IR=1``: the pass manager checks the IR after every pass.
+
 Triton reads ``TRITON_INTERPRET`` once, when it is first imported, so it is set here before any
 test module can import triton: every Triton kernel then runs on CPU tensors under Triton's
 interpreter (there is no GPU on CI).  ``setdefault`` keeps an explicit ``TRITON_INTERPRET=0`` on a
@@ -9,6 +11,9 @@ GPU machine working.
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# every pass manager run in the tests (subprocesses included) verifies the IR after each pass and that a pass
+# reporting no change left the graph alone (elision.passes.manager)
+os.environ.setdefault("ELISION_VERIFY_IR", "1")
 
 import pytest  # noqa: E402
 

@@ -40,6 +40,18 @@ def mistral():
     return _decoder("MistralForCausalLM", "MistralConfig")
 
 
+def gemma(cls_name: str = "GemmaForCausalLM", cfg_name: str = "GemmaConfig"):
+    """Gemma 1/2/3: RMSNorm multiplies by ``1 + weight`` (weights start at 0: set to seeded random values here so
+    the multiply matters); Gemma 3 adds q/k norms and norms around each branch; Gemma 2 uses eager attention."""
+    model, example, dyn = _decoder(cls_name, cfg_name, head_dim=16)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return model, example, dyn
+
+
 def gpt2():
     import transformers as T
 
@@ -186,7 +198,9 @@ def mixer():
 
 BUILDERS = {"llama": llama, "qwen2": qwen2, "mistral": mistral, "gpt2": gpt2, "bert": bert, "vit": vit,
             "clip_vision": clip_vision, "llava": llava, "handwritten": handwritten, "mixer": mixer,
-            "handwritten_additive": lambda: handwritten("causal-additive"), "handwritten_bias": lambda: handwritten("bias")}
+            "handwritten_additive": lambda: handwritten("causal-additive"), "handwritten_bias": lambda: handwritten("bias"),
+            "gemma": gemma, "gemma2": lambda: gemma("Gemma2ForCausalLM", "Gemma2Config"),
+            "gemma3": lambda: gemma("Gemma3ForCausalLM", "Gemma3TextConfig")}
 
 
 @functools.lru_cache(maxsize=None)

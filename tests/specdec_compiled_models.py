@@ -30,6 +30,10 @@ def make_model(arch: str, layers: int = 2) -> torch.nn.Module:
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
     elif arch == "mistral":
         model = transformers.MistralForCausalLM(transformers.MistralConfig(**common, sliding_window=None))
+    elif arch == "gpt_neox":  # parallel residual: h + attn(ln1(h)) + mlp(ln2(h))
+        model = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4, vocab_size=VOCAB,
+            max_position_embeddings=256))
     elif arch == "gpt2":
         model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=64, n_layer=layers, n_head=4,
                                                                      vocab_size=VOCAB, n_positions=256))

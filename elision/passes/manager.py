@@ -1,8 +1,14 @@
-"""The pass manager: runs a pipeline over a module, timing, dumping and (optionally) verifying after each pass."""
+"""The pass manager: runs a pipeline over a module, timing, dumping and (optionally) verifying after each pass.
+
+Verifying (``verify_each=True``, ``--verify-ir``, or the environment variable ``ELISION_VERIFY_IR=1``, which the
+test suite sets) checks the IR's structure after every pass (types too with ``check_types``) and that a pass
+reporting no change left the functions and parameters exactly as they were.
+"""
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +20,19 @@ from elision.ir.core import Module
 from elision.ir.verify import verify
 from elision.passes.base import Pass
 from elision.passes.pipeline import parse_pipeline
+
+VERIFY_ENV = "ELISION_VERIFY_IR"
+
+
+def verify_from_env() -> bool:
+    """``ELISION_VERIFY_IR`` is set to something other than empty or ``0``."""
+    return os.environ.get(VERIFY_ENV, "").strip() not in ("", "0")
+
+
+def _structure(module: Module) -> str:
+    """The functions and parameter types as text (module attributes left out: a pass may note what it skipped)."""
+    params = "".join(f"{name}: {module.param_type(name)}\n" for name in module.params)
+    return params + "".join(f"{fn}\n" for fn in module.functions.values())
 
 
 @dataclass
@@ -45,12 +64,14 @@ class PassManager:
                                 f"asked for explicitly (allow_approximate=True / --approximate)")
         if self.dump_dir is not None:
             Path(self.dump_dir).mkdir(parents=True, exist_ok=True)
+        checking = self.verify_each or verify_from_env()
         for i, p in enumerate(self.passes):
             if self.progress:
                 self.progress(p.spec())
             if self.dump_dir is not None:
                 (Path(self.dump_dir) / f"{i:02d}-{p.name}.before.ir").write_text(module.print())
             before = module.node_count()
+            structure = _structure(module) if checking else None
             t0 = time.perf_counter()
             try:
                 changed = bool(p.run(module))
@@ -65,11 +86,14 @@ class PassManager:
             self.records.append(PassRecord(p.spec(), dt, before, module.node_count(), changed))
             if self.dump_dir is not None:
                 (Path(self.dump_dir) / f"{i:02d}-{p.name}.after.ir").write_text(module.print())
-            if self.verify_each:
+            if checking:
                 try:
                     verify(module, check_types=self.check_types)
                 except Exception as e:
                     raise PassError(f"IR is invalid after pass {p.spec()}: {e}") from e
+                if not changed and _structure(module) != structure:
+                    raise PassError(f"pass {p.spec()} reported no change but edited the IR (a pass that cannot "
+                                    f"rewrite must leave the graph alone)")
         if self.dump_dir is not None:
             (Path(self.dump_dir) / "passes.json").write_text(json.dumps([r.as_dict() for r in self.records], indent=2))
         return module

@@ -193,3 +193,44 @@ def test_dropping_a_branch_equals_skipping_it_in_eager():
     with torch.no_grad():
         want = skipped(*example, use_cache=False).logits
     assert (got - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
+
+
+@pytest.mark.parametrize("name,kv_heads", [("llama", 2), ("qwen2", 2), ("gpt2", 4)])
+def test_decoder_view(name, kv_heads):
+    """The decoder view the kv-cache pass builds on: one SDPA site per layer with K/V before GQA repetition, the
+    position ids, and the LM head's input."""
+    mm = build_model_map(exported(name))
+    d = mm.decoder
+    assert d is not None and mm.decoder_problem is None
+    assert d.num_layers == 2 and [s.layer for s in d.sites] == [0, 1]
+    assert d.layer_prefix == mm.layers[0].stack
+    for site, ly in zip(d.sites, mm.layers):
+        assert site.node is ly.attention.node and (site.heads, site.kv_heads, site.head_dim) == (4, kv_heads, 16)
+        assert site.k_src.type.shape[1] == kv_heads and site.v_src.type.shape[1] == kv_heads
+    assert len(d.positions) == 1 and d.positions[0].type.rank == 2 and d.positions[0].type.shape[-1] == "seq"
+    assert d.logits == mm.lm_head.output
+    # the LM head reads hidden[:, 0:] (full slices, seen through): Llama's final norm; GPT-2 views the norm first
+    fn = exported(name).functions["forward"]
+    assert fn.producer(mm.lm_head.input).op == "aten.slice.Tensor"
+    if name == "gpt2":
+        assert d.hidden.name == "view_27" and fn.producer(d.hidden).args[0] == mm.final_norm.output
+    else:
+        assert d.hidden == mm.final_norm.output
+    assert (d.seq_dim, d.batch_dim, d.dtype) == ("seq", "batch", "f32")
+    assert mm.as_dict()["decoder"]["kv_heads"] == kv_heads
+    assert any(line.startswith("decoder view (kv-cache): 2 attention sites") for line in mm.describe())
+
+
+@pytest.mark.parametrize("name,problem", [
+    ("bert", "cannot find the position ids"),  # learned positions read from a buffer, not an arange
+    ("handwritten", "has no scaled_dot_product_attention"),
+    ("mixer", "has no scaled_dot_product_attention"),
+])
+def test_no_decoder_view_says_why(name, problem):
+    mm = build_model_map(exported(name))
+    assert mm.decoder is None and problem in mm.decoder_problem
+    assert mm.as_dict()["decoder"] is None and problem in mm.as_dict()["decoder_problem"]
+    why = {r: reason for r, _, reason in mm.applicable_rewrites()}["speculative-decoding"]
+    assert not {r: ok for r, ok, _ in mm.applicable_rewrites()}["speculative-decoding"]
+    if name == "handwritten":  # a causal decoder with an LM head, but kv-cache needs SDPA attention
+        assert why.startswith("no KV-cache view: ") and problem in why

@@ -6,7 +6,7 @@ import torch
 from _filecheck import filecheck
 
 from elision.ir import interpret, parse, verify
-from elision.passes import PassError, PassManager, parse_pipeline, run_pipeline
+from elision.passes import Pass, PassError, PassManager, parse_pipeline, run_pipeline
 
 
 def _run(text: str, pipeline: str, params=None):
@@ -193,3 +193,46 @@ func @forward(%x : f32[2]) {
     mod = parse(text)
     assert parse(mod.print()).print() == mod.print()
     assert math.isinf(mod.functions["forward"].nodes[0].args[1])
+
+
+class _EditsQuietly(Pass):
+    """A faulty pass: it drops a node but reports no change."""
+
+    name = "edits-quietly"
+
+    def run(self, module) -> bool:
+        fn = module.functions["forward"]
+        fn.replace_all_uses(fn.nodes[1].result, fn.nodes[0].result)  # %b -> %a
+        return False
+
+
+class _LeavesUndefinedValue(Pass):
+    """A faulty pass: it removes the producer of a value that is still used."""
+
+    name = "leaves-undefined"
+
+    def run(self, module) -> bool:
+        fn = module.functions["forward"]
+        del fn.nodes[0]  # %a, read by %s
+        return True
+
+
+@pytest.mark.parametrize("bad,message", [(_EditsQuietly(), "reported no change but edited the IR"),
+                                         (_LeavesUndefinedValue(), "uses %a, which is never defined")])
+def test_verification_after_every_pass_from_the_environment(monkeypatch, bad, message):
+    """ELISION_VERIFY_IR=1 (set for the whole test suite in conftest.py) checks the IR after every pass and that a
+    pass reporting no change left the graph alone; unset, a pass manager trusts its passes."""
+    monkeypatch.setenv("ELISION_VERIFY_IR", "1")
+    with pytest.raises(PassError, match=message):
+        PassManager([bad]).run(parse(CSE))
+    monkeypatch.setenv("ELISION_VERIFY_IR", "0")
+    PassManager([bad]).run(parse(CSE))  # not checked: the damage goes unnoticed here
+    with pytest.raises(PassError, match=message):
+        PassManager([bad], verify_each=True).run(parse(CSE))
+
+
+def test_a_pass_that_changes_nothing_passes_the_check():
+    mod = parse(CSE)
+    before = mod.print()
+    _, report = run_pipeline(mod, "canonicalize,constant-fold")  # nothing to canonicalize or fold in CSE
+    assert [r["changed"] for r in report] == [False, False] and mod.print() == before

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from elision.ir import interpret, parse, verify
+from elision.ir import interpret, parse, to_fx, verify
 from elision.passes import run_pipeline
 from elision.passes.fusion import DEFAULT_PIPELINE
 from elision.analysis.model_map import build_model_map
@@ -283,6 +283,26 @@ func @forward(%x : f32[2, 4, 8]) {
     assert build_model_map(mod).norms == []
     _, report = run_pipeline(mod, "fuse-norms")
     assert not report[0]["changed"]
+
+
+@pytest.mark.parametrize("name,attn,norms", [("gemma", 2, 1), ("gemma2", 0, 5), ("gemma3", 2, 9)])
+def test_default_pipeline_on_gemma(name, attn, norms):
+    """Gemma's RMSNorm multiplies by ``1 + weight``; constant-fold turns that into a parameter read where the add
+    was, after the residual add fuse-norms anchors at. The fused norm must read the weight before itself (it once
+    read it after: undefined value, KeyError in to_fx). Gemma 2's soft-capped eager attention is left alone."""
+    model, example, _ = built(name)
+    with torch.no_grad():
+        eager = model(*example).logits
+    mod = exported(name)
+    _, report = run_pipeline(mod, DEFAULT_PIPELINE, verify_each=True, check_types=True)
+    verify(mod)
+    hist = _ops(mod)
+    assert "aten.rsqrt.default" not in hist, "every (1 + w) RMSNorm is fused"
+    assert hist.get("elision.add_rms_norm.default", 0) == 4  # each branch's residual add feeds the next norm
+    assert hist.get("elision.attention.default", 0) == attn
+    assert hist.get("elision.rms_norm.default", 0) == norms  # the rest (Gemma 2/3: post-branch and q/k norms)
+    _close(eager, to_fx(mod, "forward")(*example)[0])
+    _close(eager, interpret(mod, "forward", *example)[0])
 
 
 def test_bf16_llama_norm_casts_fuse():

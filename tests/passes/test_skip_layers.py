@@ -45,6 +45,28 @@ def test_skip_layers_ir_rewrite_matches_executor(vit_ir):
     torch.testing.assert_close(_run(rewritten, x), expect, atol=1e-5, rtol=1e-5)
 
 
+def test_golden_skip_layers(vit_ir):
+    """FileCheck: layer 1's LayerNorm after attention reads layer 0's output (its attention branch is gone), and
+    layer 2's stream continues from its attention add straight into layer 3 (its MLP branch is gone)."""
+    from _filecheck import filecheck
+
+    from elision.passes import run_pipeline
+
+    _model, module, _x = vit_ir
+    rewritten = module.copy()
+    run_pipeline(rewritten, "skip-layers{layers=attn1,mlp2}", allow_approximate=True)
+    filecheck(str(rewritten.functions["forward"]), """
+        CHECK-NOT: param("vit.layers.1.attention.q_proj.weight")
+        CHECK: %[[L0:add_[0-9]+]] : f32[2, 17, 32] = aten.add.Tensor(%{{[a-z_0-9]+}}, %{{add_[0-9]+}}) loc("vit.layers.0")
+        CHECK-NEXT: aten.layer_norm.default(%[[L0]], [32], %p_vit_layers_1_layernorm_after_weight
+        CHECK: %[[L1:add_[0-9]+]] : f32[2, 17, 32] = aten.add.Tensor(%{{[a-z_0-9]+}}, %[[L0]]) loc("vit.layers.1")
+        CHECK: aten.linear.default({{.*}}%p_vit_layers_2_attention_o_proj_weight
+        CHECK: %[[L2:add_[0-9]+]] : f32[2, 17, 32] = aten.add.Tensor(%{{[a-z_0-9]+}}, %[[L1]]) loc("vit.layers.2")
+        CHECK-NOT: vit.layers.2.mlp
+        CHECK: aten.layer_norm.default(%[[L2]], [32], %p_vit_layers_3_layernorm_before_weight
+    """)
+
+
 def test_skip_layers_nothing_skipped_is_unchanged(vit_ir):
     from elision.passes.tokens.skip_layers import SkipLayers
 

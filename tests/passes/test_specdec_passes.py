@@ -13,7 +13,7 @@ import torch
 from elision.ir import Module, to_fx, verify
 from elision.passes import PassError, run_pipeline
 from elision.passes.specdec import parse_layers
-from specdec_compiled_models import VOCAB, compiled, hf_logits, path_to, tree_inputs
+from specdec_compiled_models import VOCAB, compile_arch, compiled, hf_logits, path_to, tree_inputs
 
 ARCHS = ["llama", "qwen2", "mistral", "gpt2"]
 torch.set_num_threads(1)
@@ -111,11 +111,42 @@ def test_layer_skip_draft_equals_bypassed_hf_model():
     assert any(p.startswith("model.layers.1.") for p in read)
 
 
+def test_layer_skip_draft_on_parallel_residual_blocks():
+    """GPT-NeoX adds attention and MLP to the residual stream in parallel. The model map has no layer record for
+    such blocks, so the draft reads each layer's residual stream from its location span: @draft equals the HF model
+    with layer 1's attention and MLP outputs zeroed."""
+    from elision.analysis.model_map import build_model_map
+
+    model, ir = compile_arch("gpt_neox", 3, "layer-skip-draft{layers=1},dce")
+    assert build_model_map(ir, "verify").layers == []  # the location-span path is the one under test
+    zeroed = copy.deepcopy(model)
+    block = zeroed.gpt_neox.layers[1]
+    block.attention.register_forward_hook(lambda mod, args, out: (torch.zeros_like(out[0]),) + tuple(out[1:]))
+    block.mlp.register_forward_hook(lambda mod, args, out: torch.zeros_like(out))
+    draft = to_fx(ir, "draft")
+    assert [v.name for v in ir.functions["draft"].inputs][3:] == ["past_k_0", "past_v_0", "past_k_2", "past_v_2"]
+    prefix = _ids((2, 6), 16)
+    causal_pos, causal_bias = tree_inputs(list(range(-1, 5)), 0, 2)
+    kv0 = [torch.zeros(_kv_shape(ir, 2, 0)) for _ in range(4)]
+    out = draft(prefix, causal_pos, causal_bias, *kv0)
+    assert (out[0] - hf_logits(zeroed, prefix)).abs().max().item() <= 1e-5
+    assert (out[0] - hf_logits(model, prefix)).abs().max().item() > 1e-3  # skipping the layer changed the output
+    read = {n.args[0] for n in ir.functions["draft"].nodes if n.op == "param"}
+    assert not any(p.startswith("gpt_neox.layers.1.") for p in read)
+
+
 # ------------------------------------------------------------------------------------------- golden IR
-def test_golden_ir_decode_verify_draft():
+def test_golden_ir_prefill_decode_verify_draft():
     from _filecheck import filecheck
 
     _, ir = compiled("llama")
+    filecheck(str(ir.functions["prefill"]), """
+        CHECK: func @prefill(%input_ids : i64[batch, n]) {
+        CHECK-NOT: past_k
+        CHECK: %k_0 : f32[batch, 2, n, 16] = aten.add.Tensor
+        CHECK: aten.scaled_dot_product_attention.default
+        CHECK: return ({{%[a-z_0-9]+}}, %k_0, %v_0, %k_1, %v_1, %k_2, %v_2, %k_3, %v_3)
+    """)
     filecheck(str(ir.functions["decode"]), """
         CHECK: func @decode(%input_ids : i64[batch, n], %past_k_0 : f32[batch, 2, past, 16], %past_v_0 : f32[batch, 2, past, 16]
         CHECK: %past_len : int<past> = aten.sym_size.int(%past_k_0, 2)
@@ -171,9 +202,14 @@ def test_pass_order_and_option_errors():
         parse_layers("2,7", 4)
     with pytest.raises(PassError, match="keep at least one"):
         parse_layers("0,1", 2)
-    with pytest.raises(PassError, match="not 'auto' or a list of layer indices"):
+    with pytest.raises(PassError, match="not a list of layer indices"):
         parse_layers("two", 4)
-    assert parse_layers("auto", 4) is None and parse_layers("3;1", 4) == [1, 3]
+    assert parse_layers("3;1", 4) == [1, 3]
+    # passes take concrete options: the search for layers lives in the application, and the error says where
+    with pytest.raises(PassError, match=r"compile_specdec\(model, skip_layers='auto'\)"):
+        run_pipeline(ir.copy(), "layer-skip-draft{layers=auto}")
+    with pytest.raises(PassError, match="needs layers=I,J"):
+        run_pipeline(ir.copy(), "layer-skip-draft")
 
 
 def test_kv_cache_refuses_a_model_without_attention():

@@ -208,38 +208,56 @@ def make_generator(target: CompiledBackend, draft: CompiledBackend | None = None
 
 def compile_specdec(model: torch.nn.Module, *, skip_layers: Sequence[int] | str | None = None, hidden: bool = False,
                     pipeline: str | None = None, example_len: int = 8, calibration_prompts: list[list[int]] | None = None,
-                    trials: int = 8, attention: str = "sdpa") -> CompiledSpecDec:
+                    trials: int = 8, search_new_tokens: int = 24, attention: str = "sdpa") -> CompiledSpecDec:
     """Export ``model`` (a Hugging Face causal LM) and compile ``@verify`` (+ ``@draft``) for the runtime.
 
-    ``skip_layers``: None (no draft), a list of decoder layers to bypass in ``@draft``, or "auto" (calibration
-    search by measured tokens/s, see ``layer-skip-draft``). ``attention="elision"`` appends ``fuse-attention``:
-    every attention of ``@verify``/``@draft`` becomes ``elision.attention`` (the Triton kernel on CUDA, its torch
-    reference on CPU).
+    ``skip_layers``: None (no draft), a list of decoder layers to bypass in ``@draft``, or "auto": after
+    ``@verify`` is compiled, :func:`search_skip_layers` measures ``trials`` candidate sets by tokens/s of real
+    speculative generation (``search_new_tokens`` per calibration prompt) and ``layer-skip-draft`` runs with the
+    winner; ``.pipeline`` then spells the concrete layers and ``.attrs["skip_search"]`` holds the measurements.
+    ``attention="elision"`` appends ``fuse-attention``: every attention of ``@verify``/``@draft`` becomes
+    ``elision.attention`` (the Triton kernel on CUDA, its torch reference on CPU). An explicit ``pipeline`` runs
+    as given.
     """
     if attention not in ("sdpa", "elision"):
         raise ValueError(f"attention must be 'sdpa' or 'elision', got {attention!r}")
+    if isinstance(skip_layers, str) and skip_layers != "auto":
+        raise ValueError(f"skip_layers must be a list of decoder layers or 'auto', got {skip_layers!r}")
     from elision.frontend.trace import export_to_ir
     from elision.ir.execute import to_fx
     from elision.passes.manager import run_pipeline
     model.eval()
     config = model_config(model)
+    stages = [pipeline]
     if pipeline is None:
         window = config["sliding_window"] or 0
-        pipeline = (f"canonicalize,cse,kv-cache{{window={window}}},tree-verify{{hidden={str(hidden).lower()}}},dce"
-                    if window else f"canonicalize,cse,kv-cache,tree-verify{{hidden={str(hidden).lower()}}},dce")
+        stages = [f"canonicalize,cse,kv-cache{{window={window}}},tree-verify{{hidden={str(hidden).lower()}}},dce"
+                  if window else f"canonicalize,cse,kv-cache,tree-verify{{hidden={str(hidden).lower()}}},dce"]
+        rest = []
         if skip_layers is not None:
-            layers = skip_layers if isinstance(skip_layers, str) else ",".join(str(int(i)) for i in skip_layers)
-            pipeline += f",layer-skip-draft{{layers={layers};trials={trials}}},dce"
+            rest.append(None if skip_layers == "auto" else _draft_stage(skip_layers))  # None: searched below
         if attention == "elision":
-            pipeline += ",fuse-attention,dce"
+            rest.append("fuse-attention,dce")
+        stages += rest
     ids = torch.randint(0, config["vocab_size"], (2, max(2, example_len)), generator=torch.Generator().manual_seed(0))
     ir = export_to_ir(model, (ids,), {0: {0: "batch", 1: "seq"}})
     ir.attrs["specdec_config"] = config
     if calibration_prompts is not None:
         ir.attrs["calibration_prompts"] = [list(map(int, p)) for p in calibration_prompts]
-    run_pipeline(ir, pipeline)
+    report = None
+    for i, stage in enumerate(stages):
+        if stage is None:  # the layer-skip search runs on the compiled @verify, then the pass gets its choice
+            skip, report = search_skip_layers(ir, trials=trials, new_tokens=search_new_tokens)
+            stage = stages[i] = _draft_stage(skip)
+        run_pipeline(ir, stage)
+    if report is not None:
+        ir.attrs["specdec"]["skip_search"] = report
     fns = {name: to_fx(ir, name) for name in ("verify", "draft") if name in ir.functions}
-    return CompiledSpecDec(ir, config, pipeline, fns)
+    return CompiledSpecDec(ir, config, ",".join(stages), fns)
+
+
+def _draft_stage(skip_layers: Sequence[int]) -> str:
+    return f"layer-skip-draft{{layers={','.join(str(int(i)) for i in skip_layers)}}},dce"
 
 
 # ====================================================================================== layer-skip search

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from elision.apps.specdec.cache import CacheOverflowError
-from elision.apps.specdec.compiled_backend import (CompiledSpecDec, candidate_skip_sets, make_backend,
-                                                      make_generator, model_config, search_skip_layers)
+from elision.apps.specdec.compiled_backend import (CompiledSpecDec, candidate_skip_sets, compile_specdec,
+                                                      make_backend, make_generator, model_config, search_skip_layers)
 from specdec_compiled_models import VOCAB, compiled
 
 torch.set_num_threads(1)
@@ -88,8 +88,6 @@ def test_layer_skip_needs_a_compiled_draft():
 
 
 def test_auto_layer_skip_search_measures_tokens_per_second():
-    from elision.passes import run_pipeline
-
     model, ir = compiled("llama")
     m = ir.copy()
     m.attrs["specdec"] = dict(ir.attrs["specdec"])
@@ -101,6 +99,13 @@ def test_auto_layer_skip_search_measures_tokens_per_second():
     assert skip in [t["skip"] for t in report["trials"]]
     best = max(report["trials"], key=lambda t: t["tokens_per_s"])
     assert skip == best["skip"] and report["chosen"] == skip
-    del m.functions["draft"]
-    run_pipeline(m, "layer-skip-draft{layers=auto;trials=2;new_tokens=6}")
-    assert "draft" in m.functions and m.attrs["specdec"]["skip_search"]["trials"]
+    # compiling with skip_layers="auto" searches first, then runs the pass with the concrete layers it chose
+    spec = compile_specdec(model, skip_layers="auto", hidden=True, calibration_prompts=_prompts(13)[:1], trials=2,
+                           search_new_tokens=6)
+    search = spec.attrs["skip_search"]
+    assert [t["skip"] for t in search["trials"]] == candidate_skip_sets(4, 2, 0)
+    assert spec.skip_layers == search["chosen"] and "draft" in spec.ir.functions
+    assert f"layer-skip-draft{{layers={','.join(map(str, search['chosen']))}}}" in spec.pipeline
+    prompts = _prompts(14)
+    res = spec.generator("layer-skip").generate(prompts, max_new_tokens=8)
+    assert res.tokens == [_hf_greedy(model, p, 8) for p in prompts]
