@@ -18,7 +18,7 @@ from typing import ClassVar
 
 from elision.ir.core import Function, Module, Node, Value
 from elision.passes.base import Pass, PassError, register_pass
-from elision.passes.volume.record import field_function, record_function, volume_record
+from elision.passes.volume.record import FieldOptions, field_function, record_function, volume_record
 
 PREPARE, EVALUATE = "prepare", "evaluate"
 
@@ -57,10 +57,8 @@ def split_invariants(fn: Function, query_input: int) -> tuple[list[Node], list[N
 
 @register_pass
 @dataclass(frozen=True)
-class HoistInvariants(Pass):
+class HoistInvariants(FieldOptions, Pass):
     name: ClassVar[str] = "hoist-invariants"
-    function: str = "forward"
-    query_input: int = 0
 
     def run(self, module: Module) -> bool:
         if "split" in volume_record(module):

@@ -14,7 +14,7 @@ from typing import ClassVar
 from elision.analysis.query_independence import cached_query_independence
 from elision.ir.core import Module
 from elision.passes.base import Pass, PassError, register_pass
-from elision.passes.volume.record import field_function, volume_record
+from elision.passes.volume.record import FieldOptions, field_function, volume_record
 
 
 def require_query_independence(module: Module, pass_name: str, function: str | None = None, query_input: int = 0,
@@ -32,10 +32,8 @@ def require_query_independence(module: Module, pass_name: str, function: str | N
 
 @register_pass
 @dataclass(frozen=True)
-class QueryIndependence(Pass):
+class QueryIndependence(FieldOptions, Pass):
     name: ClassVar[str] = "query-independence"
-    function: str = "forward"
-    query_input: int = 0
     query_dim: int = 1
 
     def run(self, module: Module) -> bool:

@@ -13,11 +13,22 @@ its runtime settings and a driver can run the artifact without the IR.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from elision.errors import PassError
 from elision.ir.core import Function, Module
 from elision.ir.types import TensorType
 
 VOLUME_ATTR = "runtime.volume"
+
+
+@dataclass(frozen=True)
+class FieldOptions:
+    """Options of the passes that name the field: the function mapping query points to field values, and which of
+    its inputs holds the points."""
+
+    function: str = "forward"
+    query_input: int = 0
 
 
 def volume_record(module: Module) -> dict:
