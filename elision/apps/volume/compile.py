@@ -107,12 +107,27 @@ def compile_field(model: torch.nn.Module, passes: str = DEFAULT_PIPELINE, *, bac
     else:
         if param.device.type != "cpu" or param.dtype != torch.float32:
             raise ValueError("the ONNX Runtime backend runs fp32 models on the CPU; move the model there first")
-        out = Path(tempfile.mkdtemp(prefix="elision-field-"))
-        emit_onnx(ir, None, out)
-        field = load_field_artifact(out, threads=threads)
+        tmp = tempfile.TemporaryDirectory(prefix="elision-field-")
+        emit_onnx(ir, None, Path(tmp.name))
+        field = load_field_artifact(tmp.name, threads=threads)
+        field.artifact_dir = tmp  # the artifact lives as long as the field
     field.ir = ir
     field.seconds = {"trace": t1 - t0, "passes": t2 - t1, "lower": time.perf_counter() - t2}
     return field
+
+
+def _idle_session(path: Path, threads: int | None):
+    """An onnxruntime session whose pool threads sleep between runs. By default they spin after each run, and between
+    the field's runs the grid bookkeeping and the adaptive-KV planner run in torch on the same cores. (The sessions
+    `load_artifact` opens, after checking the files, spin; they are never run.)"""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads is not None:
+        options.intra_op_num_threads, options.inter_op_num_threads = int(threads), 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def load_field_artifact(path: str | Path, *, threads: int | None = 2) -> LoweredField:
@@ -140,11 +155,10 @@ def load_field_artifact(path: str | Path, *, threads: int | None = 2) -> Lowered
         if len(spec.inputs) != len(sig["inputs"]):
             raise ValueError(f"{path}: function {name!r} takes {len(spec.inputs)} inputs, its record lists "
                              f"{len(sig['inputs'])}; compile the artifact again")
-        runners[name] = ort_runner(art.session(name), spec.input_names, spec.output_names)
+        session = _idle_session(art.path / spec.file, threads)
+        runners[name] = ort_runner(session, spec.input_names, spec.output_names)
         shapes.update({ir_name: t.shape for ir_name, t in zip(sig["inputs"], spec.inputs)})
-    field = LoweredField(rec, runners, _latents_shape(shapes, rec), backend="ort", pipeline=art.pipeline)
-    field.artifact = art  # keeps the sessions (and the artifact directory's meaning) together
-    return field
+    return LoweredField(rec, runners, _latents_shape(shapes, rec), backend="ort", pipeline=art.pipeline)
 
 
 # ------------------------------------------------------------------------------------------ memoisation

@@ -50,6 +50,7 @@ class LoweredField:
     pipeline: str = ""
     seconds: dict[str, float] = field(default_factory=dict)  # trace / passes / lowering
     ir: object = None                  # the compiled module (torch backend and in-process ORT), for inspection
+    artifact_dir: object = None        # the temporary ONNX artifact of an in-process ORT field (kept alive with it)
 
     @property
     def sparse_options(self) -> SparseVolumeOptions | None:
