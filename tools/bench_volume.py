@@ -1,4 +1,4 @@
-"""Benchmark volume decoding: dense chunked (published method) vs hierarchical vs hierarchical + adaptive KV,
+"""Benchmark volume decoding: dense chunked vs hierarchical vs hierarchical + adaptive KV,
 on PyTorch and onnxruntime, same latents, same resolution, one process.
 
 Each method is a pass pipeline: the decoder is traced to elision's IR, the volume passes run, and the result is

@@ -91,6 +91,9 @@ def compile_field(model: torch.nn.Module, passes: str = DEFAULT_PIPELINE, *, bac
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     pipeline = parse_pipeline(passes)  # a bad pipeline fails before tracing
+    param = next(model.parameters())
+    if backend == "ort" and (param.device.type != "cpu" or param.dtype != torch.float32):
+        raise ValueError("the ONNX Runtime backend runs fp32 models on the CPU; move the model there first")
     t0 = time.perf_counter()
     ir = trace_field(model, latents)
     t1 = time.perf_counter()
@@ -99,14 +102,12 @@ def compile_field(model: torch.nn.Module, passes: str = DEFAULT_PIPELINE, *, bac
     ir.attrs["pipeline"] = spec
     rec = _complete_record(ir)
     t2 = time.perf_counter()
-    param = next(model.parameters())
     shapes = {v.name: tuple(v.type.shape) for fn in ir.functions.values() for v in fn.inputs}
     if backend == "torch":
-        runners = {name: torch_runner(to_fx(_layout_free(ir), name)) for name in ir.functions}
+        relaxed = _layout_free(ir)
+        runners = {name: torch_runner(to_fx(relaxed, name)) for name in relaxed.functions}
         field = LoweredField(rec, runners, _latents_shape(shapes, rec), param.device, param.dtype, "torch", spec)
     else:
-        if param.device.type != "cpu" or param.dtype != torch.float32:
-            raise ValueError("the ONNX Runtime backend runs fp32 models on the CPU; move the model there first")
         tmp = tempfile.TemporaryDirectory(prefix="elision-field-")
         emit_onnx(ir, None, Path(tmp.name))
         field = load_field_artifact(tmp.name, threads=threads)

@@ -264,7 +264,8 @@ def evaluate_grid_points(decoder: FieldDecoder, state: Any, index: torch.Tensor,
 def decode_dense(decoder: FieldDecoder, latents: torch.Tensor, resolution: int, *,
                  bounds: float = DEFAULT_BOUNDS, chunk: int = 32768, kv: AdaptiveKVOptions | None = None,
                  progress: ProgressFn | None = None, state: Any = None) -> VolumeResult:
-    """Evaluate every point of the (r+1)^3 grid (the published chunked method, with K/V hoisted)."""
+    """Evaluate every point of the (r+1)^3 grid in chunks (the published method; the latent side runs once per
+    shape when the decoder was compiled with hoist-invariants)."""
     check_memory(resolution)
     t0 = time.perf_counter()
     state = decoder.prepare(latents) if state is None else state

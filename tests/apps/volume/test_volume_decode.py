@@ -190,7 +190,7 @@ def test_decode_with_a_bfloat16_model_matches_fp32(tiny):
     _device_decode_matches_cpu(tiny, "cpu", torch.bfloat16, max_flip_fraction=2e-3)
 
 
-@needs_compiled_cuda  # on CUDA the adaptive-KV pipeline runs the Triton sparse cross-attention
+@needs_compiled_cuda  # on CUDA the lowered functions (adaptive KV: @evaluate_gathered) run on the GPU
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_decode_on_cuda_matches_cpu(tiny, dtype):
     _device_decode_matches_cpu(tiny, "cuda", dtype, max_flip_fraction=1e-4 if dtype == torch.float32 else 2e-3)
