@@ -19,15 +19,13 @@ from elision.passes.volume.record import FieldOptions, field_function, volume_re
 
 def require_query_independence(module: Module, pass_name: str, function: str | None = None, query_input: int = 0,
                                query_dim: int = 1):
-    """The field function and its proof; a PassError naming the failing ops when it does not hold."""
+    """(field function, query input, query axis, proof); a PassError naming the failing ops when it does not hold."""
     fn, qi, qd = field_function(module, pass_name, function, query_input, query_dim)
     report = cached_query_independence(module, fn.name, qi, qd)
     if not report.ok:
         raise PassError(f"{pass_name}: @{fn.name} is {report.explain()}\nsparse volume decoding is refused for this "
                         "decoder; decode densely instead (--passes '')")
-    volume_record(module)["query_independent"] = {"function": fn.name,
-                                                  "invariant_nodes": len(report.invariant_nodes)}
-    return fn, qi, qd
+    return fn, qi, qd, report
 
 
 @register_pass
@@ -37,5 +35,8 @@ class QueryIndependence(FieldOptions, Pass):
     query_dim: int = 1
 
     def run(self, module: Module) -> bool:
-        require_query_independence(module, self.name, self.function, self.query_input, self.query_dim)
+        fn, *_, report = require_query_independence(module, self.name, self.function, self.query_input,
+                                                    self.query_dim)
+        volume_record(module)["query_independent"] = {"function": fn.name,
+                                                      "invariant_nodes": len(report.invariant_nodes)}
         return False

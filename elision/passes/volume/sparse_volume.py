@@ -59,7 +59,7 @@ class SparseVolume(SparseVolumeOptions, Pass):
     name: ClassVar[str] = "sparse-volume"
 
     def run(self, module: Module) -> bool:
-        fn, query_input, query_dim = require_query_independence(module, self.name)
+        fn, query_input, query_dim, _ = require_query_independence(module, self.name)
         check_one_value_per_query(fn, query_input, query_dim, self.name)
         volume_record(module)["sparse"] = self.options()
         return False
