@@ -8,8 +8,9 @@ Token pruning changes the sequence length in the middle of a graph; every downst
 "the token axis" shrinks from N to K: views/reshapes/expands that spell N, the attention mask (which was
 built once, before the pruning point, at length N), the pooling weights of a sentence encoder. Shapes are
 static, so N cannot be found by value (a head dim or a batch may also equal N). Instead axes are unified
-along the data flow: an (value, axis) pair is linked to the pairs it corresponds to through each op
-(elementwise broadcasting, linear, transpose, view by prefix product, SDPA query/key/mask axes, ...), and
+along the data flow: an (value, axis) pair is linked to the pairs it corresponds to through each op (the
+per-op rules of `elision.analysis.axes`: elementwise broadcasting, linear, transpose, view by prefix product,
+SDPA query/key/mask axes, ...), and
 the class of (hidden state after the pruning layer, axis 1) is the token axis everywhere it reaches.
 
 The sequence length must be static (K is a static top-k), the batch need not be: a symbolic batch dim (a
@@ -20,40 +21,15 @@ serving every batch size. Any other symbolic dim that the rewrite would have to 
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import sympy
 import torch
 
-from elision.ir.core import Function, Node, Value, map_values
-from elision.ir.symbolic import to_sympy
-from elision.ir.types import ScalarType, TensorType
+from elision.analysis.axes import RESHAPES, axis_rule, base_op, shape_of
 from elision.errors import PassError
-
-
-# ops whose output aligns with their (broadcast) inputs axis by axis, right-aligned
-_ELEMENTWISE = {
-    "add", "sub", "mul", "div", "where", "masked_fill", "__and__", "__or__", "bitwise_and", "bitwise_or",
-    "logical_and", "logical_or", "logical_not", "eq", "ne", "ge", "gt", "le", "lt", "clone", "_to_copy", "to",
-    "gelu", "relu", "silu", "tanh", "sigmoid", "neg", "exp", "log", "sqrt", "rsqrt", "pow", "clamp", "clamp_min",
-    "layer_norm", "softmax", "_softmax", "log_softmax", "dropout", "alias", "detach", "contiguous", "erf",
-    "_assert_tensor_metadata", "type_as", "abs", "reciprocal", "rms_norm",
-}
-_REDUCE = {"sum", "mean", "amax", "amin", "max", "min", "prod", "std", "var", "norm", "any", "all"}
-_RESHAPE = {"view", "reshape", "_unsafe_view", "flatten"}
-
-
-def base_op(op: str) -> str:
-    """`aten.add.Tensor` -> `add`."""
-    parts = op.split(".")
-    return parts[1] if parts[0] == "aten" and len(parts) >= 2 else op
-
-
-def shape_of(v) -> tuple | None:
-    if isinstance(v, Value) and isinstance(v.type, TensorType):
-        return tuple(v.type.shape)
-    return None
+from elision.ir.core import Function, Node, Value, map_values
+from elision.ir.types import ScalarType, TensorType
 
 
 class AxisClasses:
@@ -81,120 +57,19 @@ class AxisClasses:
             self.parent[ra] = rb
 
 
-def _prod(dims) -> int | sympy.Expr:
-    """Product of static and symbolic (string) dims; symbolic ones as a sympy expression (so `batch*50` keys
-    compare; a sympy integer equals and hashes as the int)."""
-    if all(isinstance(d, int) for d in dims):
-        return math.prod(dims)
-    out = sympy.Integer(1)
-    for d in dims:
-        out = out * (to_sympy(d) if isinstance(d, str) else sympy.Integer(d))
-    return sympy.expand(out)
-
-
-def _dims(arg, rank: int) -> list[int]:
-    dims = arg if isinstance(arg, (list, tuple)) else [arg]
-    return [d % rank for d in dims if isinstance(d, int)]
-
-
 def link_node(node: Node, uf: AxisClasses) -> None:
-    """Link the axes of `node`'s tensor inputs to the axes of its result they correspond to."""
-    out = node.result
-    so = shape_of(out)
-    if so is None:
+    """Link the axes of `node`'s tensor inputs to the axes of its result they correspond to (the rules of
+    `elision.analysis.axes`; whether the op mixes values along an axis does not matter for its identity)."""
+    if shape_of(node.result) is None:
         return
-    op = base_op(node.op)
-    args = node.args
-    x = args[0] if args else None
-    sx = shape_of(x)
-    ro = len(so)
-    if op in _ELEMENTWISE:
-        for v in node.inputs:
-            sv = shape_of(v)
-            if sv is not None and len(sv) <= ro:
-                for a in range(len(sv)):
-                    uf.union(v, a, out, a + ro - len(sv))
-    elif op == "expand" and sx is not None:
-        for a in range(len(sx)):
-            uf.union(x, a, out, a + ro - len(sx))
-    elif op == "linear" and sx is not None:
-        for a in range(len(sx) - 1):
-            uf.union(x, a, out, a)
-    elif op == "embedding" and len(args) > 1 and shape_of(args[1]) is not None:
-        for a in range(len(shape_of(args[1]))):
-            uf.union(args[1], a, out, a)
-    elif op in ("transpose", "t") and sx is not None:
-        d0, d1 = (args[1], args[2]) if op == "transpose" else (0, 1)
-        perm = list(range(len(sx)))
-        perm[d0 % len(sx)], perm[d1 % len(sx)] = perm[d1 % len(sx)], perm[d0 % len(sx)]
-        for o, i in enumerate(perm):
-            uf.union(x, i, out, o)
-    elif op == "permute" and sx is not None:
-        for o, i in enumerate(args[1]):
-            uf.union(x, i % len(sx), out, o)
-    elif op == "unsqueeze" and sx is not None:
-        d = args[1] % ro
-        for a in range(len(sx)):
-            uf.union(x, a, out, a + (a >= d))
-    elif op == "squeeze" and sx is not None:
-        kept = [a for a in range(len(sx)) if not (sx[a] == 1 and (len(args) < 2 or a in _dims(args[1], len(sx))))]
-        for o, a in enumerate(kept):
-            uf.union(x, a, out, o)
-    elif op == "select" and sx is not None:
-        d = args[1] % len(sx)
-        for o, a in enumerate([a for a in range(len(sx)) if a != d]):
-            uf.union(x, a, out, o)
-    elif op == "slice" and sx is not None:
-        d = args[1] % len(sx) if len(args) > 1 else 0
-        for a in range(len(sx)):
-            if a != d or sx[a] == so[a]:
-                uf.union(x, a, out, a)
-    elif op == "cat" and isinstance(x, (list, tuple)):
-        d = (args[1] if len(args) > 1 else node.kwargs.get("dim", 0)) % ro
-        for v in x:
-            sv = shape_of(v)
-            if sv is not None and len(sv) == ro:
-                for a in range(ro):
-                    if a != d:
-                        uf.union(v, a, out, a)
-    elif op in _REDUCE and sx is not None:
-        dims = _dims(args[1], len(sx)) if len(args) > 1 and args[1] is not None else list(range(len(sx)))
-        keepdim = (args[2] if len(args) > 2 else node.kwargs.get("keepdim", False)) is True
-        o = 0
-        for a in range(len(sx)):
-            if a in dims:
-                o += int(keepdim)
-                continue
-            uf.union(x, a, out, o)
-            o += 1
-    elif op in _RESHAPE and sx is not None:
-        # axis a of the input is axis b of the output when both have the same size and the same number of
-        # elements before them (the axis was neither split nor merged)
-        # (element counts may be symbolic: a dynamic batch in front of the axis)
-        pre_in = [_prod(sx[:a]) for a in range(len(sx))]
-        pre_out = {_prod(so[:b]): b for b in range(ro)}
-        for a in range(len(sx)):
-            b = pre_out.get(pre_in[a])
-            if b is not None:
-                uf.union(x, a, out, b)
-    elif op in ("matmul", "bmm") and sx is not None and shape_of(args[1]) is not None:
-        y, sy = args[1], shape_of(args[1])
-        for a in range(len(sx) - 2):
-            uf.union(x, a, out, a + ro - len(sx))
-        for a in range(len(sy) - 2):
-            uf.union(y, a, out, a + ro - len(sy))
-        uf.union(x, -2, out, -2)
-        uf.union(y, -1, out, -1)
-        uf.union(x, -1, y, -2)
-    elif op == "scaled_dot_product_attention":
-        q, k, v = args[0], args[1], args[2]
-        mask = args[3] if len(args) > 3 else node.kwargs.get("attn_mask")
-        for a in range(ro - 1):
-            uf.union(q, a, out, a)
-        uf.union(k, -2, v, -2)
-        if isinstance(mask, Value):
-            uf.union(mask, -2, q, -2)
-            uf.union(mask, -1, k, -2)
+    rule = axis_rule(node)
+    if rule is None:
+        return
+    for link in rule.links:
+        if link.part is None and link.result_part is None:
+            uf.union(link.source, link.axis, node.result, link.result_axis)
+    for a, ia, b, ib in rule.ties:
+        uf.union(a, ia, b, ib)
 
 
 def token_axes(fn: Function, seed: Value, axis: int) -> dict[str, list[int]]:
@@ -468,7 +343,7 @@ class TokenRewriter:
             raise self._err(f"cannot rewrite {node.op} (%{node.result.name}, at '{node.loc}') to the shorter "
                             "sequence length; this op is not supported after the shortening point")
         x_axes = self.axes.get(node.args[0].name, []) if node.args and isinstance(node.args[0], Value) else []
-        if op in _RESHAPE and x_axes and not out_axes:
+        if op in RESHAPES and x_axes and not out_axes:
             raise self._err(f"%{node.result.name} = {node.op} (at '{node.loc}') merges or splits the token axis; "
                             "cannot rewrite it to the shorter sequence length")
         if op in _SHAPE_ARG_OPS:

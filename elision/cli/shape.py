@@ -1,19 +1,20 @@
 """`elision decode-shape` and `elision encode-shape`.
 
-decode-shape MODEL --latents FILE --resolution 256 [--passes PIPELINE] [--backend torch|ort] -o mesh.glb
-             [--preview mesh.png] [--json]
+decode-shape MODEL --latents FILE --resolution 256 [--passes PIPELINE] [--backend torch|ort] [--dump-ir DIR]
+             -o mesh.glb [--preview mesh.png] [--json]
 encode-shape MODEL MESH -o latents.safetensors [--steps N] [--minutes M]
 
-MODEL is `builtin:NAME`, a VecSet checkpoint (.safetensors written by elision.models.vecset), or (ORT
-backend) a directory written by `export_field_onnx`.
+MODEL is `builtin:NAME` or a VecSet checkpoint (.safetensors written by elision.models.vecset): decode-shape
+traces it to elision's IR, runs the volume passes (`elision.passes.volume`) and lowers the result to torch or ONNX
+Runtime. With --backend ort MODEL may also be an ONNX artifact directory of a compiled field decoder
+(`elision compile MODEL --passes 'hoist-invariants,sparse-volume' --emit onnx -o DIR`), which carries its plan.
 """
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 from rich.console import Console
@@ -46,18 +47,20 @@ def load_vecset(spec: str):
 def register(app: typer.Typer) -> None:
     @app.command("decode-shape")
     def decode_shape(
-        model: str = typer.Argument(..., help="builtin:NAME, a VecSet .safetensors checkpoint, or an ONNX artifact dir"),
+        model: str = typer.Argument(..., help="builtin:NAME, a VecSet .safetensors checkpoint, or (--backend ort) a "
+                                              "compiled ONNX artifact directory"),
         latents: Path = typer.Option(..., "--latents", help="safetensors file with a 'latents' tensor [1,M,E]"),
         resolution: int = typer.Option(256, "--resolution", "-r", help="grid resolution (cells per axis)"),
         passes: Optional[str] = typer.Option(
             None, "--passes",
-            help="volume pipeline; '' = dense decoding (published method). Default: query-independence,"
-                 "hoist-invariants,sparse-volume = sparse-volume{min_res=16,band=auto,dilation=0}: dense 16^3, "
+            help="pass pipeline; '' = dense decoding (the traced decoder on every chunk). Default: query-independence,"
+                 "hoist-invariants,sparse-volume = sparse-volume{min_res=16;band=auto;dilation=0}: dense 16^3, "
                  "then each doubling refines only cells that straddle the surface or lie within the band "
                  "(calibrated on the field). Raise dilation (cells) or band for more safety, min_res for a finer "
                  "start; append adaptive-kv{topk=K} for per-block top-K latent selection"),
         output: Path = typer.Option(..., "-o", "--output", help="mesh file (.glb/.ply/.obj/.stl/.off)"),
         backend: str = typer.Option("torch", "--backend", help="torch | ort"),
+        dump_ir: Optional[Path] = typer.Option(None, "--dump-ir", help="write the IR before/after every pass here"),
         preview: Optional[Path] = typer.Option(None, "--preview", help="PNG preview (default: next to the mesh)"),
         chunk: int = typer.Option(32768, "--chunk", help="queries per decoder call (bounds memory)"),
         as_json: bool = typer.Option(False, "--json", help="print one JSON object with counts, timings and mesh stats"),
@@ -66,44 +69,55 @@ def register(app: typer.Typer) -> None:
         import torch
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        from elision.models.vecset import load_latents
-        from elision.apps.volume import DEFAULT_PIPELINE, VolumeError, decode_volume, parse_volume_pipeline
+        from elision.apps.volume import (BACKENDS, DEFAULT_PIPELINE, VolumeError, compile_field, decode_volume,
+                                         load_field_artifact)
         from elision.apps.volume.decode import check_memory
         from elision.apps.volume.mesh import MESH_SUFFIXES, extract_mesh, render_preview, save_mesh
+        from elision.errors import ElisionError
+        from elision.models.vecset import load_latents
+        from elision.passes.pipeline import parse_pipeline
 
         torch.set_num_threads(min(2, torch.get_num_threads()))
-        pipeline = DEFAULT_PIPELINE if passes is None else passes
         if output.suffix.lower() not in MESH_SUFFIXES:
             raise _fail(f"unsupported mesh format {output.suffix!r}; use one of {', '.join(MESH_SUFFIXES)}")
-        if backend not in ("torch", "ort"):
+        if backend not in BACKENDS:
             raise _fail(f"--backend must be 'torch' or 'ort', got {backend!r}")
         if chunk < 1:
             raise _fail(f"--chunk must be >= 1, got {chunk}")
+        artifact = Path(model).is_dir()
+        if artifact and backend != "ort":
+            raise _fail(f"{model} is a directory: an ONNX artifact runs with --backend ort")
+        if artifact and dump_ir is not None:
+            raise _fail("--dump-ir needs a model to compile; an ONNX artifact is compiled already")
+        seconds: dict[str, float] = {}
         try:
-            plan = parse_volume_pipeline(pipeline)
+            if passes is not None:
+                parse_pipeline(passes)  # a bad pipeline fails before loading anything
             check_memory(resolution)
             if resolution < 2:
                 raise VolumeError(f"resolution must be >= 2, got {resolution}")
             lat = load_latents(latents)
             t0 = time.perf_counter()
-            if backend == "ort" and Path(model).is_dir():
-                from elision.apps.volume.onnx_field import OrtFieldDecoder
-                net: Any = OrtFieldDecoder(model)
+            if artifact:
+                field = load_field_artifact(model)
+                if passes is not None and ",".join(p.spec() for p in parse_pipeline(passes)) != field.pipeline:
+                    raise VolumeError(f"{model} was compiled with --passes {field.pipeline!r}; an artifact cannot "
+                                      "change its passes (compile it again, or leave --passes out)")
+                seconds["load"] = time.perf_counter() - t0
             else:
                 tmodel = load_vecset(model)
                 c = tmodel.config
                 if tuple(lat.shape[-2:]) != (c.num_latents, c.embed_dim):
                     raise VolumeError(f"latents have shape {list(lat.shape)} but {model} expects "
                                       f"[1, {c.num_latents}, {c.embed_dim}]")
-                net = tmodel
-                if backend == "ort":
-                    from elision.apps.volume.onnx_field import OrtFieldDecoder, export_field_onnx
-                    tmp = Path(tempfile.mkdtemp(prefix="elision-field-"))
-                    console.print("exporting the field decoder to ONNX …")
-                    export_field_onnx(tmodel, tmp)
-                    net = OrtFieldDecoder(tmp)
-            load_s = time.perf_counter() - t0
-        except (VolumeError, ValueError, KeyError, FileNotFoundError) as e:
+                t1 = time.perf_counter()
+                seconds["load"] = t1 - t0
+                if not as_json:
+                    console.print(f"compiling the field decoder ({backend}) …")
+                field = compile_field(tmodel, DEFAULT_PIPELINE if passes is None else passes, backend=backend,
+                                      dump_ir=dump_ir)
+                seconds["compile"] = time.perf_counter() - t1
+        except (ElisionError, ValueError, KeyError, FileNotFoundError) as e:
             raise _fail(str(e).strip("'\""))
 
         total = (resolution + 1) ** 3
@@ -112,11 +126,8 @@ def register(app: typer.Typer) -> None:
                       console=console, transient=as_json, disable=as_json) as prog:
             task = prog.add_task("decode", total=total)
             try:
-                if backend == "ort" and plan.check_independence and not isinstance(net, torch.nn.Module):
-                    plan = type(plan)(check_independence=False, hoist=True, sparse=plan.sparse, kv=plan.kv)
-                res = decode_volume(net, lat, resolution, plan, chunk=chunk,
-                                    progress=lambda n: prog.advance(task, n))
-            except VolumeError as e:
+                res = decode_volume(field, lat, resolution, chunk=chunk, progress=lambda n: prog.advance(task, n))
+            except (VolumeError, ValueError) as e:
                 raise _fail(str(e))
         t1 = time.perf_counter()
         mesh = extract_mesh(res)
@@ -126,12 +137,14 @@ def register(app: typer.Typer) -> None:
         except (ValueError, OSError) as e:
             raise _fail(f"cannot write {output}: {e}")
         png = preview or output.with_suffix(".png")
-        render_preview(mesh, png, title=f"{Path(model).name} r={resolution} {plan.describe()}")
+        render_preview(mesh, png, title=f"{Path(model).name} r={resolution} {field.describe()}")
         t3 = time.perf_counter()
-        seconds = {"load": load_s, **res.seconds, "marching_cubes": t2 - t1, "write_and_preview": t3 - t2}
-        report = {"model": model, "backend": backend, "passes": plan.describe(), **res.summary(),
+        seconds = {**seconds, **res.seconds, "marching_cubes": t2 - t1, "write_and_preview": t3 - t2}
+        report = {"model": model, "backend": backend, "passes": field.describe(), **res.summary(),
                   "seconds": {k: round(v, 4) for k, v in seconds.items()}, "mesh": mesh.stats(),
                   "output": str(output), "preview": str(png)}
+        if dump_ir is not None:
+            report["dump_ir"] = str(dump_ir)
         if as_json:
             out.print_json(json.dumps(report))
         else:

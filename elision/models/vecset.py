@@ -11,7 +11,7 @@ state dict loads with `load_state_dict(strict=True)` into `VecSetField(HUNYUAN3D
 Fourier frequencies are a non-persistent buffer there too, so they are not part of the checkpoint.
 
 `VecSetField.forward(points, latents)` is the traced unit: the compiler splits it into the
-shape-invariant latent side and the per-query-chunk field side (hoist-invariants).
+shape-invariant latent side (@prepare) and the per-query-chunk field side (@evaluate) with hoist-invariants.
 """
 from __future__ import annotations
 
@@ -241,29 +241,20 @@ class CrossAttentionDecoder(nn.Module):
             self.ln_post = nn.LayerNorm(width)
         self.output_proj = nn.Linear(width, 1)
 
-    # --- the two halves the hoist-invariants split produces, written out for the torch runtime ---
+    # --- the cross-attention's inputs, for the attention-locality term of a fit (`apps.volume.encode`); decoding
+    # splits the traced forward instead (the hoist-invariants pass) ---
     def latent_kv(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Shape-invariant part: K, V [B, heads, M, d] from the transformer output."""
+        """K, V [B, heads, M, d] from the transformer output."""
         if self.downsample_ratio != 1:
             latents = self.latents_proj(latents)
         block = self.cross_attn_decoder
         return block.attn.attention.split_kv(block.attn.c_kv(block.ln_2(latents)))
 
     def query_heads(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-query prologue: (query embedding x [B,N,W], per-head queries [B,heads,N,d])."""
+        """(query embedding x [B,N,W], per-head queries [B,heads,N,d])."""
         x = self.query_proj(self.fourier_embedder(points))
         block = self.cross_attn_decoder
         return x, block.attn.attention.project_q(block.attn.c_q(block.ln_1(x)))
-
-    def epilogue(self, x: torch.Tensor, attn_heads: torch.Tensor) -> torch.Tensor:
-        """Per-query epilogue after attention: merge heads, c_proj, residual, MLP, ln_post, output."""
-        block = self.cross_attn_decoder
-        bs, _, n, _ = attn_heads.shape
-        x = x + block.attn.c_proj(attn_heads.transpose(1, 2).reshape(bs, n, -1))
-        x = x + block.mlp(block.ln_3(x))
-        if self.enable_ln_post:
-            x = self.ln_post(x)
-        return self.output_proj(x)
 
     def forward(self, queries: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         x = self.query_proj(self.fourier_embedder(queries))

@@ -1,4 +1,4 @@
-"""query-independence proof and hoist-invariants split on torch.export graphs of field decoders."""
+"""The query-independence proof on IR functions of field decoders (torch.export -> elision IR)."""
 from __future__ import annotations
 
 import pytest
@@ -6,42 +6,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from elision.analysis.query_independence import query_independence
+from elision.frontend.trace import export_to_ir
 from elision.models.vecset import VecSetConfig, build_field
-from elision.apps.volume import VolumeError, decode_volume
-from elision.analysis.query_independence import export_field, query_independence, split_invariants
+from elision.passes import PassError
 
 SMALL = VecSetConfig(num_latents=16, embed_dim=8, width=32, heads=4, num_decoder_layers=1)
 
 
-@pytest.fixture(scope="module")
-def exported():
+def _forward(model, example):
+    return export_to_ir(model, example, dynamic_dims={0: {1: "queries"}}).functions["forward"]
+
+
+def test_vecset_decoder_is_query_independent():
     torch.manual_seed(0)
-    model = build_field(SMALL)
-    example = (torch.rand(1, 8, 3) * 2 - 1, torch.randn(1, 16, 8))
-    return model, example, export_field(model, example)
-
-
-def test_vecset_decoder_is_query_independent(exported):
-    _, _, ep = exported
-    rep = query_independence(ep.graph_module, query_input=0, query_dim=1)
+    fn = _forward(build_field(SMALL), (torch.rand(1, 8, 3) * 2 - 1, torch.randn(1, 16, 8)))
+    rep = query_independence(fn, query_input=0, query_dim=1)
     assert rep.ok, rep.explain()
     # latent-side work (post_kl, transformer, ln_2, c_kv) is query-invariant and hoistable
     assert len(rep.invariant_nodes) > 20
-
-
-def test_hoist_invariants_split_matches_model(exported):
-    model, example, ep = exported
-    split = split_invariants(ep)
-    lat = torch.randn(1, 16, 8)
-    pts = torch.rand(1, 50, 3) * 2 - 1  # a different query count than traced (dynamic)
-    hoisted = split.latents_side(lat)
-    with torch.no_grad():
-        got = split.field_chunk(pts, *hoisted)[0]
-        ref = model(pts, lat)
-    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
-    # the chunk graph contains no self-attention of the latent stack and no c_kv projection
-    chunk_targets = " ".join(str(n.target) for n in split.field_chunk.graph.nodes)
-    assert chunk_targets.count("linear") == 6  # query_proj, c_q, c_proj, mlp.c_fc, mlp.c_proj, output_proj
+    assert rep.query_dims[fn.outputs[0].name] == 1
 
 
 class QueryMeanDecoder(nn.Module):
@@ -70,13 +54,31 @@ class QuerySelfAttentionDecoder(nn.Module):
         return self.out(x)[..., 0]
 
 
+class QuerySortDecoder(nn.Module):
+    """Sorts the queries' values: each output depends on the ranks of all of them."""
+
+    def forward(self, points, latents):
+        return points.sum(-1).sort(dim=1).values + latents.mean()
+
+
+class LatentInvariantDecoder(nn.Module):
+    """Ignores the query points."""
+
+    def forward(self, points, latents):
+        return latents.mean(-1)
+
+
 @pytest.mark.parametrize("cls,needle", [(QueryMeanDecoder, "reduces over the query axis"),
-                                        (QuerySelfAttentionDecoder, "keys/values depend on the queries")])
+                                        (QuerySelfAttentionDecoder, "keys/values depend on the queries"),
+                                        (QuerySortDecoder, "sort mixes values along the query axis"),
+                                        (LatentInvariantDecoder, "the output does not depend on the query points")])
 def test_non_independent_decoders_are_refused_with_location(cls, needle):
-    model = cls()
-    example = (torch.rand(1, 8, 3), torch.randn(1, 4, 2))
-    rep = query_independence(export_field(model, example).graph_module)
+    rep = query_independence(_forward(cls(), (torch.rand(1, 8, 3), torch.randn(1, 4, 2))))
     assert not rep.ok
     assert needle in rep.explain()
-    with pytest.raises(VolumeError, match="refusing sparse decoding: not query-independent"):
-        decode_volume(model, torch.randn(1, 4, 2), 16, "query-independence,sparse-volume{min_res=8}")
+
+
+def test_decode_volume_refuses_sparse_decoding_of_a_mixing_decoder():
+    from elision.apps.volume import decode_volume
+    with pytest.raises(PassError, match="@forward is not query-independent"):
+        decode_volume(QueryMeanDecoder(), torch.randn(1, 4, 2), 16, "query-independence,sparse-volume{min_res=8}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 import typer
 from typer.testing import CliRunner
 
@@ -50,6 +49,7 @@ def test_decode_shape_dense_with_empty_passes(app, tmp_path):
     (["--latents", LAT, "-o", "x.glb", "-r", "5000"], "use --resolution"),
     (["--latents", LAT, "-o", "x.xyz"], "unsupported mesh format"),
     (["--latents", LAT, "-o", "x.glb", "--backend", "tpu"], "--backend must be"),
+    (["--latents", LAT, "-o", "x.glb", "--passes", "octree"], "unknown pass 'octree'"),
 ])
 def test_decode_shape_bad_input_is_one_line_error(app, tmp_path, argv, needle):
     r = runner.invoke(app, ["decode-shape", "builtin:vecset-tiny", *argv])
@@ -80,46 +80,56 @@ def test_encode_shape_fits_latents_for_a_mesh(app, tmp_path):
     assert r.exit_code == 2 and "not watertight" in r.output
 
 
-def test_onnx_artifact_drives_hierarchical_decoding_with_onnxruntime(tmp_path):
-    from elision.models.registry import get_builtin
-    from elision.models.vecset import fixture_latents
-    from elision.apps.volume import decode_volume
-    from elision.apps.volume.onnx_field import OrtFieldDecoder, export_field_onnx
-    import onnx
-    model = get_builtin("vecset-tiny").build()
-    export_field_onnx(model, tmp_path)
-    assert onnx.load(str(tmp_path / "field_chunk.onnx")).opset_import[0].version == 18
-    ort_dec = OrtFieldDecoder(tmp_path)
-    lat = fixture_latents("thin_rods")
-    pts = torch.rand(1000, 3) * 2 - 1
-    with torch.no_grad():
-        ref = model(pts[None], lat)[0]
-    torch.testing.assert_close(ort_dec.evaluate(ort_dec.prepare(lat), pts), ref, atol=1e-4, rtol=1e-4)
-    plan = "hoist-invariants,sparse-volume{min_res=24},adaptive-kv{topk=128}"
-    a = decode_volume(ort_dec, lat, 48, plan)
-    b = decode_volume(model, lat, 48, plan)
-    assert a.queries == b.queries
-    assert int(((a.grid > 0) != (b.grid > 0)).sum()) <= 2  # fp32 ORT vs torch near the iso level only
-
-    # the gathered-token session: tiles of queries, each attending only to its own tokens per head
-    from elision.apps.volume.field import TorchFieldDecoder
-    tdec = TorchFieldDecoder(model)
-    heads = tdec.kv(tdec.prepare(lat))[0].shape[0]
-    for tiles, tile, k in ((1, 1, 1), (7, 33, 16), (3, 64, 100)):
-        tp = torch.rand(tiles, tile, 3) * 2 - 1
-        tokens = torch.randint(0, 128, (heads, tiles, k))
-        torch.testing.assert_close(ort_dec.evaluate_gathered(ort_dec.prepare(lat), tp, tokens),
-                                   tdec.evaluate_gathered(tdec.prepare(lat), tp, tokens), atol=1e-4, rtol=1e-4)
-    # and adaptive KV that really selects (top-16 of 128, a loose guard) decodes alike on both backends
-    plan = "hoist-invariants,sparse-volume{min_res=24},adaptive-kv{topk=16,block=8,min_mass=0.3}"
-    a, b = decode_volume(ort_dec, lat, 48, plan), decode_volume(model, lat, 48, plan)
-    assert a.kv_stats["blocks_per_k"] and a.kv_stats["blocks_per_k"] == b.kv_stats["blocks_per_k"]
-    assert int(((a.grid > 0) != (b.grid > 0)).sum()) <= 2
+def test_decode_shape_dump_ir_shows_each_pass(app, tmp_path):
+    dump = tmp_path / "ir"
+    r = runner.invoke(app, ["decode-shape", "builtin:vecset-tiny", "--latents", LAT, "-r", "24",
+                            "--passes", "query-independence,hoist-invariants,sparse-volume{min_res=12},adaptive-kv",
+                            "--dump-ir", str(dump), "-o", str(tmp_path / "m.ply"), "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["passes"] == "query-independence,hoist-invariants,sparse-volume{min_res=12},adaptive-kv"
+    assert rep["adaptive_kv"] is not None and "compile" in rep["seconds"]
+    names = sorted(p.name for p in dump.iterdir())
+    assert names == ["00-query-independence.after.ir", "00-query-independence.before.ir",
+                     "01-hoist-invariants.after.ir", "01-hoist-invariants.before.ir", "02-sparse-volume.after.ir",
+                     "02-sparse-volume.before.ir", "03-adaptive-kv.after.ir", "03-adaptive-kv.before.ir",
+                     "passes.json"]
+    assert "func @forward(" in (dump / "01-hoist-invariants.before.ir").read_text()
+    after = (dump / "01-hoist-invariants.after.ir").read_text()
+    assert "func @prepare(" in after and "func @evaluate(" in after and "func @forward(" not in after
+    assert '"sparse": {"band": "auto"' in (dump / "02-sparse-volume.after.ir").read_text()
+    assert "func @evaluate_gathered(" in (dump / "03-adaptive-kv.after.ir").read_text()
 
 
-def test_onnx_field_artifact_missing_a_session_is_a_clear_error(tmp_path):
-    from elision.apps.volume.onnx_field import OrtFieldDecoder
-    (tmp_path / "field.json").write_text('{"config": {}, "files": []}')
-    (tmp_path / "latents_side.onnx").write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match="lacks field_chunk.onnx.*export it again"):
-        OrtFieldDecoder(tmp_path)
+def test_decode_shape_runs_a_compiled_onnx_artifact(app, tmp_path):
+    """`elision compile MODEL --passes ... --emit onnx` writes the artifact; decode-shape runs it with onnxruntime
+    and the plan it carries, and decodes what the torch backend decodes."""
+    from elision.cli.main import app as elision_app
+    art = tmp_path / "art"
+    r = runner.invoke(elision_app, ["compile", "builtin:vecset-tiny", "--passes",
+                                    "hoist-invariants,sparse-volume{min_res=12}", "--emit", "onnx", "-o", str(art)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["decode-shape", str(art), "--backend", "ort", "--latents", LAT, "-r", "24",
+                            "-o", str(tmp_path / "a.ply"), "--json"])
+    assert r.exit_code == 0, r.output
+    ort = json.loads(r.stdout)
+    r = runner.invoke(app, ["decode-shape", "builtin:vecset-tiny", "--latents", LAT, "-r", "24", "--passes",
+                            "hoist-invariants,sparse-volume{min_res=12}", "-o", str(tmp_path / "t.ply"), "--json"])
+    ref = json.loads(r.stdout)
+    assert ort["passes"] == ref["passes"] == "hoist-invariants,sparse-volume{min_res=12}"
+    assert ort["queries_per_level"] == ref["queries_per_level"]
+    assert abs(ort["mesh"]["faces"] - ref["mesh"]["faces"]) <= 8
+    # an artifact's passes are fixed: asking for others is a clear error, as is a torch backend or --dump-ir
+    for argv, needle in ((["--backend", "ort", "--passes", "hoist-invariants"], "cannot change its passes"),
+                         (["--backend", "torch"], "runs with --backend ort"),
+                         (["--backend", "ort", "--dump-ir", str(tmp_path)], "compiled already")):
+        r = runner.invoke(app, ["decode-shape", str(art), "--latents", LAT, "-r", "24", "-o",
+                                str(tmp_path / "x.ply"), *argv])
+        assert r.exit_code == 2 and needle in r.output and "Traceback" not in r.output, r.output
+
+
+def test_decode_shape_refuses_a_directory_that_is_not_a_field_artifact(app, tmp_path):
+    (tmp_path / "manifest.json").write_text("{}")
+    r = runner.invoke(app, ["decode-shape", str(tmp_path), "--backend", "ort", "--latents", LAT,
+                            "-o", str(tmp_path / "x.glb")])
+    assert r.exit_code == 2 and "Traceback" not in r.output and str(tmp_path.name) in r.output

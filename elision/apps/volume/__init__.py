@@ -1,48 +1,45 @@
-"""Volume decoding runtime for VecSet-style shape decoders (dense, hierarchical, adaptive KV, meshing).
+"""Volume decoding of VecSet-style shape decoders: compiled field decoders driven coarse to fine, meshing.
 
-Entry point: `decode_volume(model_or_decoder, latents, resolution, passes=DEFAULT_PIPELINE)`.
+Entry point: `decode_volume(model, latents, resolution, passes=DEFAULT_PIPELINE)` compiles the model with the volume
+passes (`elision.passes.volume`) once per model and pipeline, lowers it to torch or ONNX Runtime, and runs the dense
+or hierarchical (sparse-volume) loop with adaptive KV (adaptive-kv) as the passes planned.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from elision.apps.volume.decode import (SparseVolumeOptions, VolumeError, VolumeResult, check_memory,
-                                           decode_dense, decode_sparse, level_schedule)
-from elision.apps.volume.field import FieldDecoder, TorchFieldDecoder
-from elision.apps.volume.pipeline import (DEFAULT_PIPELINE, PublishedFieldDecoder, VolumePlan,
-                                             parse_volume_pipeline)
+from elision.apps.volume.compile import (BACKENDS, DEFAULT_PIPELINE, compile_field, compiled_field,
+                                         load_field_artifact, trace_field)
+from elision.apps.volume.decode import (VolumeError, VolumeResult, check_memory, decode_dense, decode_sparse,
+                                        level_schedule)
+from elision.apps.volume.field import FieldDecoder, GatheredFieldDecoder
+from elision.apps.volume.lowered import LoweredField
+from elision.passes.pipeline import parse_pipeline
+from elision.passes.volume import AdaptiveKVOptions, SparseVolumeOptions
 
-__all__ = ["decode_volume", "VolumeResult", "VolumeError", "SparseVolumeOptions", "VolumePlan",
-           "parse_volume_pipeline", "DEFAULT_PIPELINE", "TorchFieldDecoder", "PublishedFieldDecoder",
-           "FieldDecoder", "check_memory", "level_schedule", "decoder_for"]
-
-
-def decoder_for(model: Any, plan: VolumePlan) -> FieldDecoder:
-    """A torch VecSetField -> the decoder the plan asks for; a FieldDecoder passes through."""
-    from elision.models.vecset import VecSetField
-    if isinstance(model, VecSetField):
-        return TorchFieldDecoder(model) if plan.hoist else PublishedFieldDecoder(model)
-    return model
+__all__ = ["decode_volume", "VolumeResult", "VolumeError", "SparseVolumeOptions", "AdaptiveKVOptions",
+           "DEFAULT_PIPELINE", "BACKENDS", "FieldDecoder", "GatheredFieldDecoder", "LoweredField", "check_memory",
+           "level_schedule", "compile_field", "compiled_field", "load_field_artifact", "trace_field"]
 
 
-def decode_volume(model: Any, latents: torch.Tensor, resolution: int, passes: str | VolumePlan = DEFAULT_PIPELINE,
-                  *, chunk: int = 32768, progress=None, bounds: float = 1.01) -> VolumeResult:
-    plan = parse_volume_pipeline(passes) if isinstance(passes, str) else passes
+def decode_volume(model: torch.nn.Module | LoweredField, latents: torch.Tensor, resolution: int,
+                  passes: str | None = None, *, chunk: int = 32768, progress=None, bounds: float = 1.01,
+                  backend: str = "torch") -> VolumeResult:
+    """Decode `latents` to a (resolution+1)^3 field grid.
+
+    `model` is a field decoder module (compiled here with `passes`, default DEFAULT_PIPELINE, for `backend`, and
+    memoised) or a field compiled before (`compile_field`, `load_field_artifact`), whose own plan is used.
+    """
     check_memory(resolution)
-    if plan.check_independence and (plan.sparse or plan.kv) and isinstance(model, torch.nn.Module):
-        from elision.analysis.query_independence import cached_query_independence
-        param = next(model.parameters())  # trace where and in the dtype the model runs
-        example = ((torch.rand(1, 8, 3) * 2 - 1).to(param.device, param.dtype),
-                   latents.reshape(1, *latents.shape[-2:]).to(param.device, param.dtype))
-        report = cached_query_independence(model, example)
-        if not report.ok:
-            raise VolumeError("refusing sparse decoding: " + report.explain() +
-                              "\nuse --passes '' (dense decoding) for this decoder")
-    decoder = decoder_for(model, plan)
-    lip = getattr(model, "lipschitz", None)
-    if plan.sparse is not None:
-        return decode_sparse(decoder, latents, resolution, plan.sparse, bounds=bounds, chunk=chunk, kv=plan.kv,
-                             lipschitz=lip, progress=progress)
-    return decode_dense(decoder, latents, resolution, bounds=bounds, chunk=chunk, kv=plan.kv, progress=progress)
+    if isinstance(model, LoweredField):
+        if passes is not None and ",".join(p.spec() for p in parse_pipeline(passes)) != model.pipeline:
+            raise VolumeError(f"this field decoder was compiled with passes {model.describe()!r}; compile it again "
+                              f"to decode with {passes!r}")
+        field = model
+    else:
+        field = compiled_field(model, DEFAULT_PIPELINE if passes is None else passes, backend=backend,
+                               latents=latents)
+    sparse, kv = field.sparse_options, field.kv_options
+    if sparse is not None:
+        return decode_sparse(field, latents, resolution, sparse, bounds=bounds, chunk=chunk, kv=kv, progress=progress)
+    return decode_dense(field, latents, resolution, bounds=bounds, chunk=chunk, kv=kv, progress=progress)

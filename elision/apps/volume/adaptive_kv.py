@@ -13,12 +13,13 @@ block there (the decoder is not local at that block size: coarse levels' blocks 
 a non-local decoder costs about what plain hierarchical decoding costs, while a local one still gains at
 the fine levels.
 
-`plan_adaptive_kv` makes the decisions (it only needs the probe queries); execution is the backend's:
-accepted blocks are cut into tiles of queries that share their block's tokens (`TileGroup`), which a field
-decoder evaluates whole (`GatheredFieldDecoder.evaluate_gathered`: torch, or one ONNX Runtime session), and
-all full-KV queries go through the plain decoder in one pass. On CUDA the gathered attention runs
-`elision::sparse_cross_attention` (Triton); on CPU it runs `torch.nn.functional.scaled_dot_product_attention`
-over the gathered K/V.
+`plan_adaptive_kv` makes the decisions (it only needs the probe queries); execution is the compiled decoder's:
+accepted blocks are cut into tiles of queries that share their block's tokens (`TileGroup`), which the field
+decoder evaluates whole (`GatheredFieldDecoder.evaluate_gathered`: the @evaluate_gathered function the adaptive-kv
+pass adds, lowered to torch or ONNX Runtime), and all full-KV queries go through the plain @evaluate in one pass.
+`adaptive_attention` applies the same plan to raw attention tensors (the reference the tests check the plan
+against); its gathered attention runs `elision::sparse_cross_attention` (Triton) on CUDA and
+`torch.nn.functional.scaled_dot_product_attention` over the gathered K/V on the CPU.
 """
 from __future__ import annotations
 
@@ -28,35 +29,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from elision.apps.volume.field import attention
+from elision.passes.volume import AdaptiveKVOptions
 
-
-@dataclass(frozen=True)
-class AdaptiveKVOptions:
-    topk: int = 32          # tokens kept per head and block (the first rung of the ladder)
-    block: int = 16         # block edge in grid points of the current level
-    samples: int = 8        # representative queries per block
-    min_mass: float = 0.99  # retained softmax mass below which a block moves up the ladder (then: all tokens)
-    tiers: int = 3          # doublings of topk tried before full KV (0: one fixed k, as FlashVDM)
-    tile: int = 128         # queries per attention tile (a block's tiles share its tokens)
-
-    def __post_init__(self) -> None:
-        if self.topk < 1:
-            raise ValueError(f"adaptive-kv topk must be >= 1, got {self.topk}")
-        if self.block < 1:
-            raise ValueError(f"adaptive-kv block must be >= 1 grid point, got {self.block}")
-        if self.samples < 1:
-            raise ValueError(f"adaptive-kv samples must be >= 1, got {self.samples}")
-        if not 0.0 <= self.min_mass <= 1.0:
-            raise ValueError(f"adaptive-kv min_mass must be in [0, 1], got {self.min_mass}")
-        if self.tile < 1:
-            raise ValueError(f"adaptive-kv tile must be >= 1 query, got {self.tile}")
-        if self.tiers < 0:
-            raise ValueError(f"adaptive-kv tiers must be >= 0, got {self.tiers}")
-
-    def ladder(self, tokens: int) -> list[int]:
-        """The k values tried per block, smallest first, all below `tokens` (full KV is the last resort)."""
-        return [self.topk << j for j in range(self.tiers + 1) if self.topk << j < tokens]
+__all__ = ["AdaptiveKVOptions", "AdaptiveKVStats", "KVPlan", "TileGroup", "adaptive_attention", "attention",
+           "block_ids_from_grid", "gather_heads", "gathered_attention", "plan_adaptive_kv", "tile_batches"]
 
 
 @dataclass
@@ -97,6 +73,12 @@ class AdaptiveKVStats:
                 "min_retained_mass": float(self.min_retained_mass),
                 "median_retained_mass": float(masses.median()),
                 "blocks_per_k": dict(sorted(self.blocks_per_k.items()))}
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SDPA over [heads, N, d] tensors. Called with a leading batch axis: on CPU, 3-D inputs take the
+    unfused math path, about 8x slower than the fused kernel 4-D inputs get (measured, torch 2.x)."""
+    return F.scaled_dot_product_attention(q[None], k[None], v[None])[0]
 
 
 def _sparse_kernel():
@@ -185,11 +167,13 @@ PROBE_BUDGET = 1 << 24
 
 
 def plan_adaptive_kv(query_heads: Callable[[torch.Tensor], torch.Tensor], k: torch.Tensor,
-                     block_ids: torch.Tensor, opts: AdaptiveKVOptions) -> tuple[KVPlan, AdaptiveKVStats]:
+                     block_ids: torch.Tensor, opts: AdaptiveKVOptions,
+                     scale: float | None = None) -> tuple[KVPlan, AdaptiveKVStats]:
     """Decide, per block of queries (block_ids [N]), which tokens each head attends to.
 
     `query_heads(ids)` gives the queries' heads [h, len(ids), d] for query ids: only the `samples` probe
-    queries of each block are asked for, so a backend can compute them alone. k is [h, M, d].
+    queries of each block are asked for, so a backend can compute them alone. k is [h, M, d]; `scale` is the
+    attention's logit scale (None: d^-0.5, SDPA's default).
 
     Cost model (the path must never cost much more than plain attention): blocks with fewer than
     4 x `samples` queries are not probed (the probe would cost over a quarter of the block's attention), and
@@ -219,7 +203,7 @@ def plan_adaptive_kv(query_heads: Callable[[torch.Tensor], torch.Tensor], k: tor
         cnt, st = counts[blocks], starts[blocks]
         samp = order[st[:, None] + (torch.arange(s)[None, :] * (cnt - 1)[:, None]) // max(s - 1, 1)]
         qs = query_heads(samp.reshape(-1)).reshape(heads, blocks.numel(), s, d)
-        sel, retained = _probe(qs, k, ladder[-1], d ** -0.5)
+        sel, retained = _probe(qs, k, ladder[-1], d ** -0.5 if scale is None else scale)
         at_rungs = retained[:, rungs - 1]                                   # [nb, rungs]
         passes = at_rungs >= opts.min_mass
         rung = torch.where(passes.any(1), passes.int().argmax(1), len(ladder))  # first passing rung, or all

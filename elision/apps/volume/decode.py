@@ -24,15 +24,16 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
 from elision.apps.volume.adaptive_kv import (AdaptiveKVOptions, AdaptiveKVStats, block_ids_from_grid,
-                                                plan_adaptive_kv, tile_batches)
+                                             plan_adaptive_kv, tile_batches)
 from elision.apps.volume.field import FieldDecoder, GatheredFieldDecoder, evaluate_chunked
+from elision.passes.volume import SparseVolumeOptions
 
 DEFAULT_BOUNDS = 1.01
 
@@ -47,30 +48,6 @@ FINAL_BAND_FACTOR = 1.0 - 1.0 / (2.0 * math.sqrt(3.0))
 
 class VolumeError(ValueError):
     """Bad decoding request (knobs, resolution, memory); the message says what to change."""
-
-
-@dataclass(frozen=True)
-class SparseVolumeOptions:
-    """Knobs of `sparse-volume{...}`. The defaults are the conservative setting."""
-
-    min_res: int = 16            # coarsest (dense) level; each level doubles up to the requested resolution
-    levels: int | None = None    # number of levels instead of min_res
-    band: float | str = "auto"   # level-0 |v - iso| threshold, or "auto" (0.95 x measured saturation)
-    dilation: int = 0            # extra active-cell dilation radius in coarse cells
-    iso: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.min_res < 2:
-            raise VolumeError(f"sparse-volume min_res must be >= 2, got {self.min_res}")
-        if self.levels is not None and self.levels < 1:
-            raise VolumeError(f"sparse-volume levels must be >= 1, got {self.levels}")
-        if isinstance(self.band, str):
-            if self.band != "auto":
-                raise VolumeError(f"sparse-volume band must be a number >= 0 or 'auto', got {self.band!r}")
-        elif not (self.band >= 0 and math.isfinite(self.band)):
-            raise VolumeError(f"sparse-volume band must be a finite number >= 0, got {self.band}")
-        if self.dilation < 0 or self.dilation > 8:
-            raise VolumeError(f"sparse-volume dilation must be in 0..8 cells, got {self.dilation}")
 
 
 def level_schedule(resolution: int, opts: SparseVolumeOptions) -> list[int]:
@@ -228,7 +205,7 @@ class _Evaluator:
         """Field values [N] of points [N,3] with per-block token selection (one chunk of whole blocks)."""
         dec, state = self.decoder, self.state
         plan, stats = plan_adaptive_kv(lambda ids: dec.query_heads(state, points[ids]),  # type: ignore[attr-defined]
-                                       k, block_ids, self.kv)  # type: ignore[arg-type]
+                                       k, block_ids, self.kv, getattr(dec, "kv_scale", None))  # type: ignore[arg-type]
         self.kv_stats.merge(stats)  # type: ignore[union-attr]
         out = torch.empty(points.shape[0], dtype=torch.float32)
         for g in plan.groups:
@@ -287,7 +264,8 @@ def evaluate_grid_points(decoder: FieldDecoder, state: Any, index: torch.Tensor,
 def decode_dense(decoder: FieldDecoder, latents: torch.Tensor, resolution: int, *,
                  bounds: float = DEFAULT_BOUNDS, chunk: int = 32768, kv: AdaptiveKVOptions | None = None,
                  progress: ProgressFn | None = None, state: Any = None) -> VolumeResult:
-    """Evaluate every point of the (r+1)^3 grid (the published chunked method, with K/V hoisted)."""
+    """Evaluate every point of the (r+1)^3 grid in chunks (the published method; the latent side runs once per
+    shape when the decoder was compiled with hoist-invariants)."""
     check_memory(resolution)
     t0 = time.perf_counter()
     state = decoder.prepare(latents) if state is None else state
@@ -448,6 +426,3 @@ def decode_sparse(decoder: FieldDecoder, latents: torch.Tensor, resolution: int,
                         queries=sum(per_level), queries_per_level=per_level, levels=levels, seconds=seconds,
                         band=band0, kv_stats=ev.kv_stats.as_dict() if ev.kv_stats else None)
 
-
-def options_dict(opts: SparseVolumeOptions) -> dict:
-    return asdict(opts)

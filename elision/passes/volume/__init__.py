@@ -1,8 +1,11 @@
-"""Volume-decoding passes on elision IR: `query-independence` (analysis) and `hoist-invariants` (split).
+"""Volume-decoding passes: `query-independence` (analysis), `hoist-invariants` (split @forward into @prepare and
+@evaluate), `sparse-volume` (check and record the coarse-to-fine plan), `adaptive-kv` (gathered cross-attention of
+@evaluate for tiles of queries). The coarse-to-fine loop that runs the result lives in `elision.apps.volume`."""
+from elision.passes.volume.adaptive_kv import AdaptiveKV, AdaptiveKVOptions
+from elision.passes.volume.hoist_invariants import HoistInvariants, split_invariants
+from elision.passes.volume.query_independence import QueryIndependence
+from elision.passes.volume.record import VOLUME_ATTR, volume_record
+from elision.passes.volume.sparse_volume import SparseVolume, SparseVolumeOptions
 
-Both reuse `elision.analysis.query_independence` through a read-only FX-like view of an IR function, so the
-torch.export path (runtime) and the IR path (compiler) share one proof.
-"""
-from elision.passes.volume.passes import HoistInvariants, QueryIndependence, ir_query_independence
-
-__all__ = ["QueryIndependence", "HoistInvariants", "ir_query_independence"]
+__all__ = ["AdaptiveKV", "AdaptiveKVOptions", "HoistInvariants", "QueryIndependence", "SparseVolume",
+           "SparseVolumeOptions", "VOLUME_ATTR", "split_invariants", "volume_record"]

@@ -6,9 +6,10 @@ import pytest
 import torch
 from _gpu import needs_compiled_cuda
 
-from elision.apps.volume import VolumeError, decode_volume, parse_volume_pipeline
+from elision.apps.volume import VolumeError, decode_volume
 from elision.apps.volume.decode import (SparseVolumeOptions, check_memory, decode_dense, decode_sparse,
-                                           index_to_points, level_schedule)
+                                        index_to_points, level_schedule)
+from elision.passes import PassError
 from elision.apps.volume.mesh import chamfer_fscore, extract_mesh, occupancy_iou, render_preview, save_mesh
 from elision.apps.volume.shapes import plate_sdf
 
@@ -38,35 +39,17 @@ def _flips(a, b, guard: float = 1e-4) -> int:
 
 
 def test_level_schedule_and_knob_errors():
+    """(The pipeline-string errors of the knobs: tests/passes/test_volume_passes.py.)"""
     assert level_schedule(256, SparseVolumeOptions()) == [16, 32, 64, 128, 256]
     assert level_schedule(384, SparseVolumeOptions()) == [24, 48, 96, 192, 384]
     assert level_schedule(256, SparseVolumeOptions(min_res=32)) == [32, 64, 128, 256]
     assert level_schedule(256, SparseVolumeOptions(levels=2)) == [128, 256]
     with pytest.raises(VolumeError, match="cannot be halved"):
         level_schedule(100, SparseVolumeOptions(levels=4))
-    with pytest.raises(VolumeError, match="min_res must be >= 2"):
+    with pytest.raises(PassError, match="min_res must be >= 2"):
         SparseVolumeOptions(min_res=1)
-    with pytest.raises(VolumeError, match="band must be a finite number >= 0"):
-        parse_volume_pipeline("sparse-volume{band=-1}")
-    with pytest.raises(VolumeError, match="band must be a number >= 0 or 'auto'"):
-        parse_volume_pipeline("sparse-volume{band=wide}")
-    with pytest.raises(VolumeError, match="dilation must be in 0..8"):
-        parse_volume_pipeline("sparse-volume{dilation=9}")
-    with pytest.raises(VolumeError, match="has no knob 'radius'; valid knobs: min_res, levels, band"):
-        parse_volume_pipeline("sparse-volume{radius=2}")
-    with pytest.raises(VolumeError, match="unknown volume pass 'octree'"):
-        parse_volume_pipeline("octree")
-    with pytest.raises(VolumeError, match="topk must be >= 1"):
-        parse_volume_pipeline("sparse-volume,adaptive-kv{topk=0}")
-    with pytest.raises(VolumeError, match="min_mass must be in"):
-        parse_volume_pipeline("adaptive-kv{min_mass=1.5}")
-    with pytest.raises(VolumeError, match="every knob takes a number"):
-        parse_volume_pipeline("adaptive-kv{topk=abc}")
-    # ';' separates knobs as in `elision compile` pipelines; ',' works too
-    assert parse_volume_pipeline("adaptive-kv{topk=64;block=16}").kv == parse_volume_pipeline(
-        "adaptive-kv{topk=64,block=16}").kv
-    plan = parse_volume_pipeline("")
-    assert plan.sparse is None and plan.kv is None and not plan.hoist
+    with pytest.raises(PassError, match="band must be a finite number >= 0"):
+        SparseVolumeOptions(band=-1.0)
 
 
 def test_memory_error_names_a_resolution_that_fits():
@@ -207,7 +190,7 @@ def test_decode_with_a_bfloat16_model_matches_fp32(tiny):
     _device_decode_matches_cpu(tiny, "cpu", torch.bfloat16, max_flip_fraction=2e-3)
 
 
-@needs_compiled_cuda  # on CUDA the adaptive-KV pipeline runs the Triton sparse cross-attention
+@needs_compiled_cuda  # on CUDA the lowered functions (adaptive KV: @evaluate_gathered) run on the GPU
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_decode_on_cuda_matches_cpu(tiny, dtype):
     _device_decode_matches_cpu(tiny, "cuda", dtype, max_flip_fraction=1e-4 if dtype == torch.float32 else 2e-3)
