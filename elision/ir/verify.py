@@ -11,6 +11,9 @@ def verify(module: Module, check_types: bool = False) -> None:
 
 
 def verify_function(fn: Function, module: Module, check_types: bool = False) -> None:
+    stale = fn._index.mismatch()
+    if stale is not None:
+        raise IRError(f"@{fn.name}: the def-use index disagrees with the nodes about {stale}")
     defined = set()
     for v in fn.inputs:
         if v.name in {d.name for d in defined}:
