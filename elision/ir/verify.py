@@ -15,11 +15,12 @@ def verify_function(fn: Function, module: Module, check_types: bool = False) -> 
     if stale is not None:
         raise IRError(f"@{fn.name}: the def-use index disagrees with the nodes about {stale}")
     defined = set()
+    names: set[str] = set()
     for v in fn.inputs:
-        if v.name in {d.name for d in defined}:
+        if v.name in names:
             raise IRError(f"@{fn.name}: input %{v.name} is declared twice")
         defined.add(v)
-    names = {v.name for v in defined}
+        names.add(v.name)
     for n in fn.nodes:
         for i in n.inputs:
             if i not in defined:
