@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from elision.ir.core import Function, IRError, Module
+from elision.ir.ops import UnknownOpError, check_op
 from elision.ir.types import TensorType
 
 
@@ -26,6 +27,10 @@ def verify_function(fn: Function, module: Module, check_types: bool = False) -> 
             if i not in defined:
                 what = "defined later" if any(m.result == i for m in fn.nodes) else "never defined"
                 raise IRError(f"@{fn.name}: %{n.result.name} = {n.op} uses %{i.name}, which is {what}")
+        try:
+            check_op(n.op)
+        except UnknownOpError as e:
+            raise IRError(f"@{fn.name}: %{n.result.name}: {e}") from None
         if n.result.name in names:
             raise IRError(f"@{fn.name}: value %{n.result.name} is defined twice")
         if n.op == "param":
