@@ -55,8 +55,7 @@ FORBIDDEN_TORCH_OPS = {"aten.from_file": "reads a file named by its argument"}
 def load_custom_ops() -> None:
     """Register ``torch.ops.elision.*``. Imported on first use, not at module top: the kernel ops import triton
     (about two seconds), which IR code that never meets an elision op should not pay."""
-    import elision.kernels.ops  # noqa: F401  (registers attention, norms, gathers, token scores)
-    import elision.kernels.token_ops  # noqa: F401  (registers the token-reduction ops the passes insert)
+    import elision.kernels.ops  # noqa: F401  (registers attention, the norms, sparse cross-attention)
 
 
 def op_name(target) -> str:
