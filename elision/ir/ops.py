@@ -61,9 +61,14 @@ def load_custom_ops() -> None:
 def op_name(target) -> str:
     """The IR spelling of an FX call_function target."""
     if isinstance(target, torch._ops.OpOverload):
-        return str(target)  # "aten.linear.default"
-    if isinstance(target, torch._ops.OpOverloadPacket):
-        return f"{target._qualified_op_name.replace('::', '.')}.default"
+        name = str(target)  # "aten.linear.default"
+    elif isinstance(target, torch._ops.OpOverloadPacket):
+        name = f"{target._qualified_op_name.replace('::', '.')}.default"
+    else:
+        name = None
+    if name is not None:
+        check_op(name)  # refused at import, not when the IR is loaded again
+        return name
     if target is operator.getitem:
         return "getitem"
     if isinstance(target, torch._ops.HigherOrderOperator):

@@ -19,14 +19,37 @@ import bisect
 import operator
 from typing import Any, Iterable
 
-from elision.ir.values import Value, iter_values
+from elision.ir.values import Value
 
 _GAP = 1 << 48  # room for ~48 halvings of a gap before a renumbering
 
 
 def collect_inputs(args: Any, kwargs: Any) -> tuple[Value, ...]:
-    """The Values a node reads, in order: positional arguments first, then keyword arguments."""
-    return tuple(iter_values(args)) + tuple(iter_values(kwargs))
+    """The Values a node reads, in order: positional arguments first, then keyword arguments.
+
+    The same walk as ``iter_values``, without generators: it runs on every assignment of ``args``/``kwargs``.
+    """
+    found: list[Value] = []
+    _collect(args, found)
+    _collect(kwargs, found)
+    return tuple(found)
+
+
+def _collect(obj: Any, found: list[Value]) -> None:
+    if isinstance(obj, Value):
+        found.append(obj)
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            if isinstance(item, Value):
+                found.append(item)
+            elif isinstance(item, (list, tuple, dict)):
+                _collect(item, found)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            if isinstance(item, Value):
+                found.append(item)
+            elif isinstance(item, (list, tuple, dict)):
+                _collect(item, found)
 
 
 def param_name(op: str, args: Any) -> str | None:
@@ -194,17 +217,13 @@ class UseIndex:
         node._owners.append(self.owner)
         self._add_uses(node, node._inputs)
         self._add_def(node, node._result)
-        name = param_name(node._op, node._args)
-        if name is not None:
-            self.params.setdefault(name, {})[node] = None
+        self.param_changed(node, None, param_name(node._op, node._args))
 
     def _unregister(self, node) -> None:
         node._owners.remove(self.owner)
         self._drop_uses(node, node._inputs)
         self._drop_def(node, node._result)
-        name = param_name(node._op, node._args)
-        if name is not None:
-            self._drop_param(node, name)
+        self.param_changed(node, param_name(node._op, node._args), None)
 
     def _add_uses(self, node, values: tuple) -> None:
         for v in values:
