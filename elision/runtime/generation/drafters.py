@@ -9,6 +9,11 @@ positional acceptance vector, measured while decoding instead of offline).
 
 Every drafter here is deterministic given the context, which the sampling verifier relies on.
 
+Speed: a dynamic tree asks `children` once per node (dozens of times per step), so answers are cheap: acceptance
+rates are computed once per tracker update and shared (`AcceptanceTracker.version`), the lookup drafter ranks the
+successors of an n-gram once and keeps them until that n-gram occurs again, and Token Recycling's top-k runs
+as masked argmax passes (`top_k.py`). Answers may be cached: callers must not modify the returned lists.
+
 * `PromptLookupDrafter` ("lookup"): longest n-gram suffix match in prompt + output (hash index, O(1) per
   node); several distinct continuations become siblings.
 * `TokenRecyclingDrafter` ("recycling"): vocab x k adjacency matrix of the last-seen top-k successors of
@@ -23,33 +28,41 @@ here imports torch (model-based drafters live in `elision.apps.specdec.drafters`
 """
 from __future__ import annotations
 
+import operator
 from abc import ABC, abstractmethod
-from collections import Counter
 from typing import Any, Hashable, Sequence
 
 import numpy as np
 
+from elision.runtime.generation.top_k import top_k_indices
 from elision.runtime.generation.tree import TokenTree
 
 Candidate = tuple[int, float, Hashable]
 
 
 class AcceptanceTracker:
-    """Online acceptance rate per key: (accepted + prior*strength) / (tested + strength), slowly decayed."""
+    """Online acceptance rate per key: (accepted + prior*strength) / (tested + strength), slowly decayed.
+
+    `version` counts updates, so a drafter can keep rates it computed until the next update.
+    """
 
     def __init__(self, strength: float = 4.0, decay: float = 0.995):
         self.strength = strength
         self.decay = decay
         self.stats: dict[Hashable, list[float]] = {}
+        self.version = 0
 
     def rate(self, key: Hashable, prior: float) -> float:
-        acc, tested = self.stats.get(key, (0.0, 0.0))
-        return (acc + prior * self.strength) / (tested + self.strength)
+        accepted, tested = self.stats.get(key, (0.0, 0.0))
+        return (accepted + prior * self.strength) / (tested + self.strength)
 
     def update(self, key: Hashable, accepted: bool) -> None:
-        s = self.stats.setdefault(key, [0.0, 0.0])
-        s[0] = s[0] * self.decay + float(accepted)
-        s[1] = s[1] * self.decay + 1.0
+        counts = self.stats.get(key)
+        if counts is None:
+            counts = self.stats[key] = [0.0, 0.0]
+        counts[0] = counts[0] * self.decay + float(accepted)
+        counts[1] = counts[1] * self.decay + 1.0
+        self.version += 1
 
 
 class Drafter:
@@ -57,6 +70,8 @@ class Drafter:
 
     name = "none"
     tag = "none"  # first element of every key this drafter emits
+    # True when `children` lists come sorted by probability, highest first (tree builders then skip a sort)
+    children_sorted = False
 
     def __init__(self) -> None:
         self.tracker = AcceptanceTracker()
@@ -68,15 +83,21 @@ class Drafter:
         """Before trees are built each step (model drafters decode their chains here)."""
 
     def children(self, b: int, context: list[int], path: list[int]) -> list[Candidate]:
+        """Candidates after `context + path` for sequence b, as (token, probability estimate, key); read-only."""
         return []
 
     def observe(self, b: int, tree: TokenTree, logits: Any, path: list[int], context: list[int]) -> None:
-        """After verification of sequence b: `path` = accepted nodes (root first), `context` = new context."""
+        """After verification of sequence b: `path` = accepted nodes (root first), `context` = new context.
+
+        Every node of this drafter whose parent was accepted was tested: it counts as accepted or rejected.
+        """
         on_path = set(path)
-        for node in range(1, len(tree)):
-            key = tree.keys[node]
-            if tree.parents[node] in on_path and isinstance(key, tuple) and key[0] == self.tag:
-                self.tracker.update(key, node in on_path)
+        tag, keys, update = self.tag, tree.keys, self.tracker.update
+        for node, parent in enumerate(tree.parents):
+            if parent in on_path:
+                key = keys[node]
+                if isinstance(key, tuple) and key[0] == tag:
+                    update(key, node in on_path)
 
     @property
     def draft_forward_passes(self) -> int:
@@ -87,13 +108,13 @@ class NoDrafter(Drafter):
     """Plain autoregressive decoding through the same engine (one token per forward)."""
 
 
-def _suffix_index_update(index: dict, tokens: list[int], start: int, stop: int, max_n: int, min_n: int) -> None:
-    """Record every n-gram (min_n..max_n) ending at positions start..stop-1 (each has a successor)."""
-    for end in range(start, stop):
-        for n in range(min_n, max_n + 1):
-            if end - n + 1 < 0:
-                break
-            index.setdefault(tuple(tokens[end - n + 1 : end + 1]), []).append(end)
+def _tail(context: list[int], path: list[int], n: int) -> list[int]:
+    """The last n tokens of context + path (without building the whole concatenation)."""
+    if not path:
+        return context[-n:]
+    if len(path) >= n:
+        return path[-n:]
+    return (context[-n:] + path)[-n:]
 
 
 class _ContextIndexDrafter(Drafter, ABC):
@@ -120,16 +141,59 @@ class _ContextIndexDrafter(Drafter, ABC):
         self._update(b, context)
 
 
+class _Successors:
+    """What followed one n-gram in its last `window` occurrences, kept up to date as the n-gram occurs again.
+
+    `order[token]` = (-count, -position of the latest occurrence): sorting by it ranks successors by count, then
+    the most recent first. The candidates made from the ranking are kept until the n-gram occurs again, their
+    acceptance rates until the tracker changes.
+    """
+
+    __slots__ = ("order", "ranked", "version", "candidates")
+
+    def __init__(self, ends: list[int], context: list[int], window: int):
+        self.order: dict[int, tuple[int, int]] = {}
+        self.ranked: list[tuple[int, float, Hashable]] | None = None  # (token, prior, key), best first
+        self.version, self.candidates = -1, []
+        for end in ends[-window:]:
+            self.push(context[end + 1], end)
+
+    def push(self, token: int, end: int) -> None:
+        count = self.order.get(token, (0, 0))[0]
+        self.order[token] = (count - 1, -end)
+        self.ranked = None
+
+    def drop(self, token: int) -> None:
+        """The oldest occurrence, followed by `token`, left the window."""
+        count, latest = self.order[token]
+        if count == -1:
+            del self.order[token]
+        else:
+            self.order[token] = (count + 1, latest)
+        self.ranked = None
+
+
 class PromptLookupDrafter(_ContextIndexDrafter):
+    """Longest n-gram (max_ngram .. min_ngram) ending the context that occurred before; its most frequent
+    successors among its last `scan_last` occurrences (ties: the most recent first) become up to `max_children`
+    candidates.
+
+    The index maps every n-gram to the positions it ended at. The successors of an n-gram are counted on first
+    use and then kept up to date as it occurs again (`_Successors`), so a lookup costs a few dictionary reads.
+    """
+
     name = "lookup"
     tag = "lookup"
 
     def __init__(self, max_ngram: int = 4, min_ngram: int = 1, max_children: int = 3, scan_last: int = 64):
         super().__init__()
+        if scan_last < 1:
+            raise ValueError(f"scan_last must be >= 1, got {scan_last}")
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
         self.max_children = max_children
         self.scan_last = scan_last
+        self.successors: list[dict[tuple, _Successors]] = []  # per sequence: n-grams looked up so far
 
     # acceptance prior by matched n-gram length, before online estimates exist
     @staticmethod
@@ -137,30 +201,53 @@ class PromptLookupDrafter(_ContextIndexDrafter):
         base = {1: 0.3, 2: 0.5, 3: 0.65}.get(n, 0.75)
         return base * share if rank == 0 else base * share * 0.7
 
+    def reset(self, contexts, prefill_logits) -> None:
+        self.successors = [dict() for _ in contexts]
+        super().reset(contexts, prefill_logits)
+
     def _update(self, b: int, ctx: list[int]) -> None:
         stop = len(ctx) - 1  # n-grams ending at the last token have no successor yet
-        if stop > self.indexed[b]:
-            _suffix_index_update(self.index[b], ctx, self.indexed[b], stop, self.max_ngram, self.min_ngram)
-            self.indexed[b] = stop
+        index, successors, window = self.index[b], self.successors[b], self.scan_last
+        for end in range(self.indexed[b], stop):
+            for n in range(self.min_ngram, min(self.max_ngram, end + 1) + 1):
+                gram = tuple(ctx[end - n + 1 : end + 1])
+                ends = index.get(gram)
+                if ends is None:
+                    index[gram] = [end]
+                    continue
+                ends.append(end)
+                seen = successors.get(gram)
+                if seen is not None:
+                    seen.push(ctx[end + 1], end)
+                    if len(ends) > window:
+                        seen.drop(ctx[ends[-window - 1] + 1])
+        self.indexed[b] = max(self.indexed[b], stop)
 
     def children(self, b, context, path):
         index = self.index[b]
-        tail = (context[-self.max_ngram :] + path)[-self.max_ngram :] if path else context[-self.max_ngram :]
+        tail = _tail(context, path, self.max_ngram)
         for n in range(min(self.max_ngram, len(tail)), self.min_ngram - 1, -1):
-            ends = index.get(tuple(tail[-n:]))
-            if not ends:
-                continue
-            recent = ends[-self.scan_last :]
-            counts = Counter(context[e + 1] for e in recent)
-            last_seen = {context[e + 1]: i for i, e in enumerate(recent)}
-            ranked = sorted(counts, key=lambda t: (-counts[t], -last_seen[t]))[: self.max_children]
-            total = len(recent)
-            out = []
-            for rank, tok in enumerate(ranked):
-                key = (self.tag, min(n, 4), rank)
-                out.append((tok, self.tracker.rate(key, self._prior(n, rank, counts[tok] / total)), key))
-            return out
+            gram = tuple(tail[-n:])
+            ends = index.get(gram)
+            if ends:
+                return self._candidates(b, gram, ends, context)
         return []
+
+    def _candidates(self, b: int, gram: tuple, ends: list[int], context: list[int]) -> list[Candidate]:
+        seen = self.successors[b].get(gram)
+        if seen is None:
+            seen = self.successors[b][gram] = _Successors(ends, context, self.scan_last)
+        if seen.ranked is None:
+            n, total, order = len(gram), min(len(ends), self.scan_last), seen.order
+            best = sorted(order, key=order.__getitem__)[: self.max_children]
+            seen.ranked = [(tok, self._prior(n, rank, -order[tok][0] / total), (self.tag, min(n, 4), rank))
+                           for rank, tok in enumerate(best)]
+            seen.version = -1
+        if seen.version != self.tracker.version:
+            rate = self.tracker.rate
+            seen.version, seen.candidates = self.tracker.version, [(tok, rate(key, prior), key)
+                                                                   for tok, prior, key in seen.ranked]
+        return seen.candidates
 
 
 class CopyDrafter(_ContextIndexDrafter):
@@ -168,10 +255,13 @@ class CopyDrafter(_ContextIndexDrafter):
 
     name = "copy"
     tag = "copy"
+    PRIOR = 0.6
 
     def __init__(self, gamma: int = 3):
         super().__init__()
         self.gamma = gamma
+        self._rates: dict[Hashable, float] = {}  # per depth key, at tracker version _rates_version
+        self._rates_version = -1
 
     def _update(self, b: int, ctx: list[int]) -> None:
         index = self.index[b]
@@ -181,15 +271,19 @@ class CopyDrafter(_ContextIndexDrafter):
         self.indexed[b] = max(self.indexed[b], len(ctx) - 1)
 
     def children(self, b, context, path):
-        g = self.gamma
-        tail = (context[-g:] + path)[-g:] if path else context[-g:]
-        if len(tail) < g:
+        tail = _tail(context, path, self.gamma)
+        if len(tail) < self.gamma:
             return []
         end = self.index[b].get(tuple(tail))
         if end is None:
             return []
+        if self._rates_version != self.tracker.version:
+            self._rates, self._rates_version = {}, self.tracker.version
         key = (self.tag, min(len(path), 7))
-        return [(context[end + 1], self.tracker.rate(key, 0.6), key)]
+        rate = self._rates.get(key)
+        if rate is None:
+            rate = self._rates[key] = self.tracker.rate(key, self.PRIOR)
+        return [(context[end + 1], rate, key)]
 
 
 class TokenRecyclingDrafter(Drafter):
@@ -203,6 +297,10 @@ class TokenRecyclingDrafter(Drafter):
         super().__init__()
         self.k = min(k, vocab_size)
         self.adj = np.full((vocab_size, self.k), -1, dtype=np.int64)  # "hot start": never reset between calls
+        self._rank_keys = [(self.tag, rank) for rank in range(self.k)]
+        self._rank_rates: list[float] = []  # per rank, at tracker version _rates_version
+        self._rates_version = -1
+        self._sorted = False
 
     def _record(self, tokens: Sequence[int] | np.ndarray, logits: Any) -> None:
         top = top_k_indices(logits, self.k)
@@ -215,14 +313,31 @@ class TokenRecyclingDrafter(Drafter):
             prompt = ctx[:-1]  # the last context token was sampled from the prefill, it has no logits row
             self._record(prompt, prefill_logits[b, : len(prompt)])
 
+    def _rates(self) -> list[float]:
+        if self._rates_version != self.tracker.version:
+            priors = self.RANK_PRIORS
+            self._rank_rates = [self.tracker.rate(key, priors[min(rank, len(priors) - 1)])
+                                for rank, key in enumerate(self._rank_keys)]
+            self._rates_version = self.tracker.version
+            self._sorted = all(a >= b for a, b in zip(self._rank_rates, self._rank_rates[1:]))
+        return self._rank_rates
+
+    @property
+    def children_sorted(self) -> bool:
+        """Candidates come in rank order: sorted while the learned rates fall with the rank (they usually do)."""
+        self._rates()
+        return self._sorted
+
     def children(self, b, context, path):
-        last = path[-1] if path else context[-1]
+        row = self.adj[path[-1] if path else context[-1]].tolist()
+        rates = self._rank_rates if self._rates_version == self.tracker.version else self._rates()
+        if row[-1] >= 0 and min(row) >= 0:  # a recorded row: every rank holds a token
+            return list(zip(row, rates, self._rank_keys))
         out = []
-        for rank, tok in enumerate(self.adj[last].tolist()):
+        for tok, rate, key in zip(row, rates, self._rank_keys):
             if tok < 0:
                 break
-            key = (self.tag, rank)
-            out.append((tok, self.tracker.rate(key, self.RANK_PRIORS[min(rank, len(self.RANK_PRIORS) - 1)]), key))
+            out.append((tok, rate, key))
         return out
 
     def observe(self, b, tree, logits, path, context) -> None:
@@ -230,8 +345,14 @@ class TokenRecyclingDrafter(Drafter):
         self._record(tree.tokens, logits[: len(tree)])
 
 
+_probability = operator.itemgetter(1)
+
+
 class CombinedDrafter(Drafter):
-    """Union of several drafters' candidates; a token proposed twice keeps its best estimate."""
+    """Union of several drafters' candidates; a token proposed twice keeps its best estimate (and the place it
+    was first proposed at, which breaks ties in the sort by probability)."""
+
+    children_sorted = True
 
     def __init__(self, parts: list[Drafter]):
         super().__init__()
@@ -247,13 +368,20 @@ class CombinedDrafter(Drafter):
             p.prepare(contexts, active, max_depth)
 
     def children(self, b, context, path):
-        best: dict[int, Candidate] = {}
-        for part in self.parts:
+        parts = self.parts
+        cands = parts[0].children(b, context, path)
+        best: dict[int, Candidate] = {cand[0]: cand for cand in cands}
+        if len(best) == len(cands):
+            parts = parts[1:]
+        else:  # the first part repeated a token: the first of its best estimates wins, as below
+            best = {}
+        for part in parts:
             for cand in part.children(b, context, path):
                 old = best.get(cand[0])
                 if old is None or cand[1] > old[1]:
                     best[cand[0]] = cand
-        return sorted(best.values(), key=lambda c: -c[1])
+        # highest first, ties in proposal order (a reverse sort is stable too)
+        return sorted(best.values(), key=_probability, reverse=True)
 
     def observe(self, b, tree, logits, path, context) -> None:
         for p in self.parts:
@@ -262,20 +390,6 @@ class CombinedDrafter(Drafter):
     @property
     def draft_forward_passes(self) -> int:
         return sum(p.draft_forward_passes for p in self.parts)
-
-
-def top_k_indices(logits: Any, k: int) -> np.ndarray:
-    """Indices of the k largest entries of every row, best first, as numpy [..., k].
-
-    A torch tensor uses its own `topk` (no copy of the full logits, works on any device); a numpy array uses
-    `argpartition` + a sort of the k survivors.
-    """
-    if hasattr(logits, "topk"):
-        return logits.topk(k, dim=-1).indices.cpu().numpy()
-    logits = np.asarray(logits)
-    part = np.argpartition(-logits, k - 1, axis=-1)[..., :k]
-    order = np.argsort(-np.take_along_axis(logits, part, axis=-1), axis=-1, kind="stable")
-    return np.take_along_axis(part, order, axis=-1)
 
 
 BASIC_DRAFTERS = ("none", "lookup", "recycling", "copy")
