@@ -4,8 +4,8 @@ Runs both sides in one process on the same inputs and reports medians over repea
 
 * On CPU (this project's CI machine) it times the ops' CPU implementations (the torch reference
   code behind ``torch.ops.elision.*``) against the PyTorch peer: SDPA with the same float mask,
-  ``F.rms_norm`` / ``F.layer_norm`` after an eager residual add, advanced indexing for the token
-  gather, and an eager score/top-k/sort/gather for pruning.  Triton kernels are *not* timed on
+  ``F.rms_norm`` / ``F.layer_norm`` after an eager residual add, and full cross-attention for sparse
+  cross-attention.  Triton kernels are *not* timed on
   CPU: ``TRITON_INTERPRET=1`` simulates them in numpy and says nothing about their speed.
 * On CUDA it times the Triton kernels (through the same ops) against the same peers.
 
@@ -96,26 +96,6 @@ def _cases(device: str, dtype: torch.dtype) -> list[tuple[str, str, Callable[[],
         lambda: ops.layer_norm(x, w, b, 1e-5, residual=r),
         lambda: (lambda h: (F.layer_norm(h, (384,), w, b, 1e-5), h))(x + r),
     ))
-    tokens = randn(8, 577, 768)
-    idx = torch.sort(torch.randperm(577, generator=gen)[:144]).values.expand(8, 144).contiguous().to(device)
-    cases.append((
-        "gather_tokens", "8x577x768 keep 144",
-        lambda: ops.gather_tokens(tokens, idx),
-        lambda: tokens[torch.arange(8, device=device)[:, None], idx],
-    ))
-    q_row, keys = randn(8, 12, 64), randn(8, 12, 577, 64)
-
-    def peer_prune() -> object:
-        # The FasterVLM recipe in eager PyTorch: [CLS] attention row, head mean, topk, sort, gather.
-        attn = torch.softmax(torch.einsum("bhd,bhld->bhl", q_row, keys) / 8.0, dim=-1).mean(1)
-        kept = torch.topk(attn, 144, dim=-1).indices.sort(dim=-1).values
-        return tokens[torch.arange(8, device=device)[:, None], kept], kept
-
-    cases.append((
-        "score_topk_gather", "B8 H12 L577 D64 C768 keep 144",
-        lambda: ops.score_topk_gather(q_row, keys, tokens, 144),
-        peer_prune,
-    ))
     # Adaptive KV in a VecSet geometry decoder (FlashVDM): blocks of spatially coherent queries attend to their
     # own top-k latents. The peer is what it replaces: full cross-attention over every latent (SDPA).
     heads, n_q, m, top, blk = (16, 32768, 3072, 256, 512) if device == "cuda" else (8, 4096, 512, 64, 512)
@@ -174,9 +154,9 @@ def main() -> None:
         lines += [
             "",
             "Peers: SDPA with the same float mask (`enable_gqa=True`), `F.rms_norm`/`F.layer_norm` after an "
-            "eager residual add, advanced indexing, and the eager FasterVLM score/top-k/sort/gather.",
+            "eager residual add, and full cross-attention (SDPA) for sparse cross-attention.",
             "On CPU the ops run their CPU implementations (SDPA / F.rms_norm / F.layer_norm based, torch "
-            "reference code for the token ops), so this measures op overhead and the CPU path; the "
+            "reference code for sparse cross-attention), so this measures op overhead and the CPU path; the "
             "Triton kernels only run under "
             "`TRITON_INTERPRET=1` here, which simulates them in numpy, so their CPU timings would be "
             "meaningless and are not reported. On a CUDA machine this script times the Triton kernels.",

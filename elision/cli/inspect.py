@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from elision.cli import missing_torch
 from elision.errors import ElisionError
 
 
@@ -183,6 +184,11 @@ def register(app: typer.Typer) -> None:
         except ElisionError as e:
             err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code)
+        except ImportError as e:
+            if not missing_torch.names_torch(e):
+                raise
+            err.print(f"[bold red]error:[/] {escape(missing_torch.message(e))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
         except Exception as e:  # noqa: BLE001 - a bug: one line, exit 1, no traceback
             err.print(f"[bold red]error:[/] internal error while inspecting {model}: {type(e).__name__}: {e}",
                       highlight=False, soft_wrap=True)

@@ -5,7 +5,7 @@ import torch
 import torch.fx
 
 from elision.ir.core import Function, IRError, Module, map_values
-from elision.ir.ops import resolve_op
+from elision.ir.ops import UnknownOpError, resolve_op
 from elision.ir.types import TensorType
 
 
@@ -30,6 +30,13 @@ def _check_inputs(fn: Function, args: tuple) -> None:
                                   f"but another input bound {want}={bindings[want]}")
 
 
+def _resolve(fn: Function, n) -> object:
+    try:
+        return resolve_op(n.op)
+    except UnknownOpError as e:
+        raise IRError(f"@{fn.name}: %{n.result.name}: {e}") from None
+
+
 def interpret(module: Module, fn_name: str = "forward", *args, check: bool = True) -> tuple:
     """Run function ``fn_name`` node by node with eager torch ops."""
     if fn_name not in module.functions:
@@ -43,7 +50,7 @@ def interpret(module: Module, fn_name: str = "forward", *args, check: bool = Tru
         if n.op == "param":
             env[n.result] = module.params[n.args[0]]
             continue
-        target = resolve_op(n.op)
+        target = _resolve(fn, n)
         try:
             env[n.result] = target(*map_values(n.args, lookup), **map_values(n.kwargs, lookup))
         except Exception as e:  # point at the node and the model location
@@ -83,7 +90,7 @@ def to_fx(module: Module, fn_name: str = "forward") -> torch.fx.GraphModule:
             env[n.result] = graph.get_attr(attr_names[pname])
             continue
         lookup = env.__getitem__
-        fx_node = graph.call_function(resolve_op(n.op), map_values(n.args, lookup), map_values(n.kwargs, lookup))
+        fx_node = graph.call_function(_resolve(fn, n), map_values(n.args, lookup), map_values(n.kwargs, lookup))
         fx_node.name = n.result.name
         if n.loc:
             fx_node.meta["elision_loc"] = n.loc

@@ -8,7 +8,13 @@ import re
 import torch
 
 from elision.ir.core import Function, IRError, Module, Node, Value
+from elision.ir.ops import UnknownOpError, check_op
+from elision.ir.symbolic import check_dim_expr
 from elision.ir.types import NONE, ScalarType, TensorType, TupleType, Type, is_dtype_name, torch_dtype
+
+# the torch constants IR text may name (looked up in this table, never with getattr on the torch module)
+_TORCH_CONSTANTS = {f"torch.{name}": obj for name, obj in vars(torch).items()
+                    if isinstance(obj, (torch.dtype, torch.layout, torch.memory_format))}
 
 _TOKEN = re.compile(
     r"""\s*(?:
@@ -58,7 +64,17 @@ class _Cursor:
 
 def _parse_dim(text: str) -> int | str:
     text = text.strip()
-    return int(text) if re.fullmatch(r"-?\d+", text) else text
+    if re.fullmatch(r"-?\d+", text):
+        return int(text)
+    _check_expr(text)
+    return text
+
+
+def _check_expr(text: str) -> None:
+    try:
+        check_dim_expr(text)
+    except ValueError as e:
+        raise IRError(f"bad type: {e}") from None
 
 
 def _split_top(text: str) -> list[str]:
@@ -90,6 +106,8 @@ def parse_type(text: str) -> Type:
         return TensorType(m.group(1), tuple(_parse_dim(d) for d in _split_top(m.group(2))))
     m = re.fullmatch(r"(int|float|bool)(?:<(.*)>)?", text)
     if m:
+        if m.group(2) is not None:
+            _check_expr(m.group(2))
         return ScalarType(m.group(1), m.group(2))
     raise IRError(f"cannot parse type {text!r}")
 
@@ -137,10 +155,8 @@ def _parse_literal(cur: _Cursor, values: dict[str, Value]):
             _, s = cur.next()
             cur.expect(")")
             return torch.device(json.loads(s))
-        if tok.startswith("torch."):
-            attr = getattr(torch, tok[len("torch."):], None)
-            if isinstance(attr, (torch.dtype, torch.layout, torch.memory_format)):
-                return attr
+        if tok in _TORCH_CONSTANTS:
+            return _TORCH_CONSTANTS[tok]
         raise cur.error(f"unknown constant {tok!r}")
     raise cur.error(f"unexpected token {tok!r}")
 
@@ -238,6 +254,10 @@ def parse(text: str, params: dict[str, torch.Tensor] | None = None) -> Module:
             name = nm.group("name")
             if name in values:
                 raise IRError(f"{where}: value %{name} is defined twice")
+            try:
+                check_op(nm.group("op"))
+            except UnknownOpError as e:
+                raise IRError(f"{where}: {e}") from None
             args, kwargs, loc = _parse_call(nm.group("rest"), values, where)
             v = Value(name, parse_type(nm.group("type")))
             values[name] = v

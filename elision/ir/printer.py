@@ -15,7 +15,10 @@ import math
 
 import torch
 
-from elision.ir.core import Function, Module, Node, Value
+from elision.ir.values import Value
+
+# The formatters read nodes, functions and modules by attribute and do not import their classes: those classes
+# print themselves with these functions (``str(fn)``, ``module.print()``).
 
 
 def format_literal(obj) -> str:
@@ -47,14 +50,15 @@ def format_literal(obj) -> str:
     raise TypeError(f"cannot print constant {obj!r} of type {type(obj).__name__} in the IR")
 
 
-def format_node(n: Node) -> str:
+def format_node(n) -> str:
+    """One line: ``%name : type = op(args, key=value) loc("...")`` (``n`` is a Node)."""
     parts = [format_literal(a) for a in n.args]
     parts += [f"{k}={format_literal(v)}" for k, v in n.kwargs.items()]
     loc = f" loc({json.dumps(n.loc)})" if n.loc else ""
     return f"%{n.result.name} : {n.result.type} = {n.op}({', '.join(parts)}){loc}"
 
 
-def format_function(fn: Function) -> str:
+def format_function(fn) -> str:
     ins = ", ".join(f"%{v.name} : {v.type}" for v in fn.inputs)
     lines = [f"func @{fn.name}({ins}) {{"]
     lines += ["  " + format_node(n) for n in fn.nodes]
@@ -63,7 +67,7 @@ def format_function(fn: Function) -> str:
     return "\n".join(lines)
 
 
-def format_module(m: Module) -> str:
+def format_module(m) -> str:
     lines = []
     if m.attrs:
         lines.append("module attributes " + json.dumps(m.attrs, sort_keys=True))

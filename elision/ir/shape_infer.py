@@ -1,4 +1,8 @@
-"""Type inference by running ops on fake tensors whose sizes are symbolic (sympy symbols named as in the IR)."""
+"""Type inference by running ops on fake tensors whose sizes are symbolic (sympy symbols named as in the IR).
+
+Functions and modules are read by attribute and their classes are not imported: ``Function.add_node`` infers
+the types of new nodes with :func:`infer_node_type`.
+"""
 from __future__ import annotations
 
 import itertools
@@ -10,10 +14,10 @@ from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.utils._sympy.numbers import int_oo
 from torch.utils._sympy.value_ranges import ValueRanges
 
-from elision.ir.core import Function, IRError, Module, Node, Value, map_values
 from elision.ir.ops import resolve_op
 from elision.ir.symbolic import from_sympy, symbol, to_sympy
 from elision.ir.types import NONE, ScalarType, TensorType, TupleType, Type, dtype_name
+from elision.ir.values import IRError, Value, map_values
 
 
 def _primes():
@@ -99,8 +103,9 @@ def _dim_of(d) -> int | str:
     return from_sympy(d.node.expr)
 
 
-def propagate(fn: Function, module: Module | None = None, upto: Node | None = None) -> tuple[SymbolicContext, dict]:
-    """Run ``fn`` on fake inputs; returns the context and the fake value of every Value (up to ``upto``)."""
+def propagate(fn, module=None, upto=None) -> tuple[SymbolicContext, dict]:
+    """Run function ``fn`` on fake inputs; returns the context and the fake value of every Value (up to node
+    ``upto``). ``module`` holds the parameters (default: ``fn.module``)."""
     module = module or fn.module
     ctx = SymbolicContext()
     env: dict[Value, object] = {v: ctx.fake(v.type) for v in fn.inputs}
@@ -119,16 +124,15 @@ def propagate(fn: Function, module: Module | None = None, upto: Node | None = No
     return ctx, env
 
 
-def infer_node_type(fn: Function, op: str, args: tuple, kwargs: dict) -> Type:
-    """Type of a new node ``op(*args, **kwargs)`` whose Value arguments come from ``fn``."""
+def infer_node_type(fn, op: str, args: tuple, kwargs: dict) -> Type:
+    """Type of a new node ``op(*args, **kwargs)`` whose Value arguments come from function ``fn``."""
     ctx = SymbolicContext()
-    producers = fn.producers()
     cache: dict[Value, object] = {}
 
     def fake_of(v: Value):
         if v in cache:
             return cache[v]
-        p = producers.get(v)
+        p = fn.producer(v)
         if p is not None and p.op == "param" and fn.module is not None and p.args[0] in fn.module.params:
             cache[v] = ctx.from_param(fn.module.params[p.args[0]])
         else:

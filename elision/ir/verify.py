@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from elision.ir.core import Function, IRError, Module
+from elision.ir.ops import UnknownOpError, check_op
 from elision.ir.types import TensorType
 
 
@@ -11,17 +12,25 @@ def verify(module: Module, check_types: bool = False) -> None:
 
 
 def verify_function(fn: Function, module: Module, check_types: bool = False) -> None:
+    stale = fn._index.mismatch()
+    if stale is not None:
+        raise IRError(f"@{fn.name}: the def-use index disagrees with the nodes about {stale}")
     defined = set()
+    names: set[str] = set()
     for v in fn.inputs:
-        if v.name in {d.name for d in defined}:
+        if v.name in names:
             raise IRError(f"@{fn.name}: input %{v.name} is declared twice")
         defined.add(v)
-    names = {v.name for v in defined}
+        names.add(v.name)
     for n in fn.nodes:
         for i in n.inputs:
             if i not in defined:
                 what = "defined later" if any(m.result == i for m in fn.nodes) else "never defined"
                 raise IRError(f"@{fn.name}: %{n.result.name} = {n.op} uses %{i.name}, which is {what}")
+        try:
+            check_op(n.op)
+        except UnknownOpError as e:
+            raise IRError(f"@{fn.name}: %{n.result.name}: {e}") from None
         if n.result.name in names:
             raise IRError(f"@{fn.name}: value %{n.result.name} is defined twice")
         if n.op == "param":

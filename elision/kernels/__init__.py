@@ -1,9 +1,13 @@
 """elision's custom ops and Triton kernels.
 
-* :mod:`elision.kernels.reference` — plain-torch reference implementations (the CPU kernels).
-* :mod:`elision.kernels.triton_attention`, :mod:`~elision.kernels.triton_norm`,
-  :mod:`~elision.kernels.triton_tokens` — Triton kernels (importing them imports triton).
-* :mod:`elision.kernels.ops` — ``torch.library`` registration of ``torch.ops.elision.*``.
+* :mod:`elision.kernels.reference` — plain-torch reference implementations; :mod:`~elision.kernels.cpu` — the
+  faster CPU paths.
+* :mod:`elision.kernels.triton_attention`, :mod:`~elision.kernels.triton_norm` — Triton kernels (importing them
+  imports triton).
+* :mod:`elision.kernels.ops` — ``torch.library`` registration of ``torch.ops.elision.*`` (attention, the norms and
+  sparse cross-attention: what the fusion passes insert and volume decoding calls).
+* :mod:`elision.kernels.token_reduction` — the token scoring, pruning, merging and DCT functions the token passes
+  splice into graphs (plain torch, traced to aten ops).
 * :mod:`elision.lowering.onnx_ops` — onnxscript translations for the ONNX exporter.
 
 Importing this package is cheap: nothing here imports triton or registers ops until

@@ -17,10 +17,7 @@ __all__ = [
     "require",
     "check_attention",
     "check_norm",
-    "check_gather_tokens",
     "check_sparse_cross_attention",
-    "check_token_scores",
-    "check_score_topk_gather",
     "check_index_range",
 ]
 
@@ -98,14 +95,6 @@ def check_norm(
         require(residual.dtype == x.dtype, f"{op}: residual must have the dtype of x ({x.dtype}), got {residual.dtype}")
 
 
-def check_gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> None:
-    """Validate ``elision::gather_tokens``: x [B,L,C], idx [B,K] integer."""
-    require(x.dim() == 3, f"gather_tokens: x must be 3-D [batch, tokens, channels], got shape {tuple(x.shape)}")
-    require(idx.dim() == 2, f"gather_tokens: idx must be 2-D [batch, kept], got shape {tuple(idx.shape)}")
-    _require_int("gather_tokens: idx", idx)
-    require(idx.shape[0] == x.shape[0], f"gather_tokens: batch of idx ({idx.shape[0]}) must equal batch of x ({x.shape[0]})")
-
-
 def check_index_range(name: str, idx: torch.Tensor, upper: int, allow_padding: bool) -> None:
     """Check index values on concrete tensors (a host sync; only done on CPU)."""
     if idx.numel() == 0:
@@ -149,35 +138,3 @@ def check_sparse_cross_attention(
         "pass ceil(Nq / block_size) index lists",
     )
     require(block_index.shape[-1] >= 1, "sparse_cross_attention: topk (last dim of block_index) must be >= 1")
-
-
-def check_token_scores(op: str, q_row: torch.Tensor, k: torch.Tensor, score_bias: torch.Tensor | None) -> None:
-    """Validate the scoring inputs: q_row [B,H,D], k [B,Hkv,L,D], score_bias [B|1,L]."""
-    require(q_row.dim() == 3, f"{op}: q_row must be 3-D [batch, heads, head_dim], got shape {tuple(q_row.shape)}")
-    require(k.dim() == 4, f"{op}: k must be 4-D [batch, heads, tokens, head_dim], got shape {tuple(k.shape)}")
-    _require_float(f"{op}: q_row", q_row)
-    _require_float(f"{op}: k", k)
-    b, h, d = q_row.shape
-    require(k.shape[0] == b, f"{op}: batch of k ({k.shape[0]}) must equal batch of q_row ({b})")
-    require(k.shape[3] == d, f"{op}: head_dim of k ({k.shape[3]}) must equal head_dim of q_row ({d})")
-    require(h % k.shape[1] == 0, f"{op}: query heads ({h}) must be a multiple of key heads ({k.shape[1]})")
-    if score_bias is not None:
-        _require_float(f"{op}: score_bias", score_bias)
-        n = k.shape[2]
-        require(
-            score_bias.dim() == 2 and (score_bias.shape[0] == 1 or score_bias.shape[0] == b) and score_bias.shape[1] == n,
-            f"{op}: score_bias must be [B|1, L] = [{b}|1, {n}], got {tuple(score_bias.shape)}",
-        )
-
-
-def check_score_topk_gather(
-    q_row: torch.Tensor, k: torch.Tensor, x: torch.Tensor, keep: int, score_bias: torch.Tensor | None
-) -> None:
-    """Validate ``elision::score_topk_gather``: q_row [B,H,D], k [B,Hkv,L,D], x [B,L,C], 1 <= keep <= L."""
-    check_token_scores("score_topk_gather", q_row, k, score_bias)
-    require(x.dim() == 3, f"score_topk_gather: x must be 3-D [batch, tokens, channels], got shape {tuple(x.shape)}")
-    _require_float("score_topk_gather: x", x)
-    require(x.shape[0] == q_row.shape[0], "score_topk_gather: q_row, k and x must share the batch dim")
-    require(k.shape[2] == x.shape[1], f"score_topk_gather: k has {k.shape[2]} tokens but x has {x.shape[1]}")
-    require(keep >= 1, f"score_topk_gather: keep must be >= 1, got {keep}")
-    require(keep <= x.shape[1], f"score_topk_gather: keep ({keep}) must not exceed the number of tokens ({x.shape[1]})")

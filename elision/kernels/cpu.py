@@ -11,10 +11,7 @@ are several times faster on CPU than the step-by-step reference math:
   elision contract.
 * norms: the residual add happens in the input dtype, like the eager code the op replaces.
 
-* token gather: batched advanced indexing (an index_select over rows), which on CPU is ~2-3x
-  faster than ``torch.gather`` with an index expanded over channels.
-
-Sparse cross-attention and token scoring have no faster stock kernel and use the reference.
+Sparse cross-attention has no faster stock kernel and uses the reference.
 """
 
 from __future__ import annotations
@@ -30,8 +27,6 @@ __all__ = [
     "add_rms_norm",
     "layer_norm",
     "add_layer_norm",
-    "gather_tokens",
-    "score_topk_gather",
 ]
 
 
@@ -101,24 +96,3 @@ def add_layer_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     summed = x + residual
     return layer_norm(summed, weight, bias, eps), summed
-
-
-def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``reference.gather_tokens`` via advanced indexing: out[b, i] = x[b, idx[b, i]]."""
-    rows = torch.arange(x.shape[0], device=x.device).unsqueeze(-1)
-    return x[rows, idx.long()]
-
-
-def score_topk_gather(
-    q_row: torch.Tensor,
-    k: torch.Tensor,
-    x: torch.Tensor,
-    keep: int,
-    scale: float | None = None,
-    score_bias: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``reference.score_topk_gather`` with the faster token gather."""
-    scores = reference.token_scores(q_row, k, scale, score_bias)
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-    kept = torch.sort(order[:, :keep], dim=-1).values
-    return gather_tokens(x, kept), kept

@@ -6,8 +6,8 @@ the kernels) or calls the plain-torch reference.  Dispatch inside the body:
 
 * CUDA tensors (fp32/fp16/bf16)                     -> Triton kernels.
 * CPU tensors (and CUDA dtypes Triton does not take) -> :mod:`elision.kernels.cpu` (SDPA,
-  ``F.rms_norm``/``F.layer_norm``, advanced-indexing gathers) or :mod:`elision.kernels.reference`
-  where no faster stock kernel exists (sparse cross-attention, token scores).
+  ``F.rms_norm``/``F.layer_norm``) or :mod:`elision.kernels.reference` where no faster stock
+  kernel exists (sparse cross-attention).
 * CPU tensors with ``ELISION_FORCE_TRITON=1``       -> the same Triton kernels under Triton's
   interpreter (set ``TRITON_INTERPRET=1`` before triton is imported); this is how the tests drive
   the kernels through the op.  bf16 and fp64 CPU tensors always take the CPU path.
@@ -26,10 +26,7 @@ Ops (all functional, no mutation):
 ``elision::add_rms_norm(x, residual, weight: Tensor?, eps: float) -> (out, x + residual)``
 ``elision::layer_norm(x, weight: Tensor?, bias: Tensor?, eps: float) -> Tensor``
 ``elision::add_layer_norm(x, residual, weight: Tensor?, bias: Tensor?, eps: float) -> (out, x + residual)``
-``elision::gather_tokens(x [B,L,C], idx [B,K]) -> [B,K,C]``
 ``elision::sparse_cross_attention(q [B,H,Nq,D], k [B,Hkv,M,D], v, block_index [B,(H,)nblocks,topk], block_size: int, scale: float?) -> [B,H,Nq,D]``
-``elision::token_scores(q_row [B,H,D], k [B,Hkv,L,D], scale: float?, score_bias: Tensor? [B|1,L]) -> float32 [B,L]``
-``elision::score_topk_gather(q_row, k, x [B,L,C], keep: int, scale: float?, score_bias: Tensor?) -> (x_kept [B,keep,C], kept_index int64 [B,keep])``
 
 Importing this module registers the ops (via the idempotent :func:`ensure_registered`); code
 that only uses ``torch.ops.elision.*`` must import it (or call ``elision.kernels.ensure_registered()``)
@@ -52,10 +49,7 @@ __all__ = [
     "attention",
     "rms_norm",
     "layer_norm",
-    "gather_tokens",
     "sparse_cross_attention",
-    "token_scores",
-    "score_topk_gather",
     "OP_NAMES",
 ]
 
@@ -192,21 +186,6 @@ def _add_layer_norm_fake(x, residual, weight, bias, eps):  # type: ignore[no-unt
     )
 
 
-def _gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    _checks.check_gather_tokens(x, idx)
-    _validate_indices_on_cpu("gather_tokens: idx", idx, x.shape[1], allow_padding=False)
-    if _use_triton(x):
-        from . import triton_tokens
-
-        return triton_tokens.gather_tokens(x, idx)
-    return cpu.gather_tokens(x, idx)
-
-
-def _gather_tokens_fake(x, idx):  # type: ignore[no-untyped-def]
-    _checks.check_gather_tokens(x, idx)
-    return x.new_empty((x.shape[0], idx.shape[1], x.shape[2]))
-
-
 def _sparse_cross_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -229,59 +208,13 @@ def _sparse_cross_attention_fake(q, k, v, block_index, block_size, scale=None): 
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
-def _token_scores(
-    q_row: torch.Tensor,
-    k: torch.Tensor,
-    scale: float | None = None,
-    score_bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    _checks.check_token_scores("token_scores", q_row, k, score_bias)
-    if _use_triton(q_row):
-        from . import triton_tokens
-
-        return triton_tokens.token_scores(q_row, k, scale, score_bias)
-    return reference.token_scores(q_row, k, scale, score_bias)
-
-
-def _token_scores_fake(q_row, k, scale=None, score_bias=None):  # type: ignore[no-untyped-def]
-    _checks.check_token_scores("token_scores", q_row, k, score_bias)
-    return q_row.new_empty((q_row.shape[0], k.shape[2]), dtype=torch.float32)
-
-
-def _score_topk_gather(
-    q_row: torch.Tensor,
-    k: torch.Tensor,
-    x: torch.Tensor,
-    keep: int,
-    scale: float | None = None,
-    score_bias: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    _checks.check_score_topk_gather(q_row, k, x, keep, score_bias)
-    if _use_triton(q_row):
-        from . import triton_tokens
-
-        return triton_tokens.score_topk_gather(q_row, k, x, keep, scale, score_bias)
-    return cpu.score_topk_gather(q_row, k, x, keep, scale, score_bias)
-
-
-def _score_topk_gather_fake(q_row, k, x, keep, scale=None, score_bias=None):  # type: ignore[no-untyped-def]
-    _checks.check_score_topk_gather(q_row, k, x, keep, score_bias)
-    return (
-        x.new_empty((x.shape[0], keep, x.shape[2])),
-        x.new_empty((x.shape[0], keep), dtype=torch.int64),
-    )
-
-
 _DEFINITIONS: dict[str, tuple[Callable, Callable]] = {
     "attention": (_attention, _attention_fake),
     "rms_norm": (_rms_norm, _rms_norm_fake),
     "add_rms_norm": (_add_rms_norm, _add_rms_norm_fake),
     "layer_norm": (_layer_norm, _layer_norm_fake),
     "add_layer_norm": (_add_layer_norm, _add_layer_norm_fake),
-    "gather_tokens": (_gather_tokens, _gather_tokens_fake),
     "sparse_cross_attention": (_sparse_cross_attention, _sparse_cross_attention_fake),
-    "token_scores": (_token_scores, _token_scores_fake),
-    "score_topk_gather": (_score_topk_gather, _score_topk_gather_fake),
 }
 
 
@@ -348,11 +281,6 @@ def layer_norm(
     return torch.ops.elision.add_layer_norm(x, residual, weight, bias, eps)
 
 
-def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``torch.ops.elision.gather_tokens``: x [B,L,C], idx [B,K] -> [B,K,C]."""
-    return torch.ops.elision.gather_tokens(x, idx)
-
-
 def sparse_cross_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -363,22 +291,3 @@ def sparse_cross_attention(
 ) -> torch.Tensor:
     """``torch.ops.elision.sparse_cross_attention``: per-query-block attention over listed KV rows."""
     return torch.ops.elision.sparse_cross_attention(q, k, v, block_index, block_size, scale)
-
-
-def token_scores(
-    q_row: torch.Tensor, k: torch.Tensor, scale: float | None = None, score_bias: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``torch.ops.elision.token_scores``: head-averaged attention of one query row, fp32 [B,L]."""
-    return torch.ops.elision.token_scores(q_row, k, scale, score_bias)
-
-
-def score_topk_gather(
-    q_row: torch.Tensor,
-    k: torch.Tensor,
-    x: torch.Tensor,
-    keep: int,
-    scale: float | None = None,
-    score_bias: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``torch.ops.elision.score_topk_gather``: (x_kept [B,keep,C], kept_index [B,keep] ascending)."""
-    return torch.ops.elision.score_topk_gather(q_row, k, x, keep, scale, score_bias)

@@ -12,8 +12,6 @@ Semantics shared with the Triton kernels (and documented in ``ops.py``):
   the convention a KV cache needs: query ``i`` sits at absolute position ``Lk - Lq + i`` and sees
   keys ``j <= Lk - Lq + i`` (identical to SDPA's ``is_causal`` when ``Lq == Lk``).  A query row whose
   keys are all masked (bias ``-inf`` everywhere) outputs zeros instead of NaN.
-* token selection ranks by score, breaking ties toward the lower token index, and returns the
-  kept indices sorted ascending (original token order).
 """
 
 from __future__ import annotations
@@ -28,10 +26,7 @@ __all__ = [
     "add_rms_norm",
     "layer_norm",
     "add_layer_norm",
-    "gather_tokens",
     "sparse_cross_attention",
-    "token_scores",
-    "score_topk_gather",
 ]
 
 
@@ -125,12 +120,6 @@ def add_layer_norm(
     return layer_norm(h, weight, bias, eps), h
 
 
-def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Select tokens per batch row: x [B,L,C], idx [B,K] -> [B,K,C] with out[b,i] = x[b, idx[b,i]]."""
-    index = idx.long().unsqueeze(-1).expand(idx.shape[0], idx.shape[1], x.shape[2])
-    return torch.gather(x, 1, index)
-
-
 def sparse_cross_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -162,41 +151,3 @@ def sparse_cross_attention(
     logits = logits.masked_fill(~valid.unsqueeze(-2), float("-inf"))
     out = torch.matmul(_masked_softmax(logits), v_sel)
     return out.reshape(b, h, padded, d)[:, :, :nq].to(q.dtype)
-
-
-def token_scores(
-    q_row: torch.Tensor,
-    k: torch.Tensor,
-    scale: float | None = None,
-    score_bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Importance of each token: softmax attention of one query row over all keys, mean over heads.
-
-    q_row [B,H,D], k [B,Hkv,L,D] -> float32 [B,L]; ``score_bias`` [B|1,L] is added afterwards
-    (use +inf to always keep a token, -inf to never keep it).
-    """
-    n_rep = q_row.shape[1] // k.shape[1]
-    kf = _repeat_kv(k.float(), n_rep)
-    logits = torch.matmul(kf, q_row.float().unsqueeze(-1)).squeeze(-1) * _default_scale(q_row.shape[-1], scale)
-    scores = torch.softmax(logits, dim=-1).mean(dim=1)
-    if score_bias is not None:
-        scores = scores + score_bias.float()
-    return scores
-
-
-def score_topk_gather(
-    q_row: torch.Tensor,
-    k: torch.Tensor,
-    x: torch.Tensor,
-    keep: int,
-    scale: float | None = None,
-    score_bias: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token pruning in one op: score tokens, keep the ``keep`` best, gather them in original order.
-
-    Returns (x_kept [B,keep,C], kept_index [B,keep] int64 ascending).
-    """
-    scores = token_scores(q_row, k, scale, score_bias)
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-    kept = torch.sort(order[:, :keep], dim=-1).values
-    return gather_tokens(x, kept), kept

@@ -47,6 +47,11 @@ def keep_count(num_candidates: int, keep: float) -> int:
     return max(1, min(num_candidates, math.ceil(keep * num_candidates - 1e-9)))
 
 
+def pruned_length(n: int, keep: float, num_protected: int) -> int:
+    """Static sequence length after `prune_tokens` with `num_protected` never-dropped tokens per row."""
+    return num_protected + keep_count(max(n - num_protected, 1), keep) if n > num_protected else n
+
+
 # --------------------------------------------------------------------------------------------------
 # Score taps
 # --------------------------------------------------------------------------------------------------
@@ -177,21 +182,6 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     shape = idx.shape + x.shape[2:]
     expanded = idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand(shape)
     return torch.gather(x, 1, expanded)
-
-
-def prune_positions(position_ids: torch.Tensor, idx: torch.Tensor, kept_valid: torch.Tensor,
-                    mode: str = "preserve") -> torch.Tensor:
-    """New position ids after pruning. `preserve` gathers the original ids (RoPE positions stay those of the
-    unpruned sequence, FastV); `renumber` gives the kept real tokens contiguous 0..n'-1 (tokens removed
-    before the model sees them, FasterVLM). position_ids: (B, N) or (R, B, N) for M-RoPE."""
-    if mode == "preserve":
-        if position_ids.dim() == 3:  # M-RoPE: (rows, B, N)
-            return torch.stack([torch.gather(p, 1, idx) for p in position_ids])
-        return torch.gather(position_ids.expand(idx.shape[0], -1), 1, idx)
-    if mode == "renumber":
-        pos = torch.cumsum(kept_valid.to(torch.long), dim=1) - 1
-        return pos.clamp(min=0)
-    raise PruningError(f"positions={mode!r}: use preserve or renumber")
 
 
 def prune_tokens(

@@ -65,11 +65,10 @@ def _decomposition_table() -> dict:
     """
     from torch_mlir.extras.fx_decomp_util import get_decomposition_table
 
+    # here, not at module top: the kernel ops import triton, which only MLIR emission of elision ops needs
+    from elision.kernels import ops, reference
+
     table = dict(get_decomposition_table())
-    try:
-        from elision.kernels import ops, reference
-    except ImportError:
-        return table
     for name in getattr(ops, "OP_NAMES", ()):
         body = getattr(reference, name, None)
         packet = getattr(torch.ops.elision, name, None) if hasattr(torch.ops, "elision") else None

@@ -22,7 +22,6 @@ the runtime settings a generation/decoding loop needs, and the sha256 of every f
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import logging
 import re
@@ -141,14 +140,11 @@ def exporter_error_summary(error: BaseException) -> str:
 
 
 def _custom_translation_table() -> dict[Callable, Callable]:
-    """elision op -> onnxscript translation, from elision.lowering.onnx_ops when it exists."""
-    try:
-        module = importlib.import_module("elision.lowering.onnx_ops")
-    except ModuleNotFoundError as e:
-        if e.name not in ("elision.lowering.onnx_ops", "elision.kernels"):
-            raise
-        return {}
-    return dict(module.custom_translation_table())
+    """elision op -> onnxscript translation."""
+    # Imported when exporting, not at module top: the translations register the kernel ops, which import triton.
+    from elision.lowering.onnx_ops import custom_translation_table
+
+    return dict(custom_translation_table())
 
 
 _NP_NAMES = {

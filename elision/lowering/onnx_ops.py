@@ -10,7 +10,7 @@ exporter runs with symbolic values.  Everything targets opset 18 plus ONNX Runti
 ``com.microsoft`` contrib ops, and every choice was checked against ORT's CPU execution provider
 (see ``tests/test_kernels_onnx.py``):
 
-* ``attention`` / ``sparse_cross_attention`` / ``token_scores``: standard MatMul / Softmax-style
+* ``attention`` / ``sparse_cross_attention``: standard MatMul / Softmax-style
   decompositions.  ORT's fused ``MultiHeadAttention``/``GroupQueryAttention`` do not reproduce the
   op's semantics (bottom-right causal alignment with ``Lq != Lk``, zeros for fully masked rows,
   fp32 softmax for fp16 inputs), so the decomposition is used; GQA folds the query heads of a
@@ -20,9 +20,6 @@ exporter runs with symbolic values.  Everything targets opset 18 plus ONNX Runti
   because it is not in the ONNX schema registry).
 * ``add_rms_norm``: ``com.microsoft.SkipSimplifiedLayerNormalization`` (outputs 0 and 3).
 * ``layer_norm``: ONNX ``LayerNormalization``; ``add_layer_norm``: ``com.microsoft.SkipLayerNormalization``.
-* ``gather_tokens``: ``GatherND`` with ``batch_dims=1``.
-* ``score_topk_gather``: scores, ``TopK`` (ties go to the lower index per the ONNX spec, like the
-  op), a second ascending ``TopK`` over the kept indices to restore token order, ``GatherND``.
 """
 
 from __future__ import annotations
@@ -218,12 +215,6 @@ def add_layer_norm(x, residual, weight=None, bias=None, eps: float = 1e-5):  # t
     return op.Reshape(out, shape), op.Reshape(summed, shape)
 
 
-def gather_tokens(x, idx):  # type: ignore[no-untyped-def]
-    """elision::gather_tokens as GatherND(x, idx[..., None], batch_dims=1)."""
-    index = op.Unsqueeze(op.Cast(idx, to=_INT64), _const_i64([-1]))
-    return op.GatherND(x, index, batch_dims=1)
-
-
 def _repeat_heads(t, kv_heads: int, heads: int):  # type: ignore[no-untyped-def]
     """[B, Hkv, L, D] -> [B, heads, L, D] with query head h reading KV head h // (heads // Hkv)."""
     if kv_heads == heads:
@@ -275,36 +266,6 @@ def sparse_cross_attention(q, k, v, block_index, block_size: int, scale: float |
     return _from_float(out, q)
 
 
-def _scores(q_row, k, scale, score_bias):  # type: ignore[no-untyped-def]
-    heads = _static_dim(q_row, 1, "number of query heads")
-    kv_heads = _static_dim(k, 1, "number of key heads")
-    head_dim = _static_dim(q_row, 2, "head_dim")
-    batch = op.Shape(q_row, start=0, end=1)
-    q4 = op.Reshape(_to_float(q_row), op.Concat(batch, _const_i64([kv_heads, heads // kv_heads, head_dim]), axis=0))
-    logits = op.MatMul(q4, op.Transpose(_to_float(k), perm=[0, 1, 3, 2]))  # [B, Hkv, G, L]
-    logits = op.Mul(logits, op.Constant(value_float=_scale(head_dim, scale)))
-    scores = op.ReduceMean(op.Softmax(logits, axis=-1), _const_i64([1, 2]), keepdims=0)  # [B, L]
-    if score_bias is not None:
-        scores = op.Add(scores, _to_float(score_bias))
-    return scores
-
-
-def token_scores(q_row, k, scale: float | None = None, score_bias=None):  # type: ignore[no-untyped-def]
-    """elision::token_scores: head-mean softmax attention of one query row, float32 [B, L]."""
-    return _scores(q_row, k, scale, score_bias)
-
-
-def score_topk_gather(q_row, k, x, keep: int, scale: float | None = None, score_bias=None):  # type: ignore[no-untyped-def]
-    """elision::score_topk_gather: scores -> TopK -> ascending kept indices -> GatherND."""
-    scores = _scores(q_row, k, scale, score_bias)
-    count = _const_i64([keep])
-    _values, best = op.TopK(scores, count, axis=-1, largest=1, sorted=1)
-    # Restore original token order: ascending TopK over the (distinct) kept indices.
-    kept, _positions = op.TopK(best, count, axis=-1, largest=0, sorted=1)
-    gathered = op.GatherND(x, op.Unsqueeze(kept, _const_i64([-1])), batch_dims=1)
-    return gathered, kept
-
-
 def custom_translation_table() -> dict[torch._ops.OpOverload, Callable]:
     """Map every ``torch.ops.elision.<op>.default`` to its ONNX translation."""
     _ops.ensure_registered()
@@ -315,8 +276,5 @@ def custom_translation_table() -> dict[torch._ops.OpOverload, Callable]:
         elision.add_rms_norm.default: add_rms_norm,
         elision.layer_norm.default: layer_norm,
         elision.add_layer_norm.default: add_layer_norm,
-        elision.gather_tokens.default: gather_tokens,
         elision.sparse_cross_attention.default: sparse_cross_attention,
-        elision.token_scores.default: token_scores,
-        elision.score_topk_gather.default: score_topk_gather,
     }

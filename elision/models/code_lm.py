@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from elision.models.registry import BuiltinModel, register_builtin
+from elision.models.builtin_model import BuiltinModel
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 CODE_LM_NAMES = ("tiny-code-lm", "tiny-code-lm-draft")
@@ -67,22 +67,14 @@ def _example_inputs(model) -> tuple[torch.Tensor]:
     return (torch.randint(2, model.config.vocab_size, (2, 16), generator=gen, dtype=torch.int64),)
 
 
-register_builtin(BuiltinModel(
-    name="tiny-code-lm",
-    description="LlamaForCausalLM (hidden 256, 4 layers, 4/2 heads, vocab 4096, context 512) trained on "
-                "Python stdlib source; target model for speculative decoding",
-    build=lambda: load_model("tiny-code-lm"),
-    example_inputs=_example_inputs,
-    dynamic_dims={0: {0: "batch", 1: "seq"}},
-    kind="causal-lm",
-))
+def _builtin(name: str, description: str) -> BuiltinModel:
+    return BuiltinModel(name=name, description=description, build=lambda: load_model(name),
+                        example_inputs=_example_inputs, dynamic_dims={0: {0: "batch", 1: "seq"}}, kind="causal-lm")
 
-register_builtin(BuiltinModel(
-    name="tiny-code-lm-draft",
-    description="LlamaForCausalLM (hidden 128, 2 layers) trained on Python stdlib source with the "
-                "tiny-code-lm tokenizer; draft model for speculative decoding",
-    build=lambda: load_model("tiny-code-lm-draft"),
-    example_inputs=_example_inputs,
-    dynamic_dims={0: {0: "batch", 1: "seq"}},
-    kind="causal-lm",
-))
+
+BUILTINS = [
+    _builtin("tiny-code-lm", "LlamaForCausalLM (hidden 256, 4 layers, 4/2 heads, vocab 4096, context 512) trained on "
+                             "Python stdlib source; target model for speculative decoding"),
+    _builtin("tiny-code-lm-draft", "LlamaForCausalLM (hidden 128, 2 layers) trained on Python stdlib source with the "
+                                   "tiny-code-lm tokenizer; draft model for speculative decoding"),
+]

@@ -1,37 +1,13 @@
 """Registry of `builtin:NAME` models.
 
 A builtin is a factory returning a ready `torch.nn.Module` in eval mode plus example inputs, so every
-entry point (CLI, Python API, tests, demo) resolves `builtin:NAME` the same way. Modules that define
-builtins register them at import time; `_ensure_loaded` imports those modules lazily so that importing
-elision stays cheap.
+entry point (CLI, Python API, tests, demo) resolves `builtin:NAME` the same way. The model modules list their
+entries in `BUILTINS`; the registry collects them on the first lookup, so that importing elision stays cheap.
+`register_builtin` adds entries of your own.
 """
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass, field
-from typing import Any, Callable
-
-# Modules that call register_builtin() when imported. Add yours here.
-_BUILTIN_MODULES = [
-    "elision.models.tiny",
-    "elision.models.code_lm",
-    "elision.models.vecset",
-    "elision.models.vision",
-]
-
-
-@dataclass(frozen=True)
-class BuiltinModel:
-    name: str
-    description: str
-    # () -> nn.Module (eval mode, float32 unless the entry says otherwise)
-    build: Callable[[], Any]
-    # (model) -> tuple of example input tensors for tracing (dynamic dims should have size >= 2)
-    example_inputs: Callable[[Any], tuple]
-    # names of the dynamic dims of each example input: {input_index: {dim: "batch"|"seq"|...}}
-    dynamic_dims: dict = field(default_factory=dict)
-    kind: str = "generic"  # "causal-lm" | "encoder" | "vision" | "shape-decoder" | "generic"
-
+from elision.models.builtin_model import BuiltinModel
 
 _REGISTRY: dict[str, BuiltinModel] = {}
 _loaded = False
@@ -47,12 +23,13 @@ def _ensure_loaded() -> None:
     if _loaded:
         return
     _loaded = True
-    for mod in _BUILTIN_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:  # a module not written yet is simply absent
-            if e.name != mod:
-                raise
+    # Imported on the first lookup, not at module top: the model modules import transformers and the model code,
+    # which `import elision.models` (and the CLI's start-up) should not pay for.
+    from elision.models import code_lm, tiny, vecset, vision
+
+    for module in (tiny, code_lm, vecset, vision):
+        for entry in module.BUILTINS:
+            _REGISTRY.setdefault(entry.name, entry)
 
 
 def list_builtins() -> list[BuiltinModel]:

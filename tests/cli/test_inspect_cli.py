@@ -3,34 +3,15 @@ from __future__ import annotations
 
 import json
 
-import typer
 from typer.testing import CliRunner
 
-from elision.cli import inspect as cli_inspect
-
-
-def _app() -> typer.Typer:
-    try:
-        from elision.cli.main import app  # the real CLI, when the lead has wired register() in
-        if any(c.name == "inspect" for c in app.registered_commands):
-            return app
-    except ImportError:
-        pass
-    app = typer.Typer()
-    cli_inspect.register(app)
-
-    @app.command("noop")
-    def _noop():  # a second command keeps typer in multi-command mode ("inspect" stays a subcommand)
-        pass
-
-    return app
-
+from elision.cli.main import app
 
 runner = CliRunner()
 
 
 def test_inspect_tables_for_a_builtin_decoder():
-    res = runner.invoke(_app(), ["inspect", "builtin:tiny-llama"])
+    res = runner.invoke(app, ["inspect", "builtin:tiny-llama"])
     assert res.exit_code == 0, res.output
     out = res.output
     assert "decoder" in out and "2 layers" in out and "model.layers" in out
@@ -41,7 +22,7 @@ def test_inspect_tables_for_a_builtin_decoder():
 
 
 def test_inspect_json_reports_unrecognized_parts_of_a_factory_model():
-    res = runner.invoke(_app(), ["inspect", "tests.model_map_models:mixer", "--json"])
+    res = runner.invoke(app, ["inspect", "tests.model_map_models:mixer", "--json"])
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
     assert data["kind"] == "unknown" and data["num_layers"] == 0
@@ -53,17 +34,17 @@ def test_inspect_json_reports_unrecognized_parts_of_a_factory_model():
 
 
 def test_list_builtins():
-    res = runner.invoke(_app(), ["inspect", "--list-builtins", "--json"])
+    res = runner.invoke(app, ["inspect", "--list-builtins", "--json"])
     assert res.exit_code == 0, res.output
     names = {e["name"] for e in json.loads(res.stdout)}
     assert {"tiny-llama", "tiny-bert", "tiny-vit"} <= names
 
 
 def test_bad_input_is_one_line_error():
-    res = runner.invoke(_app(), ["inspect", "builtin:no-such-model"])
+    res = runner.invoke(app, ["inspect", "builtin:no-such-model"])
     assert res.exit_code == 2
     assert "error:" in res.output and "no-such-model" in res.output and "Traceback" not in res.output
-    res = runner.invoke(_app(), ["inspect"])
+    res = runner.invoke(app, ["inspect"])
     assert res.exit_code == 2 and "give a MODEL" in res.output and "--list-builtins" in res.output
-    res = runner.invoke(_app(), ["inspect", "/nonexistent/dir"])
+    res = runner.invoke(app, ["inspect", "/nonexistent/dir"])
     assert res.exit_code == 2 and "cannot resolve model spec" in res.output

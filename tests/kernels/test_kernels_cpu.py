@@ -91,26 +91,3 @@ def test_reference_attention_equals_sdpa_on_plain_inputs():
     torch.testing.assert_close(reference.attention(q, k, v, None, None, True), sdpa(q, k, v, is_causal=True), atol=1e-5, rtol=1e-5)
     bias = torch.randn(1, 1, 9, 9)
     torch.testing.assert_close(reference.attention(q, k, v, bias), sdpa(q, k, v, attn_mask=bias), atol=1e-5, rtol=1e-5)
-
-
-@SOME
-@given(
-    dtype=st.sampled_from([torch.float32, torch.float16]),
-    batch=st.integers(1, 3),
-    n_tokens=st.integers(1, 60),
-    keep_frac=st.floats(0.05, 1.0),
-    channels=st.integers(1, 33),
-    int32_index=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
-def test_cpu_token_ops_match_reference(dtype, batch, n_tokens, keep_frac, channels, int32_index, seed):
-    gen = torch.Generator().manual_seed(seed)
-    keep = max(1, int(n_tokens * keep_frac))
-    x = torch.randn(batch, n_tokens, channels, generator=gen).to(dtype)
-    idx = torch.randint(0, n_tokens, (batch, keep), generator=gen)
-    index = idx.to(torch.int32) if int32_index else idx
-    assert torch.equal(cpu.gather_tokens(x, index), reference.gather_tokens(x, idx))
-    q_row, k = torch.randn(batch, 2, 8, generator=gen).to(dtype), torch.randn(batch, 1, n_tokens, 8, generator=gen).to(dtype)
-    got_x, got = cpu.score_topk_gather(q_row, k, x, keep)
-    ref_x, ref = reference.score_topk_gather(q_row, k, x, keep)
-    assert torch.equal(got, ref) and torch.equal(got_x, ref_x)

@@ -29,20 +29,17 @@ class AllOps(torch.nn.Module):
         self.norm_weight = torch.nn.Parameter(torch.randn(channels))
         self.norm_bias = torch.nn.Parameter(torch.randn(channels))
 
-    def forward(self, q, k, v, bias, x, residual, idx, block_index):  # type: ignore[no-untyped-def]
+    def forward(self, q, k, v, bias, x, residual, block_index):  # type: ignore[no-untyped-def]
         attn = ops.attention(q, k, v, bias, None, True)
         rms = ops.rms_norm(x, self.norm_weight, 1e-6)
         rms_fused, summed = ops.rms_norm(x, self.norm_weight, 1e-6, residual=residual)
         ln = ops.layer_norm(x, self.norm_weight, self.norm_bias, 1e-5)
         ln_fused, _ = ops.layer_norm(x, None, None, 1e-5, residual=residual)
-        gathered = ops.gather_tokens(x, idx)
         sparse = ops.sparse_cross_attention(q, k, v, block_index, 4, None)
-        scores = ops.token_scores(q[:, :, -1], k)
-        kept_x, kept = ops.score_topk_gather(q[:, :, -1], k, x, 3)
-        return attn, rms, rms_fused, summed, ln, ln_fused, gathered, sparse, scores, kept_x, kept
+        return attn, rms, rms_fused, summed, ln, ln_fused, sparse
 
 
-def _inputs(batch: int, q_len: int, kv_len: int, n_kept: int, seed: int = 0):  # type: ignore[no-untyped-def]
+def _inputs(batch: int, q_len: int, kv_len: int, seed: int = 0):  # type: ignore[no-untyped-def]
     gen = torch.Generator().manual_seed(seed)
     heads, kv_heads, head_dim, channels = 4, 2, 8, 8
     q = torch.randn(batch, heads, q_len, head_dim, generator=gen)
@@ -51,13 +48,12 @@ def _inputs(batch: int, q_len: int, kv_len: int, n_kept: int, seed: int = 0):  #
     bias = torch.randn(batch, 1, q_len, kv_len, generator=gen)
     x = torch.randn(batch, kv_len, channels, generator=gen)
     residual = torch.randn(batch, kv_len, channels, generator=gen)
-    idx = torch.randint(0, kv_len, (batch, n_kept), generator=gen)
     block_index = torch.randint(-1, kv_len, (batch, -(-q_len // 4), 5), generator=gen)
-    return q, k, v, bias, x, residual, idx, block_index
+    return q, k, v, bias, x, residual, block_index
 
 
 def _reference_outputs(module: AllOps, args):  # type: ignore[no-untyped-def]
-    q, k, v, bias, x, residual, idx, block_index = args
+    q, k, v, bias, x, residual, block_index = args
     w, b = module.norm_weight.detach(), module.norm_bias.detach()
     return (
         reference.attention(q, k, v, bias, None, True),
@@ -65,10 +61,7 @@ def _reference_outputs(module: AllOps, args):  # type: ignore[no-untyped-def]
         *reference.add_rms_norm(x, residual, w, 1e-6),
         reference.layer_norm(x, w, b, 1e-5),
         reference.add_layer_norm(x, residual, None, None, 1e-5)[0],
-        reference.gather_tokens(x, idx),
         reference.sparse_cross_attention(q, k, v, block_index, 4, None),
-        reference.token_scores(q[:, :, -1], k),
-        *reference.score_topk_gather(q[:, :, -1], k, x, 3),
     )
 
 
@@ -112,7 +105,7 @@ def test_ensure_registered_is_idempotent_and_survives_reimport():
 def test_cpu_dispatch_and_forced_triton_both_match_the_reference(monkeypatch):
     torch.manual_seed(0)
     module = AllOps(8)
-    args = _inputs(2, 6, 11, 4)
+    args = _inputs(2, 6, 11)
     with torch.no_grad():
         expected = _reference_outputs(module, args)
         _assert_all_close(module(*args), expected)
@@ -140,18 +133,16 @@ def test_fake_tensor_shapes():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
-        q, k, v, bias, x, residual, idx, block_index = _inputs(2, 6, 11, 4)
+        q, k, v, bias, x, residual, block_index = _inputs(2, 6, 11)
         assert ops.attention(q, k, v, bias).shape == (2, 4, 6, 8)
-        kept_x, kept = ops.score_topk_gather(q[:, :, -1], k, x, 5)
-        assert kept_x.shape == (2, 5, 8) and kept.shape == (2, 5) and kept.dtype == torch.int64
-        assert ops.gather_tokens(x, idx).shape == (2, 4, 8)
-        assert ops.token_scores(q[:, :, -1], k).dtype == torch.float32
+        assert ops.rms_norm(x, None, 1e-6, residual=residual)[0].shape == (2, 11, 8)
+        assert ops.sparse_cross_attention(q, k, v, block_index, 4).shape == (2, 4, 6, 8)
 
 
 def test_export_with_dynamic_dims_keeps_elision_nodes_and_runs_at_new_shapes():
     torch.manual_seed(0)
     module = AllOps(8)
-    batch, q_len, kv_len, kept = Dim("batch", min=1, max=16), Dim("q_len", min=2, max=64), Dim("kv_len", min=5, max=256), Dim("kept")
+    batch, q_len, kv_len = Dim("batch", min=1, max=16), Dim("q_len", min=2, max=64), Dim("kv_len", min=5, max=256)
     # q_len is a multiple of the sparse block size so the index lists cover it (nblocks = q_len / 4).
     q_blocks = Dim("q_blocks", min=1, max=16)
     dynamic_shapes = {
@@ -161,14 +152,12 @@ def test_export_with_dynamic_dims_keeps_elision_nodes_and_runs_at_new_shapes():
         "bias": {0: batch, 2: 4 * q_blocks, 3: kv_len},
         "x": {0: batch, 1: kv_len},
         "residual": {0: batch, 1: kv_len},
-        "idx": {0: batch, 1: kept},
         "block_index": {0: batch, 1: q_blocks},
     }
     del q_len
-    ep = torch.export.export(module, _inputs(2, 8, 11, 4), dynamic_shapes=dynamic_shapes)
+    ep = torch.export.export(module, _inputs(2, 8, 11), dynamic_shapes=dynamic_shapes)
     targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
-    for name in ("attention", "add_rms_norm", "rms_norm", "layer_norm", "add_layer_norm", "gather_tokens",
-                 "sparse_cross_attention", "token_scores", "score_topk_gather"):
+    for name in ("attention", "add_rms_norm", "rms_norm", "layer_norm", "add_layer_norm", "sparse_cross_attention"):
         assert f"elision.{name}.default" in targets
     # Lowering to core ATen must leave the elision ops alone (they are what later passes match).
     core_targets = {str(n.target) for n in ep.run_decompositions().graph.nodes if n.op == "call_function"}
@@ -176,7 +165,7 @@ def test_export_with_dynamic_dims_keeps_elision_nodes_and_runs_at_new_shapes():
     placeholder = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name == "q")
     assert not isinstance(placeholder.meta["val"].shape[0], int), "batch must stay symbolic"
 
-    new_args = _inputs(3, 12, 17, 6, seed=1)
+    new_args = _inputs(3, 12, 17, seed=1)
     with torch.no_grad():
         _assert_all_close(ep.module()(*new_args), _reference_outputs(module, new_args))
 
@@ -186,7 +175,7 @@ def test_torch_compile_eager_backend_matches_eager():
     module = AllOps(8)
     compiled = torch.compile(module, backend="eager", dynamic=True, fullgraph=True)
     with torch.no_grad():
-        for shape in ((2, 6, 11, 4), (3, 9, 14, 5)):
+        for shape in ((2, 6, 11), (3, 9, 14)):
             args = _inputs(*shape)
             _assert_all_close(compiled(*args), _reference_outputs(module, args))
 
@@ -217,18 +206,12 @@ def test_torch_compile_aot_eager_runs_the_ops():
          r"rms_norm: weight must have shape \[8\]"),
         (lambda: ops.layer_norm(torch.randn(2, 8), None, None, 1e-5, residual=torch.randn(2, 9)),
          r"residual must have the shape of x"),
-        (lambda: ops.gather_tokens(torch.randn(2, 5, 3), torch.tensor([[0, 5], [1, 2]])),
-         r"gather_tokens: idx: indices must lie in \[0, 5\), got values in \[0, 5\]"),
-        (lambda: ops.gather_tokens(torch.randn(2, 5, 3), torch.zeros(2, 2)),
-         r"idx must be an int32 or int64 index tensor"),
+        (lambda: ops.sparse_cross_attention(torch.randn(1, 2, 8, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8), torch.zeros(1, 2, 3), 4),
+         r"block_index must be an int32 or int64 index tensor"),
         (lambda: ops.sparse_cross_attention(torch.randn(1, 2, 10, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8), torch.zeros(1, 2, 3, dtype=torch.long), 4),
          r"2 blocks of 4 queries cover fewer than Nq=10 queries"),
         (lambda: ops.sparse_cross_attention(torch.randn(1, 2, 8, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8), torch.full((1, 2, 3), 6), 4),
          r"indices must lie in \[-1, 6\)"),
-        (lambda: ops.score_topk_gather(torch.randn(1, 2, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 5, 3), 6),
-         r"keep \(6\) must not exceed the number of tokens \(5\)"),
-        (lambda: ops.score_topk_gather(torch.randn(1, 2, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 4, 3), 2),
-         r"k has 5 tokens but x has 4"),
     ],
 )
 def test_bad_inputs_give_clear_errors(call, message):

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 from elision.kernels import reference  # noqa: E402
-from elision.kernels import triton_attention, triton_norm, triton_tokens  # noqa: E402
+from elision.kernels import triton_attention, triton_norm  # noqa: E402
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=5e-3, rtol=5e-3),
        torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
@@ -177,23 +177,6 @@ def test_norm_kernels_match_torch_modules():
 @FEW
 @given(
     dtype=DTYPES,
-    batch=st.integers(1, 3),
-    n_tokens=st.integers(1, 150),
-    n_kept=st.integers(1, 90),
-    channels=st.integers(1, 300),
-    seed=st.integers(0, 2**16),
-)
-def test_gather_kernel_matches_reference(dtype, batch, n_tokens, n_kept, channels, seed):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, n_tokens, channels, generator=gen).to(dtype)
-    idx = torch.randint(0, n_tokens, (batch, n_kept), generator=gen)
-    for index in (idx, idx.to(torch.int32)):
-        assert torch.equal(triton_tokens.gather_tokens(_d(x), _d(index)).cpu(), reference.gather_tokens(x, idx))
-
-
-@FEW
-@given(
-    dtype=DTYPES,
     batch=st.integers(1, 2),
     kv_heads=st.integers(1, 2),
     group=st.sampled_from([1, 2]),
@@ -228,66 +211,3 @@ def test_sparse_cross_attention_with_all_latents_equals_dense_attention():
     sparse = triton_attention.sparse_cross_attention(_d(q), _d(k), _d(v), _d(index), 8, None).cpu()
     torch.testing.assert_close(sparse, dense, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(reference.sparse_cross_attention(q, k, v, index, 8, None), dense, atol=1e-5, rtol=1e-5)
-
-
-def _assert_same_selection(kept, ref_kept, scores, keep):
-    """Indices must match; where float rounding reorders near-ties, the kept scores must still agree."""
-    if torch.equal(kept, ref_kept):
-        return
-    ours = torch.gather(scores, 1, kept).sort(dim=1).values
-    theirs = torch.gather(scores, 1, ref_kept).sort(dim=1).values
-    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
-
-
-@FEW
-@given(
-    dtype=DTYPES,
-    batch=st.integers(1, 2),
-    kv_heads=st.integers(1, 2),
-    group=st.sampled_from([1, 3]),
-    n_tokens=st.integers(1, 200),
-    keep_frac=st.floats(0.05, 1.0),
-    channels=st.integers(1, 40),
-    head_dim=st.sampled_from([8, 12, 16]),
-    with_bias=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
-def test_score_topk_gather_kernel_matches_reference(
-    dtype, batch, kv_heads, group, n_tokens, keep_frac, channels, head_dim, with_bias, seed
-):
-    gen = torch.Generator().manual_seed(seed)
-    heads = kv_heads * group
-    keep = max(1, int(n_tokens * keep_frac))
-    q_row = torch.randn(batch, heads, head_dim, generator=gen).to(dtype)
-    k = torch.randn(batch, kv_heads, n_tokens, head_dim, generator=gen).to(dtype)
-    x = torch.randn(batch, n_tokens, channels, generator=gen).to(dtype)
-    score_bias = None
-    if with_bias:  # protect token 0 ([CLS]) the way a pruning pass does
-        score_bias = torch.zeros(1, n_tokens)
-        score_bias[0, 0] = 1e4
-    scores = triton_tokens.token_scores(_d(q_row), _d(k), None, _d(score_bias)).cpu()
-    ref_scores = reference.token_scores(q_row, k, None, score_bias)
-    torch.testing.assert_close(scores, ref_scores, atol=1e-6, rtol=1e-5)
-
-    kept_x, kept = triton_tokens.score_topk_gather(_d(q_row), _d(k), _d(x), keep, None, _d(score_bias))
-    kept_x, kept = kept_x.cpu(), kept.cpu()
-    ref_x, ref_kept = reference.score_topk_gather(q_row, k, x, keep, None, score_bias)
-    assert kept.dtype == torch.int64 and kept.shape == (batch, keep)
-    assert torch.all(kept[:, 1:] > kept[:, :-1]), "kept indices must be strictly ascending"
-    _assert_same_selection(kept, ref_kept, ref_scores, keep)
-    assert torch.equal(kept_x, reference.gather_tokens(x, kept))
-    if with_bias:
-        assert torch.all(kept[:, 0] == 0)
-
-
-def test_score_topk_gather_breaks_ties_toward_lower_indices():
-    """All-equal scores (identical keys): every implementation keeps the first `keep` tokens."""
-    q_row = torch.randn(2, 2, 8)
-    k = torch.ones(2, 2, 37, 8)
-    x = torch.randn(2, 37, 5)
-    kept_x, kept = triton_tokens.score_topk_gather(_d(q_row), _d(k), _d(x), 10, None, None)
-    kept_x, kept = kept_x.cpu(), kept.cpu()
-    ref_x, ref_kept = reference.score_topk_gather(q_row, k, x, 10, None, None)
-    assert torch.equal(kept, torch.arange(10).expand(2, 10))
-    assert torch.equal(ref_kept, kept)
-    assert torch.equal(kept_x, x[:, :10])

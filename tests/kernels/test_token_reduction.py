@@ -126,7 +126,7 @@ def test_select_tokens_keeps_protected_sorted_and_static(n, keep, b, seed):
     protected[torch.arange(b), lengths - 1] = True  # [SEP] at the end of each row
     idx, kept = alg.select_tokens(scores, keep, protected, valid)
     k_static = 2 + alg.keep_count(n - 2, keep)
-    assert idx.shape == (b, k_static)
+    assert idx.shape == (b, k_static) and alg.pruned_length(n, keep, num_protected=2) == k_static
     assert torch.all(idx[:, 1:] > idx[:, :-1]), "indices must be sorted and unique"
     for r in range(b):
         chosen = set(idx[r][kept[r]].tolist())
@@ -138,20 +138,6 @@ def test_select_tokens_keeps_protected_sorted_and_static(n, keep, b, seed):
         cand = [i for i in range(1, int(lengths[r]) - 1)]
         best = sorted(cand, key=lambda i: -scores[r, i].item())[: len(chosen) - 2]
         assert set(best) <= chosen
-
-
-def test_positions_preserve_and_renumber():
-    idx = torch.tensor([[0, 2, 5, 7]])
-    kept = torch.tensor([[True, True, True, False]])
-    pos = torch.arange(10).unsqueeze(0) + 3
-    assert prune_pos(pos, idx, kept, "preserve").tolist() == [[3, 5, 8, 10]]
-    assert prune_pos(pos, idx, kept, "renumber").tolist() == [[0, 1, 2, 2]]
-    mrope = torch.stack([pos, pos * 2, pos * 3])
-    assert alg.prune_positions(mrope, idx, kept).shape == (3, 1, 4)
-
-
-def prune_pos(pos, idx, kept, mode):
-    return alg.prune_positions(pos, idx, kept, mode)
 
 
 def test_tome_merge_r0_identity_and_size_weighted_mean():

@@ -7,6 +7,7 @@ Hugging Face model at test time (the built-in model may be retrained, so nothing
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -129,6 +130,73 @@ def test_generation_does_not_import_torch(tiny):
     assert result.returncode == 0, result.stderr
     want = hf_greedy(model, tokenizer(PROMPTS[0]).input_ids, 12, OrtGenerator.load(art).eos_token_ids)
     assert json.loads(result.stdout) == want
+
+
+_BLOCK_TORCH = """
+import sys
+
+
+class _NoTorch:
+    \"\"\"Refuses `import torch` (and its submodules), as in a Python without PyTorch.\"\"\"
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError(f"torch is blocked in this test: {name}")
+        return None
+
+
+sys.meta_path.insert(0, _NoTorch())
+"""
+
+
+def _elision_without_torch(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """`elision ARGS` in a fresh interpreter whose sitecustomize makes `import torch` fail."""
+    blocker = tmp_path / "no_torch"
+    blocker.mkdir(exist_ok=True)
+    (blocker / "sitecustomize.py").write_text(_BLOCK_TORCH)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "elision.cli.main", *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_cli_runs_artifacts_where_torch_cannot_be_imported(tiny, tmp_path):
+    """The artifact was compiled in this (torch) process; `elision --help`, `elision run --help` and
+    `elision run DIR --prompt` work where importing torch fails, print no third-party warnings, and give HF's
+    greedy tokens. A command that compiles says in one line that it needs PyTorch."""
+    model, tokenizer, art = tiny
+    probe = _elision_without_torch(tmp_path, "--version")
+    assert probe.returncode == 0, probe.stderr
+    check = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "PYTHONPATH": str(tmp_path / "no_torch")})
+    assert check.returncode != 0 and "torch is blocked" in check.stderr  # the blocker is in force
+    for args in (["--help"], ["run", "--help"]):
+        result = _elision_without_torch(tmp_path, *args)
+        assert result.returncode == 0, result.stderr
+        assert "Usage" in result.stdout and result.stderr == ""
+    result = _elision_without_torch(tmp_path, "run", str(art), "--prompt", PROMPTS[0], "-n", "12", "--json")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""  # nothing from third parties (and no traceback)
+    want = hf_greedy(model, tokenizer(PROMPTS[0]).input_ids, 12, OrtGenerator.load(art).eos_token_ids)
+    assert json.loads(result.stdout)["tokens"] == want
+    streamed = _elision_without_torch(tmp_path, "run", str(art), "--prompt", PROMPTS[0], "-n", "12")
+    assert streamed.returncode == 0 and "Warning" not in streamed.stderr and "Traceback" not in streamed.stderr
+    assert streamed.stdout.strip() == json.loads(result.stdout)["text"].strip()
+    refused = _elision_without_torch(tmp_path, "compile", "builtin:tiny-llama", "-o", str(tmp_path / "out"))
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [refused.stderr.strip()]  # one line, no traceback
+    assert "needs PyTorch" in refused.stderr
+
+
+def test_help_imports_no_heavy_libraries():
+    """`elision --help` stays fast: it imports none of torch, transformers, onnxruntime, onnx, triton, sympy."""
+    code = ("import sys\n"
+            "from elision.cli.main import main\n"
+            "assert main(['--help']) == 0\n"
+            "heavy = {'torch', 'transformers', 'onnxruntime', 'onnx', 'triton', 'sympy', 'onnxscript'}\n"
+            "print(sorted(heavy & {m.split('.')[0] for m in sys.modules}))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
 def _cli() -> typer.Typer:

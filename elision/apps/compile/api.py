@@ -7,19 +7,15 @@ import torch
 
 from elision.errors import ElisionError
 from elision.ir.core import Module
+from elision.passes.fusion import DEFAULT_PIPELINE
 
 SEMANTIC_PIPELINE = "canonicalize,cse,constant-fold,dce"
 TARGETS = ("torch", "onnxruntime", "triton")
 
 
 def default_pipeline() -> str:
-    """The semantics-preserving pipeline: classic cleanups plus the fusions when they are available."""
-    try:
-        from elision.passes.fusion import DEFAULT_PIPELINE
-
-        return DEFAULT_PIPELINE
-    except ImportError:
-        return SEMANTIC_PIPELINE
+    """The semantics-preserving pipeline: classic cleanups plus the fusions."""
+    return DEFAULT_PIPELINE
 
 
 class CompiledModule(torch.nn.Module):
@@ -47,11 +43,9 @@ def _output_adapter(model: torch.nn.Module, example_inputs: tuple):
         out = model(*example_inputs, use_cache=False) if _takes_use_cache(model) else model(*example_inputs)
     if isinstance(out, torch.Tensor):
         return lambda res: res[0]
-    try:
-        from transformers.utils import ModelOutput
-    except ImportError:  # pragma: no cover
-        ModelOutput = ()
-    if ModelOutput and isinstance(out, ModelOutput):
+    from transformers.utils import ModelOutput  # here, not at module top: transformers is slow to import
+
+    if isinstance(out, ModelOutput):
         cls, key = type(out), next(iter(out.keys()))
         return lambda res: cls(**{key: res[0]})
     return lambda res: tuple(res)

@@ -83,7 +83,6 @@ def block_influence_ranking(adapter: EncoderAdapter, inputs: tuple, allow_edge_s
 def estimated_cost(adapter: EncoderAdapter, plan: ReductionPlan, seq_len: int, num_protected: int) -> float:
     """Relative FLOPs of `plan` (1.0 = unchanged) from static token counts per layer; used to rank
     candidates before timing the most promising ones (timing every candidate would dominate the search)."""
-    from elision.kernels.token_ops import pruned_length
 
     c = 1.0
     attn_w, mlp_w = 4.0, 8.0  # per-token matmul cost of attention projections vs a 4x MLP (units of C^2)
@@ -97,7 +96,7 @@ def estimated_cost(adapter: EncoderAdapter, plan: ReductionPlan, seq_len: int, n
         mlp = 0.0 if i in plan.skip_mlp else n * mlp_w
         total += attn + mlp
         if i in stages:
-            n = pruned_length(n, stages[i], num_protected)
+            n = alg.pruned_length(n, stages[i], num_protected)
         if plan.dct_after == i and plan.dct_keep < 1.0 and adapter.grid is not None:
             h, w = alg.dct_grid_size(*adapter.grid, plan.dct_keep)
             n = h * w + 1

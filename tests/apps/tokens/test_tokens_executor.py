@@ -92,42 +92,6 @@ def test_bad_options_give_clear_errors(bert):
         adapter_for(torch.nn.Linear(3, 3))
 
 
-def test_custom_ops_export_with_static_shapes():
-    from elision.kernels import token_ops as ops
-
-    class Tap(torch.nn.Module):
-        def forward(self, h, q, k, protected, valid):
-            qi = torch.zeros(h.shape[0], dtype=torch.long)
-            s = torch.ops.elision.attn_row_scores(q, k, qi, valid, 0.5, False)
-            kept, idx, kv = torch.ops.elision.prune_tokens(h, s, protected, valid, 0.25, 1)
-            merged, size = torch.ops.elision.tome_merge(kept, kv.to(h.dtype), kept, protected[:, :kept.shape[1]], 1)
-            return kept, idx, merged, torch.ops.elision.dct_compress(h[:, 1:], 4, 4, 0.25)
-
-    b, n, c = 2, 17, 8
-    h, q, k = torch.randn(b, n, c), torch.randn(b, 2, n, 4), torch.randn(b, 2, n, 4)
-    protected = torch.zeros(b, n, dtype=torch.bool)
-    protected[:, 0] = True
-    valid = torch.ones(b, n, dtype=torch.bool)
-    ep = torch.export.export(Tap(), (h, q, k, protected, valid))
-    targets = {str(node.target) for node in ep.graph.nodes if node.op == "call_function"}
-    assert {"elision.prune_tokens.default", "elision.attn_row_scores.default", "elision.tome_merge.default",
-            "elision.dct_compress.default"} <= targets
-    kept_len = ops.pruned_length(n, 0.25, 1)
-    assert kept_len == 1 + 4
-    kept, idx, merged, small = ep.module()(h, q, k, protected, valid)
-    assert kept.shape == (b, kept_len, c) and merged.shape == (b, kept_len - 1, c) and small.shape == (b, 4, c)
-    scores = alg.attention_row_scores(q, k, 0, valid=valid, scale=0.5)
-    exp_h, exp_idx, _ = alg.prune_tokens(h, scores, 0.25, protected, valid)
-    assert torch.equal(idx, exp_idx) and torch.equal(kept, exp_h)
-
-
-def test_prune_tokens_op_checks_protected_count():
-    h = torch.randn(1, 6, 4)
-    protected = torch.zeros(1, 6, dtype=torch.bool)
-    with pytest.raises(alg.PruningError, match="expected 1 protected tokens per row"):
-        torch.ops.elision.prune_tokens(h, torch.rand(1, 6), protected, torch.ones(1, 6, dtype=torch.bool), 0.5, 1)
-
-
 def test_fidelity_harness_metrics():
     ref = torch.randn(6, 10)
     same = compare_outputs(ref, ref.clone(), "logits", labels=ref.argmax(-1))
