@@ -141,14 +141,19 @@ def exporter_error_summary(error: BaseException) -> str:
 
 
 def _custom_translation_table() -> dict[Callable, Callable]:
-    """elision op -> onnxscript translation, from elision.lowering.onnx_ops when it exists."""
-    try:
-        module = importlib.import_module("elision.lowering.onnx_ops")
-    except ModuleNotFoundError as e:
-        if e.name not in ("elision.lowering.onnx_ops", "elision.kernels"):
-            raise
-        return {}
-    return dict(module.custom_translation_table())
+    """elision op -> onnxscript translation (from elision.lowering.onnx_ops when it exists), plus elision's
+    translations of the aten ops torch.onnx translates wrongly (`elision.lowering.onnx_aten`)."""
+    table: dict[Callable, Callable] = {}
+    for name, factory in (("elision.lowering.onnx_aten", "aten_translation_table"),
+                          ("elision.lowering.onnx_ops", "custom_translation_table")):
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name not in (name, "elision.lowering.onnx_ops", "elision.kernels"):
+                raise
+            continue
+        table.update(getattr(module, factory)())
+    return table
 
 
 _NP_NAMES = {
