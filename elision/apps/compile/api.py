@@ -6,21 +6,11 @@ from typing import Any
 import torch
 
 from elision.errors import ElisionError
+from elision.apps.compile.optimize import SEMANTIC_PIPELINE, default_pipeline  # noqa: F401  (re-exported)
 from elision.apps.compile.records import GraphRecord
 from elision.ir.core import Module
 
-SEMANTIC_PIPELINE = "canonicalize,cse,constant-fold,dce"
 TARGETS = ("torch", "onnxruntime", "triton")
-
-
-def default_pipeline() -> str:
-    """The semantics-preserving pipeline: classic cleanups plus the fusions when they are available."""
-    try:
-        from elision.passes.fusion import DEFAULT_PIPELINE
-
-        return DEFAULT_PIPELINE
-    except ImportError:
-        return SEMANTIC_PIPELINE
 
 
 class CompiledModule(torch.nn.Module):

@@ -16,13 +16,19 @@ import torch
 
 from elision.apps.compile.records import GraphRecord
 
-__all__ = ["OptimizedGraph", "optimize_graph", "default_pipeline"]
+__all__ = ["OptimizedGraph", "optimize_graph", "default_pipeline", "SEMANTIC_PIPELINE"]
+
+
+SEMANTIC_PIPELINE = "canonicalize,cse,constant-fold,dce"
 
 
 def default_pipeline() -> str:
-    from elision.apps.compile.api import default_pipeline as pipeline
-
-    return pipeline()
+    """The semantics-preserving pipeline: classic cleanups plus the fusions when they are available."""
+    try:
+        from elision.passes.fusion import DEFAULT_PIPELINE
+    except ImportError:
+        return SEMANTIC_PIPELINE
+    return DEFAULT_PIPELINE
 
 
 @dataclass
@@ -38,8 +44,8 @@ class OptimizedGraph:
         dropped = self.dropped
         return [a for i, a in enumerate(args) if i not in dropped]
 
-    def call(self, *args) -> tuple:
-        return tuple(self.fx(*self.kept(args)))
+    def call_kept(self, *kept_args) -> tuple:
+        return tuple(self.fx(*kept_args))
 
     def module(self) -> torch.nn.Module:
         """An nn.Module taking Dynamo's full argument list (what the ONNX exporter needs)."""
@@ -55,20 +61,21 @@ class OptimizedGraph:
                 return "a parameter or buffer was modified in place after compilation"
         return None
 
-    def guard(self, fn: Callable, eager: Callable, record: GraphRecord, name: str) -> Callable:
-        """`fn(*args)` while the captured parameters are current; `eager(*args)` (and a warning) once they are not."""
+    def guard(self, fn: Callable, eager: Callable, record: GraphRecord, name: str, n_args: int) -> Callable:
+        """A callable of Dynamo's arguments: `fn(*kept_args)` while the captured parameters are current, and
+        `eager(*args)` (with a warning, once) when one was replaced or modified in place since compilation."""
         state = self.state
+        kept = tuple(i for i in range(n_args) if i not in self.dropped)
 
         def guarded(*args):
             for pos, tensor, version in state:
                 arg = args[pos]
                 if arg is not tensor or arg._version != version:
-                    why = self.stale(args)
-                    record.fall_back("eager", f"{name}: {why}; elision's graph holds the weights it was compiled "
-                                              f"with, so this call runs the graph as given (recompile to use the new "
-                                              f"weights with elision)")
+                    record.fall_back("eager", f"{name}: {self.stale(args)}; elision's graph holds the weights it was "
+                                              f"compiled with, so this call runs the graph as given (recompile to use "
+                                              f"the new weights with elision)")
                     return eager(*args)
-            return fn(*args)
+            return fn(*[args[i] for i in kept])
 
         return guarded
 

@@ -97,9 +97,9 @@ def build_torch_target(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], 
         try:
             if name == "elision+inductor":
                 compiled = inductor_compile(optimized.fx, optimized.kept(example_inputs), patches, record, name)
-                candidates[name] = optimized.guard(_dropping_call(compiled, optimized.dropped), eager, record, name)
+                candidates[name] = optimized.guard(compiled, eager, record, name, len(example_inputs))
             elif name == "elision":
-                candidates[name] = optimized.guard(optimized.call, eager, record, name)
+                candidates[name] = optimized.guard(optimized.call_kept, eager, record, name, len(example_inputs))
             elif name == "inductor":
                 candidates[name] = inductor_compile(gm, example_inputs, patches, record, name)
             else:
@@ -116,10 +116,3 @@ def build_torch_target(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], 
     runner = FastestOf(candidates, record, reference="eager" if rerunnable else None, measure=rerunnable,
                        strict=strict)
     return runner
-
-
-def _dropping_call(compiled: Callable, dropped: frozenset[int]) -> Callable:
-    def call(*args):
-        return compiled(*[a for i, a in enumerate(args) if i not in dropped])
-
-    return call
