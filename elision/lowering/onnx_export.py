@@ -140,11 +140,13 @@ def exporter_error_summary(error: BaseException) -> str:
 
 
 def _custom_translation_table() -> dict[Callable, Callable]:
-    """elision op -> onnxscript translation."""
+    """elision op -> onnxscript translation, plus elision's translations of the aten ops torch.onnx translates
+    wrongly (`elision.lowering.onnx_aten`)."""
     # Imported when exporting, not at module top: the translations register the kernel ops, which import triton.
+    from elision.lowering.onnx_aten import aten_translation_table
     from elision.lowering.onnx_ops import custom_translation_table
 
-    return dict(custom_translation_table())
+    return {**aten_translation_table(), **custom_translation_table()}
 
 
 _NP_NAMES = {

@@ -35,14 +35,22 @@ class CompiledBackend:
     (``outputs="new"``) or ``-> (logits, [hidden,] k_all_0, v_all_0, ...)`` (``outputs="present"``: the
     concatenated cache is adopted instead of copied into a preallocated buffer; kept for the measurement
     in ``tools/bench_specdec_compiled.py``).
+
+    ``codegen="inductor"`` runs ``fn`` through ``torch.compile`` (inductor) with dynamic shapes: torch keeps
+    sizes 0 and 1 static, so the prefill (empty cache), single-token and multi-token (tree) steps compile one
+    graph each and every later step reuses them; ``"eager"`` calls ``fn`` as given.
     """
 
     def __init__(self, fn: Callable, *, vocab_size: int, num_layers: int, kv_layers: int, kv_heads: int,
                  head_dim: int, dtype: torch.dtype = torch.float32, max_positions: int | None = None,
-                 sliding_window: int | None = None, hidden: bool = False, outputs: str = "new"):
+                 sliding_window: int | None = None, hidden: bool = False, outputs: str = "new",
+                 codegen: str = "eager"):
         if outputs not in ("new", "present"):
             raise ValueError(f"outputs must be 'new' or 'present', got {outputs!r}")
-        self.fn = fn
+        if codegen not in ("eager", "inductor"):
+            raise ValueError(f"codegen must be 'eager' or 'inductor', got {codegen!r}")
+        self.codegen = codegen
+        self.fn = torch.compile(fn, backend="inductor", dynamic=True) if codegen == "inductor" else fn
         self.vocab_size = int(vocab_size)
         self.num_layers = int(num_layers)
         self.kv_layers = int(kv_layers)
@@ -168,7 +176,8 @@ def model_config(model: torch.nn.Module) -> dict:
     }
 
 
-def make_backend(ir, fn: str, config: dict, outputs: str = "new", callable_: Callable | None = None) -> CompiledBackend:
+def make_backend(ir, fn: str, config: dict, outputs: str = "new", callable_: Callable | None = None,
+                 codegen: str = "eager") -> CompiledBackend:
     from elision.ir.execute import to_fx
 
     if fn not in ir.functions:
@@ -180,7 +189,7 @@ def make_backend(ir, fn: str, config: dict, outputs: str = "new", callable_: Cal
                            kv_layers=kv_layers, kv_heads=a["kv_heads"], head_dim=a["head_dim"],
                            dtype=getattr(torch, config.get("dtype", "float32")),
                            max_positions=config.get("max_positions"), sliding_window=config.get("sliding_window"),
-                           hidden=hidden, outputs=outputs)
+                           hidden=hidden, outputs=outputs, codegen=codegen)
 
 
 def make_generator(target: CompiledBackend, draft: CompiledBackend | None = None, drafter: str = "recycling+lookup",

@@ -1,4 +1,5 @@
-"""torch.compile(model, backend="elision"): targets match eager, dynamic shapes, graph breaks, fallback."""
+"""torch.compile(model, backend="elision"): targets match eager, dynamic shapes, graph breaks, inductor code
+generation and the choice of the fastest route, loud fallbacks."""
 from __future__ import annotations
 
 import warnings
@@ -7,7 +8,8 @@ import pytest
 import torch
 
 from _lowering_models import PrimaryOutput, pixels, tiny_bert, tiny_gpt2, tiny_llama, tiny_vit, token_ids
-from elision.apps.compile.backend import ElisionFallbackWarning, elision_backend, register
+from elision.apps.compile import records
+from elision.apps.compile.backend import ElisionFallbackWarning, elision_backend, graph_records, register
 
 ATOL = 1e-4  # float32; ORT reorders reductions, torch target is exact up to fused-op rounding
 
@@ -106,11 +108,31 @@ def test_graph_breaks_compile_each_piece():
     assert backend.graphs == 2
 
 
-def test_fallback_warns_once_per_graph_with_the_reason():
-    model = _mlp()
-    compiled = torch.compile(model, backend="elision", options={"passes": "no-such-pass"})
+@torch.library.custom_op("elision_test::shifted_tanh", mutates_args=())
+def shifted_tanh(x: torch.Tensor) -> torch.Tensor:
+    """An op with no ONNX translation: the onnxruntime target cannot lower a graph that calls it."""
+    return torch.tanh(x) + 1
+
+
+@shifted_tanh.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class _WithCustomOp(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = _mlp()
+
+    def forward(self, x):
+        return torch.ops.elision_test.shifted_tanh(self.mlp(x))
+
+
+def test_fallback_to_eager_is_loud_recorded_and_strict_raises():
+    model = _WithCustomOp().eval()
+    compiled = torch.compile(model, backend="elision", options={"target": "onnxruntime"})
     x = torch.randn(3, 8)
-    with pytest.warns(ElisionFallbackWarning, match=r"falls back to eager .*no-such-pass") as record:
+    with pytest.warns(ElisionFallbackWarning, match=r"runs eager: onnxruntime lowering failed") as record:
         with torch.no_grad():
             torch.testing.assert_close(compiled(x), model(x))
     with warnings.catch_warnings():
@@ -118,6 +140,27 @@ def test_fallback_warns_once_per_graph_with_the_reason():
         with torch.no_grad():
             torch.testing.assert_close(compiled(x), model(x))
     assert len([w for w in record if issubclass(w.category, ElisionFallbackWarning)]) == 1
+    (graph,) = [r for r in graph_records() if r.target == "onnxruntime"][-1:]
+    assert graph.runs == "eager" and graph.eager and "onnxruntime lowering failed" in graph.fallback
+    assert set(graph.dropped) == {"onnxruntime", "onnxruntime (graph without elision's rewrites)"}
+    torch._dynamo.reset()
+    strict = torch.compile(model, backend="elision", options={"target": "onnxruntime", "strict": True})
+    with pytest.raises(Exception, match="shifted_tanh"), torch.no_grad():
+        strict(x)
+
+
+def test_torch_target_without_rewrites_still_compiles_and_says_why():
+    """A graph elision's IR cannot hold (a higher-order op) runs on inductor or eager, with a warning."""
+    def fn(x):
+        return torch.cond(x.sum() > 0, lambda y: y.sin(), lambda y: y.cos(), (x,)) * 2
+
+    compiled = torch.compile(fn, backend="elision")
+    x = torch.randn(5)
+    with pytest.warns(ElisionFallbackWarning, match=r"runs without elision's rewrites"):
+        torch.testing.assert_close(compiled(x), fn(x))
+    graph = graph_records()[-1]
+    assert graph.runs in ("inductor", "eager") and graph.fallback is None
+    assert "elision's rewrites failed" in graph.dropped["elision+inductor"]
 
 
 def test_strict_and_bad_options_raise():
@@ -130,14 +173,18 @@ def test_strict_and_bad_options_raise():
         torch.compile(model, backend="elision", options={"pases": "cse"})(x)
     torch._dynamo.reset()
     with pytest.raises(Exception, match=r"no-such-pass"):
-        torch.compile(model, backend="elision", options={"passes": "no-such-pass", "strict": True})(x)
+        torch.compile(model, backend="elision", options={"passes": "no-such-pass"})(x)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"unknown select 'fast'"):
+        torch.compile(model, backend="elision", options={"select": "fast"})(x)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"skip-layers change the model's output"):
+        torch.compile(model, backend="elision", options={"passes": "skip-layers{layers=1}"})(x)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU message of the triton target")
 def test_triton_target_on_cpu_says_it_uses_the_torch_reference():
-    import elision.apps.compile.backend as backend_module
-
-    backend_module._warned.discard("triton:no-cuda")
+    records._warned.discard("triton:no-cuda")
     model = _mlp()
     with pytest.warns(ElisionFallbackWarning, match=r"target 'triton' has no CUDA device here; .*torch reference"):
         with torch.no_grad():
@@ -152,3 +199,71 @@ def test_onnxruntime_target_runs_eager_when_autograd_needs_it():
         y = compiled(x)
     y.sum().backward()
     assert x.grad is not None and x.grad.shape == x.shape
+
+
+def test_torch_target_hands_the_rewritten_graph_to_inductor():
+    """elision's fused ops reach inductor as ops it traces into: no extern call of an elision op remains."""
+    from torch._inductor.utils import run_and_get_code
+
+    seen = {}
+
+    def spy(gm, example_inputs, **kwargs):
+        from elision.apps.compile.optimize import optimize_graph
+
+        seen["ops"] = {str(n.target) for n in optimize_graph(gm, example_inputs, None).fx.graph.nodes}
+        return elision_backend(gm, example_inputs, **kwargs)
+
+    model = PrimaryOutput(tiny_llama(layers=1), use_cache=False).eval()
+    compiled = torch.compile(model, backend=spy, options={"select": "elision+inductor", "strict": True})
+    ids = token_ids(2, 7)
+    with torch.no_grad():
+        out, code = run_and_get_code(compiled, ids)
+        torch.testing.assert_close(out, model(ids), atol=ATOL, rtol=0)
+    assert {"elision.attention.default", "elision.add_rms_norm.default"} <= seen["ops"]  # the rewrites fired
+    assert code and "def call(" in code[0]  # inductor's generated module ran
+    assert "torch.ops.elision" not in "".join(code)
+    graph = graph_records()[-1]
+    assert graph.runs == "elision+inductor" and graph.fallback is None and "elision+inductor" in graph.compile_seconds
+
+
+def test_default_torch_target_keeps_the_fastest_candidate_and_records_it():
+    model = _mlp()
+    compiled = torch.compile(model, backend="elision")
+    x = torch.randn(6, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), atol=ATOL, rtol=0)
+        torch.testing.assert_close(compiled(x + 1), model(x + 1), atol=ATOL, rtol=0)
+    graph = graph_records()[-1]
+    assert set(graph.timings_ms) == {"elision+inductor", "inductor", "elision", "eager"}
+    assert graph.runs == min(graph.timings_ms, key=graph.timings_ms.get)
+    assert graph.reason.startswith("fastest of") and not graph.dropped and graph.fallback is None
+    assert graph.as_dict()["runs"] == graph.runs and graph.runs in graph.summary()
+
+
+@pytest.mark.parametrize("select", ["elision+inductor", "elision"])
+def test_weights_changed_after_compilation_run_the_graph_as_given_loudly(select):
+    model = _mlp()
+    compiled = torch.compile(model, backend="elision", options={"select": select})
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), atol=ATOL, rtol=0)
+        model[0].weight.mul_(2)  # elision's graph holds the old weights: the call must not use it
+        with pytest.warns(ElisionFallbackWarning, match="modified in place after compilation"):
+            got = compiled(x)
+        torch.testing.assert_close(got, model(x), atol=ATOL, rtol=0)
+    assert graph_records()[-1].runs == "eager"
+
+
+def test_onnxruntime_lowers_llama_called_with_its_kv_cache_outputs():
+    """The graph of issue 13: a GQA Llama called as users call it (use_cache on, outputs include the cache)."""
+    lm = tiny_llama(layers=2)
+    compiled = torch.compile(lm, backend="elision", options={"target": "onnxruntime", "strict": True})
+    with torch.no_grad():
+        for seq in (6, 1):
+            ids = token_ids(1, seq, seed=seq)
+            got, want = compiled(ids), lm(ids)
+            torch.testing.assert_close(got.logits, want.logits, atol=ATOL, rtol=0)
+            for layer_got, layer_want in zip(got.past_key_values.layers, want.past_key_values.layers):
+                torch.testing.assert_close(layer_got.keys, layer_want.keys, atol=ATOL, rtol=0)
+    graphs = [r for r in graph_records() if r.target == "onnxruntime"][-2:]
+    assert [g.runs for g in graphs] == ["onnxruntime", "onnxruntime"] and not any(g.fallback for g in graphs)
