@@ -10,13 +10,16 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+
+from elision.cli import failures
+from elision.runtime.outputs import atomic_file, check_output_file
 
 KNOWN = "lookup, recycling, copy, layer-skip, draft-model, none, or a '+' combination such as recycling+lookup"
 
 
 def _fail(console: Console, message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(2)
+    raise failures.fail(message)
 
 
 class _ConsoleStreamer:
@@ -43,6 +46,7 @@ class _ConsoleStreamer:
 
 def register(app: typer.Typer) -> None:
     @app.command("generate")
+    @failures.command
     def generate_cmd(
         model: str = typer.Argument(..., help="Hugging Face causal LM directory (with tokenizer) or builtin:tiny-code-lm"),
         prompt: str = typer.Option(..., "--prompt", "-p", help="prompt text"),
@@ -61,14 +65,17 @@ def register(app: typer.Typer) -> None:
         visualize: Optional[Path] = typer.Option(None, "--visualize", help="write the most-accepted draft tree to this .png/.html"),
     ) -> None:
         """Generate text with lossless speculative decoding (output identical to the model's own decoding)."""
-        console = Console(stderr=as_json)
-        err = Console(stderr=True)
+        console = Console(stderr=as_json, emoji=False)
+        err = Console(stderr=True, emoji=False)
         if not prompt:
             _fail(err, "the prompt is empty: pass some text with --prompt")
+        failures.check_prompt(prompt)
         if max_new_tokens < 1:
             _fail(err, f"--max-new-tokens must be >= 1, got {max_new_tokens}")
         if visualize is not None and visualize.suffix.lower() not in (".png", ".html", ".htm"):
             _fail(err, f"--visualize needs a .png or .html file name, got {visualize.name!r}")
+        if visualize is not None:
+            check_output_file(visualize, "--visualize file")
         skip = None
         if skip_layers:
             try:
@@ -79,7 +86,7 @@ def register(app: typer.Typer) -> None:
         from elision.apps.specdec.generate import SpeculativeGenerator
 
         try:
-            with err.status(f"loading {model}"):
+            with err.status(f"loading {escape(model)}"):
                 from elision.apps.specdec.loading import load_causal_lm  # torch + transformers: only when running
 
                 target, tokenizer = load_causal_lm(model)
@@ -105,13 +112,15 @@ def register(app: typer.Typer) -> None:
         if visualize is not None and result.steps:
             from elision.apps.specdec.visualize import pick_step, render_tree
 
-            render_tree(pick_step(result), visualize, tokenizer)
+            with atomic_file(visualize, what="--visualize file") as tmp:
+                render_tree(pick_step(result), tmp, tokenizer)
         if as_json:
             print(json.dumps({"tokens": result.tokens[0], "text": result.text[0], "stats": stats}))
         else:
             err.print(
                 f"[dim]{stats['new_tokens']} tokens, {stats['tokens_per_s']:.1f} tok/s, {stats['forward_passes']} forward passes, "
-                f"mean accepted length {stats['mean_accepted_length']:.2f} ({stats['drafter']}, tree {stats['tree']})[/]"
+                f"mean accepted length {stats['mean_accepted_length']:.2f} ({escape(str(stats['drafter']))}, tree "
+                f"{escape(str(stats['tree']))})[/]"
             )
             if visualize is not None:
-                err.print(f"[dim]draft tree written to {visualize}[/]")
+                err.print(f"[dim]draft tree written to {escape(str(visualize))}[/]")

@@ -17,14 +17,14 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-console = Console(stderr=True)
-out = Console()
+from elision.cli import failures
+from elision.runtime.outputs import atomic_file, check_output_file
 
-
-def _fail(message: str) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(2)
+console = Console(stderr=True, emoji=False)  # paths and specs are user text, never :emoji: codes
+out = Console(emoji=False)
+_fail = failures.fail
 
 
 def load_vecset(spec: str):
@@ -45,6 +45,7 @@ def load_vecset(spec: str):
 
 def register(app: typer.Typer) -> None:
     @app.command("decode-shape")
+    @failures.command
     def decode_shape(
         model: str = typer.Argument(..., help="builtin:NAME, a VecSet .safetensors checkpoint, or an ONNX artifact dir"),
         latents: Path = typer.Option(..., "--latents", help="safetensors file with a 'latents' tensor [1,M,E]"),
@@ -69,7 +70,7 @@ def register(app: typer.Typer) -> None:
         from elision.models.vecset import load_latents
         from elision.apps.volume import DEFAULT_PIPELINE, VolumeError, decode_volume, parse_volume_pipeline
         from elision.apps.volume.decode import check_memory
-        from elision.apps.volume.mesh import MESH_SUFFIXES, extract_mesh, render_preview, save_mesh
+        from elision.apps.volume.mesh import MESH_SUFFIXES, MeshError, extract_mesh, render_preview, save_mesh
 
         torch.set_num_threads(min(2, torch.get_num_threads()))
         pipeline = DEFAULT_PIPELINE if passes is None else passes
@@ -79,12 +80,18 @@ def register(app: typer.Typer) -> None:
             raise _fail(f"--backend must be 'torch' or 'ort', got {backend!r}")
         if chunk < 1:
             raise _fail(f"--chunk must be >= 1, got {chunk}")
+        check_output_file(output, "mesh file (-o)")
+        if preview is not None:
+            check_output_file(preview, "--preview file")
         try:
             plan = parse_volume_pipeline(pipeline)
             check_memory(resolution)
             if resolution < 2:
                 raise VolumeError(f"resolution must be >= 2, got {resolution}")
             lat = load_latents(latents)
+            if not torch.isfinite(lat).all():
+                raise VolumeError(f"the latents in {latents} hold NaN or infinite values; re-encode the shape "
+                                  f"(`elision encode-shape`)")
             t0 = time.perf_counter()
             if backend == "ort" and Path(model).is_dir():
                 from elision.apps.volume.onnx_field import OrtFieldDecoder
@@ -109,7 +116,7 @@ def register(app: typer.Typer) -> None:
         total = (resolution + 1) ** 3
         with Progress(TextColumn("[bold]decode"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("queries (dense would be {task.total:,})"), TimeElapsedColumn(),
-                      console=console, transient=as_json, disable=as_json) as prog:
+                      console=console, transient=as_json, disable=as_json or not console.is_terminal) as prog:
             task = prog.add_task("decode", total=total)
             try:
                 if backend == "ort" and plan.check_independence and not isinstance(net, torch.nn.Module):
@@ -119,14 +126,19 @@ def register(app: typer.Typer) -> None:
             except VolumeError as e:
                 raise _fail(str(e))
         t1 = time.perf_counter()
-        mesh = extract_mesh(res)
-        t2 = time.perf_counter()
         try:
-            save_mesh(mesh, output)
-        except (ValueError, OSError) as e:
-            raise _fail(f"cannot write {output}: {e}")
+            mesh = extract_mesh(res)
+        except MeshError as e:
+            raise _fail(f"cannot extract a surface: {e}") from None
+        t2 = time.perf_counter()
         png = preview or output.with_suffix(".png")
-        render_preview(mesh, png, title=f"{Path(model).name} r={resolution} {plan.describe()}")
+        try:
+            with atomic_file(output, what="mesh file (-o)") as tmp:  # a failed write keeps a previous mesh intact
+                save_mesh(mesh, tmp)
+            with atomic_file(png, what="--preview file") as tmp:
+                render_preview(mesh, tmp, title=f"{Path(model).name} r={resolution} {plan.describe()}")
+        except (ValueError, OSError) as e:
+            raise _fail(f"cannot write {output}: {e}") from None
         t3 = time.perf_counter()
         seconds = {"load": load_s, **res.seconds, "marching_cubes": t2 - t1, "write_and_preview": t3 - t2}
         report = {"model": model, "backend": backend, "passes": plan.describe(), **res.summary(),
@@ -135,11 +147,12 @@ def register(app: typer.Typer) -> None:
         if as_json:
             out.print_json(json.dumps(report))
         else:
-            out.print(f"[green]wrote[/] {output} ({report['mesh']['faces']:,} faces) and {png}")
+            out.print(f"[green]wrote[/] {escape(str(output))} ({report['mesh']['faces']:,} faces) and {escape(str(png))}")
             out.print(f"field queries: {res.queries:,} of {res.dense_queries:,} dense "
                       f"({100 * res.queries / res.dense_queries:.2f}%), decode {res.seconds.get('decode', 0):.2f}s")
 
     @app.command("encode-shape")
+    @failures.command
     def encode_shape(
         model: str = typer.Argument(..., help="builtin:NAME or a VecSet .safetensors checkpoint"),
         mesh: Path = typer.Argument(..., help="watertight mesh (.off/.obj/.ply/.stl/.glb)"),
@@ -159,6 +172,7 @@ def register(app: typer.Typer) -> None:
         torch.set_num_threads(min(2, torch.get_num_threads()))
         if output.suffix != ".safetensors":
             raise _fail(f"output must be a .safetensors file, got {output.name}")
+        check_output_file(output, "latents file (-o)")
         if steps < 1:
             raise _fail(f"--steps must be >= 1, got {steps}")
         try:
@@ -167,15 +181,17 @@ def register(app: typer.Typer) -> None:
         except (ShapeError, ValueError, KeyError, FileNotFoundError) as e:
             raise _fail(str(e).strip("'\""))
         with Progress(TextColumn("[bold]fit latents"), BarColumn(), TextColumn("{task.completed}/{task.total} "
-                      "L1 {task.fields[loss]}"), TimeElapsedColumn(), console=console, disable=as_json) as prog:
+                      "L1 {task.fields[loss]}"), TimeElapsedColumn(), console=console,
+                      disable=as_json or not console.is_terminal) as prog:
             task = prog.add_task("fit", total=steps, loss="-")
             res = fit(net, [src], steps=steps, train_weights=False, time_limit_s=minutes * 60,
                       progress=lambda s, l: prog.update(task, completed=s, loss=f"{l:.4f}"))
-        save_latents(res.latents[0], output, source=str(mesh), model=model, iou=f"{res.iou[src.name]:.4f}")
+        with atomic_file(output, what="latents file (-o)") as tmp:
+            save_latents(res.latents[0], tmp, source=str(mesh), model=model, iou=f"{res.iou[src.name]:.4f}")
         report = {"output": str(output), "iou": res.iou[src.name], "steps": res.steps,
                   "seconds": round(res.seconds, 2), "l1": res.loss}
         if as_json:
             out.print_json(json.dumps(report))
         else:
-            out.print(f"[green]wrote[/] {output}: volume IoU {res.iou[src.name]:.3f} after {res.steps} steps "
+            out.print(f"[green]wrote[/] {escape(str(output))}: volume IoU {res.iou[src.name]:.3f} after {res.steps} steps "
                       f"({res.seconds:.0f}s)")

@@ -13,7 +13,8 @@ Per Dynamo graph:
      `onnxruntime` (export the graph with torch.onnx, dynamic dims taken from Dynamo's SymInts, run
      in an ORT session).
 Anything that fails falls back to eager for that graph (warning once, with the reason) unless
-`options["strict"]` is set. Bad options are user errors and raise `ValueError` immediately.
+`options["strict"]` is set. Bad options (a pipeline that does not parse or holds an approximate pass included) are
+user errors and raise `ValueError` immediately.
 
 Options: target ("torch" | "onnxruntime" | "triton"), passes (pipeline string; "" = none),
 strict (bool), ort_threads (int), ort_fusions (bool: onnxscript ORT fusions, verified).
@@ -70,6 +71,14 @@ class BackendOptions:
         passes = options.get("passes")
         if passes is not None and not isinstance(passes, str):
             raise ValueError(f"elision backend: passes must be a pipeline string like 'canonicalize,cse', got {type(passes).__name__}")
+        if passes is not None and passes.strip():
+            from elision.apps.compile.api import check_pipeline
+            from elision.errors import PassError
+
+            try:  # a typo is the user's error, not a graph to run eager: refuse it before Dynamo traces anything
+                check_pipeline(passes)
+            except PassError as e:
+                raise ValueError(f"elision backend: {e}") from None
         if mode not in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
             raise ValueError(f"elision backend: unknown mode {mode!r}")
         threads = options.get("ort_threads")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from _lowering_models import PrimaryOutput, pixels, tiny_bert, tiny_gpt2, tiny_llama, tiny_vit, token_ids
-from elision.apps.compile.backend import ElisionFallbackWarning, elision_backend, register
+from elision.apps.compile.backend import BackendOptions, ElisionFallbackWarning, elision_backend, register
 
 ATOL = 1e-4  # float32; ORT reorders reductions, torch target is exact up to fused-op rounding
 
@@ -108,9 +108,10 @@ def test_graph_breaks_compile_each_piece():
 
 def test_fallback_warns_once_per_graph_with_the_reason():
     model = _mlp()
-    compiled = torch.compile(model, backend="elision", options={"passes": "no-such-pass"})
+    # kv-cache parses but cannot apply to an MLP (no attention): a graph-level failure, not a bad option
+    compiled = torch.compile(model, backend="elision", options={"passes": "kv-cache"})
     x = torch.randn(3, 8)
-    with pytest.warns(ElisionFallbackWarning, match=r"falls back to eager .*no-such-pass") as record:
+    with pytest.warns(ElisionFallbackWarning, match=r"falls back to eager .*kv-cache needs a decoder LM") as record:
         with torch.no_grad():
             torch.testing.assert_close(compiled(x), model(x))
     with warnings.catch_warnings():
@@ -129,8 +130,23 @@ def test_strict_and_bad_options_raise():
     with pytest.raises(Exception, match=r"unknown option\(s\) pases"):
         torch.compile(model, backend="elision", options={"pases": "cse"})(x)
     torch._dynamo.reset()
-    with pytest.raises(Exception, match=r"no-such-pass"):
-        torch.compile(model, backend="elision", options={"passes": "no-such-pass", "strict": True})(x)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"kv-cache needs a decoder LM"):
+        torch.compile(model, backend="elision", options={"passes": "kv-cache", "strict": True})(x)
+
+
+@pytest.mark.parametrize("passes,message", [
+    ("cse,no-such-pass", r"elision backend: unknown pass 'no-such-pass'"),
+    ("cse{bogus=1}", r"elision backend: pass 'cse' has no option 'bogus'"),
+    ("skip-layers{layers=1}", r"elision backend: pass 'skip-layers' changes the model's output \(approximate\)"),
+])
+def test_bad_pipeline_is_refused_before_tracing_even_without_strict(passes, message):
+    # checked when the options are read: a typo is never silently turned into an eager fallback
+    with pytest.raises(ValueError, match=message):
+        BackendOptions.parse({"passes": passes})
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=message):
+        torch.compile(_mlp(), backend="elision", options={"passes": passes})(torch.randn(3, 8))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU message of the triton target")
