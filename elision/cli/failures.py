@@ -23,10 +23,11 @@ from elision.cli.entry import INTERRUPTED
 from elision.errors import ElisionError
 
 __all__ = ["INTERRUPTED", "check_prompt", "command", "fail", "json_errors", "one_line", "report", "report_usage_error",
-           "restore", "stderr"]
+           "reported", "restore", "stderr"]
 
 
 _json_errors: ContextVar[bool] = ContextVar("elision_json_errors", default=False)
+_reported = [0]  # failures reported so far in this process (see `reported`)
 
 
 def stderr() -> Console:
@@ -63,11 +64,18 @@ def report_usage_error(error) -> None:
 def report(message: Any, code: int = 2) -> None:
     """Print one failure: a line on stderr, or the JSON error object on stdout in --json mode."""
     text = one_line(message)
+    _reported[0] += 1
     if _json_errors.get():
         sys.stdout.write(json.dumps({"error": text, "exit_code": code}) + "\n")
         sys.stdout.flush()
     else:
         stderr().print(Text.assemble(("error:", "bold red"), " ", text))
+
+
+def reported() -> int:
+    """How many failures were reported so far: lets `main` tell whether an exit code 130 was already explained (typer
+    turns a Ctrl-C during argument parsing into a silent exit 130)."""
+    return _reported[0]
 
 
 def fail(message: Any, code: int = 2) -> typer.Exit:

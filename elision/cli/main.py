@@ -254,8 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     command = typer.main.get_command(app)
     token = failures.json_errors(_json_requested(command, args))
+    reported = failures.reported()
     try:
         result = command.main(args=args, prog_name="elision", standalone_mode=False)
+        if result == failures.INTERRUPTED and failures.reported() == reported:
+            failures.report("interrupted", failures.INTERRUPTED)  # Ctrl-C while typer parsed the arguments
         return result if isinstance(result, int) and not isinstance(result, bool) else 0
     except typer.TyperException as e:  # the command line itself is wrong: unknown option, bad value, missing MODEL
         failures.report_usage_error(e)

@@ -58,7 +58,7 @@ def test_broken_model_directories(tmp_path):
     ("builtin:does-not-exist", "unknown builtin model 'does-not-exist'; known builtins:"),
     ("no_such_module_xyz:factory", "cannot import module 'no_such_module_xyz'"),
     ("platform:python_version", "must return an nn.Module"),
-    ("tests.cli.bad_input_models:raising_factory", "raised RuntimeError: the checkpoint server is down"),
+    ("bad_input_models:raising_factory", "raised RuntimeError: the checkpoint server is down"),
     ("/definitely/not/here", "no such directory"),
     (":boom:", "neither a directory, builtin:NAME, nor package.module:factory"),
 ])
@@ -67,7 +67,7 @@ def test_bad_specs(spec, msg):
         load_model(spec, trust_code=True)
 
 
-@pytest.mark.parametrize("spec", ["os:abort", "platform:python_version", "tests.cli.bad_input_models:eigh_model"])
+@pytest.mark.parametrize("spec", ["os:abort", "platform:python_version", "bad_input_models:eigh_model"])
 def test_factory_specs_need_trust_code(spec):
     # importing a module and calling a function in it runs arbitrary code: only on explicit opt-in
     with pytest.raises(UntrustedCodeError, match=r"running arbitrary Python code; pass --trust-code \(trust_code=True"):
