@@ -359,7 +359,10 @@ class Artifact:
         """Run function `fn` on numpy inputs given by name; returns outputs by name."""
         self.check_inputs(fn, inputs)
         spec = self.spec(fn)
-        values = self._sessions[fn].run(spec.output_names, inputs)
+        try:
+            values = self._sessions[fn].run(spec.output_names, inputs)
+        except Exception as e:  # ORT's own exception types: inputs the graph cannot take (shapes that disagree, ...)
+            raise ArtifactInputError(f"function {fn!r}: onnxruntime cannot run it on these inputs: {_first_line(e)}") from None
         return dict(zip(spec.output_names, values))
 
     def run_with_binding(
@@ -386,7 +389,10 @@ class Artifact:
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
         for name in spec.output_names:
             binding.bind_output(name, self.device_type if name in keep else "cpu")
-        self._sessions[fn].run_with_iobinding(binding)
+        try:
+            self._sessions[fn].run_with_iobinding(binding)
+        except Exception as e:  # as in `run`
+            raise ArtifactInputError(f"function {fn!r}: onnxruntime cannot run it on these inputs: {_first_line(e)}") from None
         results = {}
         for name, value in zip(spec.output_names, binding.get_outputs()):
             results[name] = value if name in keep else value.numpy()
@@ -412,6 +418,54 @@ def _check_range(fn: str, spec: TensorSpec, value: np.ndarray) -> None:
         )
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _ort_dtype(ort_type: str) -> str:
+    """ORT's 'tensor(float)' as the manifest's numpy name 'float32'."""
+    name = ort_type.removeprefix("tensor(").removesuffix(")")
+    return {"float": "float32", "double": "float64"}.get(name, name)
+
+
+def _check_signature(spec: FunctionSpec, session) -> None:
+    """The manifest's inputs and outputs of a function must be the graph's: names, dtypes, ranks and fixed sizes."""
+    for kind, declared, actual in (("inputs", spec.inputs, session.get_inputs()),
+                                   ("outputs", spec.outputs, session.get_outputs())):
+        graph = {a.name: a for a in actual}
+        mismatch = sorted({t.name for t in declared} ^ set(graph))
+        for t in declared:
+            if t.name not in graph:
+                continue
+            a = graph[t.name]
+            fixed_differ = any(isinstance(d, int) and isinstance(g, int) and d != g for d, g in zip(t.shape, a.shape))
+            if _ort_dtype(a.type) != t.dtype or len(a.shape) != len(t.shape) or fixed_differ:
+                mismatch.append(t.name)
+        if mismatch:
+            raise ArtifactCorruptError(
+                f"{MANIFEST_NAME} describes the {kind} of function {spec.name!r} differently from {spec.file} "
+                f"({', '.join(mismatch)}); {_COMPILE_HINT}"
+            )
+
+
+def _check_links(root: Path) -> None:
+    """No symlink inside the artifact may lead outside it: ONNX Runtime reads external data by name from the
+    directory, so an unlisted link (say `w.bin -> /etc/shadow`) would otherwise be followed."""
+    base = root.resolve()
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(folder) / name
+            if path.is_symlink():
+                try:
+                    inside = path.resolve().is_relative_to(base)
+                except (OSError, RuntimeError):
+                    inside = False
+                if not inside:
+                    raise ArtifactPathError(f"{path} is a symlink leading outside the artifact directory {root}; "
+                                            f"an artifact reads only its own files (refusing to load it)")
+
+
 def load_artifact(
     path: str | os.PathLike,
     *,
@@ -430,6 +484,7 @@ def load_artifact(
 
     root = Path(path)
     manifest = _read_manifest(root)
+    _check_links(root)
     _verify_files(root, manifest, check_hashes=verify)
     functions = _parse_functions(manifest)
     chosen = select_providers(providers)
@@ -442,9 +497,9 @@ def load_artifact(
         try:
             session = ort.InferenceSession(str(model_path), sess_options=options, providers=chosen)
         except Exception as e:  # ORT raises its own exception types (InvalidProtobuf, Fail, ...)
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ArtifactCorruptError(
-                f"function {name!r}: onnxruntime cannot load {model_path}: {first_line}; {_COMPILE_HINT}"
+                f"function {name!r}: onnxruntime cannot load {model_path}: {_first_line(e)}; {_COMPILE_HINT}"
             ) from None
+        _check_signature(spec, session)
         artifact._sessions[name] = session
     return artifact
