@@ -1,6 +1,8 @@
 """User-facing errors. The CLI prints their message on one line and exits with ``exit_code``."""
 from __future__ import annotations
 
+INTERRUPTED_EXIT_CODE = 130  # Ctrl-C: what shells report for a process ended by SIGINT
+
 
 class ElisionError(Exception):
     exit_code = 2

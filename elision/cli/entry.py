@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-INTERRUPTED = 130  # what shells report for a process ended by SIGINT
+from elision.errors import INTERRUPTED_EXIT_CODE
 
 
 def run() -> None:
@@ -17,7 +17,7 @@ def run() -> None:
         code = main()
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted\n")
-        code = INTERRUPTED
+        code = INTERRUPTED_EXIT_CODE
     sys.exit(code)
 
 

@@ -19,8 +19,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from elision.cli.entry import INTERRUPTED
-from elision.errors import ElisionError
+from elision.errors import INTERRUPTED_EXIT_CODE as INTERRUPTED, ElisionError
 
 __all__ = ["INTERRUPTED", "check_prompt", "command", "fail", "json_errors", "one_line", "report", "report_usage_error",
            "reported", "restore", "stderr"]
