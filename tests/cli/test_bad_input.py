@@ -175,6 +175,13 @@ def test_bad_input_is_one_clear_line(case: Case, as_json: bool, paths, capsys):
         assert message in errors[0], errors[0]
 
 
+@pytest.mark.parametrize("command", ["compile", "inspect", "tune"])
+def test_help_says_what_trust_code_allows(command, capsys):
+    assert main([command, "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    assert "--trust-code" in text and "runs arbitrary Python code" in text
+
+
 def test_usage_errors_with_json_are_json(paths, capsys):
     assert main(["run", paths["art"], "--bogus", "--json"]) == 2
     out, err = capsys.readouterr()

@@ -46,3 +46,15 @@ def test_compile_rejects_bad_target_and_approximate_pass_without_consent():
         elision.compile(m, example_inputs=(torch.randn(2, 4),), target="tpu")
     with pytest.raises(PassError, match="unknown pass"):
         elision.compile(m, example_inputs=(torch.randn(2, 4),), passes="nonsense")
+
+
+@pytest.mark.parametrize("passes,message", [
+    ("cse,nonsense", r"unknown pass 'nonsense'"),
+    ("skip-layers{layers=1}", r"pass 'skip-layers' changes the model's output \(approximate\)"),
+])
+def test_pipeline_is_checked_before_tracing(passes, message):
+    # WithCond cannot be traced (data-dependent torch.cond): the pipeline error must come first, not the trace error
+    from bad_input_models import WithCond
+
+    with pytest.raises(PassError, match=message):
+        elision.compile(WithCond().eval(), example_inputs=(torch.randn(3, 4),), passes=passes)
