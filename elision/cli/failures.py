@@ -55,7 +55,7 @@ def report_usage_error(error) -> None:
     if _json_errors.get():
         report(error.format_message(), error.exit_code)
         return
-    from typer import rich_utils
+    from typer import rich_utils  # typer's own error panel, needed only when there is a usage error to show
 
     rich_utils.rich_format_error(error)
 

@@ -18,10 +18,6 @@ from elision.runtime.outputs import atomic_file, check_output_file
 KNOWN = "lookup, recycling, copy, layer-skip, draft-model, none, or a '+' combination such as recycling+lookup"
 
 
-def _fail(console: Console, message: str) -> None:
-    raise failures.fail(message)
-
-
 class _ConsoleStreamer:
     """HF-streamer-compatible (`put`/`end`): prints decoded text as tokens are accepted."""
 
@@ -68,12 +64,12 @@ def register(app: typer.Typer) -> None:
         console = Console(stderr=as_json, emoji=False)
         err = Console(stderr=True, emoji=False)
         if not prompt:
-            _fail(err, "the prompt is empty: pass some text with --prompt")
+            raise failures.fail("the prompt is empty: pass some text with --prompt")
         failures.check_prompt(prompt)
         if max_new_tokens < 1:
-            _fail(err, f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+            raise failures.fail(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
         if visualize is not None and visualize.suffix.lower() not in (".png", ".html", ".htm"):
-            _fail(err, f"--visualize needs a .png or .html file name, got {visualize.name!r}")
+            raise failures.fail(f"--visualize needs a .png or .html file name, got {visualize.name!r}")
         if visualize is not None:
             check_output_file(visualize, "--visualize file")
         skip = None
@@ -81,7 +77,7 @@ def register(app: typer.Typer) -> None:
             try:
                 skip = sorted({int(x) for x in skip_layers.split(",") if x.strip()})
             except ValueError:
-                _fail(err, f"--skip-layers must be comma-separated layer numbers like 2,4,6, got {skip_layers!r}")
+                raise failures.fail(f"--skip-layers must be comma-separated layer numbers like 2,4,6, got {skip_layers!r}")
         from elision.apps.specdec.cache import CacheOverflowError
         from elision.apps.specdec.generate import SpeculativeGenerator
 
@@ -94,10 +90,10 @@ def register(app: typer.Typer) -> None:
             gen = SpeculativeGenerator(target, tokenizer=tokenizer, drafter=drafter, draft_model=draft, tree=tree,
                                        skip_layers=skip)
         except ValueError as e:
-            _fail(err, str(e))
+            raise failures.fail(str(e)) from None
         ids = tokenizer(prompt, return_tensors="pt").input_ids
         if ids.shape[1] == 0:
-            _fail(err, "the prompt encodes to zero tokens: pass some text with --prompt")
+            raise failures.fail("the prompt encodes to zero tokens: pass some text with --prompt")
         eos = tokenizer.eos_token_id
         streamer = None if as_json else _ConsoleStreamer(console, tokenizer)
         try:
@@ -107,7 +103,7 @@ def register(app: typer.Typer) -> None:
                 record_trees=visualize is not None,
             )
         except (ValueError, CacheOverflowError) as e:
-            _fail(err, str(e))
+            raise failures.fail(str(e)) from None
         stats = result.stats
         if visualize is not None and result.steps:
             from elision.apps.specdec.visualize import pick_step, render_tree

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from elision.cli import failures
+from elision.cli import failures, options
 from elision.errors import ElisionError
 
 
@@ -166,9 +166,7 @@ def register(app: typer.Typer) -> None:
         top: int = typer.Option(15, "--top", help="rows of the op histogram to show"),
         passes: Optional[str] = typer.Option(None, "--passes", "-p",
                                              help="pipeline to run before mapping (e.g. 'fuse-attention')"),
-        trust_code: bool = typer.Option(False, "--trust-code", help="allow a package.module:factory MODEL: elision "
-                                        "imports that module and calls the factory, which runs arbitrary Python code "
-                                        "(like Hugging Face's trust_remote_code); off by default"),
+        trust_code: bool = options.TRUST_CODE,
     ):
         """Show what elision recognizes in MODEL: layers, attention, norms, heads, op counts, applicable rewrites."""
         out = Console(emoji=False)

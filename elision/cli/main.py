@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from elision.cli import failures
+from elision.cli import failures, options
 from elision.errors import ElisionError
 
 app = typer.Typer(
@@ -45,8 +45,6 @@ def fail(message: str, code: int = 2) -> "typer.Exit":
 
 
 EMITS = ("ir", "fx", "onnx", "mlir")
-TRUST_CODE_HELP = ("allow a package.module:factory MODEL: elision imports that module and calls the factory, which "
-                   "runs arbitrary Python code (like Hugging Face's trust_remote_code); off by default")
 
 
 def _version(value: bool) -> None:
@@ -77,7 +75,7 @@ def compile_cmd(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of a report"),
     for_use: Optional[str] = typer.Option(None, "--for", help="'generate': with --emit onnx, a speculative-decoding "
                                           "artifact (step function + tokenizer) for `elision run DIR --prompt`"),
-    trust_code: bool = typer.Option(False, "--trust-code", help=TRUST_CODE_HELP),
+    trust_code: bool = options.TRUST_CODE,
 ):
     """Trace MODEL, run the pass pipeline, and write the result (IR text, FX code, ONNX artifact or MLIR)."""
     if for_use is not None:

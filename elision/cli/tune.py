@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from elision.cli import failures
+from elision.cli import failures, options
 from elision.runtime.outputs import atomic_file, check_output_file
 
 console = Console(stderr=True, emoji=False)  # specs and paths are user text, never :emoji: codes
@@ -106,9 +106,7 @@ def register(app: typer.Typer) -> None:
                                     help="time finalists in the eager executor (fast) or as deployed ONNX artifacts "
                                          "(`onnx`: slower to tune, only plans `elision compile` can apply)"),
         threads: int = typer.Option(2, "--threads", help="torch CPU threads"),
-        trust_code: bool = typer.Option(False, "--trust-code", help="allow a package.module:factory MODEL: elision "
-                                        "imports that module and calls the factory, which runs arbitrary Python code "
-                                        "(like Hugging Face's trust_remote_code); off by default"),
+        trust_code: bool = options.TRUST_CODE,
     ) -> None:
         """Search layer, keep ratio and skip sets for the fastest pipeline meeting --min-fidelity."""
         import torch
