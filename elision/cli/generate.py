@@ -10,13 +10,12 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+
+from elision.cli import failures
+from elision.runtime.outputs import atomic_file, check_output_file
 
 KNOWN = "lookup, recycling, copy, layer-skip, draft-model, none, or a '+' combination such as recycling+lookup"
-
-
-def _fail(console: Console, message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(2)
 
 
 class _ConsoleStreamer:
@@ -43,6 +42,7 @@ class _ConsoleStreamer:
 
 def register(app: typer.Typer) -> None:
     @app.command("generate")
+    @failures.command
     def generate_cmd(
         model: str = typer.Argument(..., help="Hugging Face causal LM directory (with tokenizer) or builtin:tiny-code-lm"),
         prompt: str = typer.Option(..., "--prompt", "-p", help="prompt text"),
@@ -61,25 +61,28 @@ def register(app: typer.Typer) -> None:
         visualize: Optional[Path] = typer.Option(None, "--visualize", help="write the most-accepted draft tree to this .png/.html"),
     ) -> None:
         """Generate text with lossless speculative decoding (output identical to the model's own decoding)."""
-        console = Console(stderr=as_json)
-        err = Console(stderr=True)
+        console = Console(stderr=as_json, emoji=False)
+        err = Console(stderr=True, emoji=False)
         if not prompt:
-            _fail(err, "the prompt is empty: pass some text with --prompt")
+            raise failures.fail("the prompt is empty: pass some text with --prompt")
+        failures.check_prompt(prompt)
         if max_new_tokens < 1:
-            _fail(err, f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+            raise failures.fail(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
         if visualize is not None and visualize.suffix.lower() not in (".png", ".html", ".htm"):
-            _fail(err, f"--visualize needs a .png or .html file name, got {visualize.name!r}")
+            raise failures.fail(f"--visualize needs a .png or .html file name, got {visualize.name!r}")
+        if visualize is not None:
+            check_output_file(visualize, "--visualize file")
         skip = None
         if skip_layers:
             try:
                 skip = sorted({int(x) for x in skip_layers.split(",") if x.strip()})
             except ValueError:
-                _fail(err, f"--skip-layers must be comma-separated layer numbers like 2,4,6, got {skip_layers!r}")
+                raise failures.fail(f"--skip-layers must be comma-separated layer numbers like 2,4,6, got {skip_layers!r}")
         from elision.apps.specdec.cache import CacheOverflowError
         from elision.apps.specdec.generate import SpeculativeGenerator
 
         try:
-            with err.status(f"loading {model}"):
+            with err.status(f"loading {escape(model)}"):
                 from elision.apps.specdec.loading import load_causal_lm  # torch + transformers: only when running
 
                 target, tokenizer = load_causal_lm(model)
@@ -87,10 +90,10 @@ def register(app: typer.Typer) -> None:
             gen = SpeculativeGenerator(target, tokenizer=tokenizer, drafter=drafter, draft_model=draft, tree=tree,
                                        skip_layers=skip)
         except ValueError as e:
-            _fail(err, str(e))
+            raise failures.fail(str(e)) from None
         ids = tokenizer(prompt, return_tensors="pt").input_ids
         if ids.shape[1] == 0:
-            _fail(err, "the prompt encodes to zero tokens: pass some text with --prompt")
+            raise failures.fail("the prompt encodes to zero tokens: pass some text with --prompt")
         eos = tokenizer.eos_token_id
         streamer = None if as_json else _ConsoleStreamer(console, tokenizer)
         try:
@@ -100,18 +103,20 @@ def register(app: typer.Typer) -> None:
                 record_trees=visualize is not None,
             )
         except (ValueError, CacheOverflowError) as e:
-            _fail(err, str(e))
+            raise failures.fail(str(e)) from None
         stats = result.stats
         if visualize is not None and result.steps:
             from elision.apps.specdec.visualize import pick_step, render_tree
 
-            render_tree(pick_step(result), visualize, tokenizer)
+            with atomic_file(visualize, what="--visualize file") as tmp:
+                render_tree(pick_step(result), tmp, tokenizer)
         if as_json:
             print(json.dumps({"tokens": result.tokens[0], "text": result.text[0], "stats": stats}))
         else:
             err.print(
                 f"[dim]{stats['new_tokens']} tokens, {stats['tokens_per_s']:.1f} tok/s, {stats['forward_passes']} forward passes, "
-                f"mean accepted length {stats['mean_accepted_length']:.2f} ({stats['drafter']}, tree {stats['tree']})[/]"
+                f"mean accepted length {stats['mean_accepted_length']:.2f} ({escape(str(stats['drafter']))}, tree "
+                f"{escape(str(stats['tree']))})[/]"
             )
             if visualize is not None:
-                err.print(f"[dim]draft tree written to {visualize}[/]")
+                err.print(f"[dim]draft tree written to {escape(str(visualize))}[/]")

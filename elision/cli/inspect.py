@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from elision.cli import missing_torch
+from elision.cli import failures, missing_torch, options
 from elision.errors import ElisionError
 
 
@@ -39,15 +39,20 @@ def _human(n: float, unit: str = "B") -> str:
     return f"{n} {unit}"
 
 
-def inspect_report(spec: str, progress=None, passes: str | None = None) -> dict:
-    """Load, export and map ``spec``; everything ``elision inspect`` shows, as a JSON-ready dict."""
+def inspect_report(spec: str, progress=None, passes: str | None = None, trust_code: bool = False) -> dict:
+    """Load, export and map ``spec``; everything ``elision inspect`` shows, as a JSON-ready dict.
+
+    trust_code: allow a ``package.module:factory`` spec (it runs that module's code)."""
+    from elision.apps.compile.api import check_pipeline
     from elision.frontend.model_spec import load_model
     from elision.frontend.trace import export_to_ir
     from elision.analysis.model_map import build_model_map
 
+    if passes:
+        check_pipeline(passes)  # before loading and tracing: a typo must not cost a trace
     step = progress or (lambda _msg: None)
     step(f"loading {spec}")
-    lm = load_model(spec)
+    lm = load_model(spec, trust_code=trust_code)
     step(f"tracing {lm.name} with torch.export")
     module = export_to_ir(lm.model, lm.example_inputs, lm.dynamic_dims, input_names=lm.input_names)
     if passes:
@@ -152,47 +157,43 @@ def _list_builtins(console: Console, as_json: bool) -> None:
 
 def register(app: typer.Typer) -> None:
     @app.command("inspect")
+    @failures.command
     def inspect_cmd(
         model: Optional[str] = typer.Argument(None, help="Hugging Face model directory, builtin:NAME, or "
-                                                         "package.module:factory"),
+                                                         "package.module:factory (needs --trust-code)"),
         as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of tables"),
         list_builtins: bool = typer.Option(False, "--list-builtins", help="list the builtin:NAME models and exit"),
         top: int = typer.Option(15, "--top", help="rows of the op histogram to show"),
         passes: Optional[str] = typer.Option(None, "--passes", "-p",
                                              help="pipeline to run before mapping (e.g. 'fuse-attention')"),
+        trust_code: bool = options.TRUST_CODE,
     ):
         """Show what elision recognizes in MODEL: layers, attention, norms, heads, op counts, applicable rewrites."""
-        out = Console()
-        err = Console(stderr=True)
+        out = Console(emoji=False)
+        err = failures.stderr()
         if list_builtins:
             _list_builtins(out, as_json)
             return
         if not model:
-            err.print("[bold red]error:[/] give a MODEL (a Hugging Face model directory, builtin:NAME or "
-                      "package.module:factory), or --list-builtins", highlight=False)
-            raise typer.Exit(2)
+            raise failures.fail("give a MODEL (a Hugging Face model directory, builtin:NAME or package.module:factory), "
+                                "or --list-builtins")
         if top < 1:
-            err.print(f"[bold red]error:[/] --top must be at least 1 (got {top})", highlight=False)
-            raise typer.Exit(2)
+            raise failures.fail(f"--top must be at least 1 (got {top})")
         from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
         try:
-            with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
-                          transient=True) as prog:
+            with Progress(SpinnerColumn(), TextColumn("{task.description}", markup=False), TimeElapsedColumn(),
+                          console=err, transient=True, disable=not err.is_terminal) as prog:
                 task = prog.add_task("starting", total=None)
-                report = inspect_report(model, lambda msg: prog.update(task, description=msg), passes)
-        except ElisionError as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(e.exit_code)
+                report = inspect_report(model, lambda msg: prog.update(task, description=msg), passes, trust_code)
+        except (ElisionError, KeyboardInterrupt):
+            raise
         except ImportError as e:
             if not missing_torch.names_torch(e):
-                raise
-            err.print(f"[bold red]error:[/] {escape(missing_torch.message(e))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
+                raise failures.fail(f"internal error while inspecting {model}: {type(e).__name__}: {e}", 1) from None
+            raise failures.fail(missing_torch.message(e)) from None
         except Exception as e:  # noqa: BLE001 - a bug: one line, exit 1, no traceback
-            err.print(f"[bold red]error:[/] internal error while inspecting {model}: {type(e).__name__}: {e}",
-                      highlight=False, soft_wrap=True)
-            raise typer.Exit(1)
+            raise failures.fail(f"internal error while inspecting {model}: {type(e).__name__}: {e}", 1) from None
         if as_json:
             report.pop("describe", None)
             print(json.dumps(report, indent=2))

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from elision.cli import generate, missing_torch, quiet, run, shape, tune
+from elision.cli import failures, generate, missing_torch, options, quiet, run, shape, tune
 from elision.cli import inspect as inspect_command  # not the standard library's inspect
 from elision.errors import ElisionError
 
@@ -26,14 +26,14 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
-out = Console()
+console = Console(stderr=True, emoji=False)  # user text (specs, paths) may contain :codes:
+out = Console(emoji=False)
 
 
 
 def fail(message: str, code: int = 2) -> "typer.Exit":
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
+    """Report one error line (or the --json error object) and return the typer.Exit to raise."""
+    return failures.fail(message, code)
 
 
 EMITS = ("ir", "fx", "onnx", "mlir")
@@ -56,8 +56,10 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 @app.command("compile")
+@failures.command
 def compile_cmd(
-    model: str = typer.Argument(..., help="Hugging Face model directory, builtin:NAME, or package.module:factory"),
+    model: str = typer.Argument(..., help="Hugging Face model directory, builtin:NAME, or package.module:factory "
+                                          "(needs --trust-code)"),
     passes: Optional[str] = typer.Option(None, "--passes", "-p", help="pipeline, e.g. 'canonicalize,cse,dce' (default: the semantics-preserving pipeline)"),
     emit: str = typer.Option("ir", "--emit", help="what to write: ir | fx | onnx | mlir"),
     output: Path = typer.Option(Path("elision-out"), "--output", "-o", help="output directory"),
@@ -68,26 +70,31 @@ def compile_cmd(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of a report"),
     for_use: Optional[str] = typer.Option(None, "--for", help="'generate': with --emit onnx, a speculative-decoding "
                                           "artifact (step function + tokenizer) for `elision run DIR --prompt`"),
+    trust_code: bool = options.TRUST_CODE,
 ):
     """Trace MODEL, run the pass pipeline, and write the result (IR text, FX code, ONNX artifact or MLIR)."""
     if for_use is not None:
         return _compile_for_generate(model, for_use, emit, passes, output, verify, as_json)
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from elision.apps.compile.api import default_pipeline
+    from elision.apps.compile.api import check_pipeline
     from elision.frontend.model_spec import load_model
     from elision.frontend.trace import export_to_ir, weights_hash
+    from elision.lowering.emit import emit as emit_output, output_marker
     from elision.passes.manager import PassManager
-    from elision.passes.pipeline import parse_pipeline
+    from elision.runtime.outputs import check_output_dir
     if emit not in EMITS:
         raise fail(f"--emit must be one of {', '.join(EMITS)}, got {emit!r}")
-    pipeline = default_pipeline() if passes is None else passes
-    pm_passes = parse_pipeline(pipeline)  # fail fast on a bad pipeline, before tracing
+    # fail fast, before loading and tracing: a bad pipeline, an approximate pass without --approximate, a bad -o
+    pm_passes = check_pipeline(passes, approximate)
+    check_output_dir(output, "output directory (-o)", marker=output_marker(emit))
+    if dump_ir is not None:
+        check_output_dir(dump_ir, "--dump-ir directory")
     result: dict = {"model": model, "emit": emit, "pipeline": ",".join(p.spec() for p in pm_passes)}
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
-                  transient=True, disable=as_json) as progress:
-        task = progress.add_task(f"loading {model}")
-        lm = load_model(model)
+                  transient=True, disable=as_json or not console.is_terminal) as progress:
+        task = progress.add_task(f"loading {escape(model)}")
+        lm = load_model(model, trust_code=trust_code)
         progress.update(task, description="tracing with torch.export")
         static = [p for p in pm_passes if getattr(p, "static_shapes", False)]
         if static:
@@ -101,12 +108,12 @@ def compile_cmd(
         nodes_before = ir.node_count()
         pm = PassManager(pm_passes, verify_each=verify_ir, check_types=verify_ir, dump_dir=dump_ir,
                          allow_approximate=approximate,
-                         progress=lambda name: progress.update(task, description=f"pass {name}"))
+                         progress=lambda name: progress.update(task, description=f"pass {escape(name)}"))
         pm.run(ir)
         ir.attrs["pipeline"] = result["pipeline"]
         ir.attrs["source_hash"] = weights_hash(lm.model)
         progress.update(task, description=f"writing {emit}")
-        written = _emit(emit, ir, lm, output)
+        written = emit_output(emit, ir, lm, output)
         result.update({"nodes_before": nodes_before, "nodes_after": ir.node_count(), "passes": pm.report(),
                        "written": [str(w) for w in written]})
         if verify:
@@ -155,50 +162,23 @@ def _compile_for_generate(model: str, for_use: str, emit: str, passes: Optional[
         raise fail("--for generate uses the fixed speculative-decoding pipeline and cannot take --passes or --verify; "
                    "check the artifact with `elision run DIR --prompt TEXT`")
     from elision.apps.specdec.artifact import export_generation_artifact
+    from elision.runtime.artifact import MANIFEST_NAME
+    from elision.runtime.outputs import check_output_dir
 
-    with console.status(f"loading {model}") as status:
+    check_output_dir(output, "output directory (-o)", marker=MANIFEST_NAME)
+    with console.status(f"loading {escape(model)}") as status:
         try:
-            result = export_generation_artifact(model, output, progress=status.update)
+            result = export_generation_artifact(model, output, progress=lambda text: status.update(escape(text)))
         except ValueError as e:
             raise fail(str(e)) from None
     result = {"model": model, "emit": emit, "for": for_use, **result}
     if as_json:
         out.print_json(json.dumps(result))
         return
-    out.print(f"generation artifact for {model} (pipeline {result['pipeline']})")
+    out.print(f"generation artifact for {model} (pipeline {result['pipeline']})", markup=False)
     for w in result["written"]:
-        out.print(f"wrote {w}")
-    out.print(f"run it with: elision run {output} --prompt TEXT")
-
-
-def _emit(emit: str, ir, lm, output: Path) -> list[Path]:
-    output.mkdir(parents=True, exist_ok=True)
-    if emit == "ir":
-        from elision.ir.serialize import save_module
-
-        save_module(ir, output)
-        return [output / "module.ir", output / "params.safetensors"]
-    if emit == "fx":
-        from elision.ir.execute import to_fx
-        from elision.ir.serialize import save_module
-
-        save_module(ir, output)
-        files = []
-        for name in ir.functions:
-            gm = to_fx(ir, name)
-            path = output / f"{name}.py"
-            path.write_text(f"# FX code of IR function @{name} (parameters: params.safetensors)\n" + gm.code)
-            files.append(path)
-        return files
-    if emit == "onnx":
-        from elision.lowering.emit import emit_onnx
-
-        return emit_onnx(ir, lm, output)
-    if emit == "mlir":
-        from elision.lowering.emit import emit_mlir
-
-        return emit_mlir(ir, lm, output)
-    raise ElisionError(f"unknown --emit {emit!r}")
+        out.print(f"wrote {w}", markup=False)
+    out.print(f"run it with: elision run {output} --prompt TEXT", markup=False)
 
 
 def _verify(ir, lm, emit: str, output: Path) -> dict:
@@ -225,7 +205,7 @@ def _verify(ir, lm, emit: str, output: Path) -> dict:
 def _print_compile_report(result: dict) -> None:
     from rich.table import Table
 
-    t = Table(title=f"elision compile {result['model']}", show_lines=False)
+    t = Table(title=f"elision compile {escape(result['model'])}", show_lines=False)
     t.add_column("pass")
     t.add_column("nodes", justify="right")
     t.add_column("ms", justify="right")
@@ -239,7 +219,7 @@ def _print_compile_report(result: dict) -> None:
         why = "the pipeline needs static shapes" + (f"; {', '.join(dynamic)} stays dynamic" if dynamic else "")
         out.print(f"exported at fixed input shapes [{shapes}] ({why})", markup=False)
     for w in result["written"]:
-        out.print(f"wrote {w}")
+        out.print(f"wrote {w}", markup=False)
     if "verify" in result:
         v = result["verify"]
         status = "[green]OK[/]" if v["ok"] else "[red]FAILED[/]"
@@ -253,23 +233,53 @@ for _command in (inspect_command, run, generate, tune, shape):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console-script entry: user errors print one line and exit 2/3; nothing prints a traceback but bugs."""
+    """Console-script entry: user errors print one line (with --json: one JSON object on stdout) and exit 2/3,
+    Ctrl-C prints one line and exits 130; nothing prints a traceback but bugs."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    command = typer.main.get_command(app)
+    token = failures.json_errors(_json_requested(command, args))
+    reported = failures.reported()
     try:
-        app(args=argv, prog_name="elision", standalone_mode=True)
+        result = command.main(args=args, prog_name="elision", standalone_mode=False)
+        if result == failures.INTERRUPTED and failures.reported() == reported:
+            failures.report("interrupted", failures.INTERRUPTED)  # Ctrl-C while typer parsed the arguments
+        return result if isinstance(result, int) and not isinstance(result, bool) else 0
+    except typer.TyperException as e:  # the command line itself is wrong: unknown option, bad value, missing MODEL
+        failures.report_usage_error(e)
+        return int(getattr(e, "exit_code", 2))
+    except typer.Abort:
+        failures.report("aborted", 1)
+        return 1
     except ElisionError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        failures.report(e, e.exit_code)
         return e.exit_code
+    except KeyboardInterrupt:
+        failures.report("interrupted", failures.INTERRUPTED)
+        return failures.INTERRUPTED
     except SystemExit as e:
         return int(e.code or 0) if not isinstance(e.code, str) else 2
     except ImportError as e:
         if not missing_torch.names_torch(e):
             raise
-        console.print(f"[bold red]error:[/] {escape(missing_torch.message(e))}", highlight=False, soft_wrap=True)
+        failures.report(missing_torch.message(e), 2)
         return 2
-    return 0
+    finally:
+        failures.restore(token)
+
+
+def _json_requested(command, args: list[str]) -> bool:
+    """Whether the invoked command got its --json flag (where --json takes a file name, it is not a flag)."""
+    if "--json" not in args:
+        return False
+    name = next((a for a in args if not a.startswith("-")), None)
+    sub = getattr(command, "commands", {}).get(name)
+    if sub is None:
+        return True
+    return any("--json" in p.opts and getattr(p, "is_flag", False) for p in sub.params)
 
 
 def run_main() -> None:
+    """The console script of older installs (new ones call `elision.cli.entry.run`, which also covers start-up)."""
     sys.exit(main())
 
 

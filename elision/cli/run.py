@@ -15,9 +15,12 @@ from typing import Any, Callable, Optional
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from elision.cli import failures
 from elision.runtime.artifact import Artifact, ArtifactError, load_artifact
+from elision.runtime.outputs import atomic_directory, check_output_dir
 from elision.runtime.generation.ort_generator import GENERATION_KIND, run_prompt
 
 __all__ = ["PROMPT_RUNNERS", "register", "run_artifact_command"]
@@ -28,13 +31,9 @@ PROMPT_RUNNERS: dict[str, PromptRunner] = {GENERATION_KIND: run_prompt}
 
 _JSON_VALUE_LIMIT = 4096  # outputs with more elements are summarized in --json (use --save for the data)
 
-_err = Console(stderr=True)
-_out = Console()
-
-
-def _fail(message: str) -> typer.Exit:
-    _err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(2)
+_err = Console(stderr=True, emoji=False)  # artifact paths and outputs are user text, never :emoji: codes
+_out = Console(emoji=False)
+_fail = failures.fail
 
 
 def _parse_inputs(pairs: list[str]) -> dict[str, np.ndarray]:
@@ -94,6 +93,10 @@ def run_artifact_command(
     generation: options of the prompt runner (max_new_tokens, drafter, tree, stop, stream, and the sampling
     options do_sample, temperature, top_k, top_p, seed).
     """
+    if prompt is not None:
+        failures.check_prompt(prompt)
+    if save is not None:
+        check_output_dir(save, "--save directory", marker="*.npy")
     try:
         artifact = load_artifact(
             artifact_dir,
@@ -128,10 +131,10 @@ def run_artifact_command(
         raise _fail(str(e)) from None
     saved = {}
     if save is not None:
-        save.mkdir(parents=True, exist_ok=True)
-        for name, value in outputs.items():
-            np.save(save / f"{name}.npy", value)
-            saved[name] = str(save / f"{name}.npy")
+        with atomic_directory(save, marker="*.npy", what="--save directory") as tmp:
+            for name, value in outputs.items():
+                np.save(tmp / f"{name}.npy", value)
+                saved[name] = str(save / f"{name}.npy")
     return {
         "artifact": str(artifact_dir),
         "function": fn,
@@ -149,19 +152,20 @@ def _stream_to_stdout(piece: str) -> None:
 
 
 def _print_table(result: dict[str, Any]) -> None:
-    table = Table(title=f"{result['artifact']} :: {result['function']} ({', '.join(result['providers'])})")
+    table = Table(title=escape(f"{result['artifact']} :: {result['function']} ({', '.join(result['providers'])})"))
     for column in ("output", "dtype", "shape", "min", "max", "mean"):
         table.add_column(column, justify="right" if column in ("min", "max", "mean") else "left")
     for name, info in result["outputs"].items():
         stats = [f"{info[k]:.5g}" if k in info else "" for k in ("min", "max", "mean")]
-        table.add_row(name, info["dtype"], str(info["shape"]), *stats)
+        table.add_row(escape(name), info["dtype"], str(info["shape"]), *stats)
     _out.print(table)
     for name, path in result["saved"].items():
-        _out.print(f"saved {name} -> {path}")
+        _out.print(f"saved {name} -> {path}", markup=False)
 
 
 def register(app: typer.Typer) -> None:
     @app.command("run")
+    @failures.command
     def run_cmd(
         artifact_dir: Path = typer.Argument(..., help="artifact directory written by `elision compile --emit onnx`"),
         inputs: list[str] = typer.Option([], "--input", "-i", help="NAME=FILE.npy, once per function input"),
@@ -187,6 +191,8 @@ def register(app: typer.Typer) -> None:
         or with --sample drawn from exactly the model's sampling distribution)."""
         if prompt is not None and not prompt:
             raise _fail("the prompt is empty: pass some text with --prompt")
+        if prompt is not None:
+            failures.check_prompt(prompt)
         if max_new_tokens is not None and max_new_tokens < 1:
             raise _fail(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
         streaming = prompt is not None and not as_json
@@ -203,7 +209,7 @@ def register(app: typer.Typer) -> None:
                 sys.stdout.write("\n")
                 s = result["stats"]
                 _err.print(f"[dim]{s['new_tokens']} tokens, {s['tokens_per_s']:.1f} tok/s, {s['forward_passes']} forward passes, "
-                           f"mean accepted length {s['mean_accepted_length']:.2f} ({s['drafter']}, tree {s['tree']}, onnxruntime"
+                           f"mean accepted length {s['mean_accepted_length']:.2f} ({escape(str(s['drafter']))}, tree {escape(str(s['tree']))}, onnxruntime"
                            f"{', sampling' if do_sample else ''})[/]")
         elif as_json:
             _out.print_json(json.dumps(result))

@@ -18,14 +18,14 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-console = Console(stderr=True)
-out = Console()
+from elision.cli import failures
+from elision.runtime.outputs import atomic_file, check_output_file
 
-
-def _fail(message: str) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(2)
+console = Console(stderr=True, emoji=False)  # paths and specs are user text, never :emoji: codes
+out = Console(emoji=False)
+_fail = failures.fail
 
 
 def load_vecset(spec: str):
@@ -46,6 +46,7 @@ def load_vecset(spec: str):
 
 def register(app: typer.Typer) -> None:
     @app.command("decode-shape")
+    @failures.command
     def decode_shape(
         model: str = typer.Argument(..., help="builtin:NAME, a VecSet .safetensors checkpoint, or (--backend ort) a "
                                               "compiled ONNX artifact directory"),
@@ -72,7 +73,7 @@ def register(app: typer.Typer) -> None:
         from elision.apps.volume import (BACKENDS, DEFAULT_PIPELINE, VolumeError, compile_field, decode_volume,
                                          load_field_artifact)
         from elision.apps.volume.decode import check_memory
-        from elision.apps.volume.mesh import MESH_SUFFIXES, extract_mesh, render_preview, save_mesh
+        from elision.apps.volume.mesh import MESH_SUFFIXES, MeshError, extract_mesh, render_preview, save_mesh
         from elision.errors import ElisionError
         from elision.models.vecset import load_latents
         from elision.passes.pipeline import parse_pipeline
@@ -90,6 +91,9 @@ def register(app: typer.Typer) -> None:
         if artifact and dump_ir is not None:
             raise _fail("--dump-ir needs a model to compile; an ONNX artifact is compiled already")
         seconds: dict[str, float] = {}
+        check_output_file(output, "mesh file (-o)")
+        if preview is not None:
+            check_output_file(preview, "--preview file")
         try:
             if passes is not None:
                 parse_pipeline(passes)  # a bad pipeline fails before loading anything
@@ -97,6 +101,9 @@ def register(app: typer.Typer) -> None:
             if resolution < 2:
                 raise VolumeError(f"resolution must be >= 2, got {resolution}")
             lat = load_latents(latents)
+            if not torch.isfinite(lat).all():
+                raise VolumeError(f"the latents in {latents} hold NaN or infinite values; re-encode the shape "
+                                  f"(`elision encode-shape`)")
             t0 = time.perf_counter()
             if artifact:
                 field = load_field_artifact(model)
@@ -123,21 +130,26 @@ def register(app: typer.Typer) -> None:
         total = (resolution + 1) ** 3
         with Progress(TextColumn("[bold]decode"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("queries (dense would be {task.total:,})"), TimeElapsedColumn(),
-                      console=console, transient=as_json, disable=as_json) as prog:
+                      console=console, transient=as_json, disable=as_json or not console.is_terminal) as prog:
             task = prog.add_task("decode", total=total)
             try:
                 res = decode_volume(field, lat, resolution, chunk=chunk, progress=lambda n: prog.advance(task, n))
             except (VolumeError, ValueError) as e:
                 raise _fail(str(e))
         t1 = time.perf_counter()
-        mesh = extract_mesh(res)
-        t2 = time.perf_counter()
         try:
-            save_mesh(mesh, output)
-        except (ValueError, OSError) as e:
-            raise _fail(f"cannot write {output}: {e}")
+            mesh = extract_mesh(res)
+        except MeshError as e:
+            raise _fail(f"cannot extract a surface: {e}") from None
+        t2 = time.perf_counter()
         png = preview or output.with_suffix(".png")
-        render_preview(mesh, png, title=f"{Path(model).name} r={resolution} {field.describe()}")
+        try:
+            with atomic_file(output, what="mesh file (-o)") as tmp:  # a failed write keeps a previous mesh intact
+                save_mesh(mesh, tmp)
+            with atomic_file(png, what="--preview file") as tmp:
+                render_preview(mesh, tmp, title=f"{Path(model).name} r={resolution} {field.describe()}")
+        except (ValueError, OSError) as e:
+            raise _fail(f"cannot write {output}: {e}") from None
         t3 = time.perf_counter()
         seconds = {**seconds, **res.seconds, "marching_cubes": t2 - t1, "write_and_preview": t3 - t2}
         report = {"model": model, "backend": backend, "passes": field.describe(), **res.summary(),
@@ -148,11 +160,12 @@ def register(app: typer.Typer) -> None:
         if as_json:
             out.print_json(json.dumps(report))
         else:
-            out.print(f"[green]wrote[/] {output} ({report['mesh']['faces']:,} faces) and {png}")
+            out.print(f"[green]wrote[/] {escape(str(output))} ({report['mesh']['faces']:,} faces) and {escape(str(png))}")
             out.print(f"field queries: {res.queries:,} of {res.dense_queries:,} dense "
                       f"({100 * res.queries / res.dense_queries:.2f}%), decode {res.seconds.get('decode', 0):.2f}s")
 
     @app.command("encode-shape")
+    @failures.command
     def encode_shape(
         model: str = typer.Argument(..., help="builtin:NAME or a VecSet .safetensors checkpoint"),
         mesh: Path = typer.Argument(..., help="watertight mesh (.off/.obj/.ply/.stl/.glb)"),
@@ -172,6 +185,7 @@ def register(app: typer.Typer) -> None:
         torch.set_num_threads(min(2, torch.get_num_threads()))
         if output.suffix != ".safetensors":
             raise _fail(f"output must be a .safetensors file, got {output.name}")
+        check_output_file(output, "latents file (-o)")
         if steps < 1:
             raise _fail(f"--steps must be >= 1, got {steps}")
         try:
@@ -180,15 +194,17 @@ def register(app: typer.Typer) -> None:
         except (ShapeError, ValueError, KeyError, FileNotFoundError) as e:
             raise _fail(str(e).strip("'\""))
         with Progress(TextColumn("[bold]fit latents"), BarColumn(), TextColumn("{task.completed}/{task.total} "
-                      "L1 {task.fields[loss]}"), TimeElapsedColumn(), console=console, disable=as_json) as prog:
+                      "L1 {task.fields[loss]}"), TimeElapsedColumn(), console=console,
+                      disable=as_json or not console.is_terminal) as prog:
             task = prog.add_task("fit", total=steps, loss="-")
             res = fit(net, [src], steps=steps, train_weights=False, time_limit_s=minutes * 60,
                       progress=lambda s, l: prog.update(task, completed=s, loss=f"{l:.4f}"))
-        save_latents(res.latents[0], output, source=str(mesh), model=model, iou=f"{res.iou[src.name]:.4f}")
+        with atomic_file(output, what="latents file (-o)") as tmp:
+            save_latents(res.latents[0], tmp, source=str(mesh), model=model, iou=f"{res.iou[src.name]:.4f}")
         report = {"output": str(output), "iou": res.iou[src.name], "steps": res.steps,
                   "seconds": round(res.seconds, 2), "l1": res.loss}
         if as_json:
             out.print_json(json.dumps(report))
         else:
-            out.print(f"[green]wrote[/] {output}: volume IoU {res.iou[src.name]:.3f} after {res.steps} steps "
+            out.print(f"[green]wrote[/] {escape(str(output))}: volume IoU {res.iou[src.name]:.3f} after {res.steps} steps "
                       f"({res.seconds:.0f}s)")

@@ -19,15 +19,15 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-console = Console(stderr=True)
-out = Console()
+from elision.cli import failures, options
+from elision.runtime.outputs import atomic_file, check_output_file
 
-
-def _fail(msg: str) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
-    return typer.Exit(2)
+console = Console(stderr=True, emoji=False)  # specs and paths are user text, never :emoji: codes
+out = Console(emoji=False)
+_fail = failures.fail
 
 
 def load_calibration(spec: str, model, adapter, samples: int, seq_len: int):
@@ -86,8 +86,10 @@ def load_calibration(spec: str, model, adapter, samples: int, seq_len: int):
 
 def register(app: typer.Typer) -> None:
     @app.command("tune")
+    @failures.command
     def tune_cmd(
-        model: str = typer.Argument(..., help="builtin:NAME, a Hugging Face model directory, or package.module:factory"),
+        model: str = typer.Argument(..., help="builtin:NAME, a Hugging Face model directory, or package.module:factory "
+                                              "(needs --trust-code)"),
         passes: str = typer.Option("prune-tokens,skip-layers", "--passes",
                                    help="comma list of prune-tokens, merge-tokens, skip-layers, compress-tokens"),
         min_fidelity: float = typer.Option(0.98, "--min-fidelity",
@@ -104,6 +106,7 @@ def register(app: typer.Typer) -> None:
                                     help="time finalists in the eager executor (fast) or as deployed ONNX artifacts "
                                          "(`onnx`: slower to tune, only plans `elision compile` can apply)"),
         threads: int = typer.Option(2, "--threads", help="torch CPU threads"),
+        trust_code: bool = options.TRUST_CODE,
     ) -> None:
         """Search layer, keep ratio and skip sets for the fastest pipeline meeting --min-fidelity."""
         import torch
@@ -125,10 +128,13 @@ def register(app: typer.Typer) -> None:
             raise _fail("--samples must be >= 1 and --seq-len >= 4")
         if measure not in ("executor", "onnx"):
             raise _fail(f"--measure must be executor or onnx, got {measure!r}")
+        check_output_file(plot, "--plot file")
+        if json_out is not None:
+            check_output_file(json_out, "--json file")
         torch.set_num_threads(max(1, min(threads, 2)))
         from elision.frontend.model_spec import load_model
         try:
-            loaded = load_model(model)
+            loaded = load_model(model, trust_code=trust_code)
             adapter = adapter_for(loaded.model)
             if getattr(loaded.model, "tokenizer", None) is None and loaded.tokenizer is not None:
                 loaded.model.tokenizer = loaded.tokenizer
@@ -144,7 +150,7 @@ def register(app: typer.Typer) -> None:
             timer = OnnxTimer(loaded.model, calib, names, threads=max(1, min(threads, 2)))
         kind = adapter.output_kind
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                      TimeElapsedColumn(), console=console, transient=True) as prog:
+                      TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal) as prog:
             task = prog.add_task("tuning", total=1)
 
             def report(desc: str, step: int, total: int) -> None:
@@ -158,7 +164,7 @@ def register(app: typer.Typer) -> None:
             finally:
                 if timer is not None:
                     timer.close()
-        table = Table(title=f"{model}: fastest measured candidates (fidelity >= {min_fidelity})")
+        table = Table(title=f"{escape(model)}: fastest measured candidates (fidelity >= {min_fidelity})")
         for col in ("pipeline", "fidelity", "cosine", "KL", "top-1", "speed-up", "FLOPs est."):
             table.add_column(col, overflow="fold")  # pipelines must stay readable in full
         for c in sorted([c for c in result.candidates if c.speedup is not None], key=lambda c: -c.speedup):
@@ -167,17 +173,19 @@ def register(app: typer.Typer) -> None:
                           "-" if r.kl is None else f"{r.kl:.4f}", "-" if r.top1 is None else f"{r.top1:.3f}",
                           f"{c.speedup:.2f}x", f"{c.est_speedup:.2f}x")
         out.print(table)
-        pareto_plot(result, str(plot), f"{model} ({len(result.candidates)} candidates)", min_fidelity,
-                    "mean cosine" if kind == "embedding" else "fidelity exp(-KL)")
+        with atomic_file(plot, what="--plot file") as tmp:
+            pareto_plot(result, str(tmp), f"{model} ({len(result.candidates)} candidates)", min_fidelity,
+                        "mean cosine" if kind == "embedding" else "fidelity exp(-KL)")
         if json_out is not None:
-            json_out.write_text(json.dumps({
-                "reference_latency_s": result.reference_latency_s,
-                "plain_latency_s": result.plain_latency_s, "executor_latency_s": result.executor_latency_s,
-                "chosen": result.best.plan.describe() if result.best is not None else "",
-                "candidates": [{"pipeline": c.plan.describe(), "method": c.method, **c.report.as_dict(),
-                                "latency_s": c.latency_s, "speedup": c.speedup, "est_speedup": c.est_speedup}
-                               for c in result.candidates]}, indent=1))
-        console.print(f"Pareto plot written to {plot}")
+            with atomic_file(json_out, what="--json file") as tmp:
+                tmp.write_text(json.dumps({
+                    "reference_latency_s": result.reference_latency_s,
+                    "plain_latency_s": result.plain_latency_s, "executor_latency_s": result.executor_latency_s,
+                    "chosen": result.best.plan.describe() if result.best is not None else "",
+                    "candidates": [{"pipeline": c.plan.describe(), "method": c.method, **c.report.as_dict(),
+                                    "latency_s": c.latency_s, "speedup": c.speedup, "est_speedup": c.est_speedup}
+                                   for c in result.candidates]}, indent=1))
+        console.print(f"Pareto plot written to {plot}", markup=False)
         if result.measured_in == "deployed":
             console.print(f"unchanged model as an ONNX artifact: {result.reference_latency_s * 1e3:.1f} ms per "
                           "calibration batch (candidates timed as ONNX artifacts too)", highlight=False, soft_wrap=True)

@@ -10,13 +10,14 @@ import importlib
 import inspect
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from elision.errors import ModelSpecError
+from elision.errors import ModelSpecError, UntrustedCodeError
 
 
 @dataclass
@@ -32,7 +33,16 @@ class LoadedModel:
 
 
 # --------------------------------------------------------------------------------------------- specs
-def load_model(spec: str) -> LoadedModel:
+_FACTORY_SPEC = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
+TRUST_HINT = "pass --trust-code (trust_code=True in Python) if you trust that code"
+
+
+def load_model(spec: str, *, trust_code: bool = False) -> LoadedModel:
+    """Resolve `spec` to a model and example inputs.
+
+    trust_code: allow `package.module:factory` specs, which import a module and call a function in it (any Python
+    code can run, as with Hugging Face's trust_remote_code). Without it such a spec raises UntrustedCodeError.
+    """
     if not isinstance(spec, str) or not spec.strip():
         raise ModelSpecError("empty model spec: give a Hugging Face model directory, builtin:NAME, or package.module:factory")
     if spec.startswith("builtin:"):
@@ -40,6 +50,13 @@ def load_model(spec: str) -> LoadedModel:
     if os.path.isdir(spec):
         return _load_hf_dir(Path(spec))
     if ":" in spec and not os.path.exists(spec):
+        if not _FACTORY_SPEC.match(spec):
+            raise ModelSpecError(f"cannot resolve model spec {spec!r}: it is neither a directory, builtin:NAME, nor "
+                                 f"package.module:factory (dotted module name, a colon, a function name)")
+        if not trust_code:
+            module, _, factory = spec.partition(":")
+            raise UntrustedCodeError(f"model spec {spec!r} would import {module} and call {factory}(), running "
+                                     f"arbitrary Python code; {TRUST_HINT}")
         return _load_factory(spec)
     if os.path.exists(spec):
         raise ModelSpecError(f"{spec} is a file, not a model directory: pass the directory that holds config.json and the safetensors weights")
@@ -66,10 +83,15 @@ def _load_factory(spec: str) -> LoadedModel:
         mod = importlib.import_module(mod_name)
     except ImportError as e:
         raise ModelSpecError(f"cannot import module {mod_name!r} from spec {spec!r}: {e}") from None
+    except Exception as e:  # the module's own code failed while importing: the user's bug, reported in one line
+        raise ModelSpecError(f"importing {mod_name!r} (spec {spec!r}) raised {_one_line(e)}") from None
     factory = getattr(mod, attr, None)
     if factory is None or not callable(factory):
         raise ModelSpecError(f"module {mod_name!r} has no callable {attr!r} (spec {spec!r})")
-    out = factory()
+    try:
+        out = factory()
+    except Exception as e:
+        raise ModelSpecError(f"factory {spec!r} raised {_one_line(e)}") from None
     dynamic_dims: dict = {}
     if isinstance(out, tuple) and len(out) in (2, 3) and isinstance(out[0], torch.nn.Module):
         model, example = out[0], tuple(out[1])
@@ -85,6 +107,11 @@ def _load_factory(spec: str) -> LoadedModel:
     if example is None:
         example, dynamic_dims = default_example_inputs(model)
     return LoadedModel(spec, model, example, dynamic_dims, kind, _input_names(model, len(example)), spec)
+
+
+def _one_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def _load_hf_dir(path: Path) -> LoadedModel:

@@ -6,6 +6,11 @@ Called by the CLI (`elision compile --emit onnx|mlir`, `--verify`) and the Pytho
   run_onnx_artifact(out_dir, fn, inputs)       run an artifact function on torch tensors -> tuple of tensors
   ort_runner(ir, fn_name, **options)           callable(*tensors) -> tuple, running `fn_name` in ORT
   emit_mlir(ir, lm, out_dir) -> [files]        each IR function through torch-mlir's FX importer
+  emit_ir / emit_fx(ir, out_dir) -> [files]     textual IR + safetensors (+ the FX code of every function)
+  emit(kind, ir, lm, out_dir)                  one of the above by name (`elision compile --emit KIND`)
+
+Every writer builds its output in a temporary sibling directory and renames it into place at the end
+(`elision.runtime.outputs.atomic_directory`): a failure or Ctrl-C leaves a previous output as it was.
 
 Example inputs for functions other than the traced one (e.g. a decode step added by a pass) are
 synthesized from the IR input types: symbolic dims take the traced example's sizes where names match,
@@ -19,7 +24,14 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["emit_onnx", "run_onnx_artifact", "ort_runner", "emit_mlir", "example_inputs_for", "function_entries"]
+from elision.runtime.outputs import atomic_directory
+
+__all__ = ["EMITS", "emit", "emit_ir", "emit_fx", "emit_onnx", "run_onnx_artifact", "ort_runner", "emit_mlir",
+           "example_inputs_for", "function_entries"]
+
+EMITS = ("ir", "fx", "onnx", "mlir")
+IR_MARKER = "module.ir"  # what a previous IR / FX output holds (it may be replaced as a whole)
+MLIR_MARKER = "*.mlir"
 
 
 def _known_sizes(ir, lm) -> dict[str, int]:
@@ -148,9 +160,53 @@ def emit_mlir(ir, lm, out_dir: Path, *, output_type: str = "linalg-on-tensors") 
     """Write `<fn>.mlir` for every IR function through torch-mlir's FX importer."""
     from elision.lowering.mlir_export import export_mlir
 
-    written = []
-    for name, (gm, examples, _) in function_entries(ir, lm).items():
-        path = Path(out_dir) / f"{name}.mlir"
-        export_mlir(gm, examples, path, output_type=output_type)
-        written.append(path)
-    return written
+    names = []
+    with atomic_directory(out_dir, marker=MLIR_MARKER) as tmp:
+        for name, (gm, examples, _) in function_entries(ir, lm).items():
+            export_mlir(gm, examples, tmp / f"{name}.mlir", output_type=output_type)
+            names.append(f"{name}.mlir")
+    return [Path(out_dir) / n for n in names]
+
+
+def emit_ir(ir, out_dir: Path) -> list[Path]:
+    """Write the textual IR (`module.ir`) and its parameters (`params.safetensors`)."""
+    from elision.ir.serialize import IR_FILE, PARAMS_FILE, save_module
+
+    with atomic_directory(out_dir, marker=IR_MARKER) as tmp:
+        save_module(ir, tmp)
+    return [Path(out_dir) / IR_FILE, Path(out_dir) / PARAMS_FILE]
+
+
+def emit_fx(ir, out_dir: Path) -> list[Path]:
+    """The IR output plus `<fn>.py`, the FX code of every IR function (parameters: params.safetensors)."""
+    from elision.ir.execute import to_fx
+    from elision.ir.serialize import save_module
+
+    names = []
+    with atomic_directory(out_dir, marker=IR_MARKER) as tmp:
+        save_module(ir, tmp)
+        for name in ir.functions:
+            code = to_fx(ir, name).code
+            (tmp / f"{name}.py").write_text(f"# FX code of IR function @{name} (parameters: params.safetensors)\n" + code)
+            names.append(f"{name}.py")
+    return [Path(out_dir) / n for n in names]
+
+
+def emit(kind: str, ir, lm, out_dir: Path) -> list[Path]:
+    """`elision compile --emit KIND`: write `ir`, `fx`, `onnx` or `mlir` into `out_dir`; returns the written files."""
+    if kind == "ir":
+        return emit_ir(ir, out_dir)
+    if kind == "fx":
+        return emit_fx(ir, out_dir)
+    if kind == "onnx":
+        return emit_onnx(ir, lm, out_dir)
+    if kind == "mlir":
+        return emit_mlir(ir, lm, out_dir)
+    raise ValueError(f"unknown emit kind {kind!r}; choose one of {', '.join(EMITS)}")
+
+
+def output_marker(kind: str) -> str:
+    """The file a previous output of `kind` holds: `-o` may name such a directory (it is replaced as a whole)."""
+    from elision.runtime.artifact import MANIFEST_NAME
+
+    return {"onnx": MANIFEST_NAME, "mlir": MLIR_MARKER}.get(kind, IR_MARKER)

@@ -17,17 +17,19 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from elision.errors import ElisionError
+
 __all__ = ["export_mlir", "parse_mlir", "MlirUnavailableError", "MlirExportError", "OUTPUT_TYPES"]
 
 OUTPUT_TYPES = ("linalg-on-tensors", "stablehlo", "tosa", "torch")
 
 
-class MlirUnavailableError(ImportError):
-    exit_code = 2
+class MlirUnavailableError(ElisionError, ImportError):
+    """torch-mlir is not installed; the message says how to install it."""
 
 
-class MlirExportError(RuntimeError):
-    exit_code = 2
+class MlirExportError(ElisionError, RuntimeError):
+    """torch-mlir could not import or lower the graph; the message says why."""
 
 
 def _torch_mlir():

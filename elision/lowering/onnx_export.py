@@ -36,6 +36,7 @@ import onnx
 import torch
 from onnx import TensorProto
 
+from elision.errors import ElisionError
 from elision.runtime.artifact import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -44,6 +45,7 @@ from elision.runtime.artifact import (
     elision_version,
     sha256_file,
 )
+from elision.runtime.outputs import atomic_directory
 
 __all__ = ["export_onnx", "source_hash_of", "to_dynamic_shapes", "OnnxExportError", "FunctionExportInfo",
            "exporter_error_summary"]
@@ -59,10 +61,8 @@ DynamicDims = Mapping[int, Mapping[int, str]] | None
 FunctionEntry = tuple[torch.nn.Module, tuple, DynamicDims]
 
 
-class OnnxExportError(ValueError):
+class OnnxExportError(ElisionError, ValueError):
     """A function could not be exported; the message names the function and the cause."""
-
-    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,29 @@ _NP_NAMES = {
 }
 
 
-def _value_specs(values: Sequence[onnx.ValueInfoProto]) -> tuple[TensorSpec, ...]:
+def index_ranges(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
+    """Graph inputs used directly as the indices of a `Gather` over a weight table (token ids into an embedding):
+    input name -> [0, rows). ONNX Runtime reads out of bounds for larger ids and wraps negative ones around, where
+    the PyTorch model (`nn.Embedding`) refuses both; the runtime checks inputs against these ranges."""
+    graph = model.graph
+    tables = {t.name: tuple(t.dims) for t in graph.initializer}
+    inputs = {i.name for i in graph.input if i.type.tensor_type.elem_type in (TensorProto.INT64, TensorProto.INT32)}
+    ranges: dict[str, tuple[int, int]] = {}
+    for node in graph.node:
+        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+            continue
+        data, indices = node.input[0], node.input[1]
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        dims = tables.get(data)
+        if indices not in inputs or not dims or len(dims) < 2 or not -len(dims) <= axis < len(dims):
+            continue
+        rows = int(dims[axis])
+        ranges[indices] = (0, min(rows, ranges.get(indices, (0, rows))[1]))
+    return ranges
+
+
+def _value_specs(values: Sequence[onnx.ValueInfoProto],
+                 ranges: Mapping[str, tuple[int, int]] | None = None) -> tuple[TensorSpec, ...]:
     specs = []
     for value in values:
         tensor_type = value.type.tensor_type
@@ -169,7 +191,7 @@ def _value_specs(values: Sequence[onnx.ValueInfoProto]) -> tuple[TensorSpec, ...
             else:
                 shape.append(f"{value.name}_dim{i}")
         dtype = _NP_NAMES.get(tensor_type.elem_type, TensorProto.DataType.Name(tensor_type.elem_type).lower())
-        specs.append(TensorSpec(value.name, dtype, tuple(shape)))
+        specs.append(TensorSpec(value.name, dtype, tuple(shape), (ranges or {}).get(value.name)))
     return tuple(specs)
 
 
@@ -395,17 +417,27 @@ def export_onnx(
     for name in functions:
         if not _FN_NAME.match(name):
             raise OnnxExportError(f"function name {name!r} is not a valid file name; use letters, digits, '_' and '-'")
+    for rel in extra_files or {}:
+        if not _FN_NAME.match(Path(rel).stem) or Path(rel).name != rel or rel in (MANIFEST_NAME, WEIGHTS_NAME):
+            raise OnnxExportError(f"extra file name {rel!r} must be a plain file name (letters, digits, '_', '-', '.')")
     try:
         settings_json = json.loads(json.dumps(dict(runtime_settings)))
     except TypeError as e:
         raise OnnxExportError(f"runtime_settings must be JSON-serializable: {e}") from None
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    # Remove a previous artifact's files so stale functions cannot linger next to the new manifest.
-    for stale in [out / MANIFEST_NAME, out / WEIGHTS_NAME, *out.glob("*.onnx")]:
-        stale.unlink(missing_ok=True)
+    target = Path(out_dir)
+    # Everything is written into a temporary sibling and renamed into place at the end: an export that fails, or
+    # Ctrl-C, leaves a previous artifact at `out_dir` exactly as it was.
+    with atomic_directory(target, marker=MANIFEST_NAME, what="artifact directory") as out:
+        _write_artifact(out, functions, pipeline=pipeline, source_hash=source_hash, settings=settings_json,
+                        ort_fusions=ort_fusions, output_names=output_names, progress=progress, extra_files=extra_files)
+    return target
 
+
+def _write_artifact(out: Path, functions: Mapping[str, FunctionEntry], *, pipeline: str, source_hash: str,
+                    settings: dict, ort_fusions: bool, output_names: Mapping[str, Sequence[str]] | None,
+                    progress: Callable[[str], None] | None, extra_files: Mapping[str, str | Path] | None) -> None:
+    """The body of `export_onnx`, writing into the (empty, temporary) directory `out`."""
     weights = _SharedWeights(out / WEIGHTS_NAME)
     infos: list[FunctionExportInfo] = []
     try:
@@ -416,6 +448,7 @@ def export_onnx(
             if progress:
                 progress(f"exporting {name}")
             program = _export_program(name, model, tuple(example_inputs), dynamic_dims)
+            ranges = index_ranges(program.model_proto)  # before ORT fusions fold the embedding Gathers away
             fusion_info: dict[str, Any] = {"applied": False, "reason": "not requested"}
             proto = program.model_proto
             if ort_fusions:
@@ -439,7 +472,7 @@ def export_onnx(
                 raise OnnxExportError(f"function {name!r}: onnx.checker rejected the exported graph: {str(e).splitlines()[0]}") from e
             infos.append(
                 FunctionExportInfo(
-                    name=name, file=file_name, inputs=_value_specs(proto.graph.input),
+                    name=name, file=file_name, inputs=_value_specs(proto.graph.input, ranges),
                     outputs=_value_specs(proto.graph.output), ort_fusions=fusion_info,
                 )
             )
@@ -449,10 +482,7 @@ def export_onnx(
     files = {WEIGHTS_NAME: sha256_file(out / WEIGHTS_NAME)}
     files.update({info.file: sha256_file(out / info.file) for info in infos})
     for rel, source in (extra_files or {}).items():
-        if not _FN_NAME.match(Path(rel).stem) or Path(rel).name != rel:
-            raise OnnxExportError(f"extra file name {rel!r} must be a plain file name (letters, digits, '_', '-', '.')")
-        if Path(source).resolve() != (out / rel).resolve():
-            shutil.copyfile(source, out / rel)
+        shutil.copyfile(source, out / rel)
         files[rel] = sha256_file(out / rel)
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -460,7 +490,7 @@ def export_onnx(
         "producer": {"torch": torch.__version__, "onnx": onnx.__version__, "opset": OPSET_VERSION},
         "pipeline": pipeline,
         "source_hash": source_hash,
-        "runtime_settings": settings_json,
+        "runtime_settings": settings,
         "weights": {"file": WEIGHTS_NAME, "bytes": weights.offset, "bytes_referenced": weights.bytes_referenced},
         "functions": {
             info.name: {
@@ -474,4 +504,3 @@ def export_onnx(
         "files": files,
     }
     (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-    return out

@@ -15,6 +15,7 @@ shape-invariant latent side (@prepare) and the per-query-chunk field side (@eval
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import asdict, dataclass, replace
@@ -329,13 +330,14 @@ def load_checkpoint(path: str | Path) -> VecSetField:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"VecSet checkpoint {path} does not exist")
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    if "elision.vecset.config" not in meta:
-        raise ValueError(f"{path} has no 'elision.vecset.config' metadata; write it with "
-                         "elision.models.vecset.save_checkpoint")
-    model = VecSetField(VecSetConfig.from_json(meta["elision.vecset.config"]))
-    model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()}, strict=True)
+    with _readable_safetensors(path, "VecSet checkpoint"):
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        if "elision.vecset.config" not in meta:
+            raise ValueError(f"{path} has no 'elision.vecset.config' metadata; write it with "
+                             "elision.models.vecset.save_checkpoint")
+        model = VecSetField(VecSetConfig.from_json(meta["elision.vecset.config"]))
+        model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()}, strict=True)
     # Band calibration of the sparse decoder: Lipschitz constant of the field near the surface.
     if "elision.vecset.lipschitz" in meta:
         model.lipschitz = float(meta["elision.vecset.lipschitz"])
@@ -348,11 +350,26 @@ def load_latents(path: str | Path) -> torch.Tensor:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"latents file {path} does not exist")
-    data = load_file(str(path))
-    if "latents" not in data:
-        raise ValueError(f"{path} has no tensor named 'latents' (found: {sorted(data)})")
-    lat = data["latents"].float()
+    with _readable_safetensors(path, "latents file"):
+        data = load_file(str(path))
+        if "latents" not in data:
+            raise ValueError(f"{path} has no tensor named 'latents' (found: {sorted(data)})")
+        lat = data["latents"].float()
     return lat.unsqueeze(0) if lat.dim() == 2 else lat
+
+
+@contextlib.contextmanager
+def _readable_safetensors(path: Path, what: str):
+    """Whatever a broken or foreign file makes safetensors / torch raise becomes one ValueError naming the file."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except ValueError:
+        raise
+    except (SafetensorError, OSError, RuntimeError, TypeError, KeyError, OverflowError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is not a valid {what} ({first})") from None
 
 
 def save_latents(latents: torch.Tensor, path: str | Path, **metadata: str) -> None:

@@ -23,6 +23,8 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from elision.errors import ElisionError
+
 # Bumped whenever the manifest layout changes in a way an older reader would misread.
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -31,7 +33,7 @@ WEIGHTS_NAME = "weights.bin"
 _COMPILE_HINT = "re-create it with `elision compile MODEL --emit onnx -o DIR`"
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(ElisionError, RuntimeError):
     """Base class of every artifact problem. `exit_code` is what the CLI exits with."""
 
     exit_code = 2
@@ -43,6 +45,10 @@ class ArtifactMissingFileError(ArtifactError):
 
 class ArtifactCorruptError(ArtifactError):
     """A file exists but cannot be parsed (bad JSON, not an ONNX model, ORT refuses it)."""
+
+
+class ArtifactPathError(ArtifactCorruptError):
+    """The manifest names a file outside the artifact directory (absolute, `..`, or a symlink leading out)."""
 
 
 class ArtifactTamperedError(ArtifactError):
@@ -77,18 +83,44 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One input or output of a function: numpy dtype name and shape (ints, or strings for symbolic dims)."""
+    """One input or output of a function: numpy dtype name and shape (ints, or strings for symbolic dims).
+
+    value_range: for integer inputs used as indices into a table (token ids into an embedding), the half-open range
+    [low, high) of valid values; `Artifact.run` refuses values outside it (ONNX Runtime would read out of bounds or,
+    for negative ids, silently wrap around).
+    """
 
     name: str
     dtype: str
     shape: tuple[int | str, ...]
+    value_range: tuple[int, int] | None = None
 
     @staticmethod
     def from_json(obj: Mapping[str, Any]) -> "TensorSpec":
-        return TensorSpec(str(obj["name"]), str(obj["dtype"]), tuple(obj["shape"]))
+        if not isinstance(obj, Mapping):
+            raise TypeError("a tensor entry is not an object")
+        shape = obj["shape"]
+        if not isinstance(shape, list) or not all(isinstance(d, str) or _is_int(d) and d >= 0 for d in shape):
+            raise TypeError(f"shape {shape!r} of {obj.get('name')!r} is not a list of sizes and dim names")
+        value_range = obj.get("range")
+        if value_range is not None:
+            if not (isinstance(value_range, list) and len(value_range) == 2 and all(map(_is_int, value_range))
+                    and value_range[0] < value_range[1]):
+                raise TypeError(f"range {value_range!r} of {obj.get('name')!r} is not [low, high) with low < high")
+            value_range = (int(value_range[0]), int(value_range[1]))
+        if not isinstance(obj["name"], str) or not isinstance(obj["dtype"], str):
+            raise TypeError("tensor name and dtype must be strings")
+        return TensorSpec(obj["name"], obj["dtype"], tuple(shape), value_range)
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        entry: dict[str, Any] = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        if self.value_range is not None:
+            entry["range"] = list(self.value_range)
+        return entry
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -138,10 +170,12 @@ def _read_manifest(root: Path) -> dict[str, Any]:
     manifest_path = root / MANIFEST_NAME
     if not manifest_path.is_file():
         raise ArtifactMissingFileError(f"{root} is not an elision artifact: it has no {MANIFEST_NAME}; {_COMPILE_HINT}")
+    confined_path(root, MANIFEST_NAME)
     try:
         manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactCorruptError(f"{manifest_path} is not valid JSON ({e}); {_COMPILE_HINT}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        reason = str(e) if not isinstance(e, RecursionError) else "nested too deeply"
+        raise ArtifactCorruptError(f"{manifest_path} is not valid JSON ({reason}); {_COMPILE_HINT}") from None
     if not isinstance(manifest, dict) or "format_version" not in manifest:
         raise ArtifactCorruptError(f"{manifest_path} has no format_version; it was not written by elision. {_COMPILE_HINT}")
     found = manifest["format_version"]
@@ -155,12 +189,40 @@ def _read_manifest(root: Path) -> dict[str, Any]:
     for key in ("functions", "files"):
         if not isinstance(manifest.get(key), dict):
             raise ArtifactCorruptError(f"{manifest_path} lacks the {key!r} table; {_COMPILE_HINT}")
+    if not isinstance(manifest.get("runtime_settings", {}), dict):
+        raise ArtifactCorruptError(f"{manifest_path}: runtime_settings is not an object; {_COMPILE_HINT}")
+    for rel, digest in manifest["files"].items():
+        if not isinstance(digest, str) or len(digest) != 64:
+            raise ArtifactCorruptError(f"{manifest_path}: the sha256 recorded for {rel!r} is not a 64-digit hex "
+                                       f"string; {_COMPILE_HINT}")
+        confined_path(root, rel)
     return manifest
+
+
+def confined_path(root: Path, rel: Any) -> Path:
+    """`root / rel` for a file name read from a manifest, refusing anything that leads outside `root`: absolute
+    paths, `..` steps, and symlinks (followed) whose target lies elsewhere."""
+    if not isinstance(rel, str) or not rel or "\x00" in rel:
+        raise ArtifactCorruptError(f"{MANIFEST_NAME} names a file {rel!r} that is not a file name; {_COMPILE_HINT}")
+    parts = Path(rel).parts
+    if Path(rel).is_absolute() or ".." in parts or rel.startswith(("/", "\\")):
+        raise ArtifactPathError(f"{MANIFEST_NAME} names {rel!r}, which lies outside the artifact directory {root}; "
+                                f"an artifact reads only its own files (refusing to load it)")
+    path = root / rel
+    base = root.resolve()
+    try:
+        inside = path.resolve().is_relative_to(base)
+    except (OSError, RuntimeError):  # a symlink loop
+        inside = False
+    if not inside:
+        raise ArtifactPathError(f"{MANIFEST_NAME} names {rel!r}, which leads outside the artifact directory {root} "
+                                f"(a symlink); an artifact reads only its own files (refusing to load it)")
+    return path
 
 
 def _verify_files(root: Path, manifest: Mapping[str, Any], check_hashes: bool) -> None:
     for rel, expected in manifest["files"].items():
-        path = root / rel
+        path = confined_path(root, rel)
         if not path.is_file():
             raise ArtifactMissingFileError(f"artifact file {path} named in {MANIFEST_NAME} is missing; {_COMPILE_HINT}")
         if check_hashes:
@@ -176,14 +238,19 @@ def _parse_functions(manifest: Mapping[str, Any]) -> dict[str, FunctionSpec]:
     functions = {}
     try:
         for name, entry in manifest["functions"].items():
+            file = entry["file"]
+            if file not in manifest["files"]:
+                raise ArtifactCorruptError(f"{MANIFEST_NAME}: function {name!r} reads {file!r}, which is not among "
+                                           f"the artifact's hashed files; {_COMPILE_HINT}")
             functions[name] = FunctionSpec(
                 name=name,
-                file=str(entry["file"]),
+                file=file,
                 inputs=tuple(TensorSpec.from_json(t) for t in entry["inputs"]),
                 outputs=tuple(TensorSpec.from_json(t) for t in entry["outputs"]),
             )
     except (KeyError, TypeError) as e:
-        raise ArtifactCorruptError(f"{MANIFEST_NAME} function table is malformed (missing {e}); {_COMPILE_HINT}") from None
+        what = f"missing {e}" if isinstance(e, KeyError) else str(e)
+        raise ArtifactCorruptError(f"{MANIFEST_NAME} function table is malformed ({what}); {_COMPILE_HINT}") from None
     return functions
 
 
@@ -276,12 +343,26 @@ class Artifact:
                     raise ArtifactInputError(
                         f"function {fn!r}: input {t.name!r} dim {axis} is {got}, expected {want} (shape {list(t.shape)})"
                     )
+            if t.value_range is not None and value.size and value.dtype.kind in "iu":
+                _check_range(fn, t, value)
+
+    def file(self, name: str) -> Path:
+        """The path of the artifact file `name` (a name from the manifest or its runtime settings), refusing names
+        that lead outside the artifact directory and files the manifest does not hash."""
+        path = confined_path(self.path, name)
+        if name not in self.manifest["files"]:
+            raise ArtifactCorruptError(f"{self.path}: {name!r} is not among the artifact's hashed files in "
+                                       f"{MANIFEST_NAME}; {_COMPILE_HINT}")
+        return path
 
     def run(self, fn: str, /, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         """Run function `fn` on numpy inputs given by name; returns outputs by name."""
         self.check_inputs(fn, inputs)
         spec = self.spec(fn)
-        values = self._sessions[fn].run(spec.output_names, inputs)
+        try:
+            values = self._sessions[fn].run(spec.output_names, inputs)
+        except Exception as e:  # ORT's own exception types: inputs the graph cannot take (shapes that disagree, ...)
+            raise ArtifactInputError(f"function {fn!r}: onnxruntime cannot run it on these inputs: {_first_line(e)}") from None
         return dict(zip(spec.output_names, values))
 
     def run_with_binding(
@@ -308,7 +389,10 @@ class Artifact:
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
         for name in spec.output_names:
             binding.bind_output(name, self.device_type if name in keep else "cpu")
-        self._sessions[fn].run_with_iobinding(binding)
+        try:
+            self._sessions[fn].run_with_iobinding(binding)
+        except Exception as e:  # as in `run`
+            raise ArtifactInputError(f"function {fn!r}: onnxruntime cannot run it on these inputs: {_first_line(e)}") from None
         results = {}
         for name, value in zip(spec.output_names, binding.get_outputs()):
             results[name] = value if name in keep else value.numpy()
@@ -321,6 +405,65 @@ class Artifact:
             outs = ", ".join(f"{t.name}: {t.dtype}{list(t.shape)}" for t in spec.outputs)
             lines.append(f"  {spec.name}({ins}) -> ({outs})")
         return "\n".join(lines)
+
+
+def _check_range(fn: str, spec: TensorSpec, value: np.ndarray) -> None:
+    low, high = spec.value_range
+    smallest, largest = int(value.min()), int(value.max())
+    if smallest < low or largest >= high:
+        bad = smallest if smallest < low else largest
+        raise ArtifactInputError(
+            f"function {fn!r}: input {spec.name!r} holds {bad}, outside the valid range [{low}, {high}) "
+            f"(it indexes a table of {high} rows, e.g. token ids of a {high}-token vocabulary)"
+        )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _ort_dtype(ort_type: str) -> str:
+    """ORT's 'tensor(float)' as the manifest's numpy name 'float32'."""
+    name = ort_type.removeprefix("tensor(").removesuffix(")")
+    return {"float": "float32", "double": "float64"}.get(name, name)
+
+
+def _check_signature(spec: FunctionSpec, session) -> None:
+    """The manifest's inputs and outputs of a function must be the graph's: names, dtypes, ranks and fixed sizes."""
+    for kind, declared, actual in (("inputs", spec.inputs, session.get_inputs()),
+                                   ("outputs", spec.outputs, session.get_outputs())):
+        graph = {a.name: a for a in actual}
+        mismatch = sorted({t.name for t in declared} ^ set(graph))
+        for t in declared:
+            if t.name not in graph:
+                continue
+            a = graph[t.name]
+            fixed_differ = any(isinstance(d, int) and isinstance(g, int) and d != g for d, g in zip(t.shape, a.shape))
+            if _ort_dtype(a.type) != t.dtype or len(a.shape) != len(t.shape) or fixed_differ:
+                mismatch.append(t.name)
+        if mismatch:
+            raise ArtifactCorruptError(
+                f"{MANIFEST_NAME} describes the {kind} of function {spec.name!r} differently from {spec.file} "
+                f"({', '.join(mismatch)}); {_COMPILE_HINT}"
+            )
+
+
+def _check_links(root: Path) -> None:
+    """No symlink inside the artifact may lead outside it: ONNX Runtime reads external data by name from the
+    directory, so an unlisted link (say `w.bin -> /etc/shadow`) would otherwise be followed."""
+    base = root.resolve()
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(folder) / name
+            if path.is_symlink():
+                try:
+                    inside = path.resolve().is_relative_to(base)
+                except (OSError, RuntimeError):
+                    inside = False
+                if not inside:
+                    raise ArtifactPathError(f"{path} is a symlink leading outside the artifact directory {root}; "
+                                            f"an artifact reads only its own files (refusing to load it)")
 
 
 def load_artifact(
@@ -341,21 +484,22 @@ def load_artifact(
 
     root = Path(path)
     manifest = _read_manifest(root)
+    _check_links(root)
     _verify_files(root, manifest, check_hashes=verify)
     functions = _parse_functions(manifest)
     chosen = select_providers(providers)
     options = _session_options(threads, optimization)
     artifact = Artifact(path=root, manifest=manifest, functions=functions, providers=chosen)
     for name, spec in functions.items():
-        model_path = root / spec.file
+        model_path = confined_path(root, spec.file)
         if not model_path.is_file():
             raise ArtifactMissingFileError(f"function {name!r}: {model_path} is missing; {_COMPILE_HINT}")
         try:
             session = ort.InferenceSession(str(model_path), sess_options=options, providers=chosen)
         except Exception as e:  # ORT raises its own exception types (InvalidProtobuf, Fail, ...)
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ArtifactCorruptError(
-                f"function {name!r}: onnxruntime cannot load {model_path}: {first_line}; {_COMPILE_HINT}"
+                f"function {name!r}: onnxruntime cannot load {model_path}: {_first_line(e)}; {_COMPILE_HINT}"
             ) from None
+        _check_signature(spec, session)
         artifact._sessions[name] = session
     return artifact

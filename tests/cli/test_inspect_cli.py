@@ -22,7 +22,7 @@ def test_inspect_tables_for_a_builtin_decoder():
 
 
 def test_inspect_json_reports_unrecognized_parts_of_a_factory_model():
-    res = runner.invoke(app, ["inspect", "tests.model_map_models:mixer", "--json"])
+    res = runner.invoke(app, ["inspect", "tests.model_map_models:mixer", "--json", "--trust-code"])
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
     assert data["kind"] == "unknown" and data["num_layers"] == 0

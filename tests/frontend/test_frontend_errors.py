@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from elision.errors import ExportError, ModelSpecError, UnsupportedOpError
+from elision.errors import ExportError, ModelSpecError, UnsupportedOpError, UntrustedCodeError
 from elision.frontend.model_spec import load_model
 from elision.frontend.trace import export_to_ir
 from elision.ir import IRError, interpret, parse
@@ -58,10 +58,19 @@ def test_broken_model_directories(tmp_path):
     ("builtin:does-not-exist", "unknown builtin model 'does-not-exist'; known builtins:"),
     ("no_such_module_xyz:factory", "cannot import module 'no_such_module_xyz'"),
     ("platform:python_version", "must return an nn.Module"),
+    ("bad_input_models:raising_factory", "raised RuntimeError: the checkpoint server is down"),
     ("/definitely/not/here", "no such directory"),
+    (":boom:", "neither a directory, builtin:NAME, nor package.module:factory"),
 ])
 def test_bad_specs(spec, msg):
     with pytest.raises(ModelSpecError, match=msg):
+        load_model(spec, trust_code=True)
+
+
+@pytest.mark.parametrize("spec", ["os:abort", "platform:python_version", "bad_input_models:eigh_model"])
+def test_factory_specs_need_trust_code(spec):
+    # importing a module and calling a function in it runs arbitrary code: only on explicit opt-in
+    with pytest.raises(UntrustedCodeError, match=r"running arbitrary Python code; pass --trust-code \(trust_code=True"):
         load_model(spec)
 
 
@@ -74,7 +83,7 @@ def test_factory_spec_and_hf_directory_round_trip(tmp_path):
     lm = load_model(str(tmp_path))
     assert lm.kind == "causal-lm" and lm.input_names == ["input_ids"]
     assert lm.dynamic_dims == {0: {0: "batch", 1: "seq"}}
-    lm2 = load_model("elision.models.tiny:_tiny_bert")
+    lm2 = load_model("elision.models.tiny:_tiny_bert", trust_code=True)
     assert lm2.kind == "encoder"
 
 

@@ -68,7 +68,8 @@ def test_manifest_records_functions_dims_pipeline_and_hashes(llama, llama_artifa
     assert manifest["source_hash"] == source_hash_of(llama)
     assert manifest["runtime_settings"] == {"kind": "causal-lm", "eos_token_id": 2}
     logits = manifest["functions"]["logits"]
-    assert logits["inputs"] == [{"name": "x", "dtype": "int64", "shape": ["batch", "seq"]}]
+    # token ids index the 256-row embedding: the runtime refuses ids outside [0, 256)
+    assert logits["inputs"] == [{"name": "x", "dtype": "int64", "shape": ["batch", "seq"], "range": [0, 256]}]
     assert logits["outputs"] == [{"name": "logits", "dtype": "float32", "shape": ["batch", "seq", 256]}]
     assert manifest["functions"]["embed"]["outputs"][0]["shape"] == ["batch", "seq", 64]
     assert set(manifest["files"]) == {"weights.bin", "logits.onnx", "embed.onnx"}

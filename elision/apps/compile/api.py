@@ -5,12 +5,28 @@ from typing import Any
 
 import torch
 
-from elision.errors import ElisionError
 from elision.apps.compile.optimize import SEMANTIC_PIPELINE, default_pipeline  # noqa: F401  (re-exported)
 from elision.apps.compile.records import GraphRecord
+from elision.errors import ElisionError, PassError
 from elision.ir.core import Module
 
 TARGETS = ("torch", "onnxruntime", "triton")
+
+
+def check_pipeline(pipeline: str | None, allow_approximate: bool = False) -> list:
+    """Parse `pipeline` (None: the default pipeline) and check it may run, before anything is traced.
+
+    Raises PassError for an unknown pass, a bad option, or an approximate pass without `allow_approximate`, so a typo
+    costs milliseconds rather than a trace, and a model that cannot be traced does not hide a bad pipeline.
+    """
+    from elision.passes.pipeline import parse_pipeline
+
+    passes = parse_pipeline(default_pipeline() if pipeline is None else pipeline)
+    approximate = [p.name for p in passes if p.approximate]
+    if approximate and not allow_approximate:
+        raise PassError(f"pass {approximate[0]!r} changes the model's output (approximate); it runs only when asked "
+                        f"for explicitly (allow_approximate=True / --approximate)")
+    return passes
 
 
 class CompiledModule(torch.nn.Module):
@@ -167,17 +183,16 @@ def compile(model: torch.nn.Module, example_inputs: tuple | None = None, passes:
     from elision.frontend.model_spec import _input_names, default_example_inputs
     from elision.frontend.trace import export_to_ir
     from elision.passes.manager import PassManager
-    from elision.passes.pipeline import parse_pipeline
     if target not in TARGETS:
         raise ElisionError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    pipeline = check_pipeline(passes, allow_approximate)  # before the trace: a typo must not cost one
     model.eval()
     if example_inputs is None:
         example_inputs, guessed = default_example_inputs(model)
         dynamic_dims = guessed if dynamic_dims is None else dynamic_dims
     example_inputs = tuple(example_inputs)
     ir = export_to_ir(model, example_inputs, dynamic_dims, input_names=_input_names(model, len(example_inputs)))
-    pm = PassManager(parse_pipeline(default_pipeline() if passes is None else passes), verify_each=verify_each,
-                     allow_approximate=allow_approximate)
+    pm = PassManager(pipeline, verify_each=verify_each, allow_approximate=allow_approximate)
     pm.run(ir)
     ir.attrs["pipeline"] = ",".join(p.spec() for p in pm.passes)
     record = GraphRecord(f"elision.compile({type(model).__name__}) @forward", target)

@@ -11,7 +11,7 @@ and `strict=True` raises).
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 

@@ -144,7 +144,7 @@ class OrtGenerator:
         self.max_positions = int(gen["max_positions"]) if gen.get("max_positions") else None
         self.sliding_window = int(gen["sliding_window"]) if gen.get("sliding_window") else None
         self.eos_token_ids = [int(e) for e in gen.get("eos_token_ids", [])]
-        self.tokenizer = _load_tokenizer(artifact.path / str(gen.get("tokenizer", "tokenizer.json")))
+        self.tokenizer = _load_tokenizer(artifact.file(str(gen.get("tokenizer", "tokenizer.json"))))  # confined, hashed
         self.max_tree_size, self.max_depth = int(max_tree_size), int(max_depth)
         self.drafter_name, self.tree_spec = drafter, tree
         self._recycling = TokenRecyclingDrafter(self.vocab_size)

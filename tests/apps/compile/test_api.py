@@ -114,3 +114,15 @@ def test_approximate_pipeline_is_not_checked_against_or_replaced_by_the_original
     with pytest.raises(ElisionError, match="approximate pipeline"):
         elision.compile(model, example_inputs=(torch.randint(0, 64, (2, 6)),), passes="skip-layers{layers=1}",
                         allow_approximate=True, select="inductor")
+
+
+@pytest.mark.parametrize("passes,message", [
+    ("cse,nonsense", r"unknown pass 'nonsense'"),
+    ("skip-layers{layers=1}", r"pass 'skip-layers' changes the model's output \(approximate\)"),
+])
+def test_pipeline_is_checked_before_tracing(passes, message):
+    # WithCond cannot be traced (data-dependent torch.cond): the pipeline error must come first, not the trace error
+    from bad_input_models import WithCond
+
+    with pytest.raises(PassError, match=message):
+        elision.compile(WithCond().eval(), example_inputs=(torch.randn(3, 4),), passes=passes)

@@ -9,7 +9,7 @@ import torch
 
 from _lowering_models import PrimaryOutput, pixels, tiny_bert, tiny_gpt2, tiny_llama, tiny_vit, token_ids
 from elision.apps.compile import records
-from elision.apps.compile.backend import ElisionFallbackWarning, elision_backend, graph_records, register
+from elision.apps.compile.backend import BackendOptions, ElisionFallbackWarning, elision_backend, graph_records, register
 
 ATOL = 1e-4  # float32; ORT reorders reductions, torch target is exact up to fused-op rounding
 
@@ -180,6 +180,20 @@ def test_strict_and_bad_options_raise():
     torch._dynamo.reset()
     with pytest.raises(Exception, match=r"skip-layers change the model's output"):
         torch.compile(model, backend="elision", options={"passes": "skip-layers{layers=1}"})(x)
+
+
+@pytest.mark.parametrize("passes,message", [
+    ("cse,no-such-pass", r"unknown pass 'no-such-pass'"),
+    ("cse{bogus=1}", r"pass 'cse' has no option 'bogus'"),
+    ("skip-layers{layers=1}", r"skip-layers change the model's output"),
+])
+def test_bad_pipeline_is_refused_before_tracing_even_without_strict(passes, message):
+    # checked when the options are read: a typo is never silently turned into an eager fallback
+    with pytest.raises(ValueError, match=message):
+        BackendOptions.parse({"passes": passes})
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=message):
+        torch.compile(_mlp(), backend="elision", options={"passes": passes})(torch.randn(3, 8))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU message of the triton target")
