@@ -158,6 +158,12 @@ def _read_manifest(root: Path) -> dict[str, Any]:
     return manifest
 
 
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The checked manifest of the artifact directory `path`, without loading any graph (ArtifactError when the
+    directory is not a readable artifact of this format version)."""
+    return _read_manifest(Path(path))
+
+
 def _verify_files(root: Path, manifest: Mapping[str, Any], check_hashes: bool) -> None:
     for rel, expected in manifest["files"].items():
         path = root / rel
@@ -215,6 +221,7 @@ class Artifact:
     manifest: dict[str, Any]
     functions: dict[str, FunctionSpec]
     providers: list[str]
+    threads: int | None = None  # intra-op threads of every session (None: onnxruntime's default)
     _sessions: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -345,7 +352,7 @@ def load_artifact(
     functions = _parse_functions(manifest)
     chosen = select_providers(providers)
     options = _session_options(threads, optimization)
-    artifact = Artifact(path=root, manifest=manifest, functions=functions, providers=chosen)
+    artifact = Artifact(path=root, manifest=manifest, functions=functions, providers=chosen, threads=threads)
     for name, spec in functions.items():
         model_path = root / spec.file
         if not model_path.is_file():
