@@ -248,9 +248,14 @@ def _export_program(name: str, model: torch.nn.Module, example_inputs: tuple, dy
         raise OnnxExportError(f"function {name!r}: expected an nn.Module or fx.GraphModule, got {type(model).__name__}")
     model.eval()
     dynamic_shapes = to_dynamic_shapes(example_inputs, dynamic_dims)
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
     try:
+        # quiet by default: the exporter's FutureWarnings about pytree specs and its log lines about missing
+        # torchvision ops are not the user's business
+        exporter_log.setLevel(logging.ERROR)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # exporter FutureWarnings about pytree specs etc.
+            warnings.simplefilter("ignore")
             return torch.onnx.export(
                 model,
                 tuple(example_inputs),
@@ -263,6 +268,8 @@ def _export_program(name: str, model: torch.nn.Module, example_inputs: tuple, dy
             )
     except Exception as e:  # the exporter wraps everything in its own error types
         raise OnnxExportError(f"function {name!r}: torch.onnx export failed: {exporter_error_summary(e)}") from e
+    finally:
+        exporter_log.setLevel(level)
 
 
 def _rename_outputs(model: onnx.ModelProto, names: Sequence[str]) -> None:

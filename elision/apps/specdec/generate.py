@@ -12,6 +12,8 @@ positions) -> greedy or rejection-sampling verification -> stop handling (EOS, m
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -25,11 +27,13 @@ from elision.apps.specdec.drafters import Drafter, TokenRecyclingDrafter, make_d
 from elision.apps.specdec.session import KVSession
 from elision.apps.specdec.verify import SamplingConfig
 from elision.runtime.generation.bookkeeping import check_lengths, normalize_eos
+from elision.runtime.generation.calibration import machine_fingerprint
 from elision.runtime.generation.loop import DecodeOptions, decode
 from elision.runtime.generation.tree import TokenTree
 from elision.runtime.generation.tree_builders import StaticTemplate, VerifyCostCurve, parse_tree_spec
+from elision.runtime.user_cache import cache_root, read_json, write_json
 
-# cost curves are per model object, batch size and tree-size limit, measured once per process
+# cost curves are per model object, batch size and tree-size limit, measured once per process (and kept per machine)
 _COST_CURVES: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 
@@ -150,12 +154,37 @@ class SpeculativeGenerator:
         return parse_tree_spec(tree)
 
     def cost_curve(self, session: KVSession) -> VerifyCostCurve:
+        """The verification-cost curve for this model, batch size and tree limit: measured once per process, and
+        for a Hugging Face model once per machine (the user cache remembers it across `elision generate` runs)."""
         owner = self.model if self.model is not None else self.backend
         per_model = _COST_CURVES.setdefault(owner, {})
         key = (session.batch_size, self.max_tree_size)
         if key not in per_model:
-            per_model[key] = VerifyCostCurve.measure(session, self.max_tree_size)
+            machine_key = self._machine_curve_key(session.batch_size)
+            path = cache_root() / "calibration" / "torch_curves.json"
+            cached = (read_json(path) or {}) if machine_key else {}
+            if machine_key in cached:
+                per_model[key] = VerifyCostCurve(cached[machine_key]["sizes"], cached[machine_key]["seconds"])
+            else:
+                per_model[key] = VerifyCostCurve.measure(session, self.max_tree_size)
+                if machine_key:
+                    cached[machine_key] = {"sizes": per_model[key].sizes, "seconds": per_model[key].seconds}
+                    write_json(path, cached)
         return per_model[key]
+
+    def _machine_curve_key(self, batch_size: int) -> str | None:
+        """What the timing of a verification forward depends on: the architecture and shapes (never the weight
+        values), batch, tree limit, torch threads and build, and the machine. None for backends without a config."""
+        config = getattr(self.model, "config", None)
+        if config is None:
+            return None
+        params = next(self.model.parameters(), None)
+        what = {"model": type(self.model).__name__, "config": config.to_json_string(use_diff=False),
+                "dtype": str(params.dtype if params is not None else None),
+                "device": str(params.device if params is not None else None), "batch": batch_size,
+                "max_tree_size": self.max_tree_size, "threads": torch.get_num_threads(), "torch": torch.__version__,
+                "machine": machine_fingerprint(with_onnxruntime=False)}
+        return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()

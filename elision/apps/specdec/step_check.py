@@ -76,11 +76,14 @@ def check_step_artifact(spec: CompiledSpecDec, artifact_dir: str | Path, toleran
     raises StepMismatchError beyond `tolerance`. Returns the worst relative error."""
     from elision.runtime.generation.ort_generator import OrtGenerator
 
-    gen = OrtGenerator.load(artifact_dir, threads=1, verify=False)
     capacity = 64
-    session = gen.new_session(2, capacity)
     reference = KVSession(spec.backend("verify"), 2, capacity)
-    worst = compare_sessions(session, reference, int(spec.config["vocab_size"]))
+    try:
+        session = OrtGenerator.load(artifact_dir, threads=1, verify=False).new_session(2, capacity)
+        worst = compare_sessions(session, reference, int(spec.config["vocab_size"]))
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types; any failure means "not this form"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StepMismatchError(f"onnxruntime cannot run the lowered step: {first[:300]}") from None
     if not worst <= tolerance:
         raise StepMismatchError(f"the ONNX Runtime step differs from the compiled @verify by {worst:.2e} (relative "
                                 f"to the largest logit; tolerance {tolerance:.0e})")

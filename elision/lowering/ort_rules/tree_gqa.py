@@ -91,24 +91,26 @@ class TreeGroupQueryAttention(pattern.RewriteRuleClassBase):
         result = pattern.MatchResult()
         for rot in (q_rot, k_rot):
             if rot.producer().attributes.get_int("interleaved", 0):
-                return result.fail("interleaved rotary is not what GroupQueryAttention's rotary computes", rot)
+                return self._fail(result, "interleaved rotary is not what GroupQueryAttention's rotary computes", rot)
         heads, kv_heads = _ir_utils.get_dim(q_bshd, 2), _ir_utils.get_dim(k_bshd, 2)
         head_dim, v_heads = _ir_utils.get_dim(q_bshd, 3), _ir_utils.get_dim(v_bshd, 2)
         if not all(isinstance(d, int) for d in (heads, kv_heads, head_dim, v_heads)):
-            return result.fail("head counts and head size must be static", [q_bshd, k_bshd])
+            return self._fail(result, "head counts and head size must be static", [q_bshd, k_bshd])
+        if head_dim % 16:
+            # ONNX Runtime's CPU kernel refuses other head sizes at run time ("head_size shall be a multiple of 16")
+            return self._fail(result, f"head size {head_dim} is not a multiple of 16, which GroupQueryAttention needs", q_bshd)
         if heads % kv_heads or v_heads != kv_heads:
-            return result.fail(f"{heads} query heads over {kv_heads} key / {v_heads} value heads is not GQA", k_bshd)
+            return self._fail(result, f"{heads} query heads over {kv_heads} key / {v_heads} value heads is not GQA", k_bshd)
         if not (past_k.is_graph_input() and past_v.is_graph_input()):
-            return result.fail("the past keys/values must be graph inputs", [past_k, past_v])
+            return self._fail(result, "the past keys/values must be graph inputs", [past_k, past_v])
         bias = _bias_input(mask)
         if bias is None:
-            return result.fail("the attention mask is not the graph's additive bias input", mask)
+            return self._fail(result, "the attention mask is not the graph's additive bias input", mask)
         if (cos, sin) not in self.inputs.tables:
             try:
                 tables = rope_tables(self.inputs.model, cos, sin, self.inputs.max_positions)
             except RopeTableError as e:
-                self.inputs.failures.append(str(e))
-                return result.fail(str(e), [cos, sin])
+                return self._fail(result, str(e), [cos, sin])
             self.inputs.tables[(cos, sin)] = self._table_values(tables)
         scale = att.producer().attributes.get("scale")
         self._attrs = dict(num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0)
@@ -116,6 +118,12 @@ class TreeGroupQueryAttention(pattern.RewriteRuleClassBase):
             self._attrs["scale"] = float(scale.value)
         self._bias = bias
         return result
+
+    def _fail(self, result: pattern.MatchResult, reason: str, values) -> pattern.MatchResult:
+        """A failed check, remembered so the caller can say why an attention did not fuse."""
+        if reason not in self.inputs.failures:
+            self.inputs.failures.append(reason)
+        return result.fail(reason, values)
 
     def _table_values(self, tables: RopeTables) -> tuple[ir.Value, ir.Value, ir.Value]:
         graph = self.inputs.model.graph

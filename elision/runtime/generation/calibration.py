@@ -43,12 +43,15 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_fingerprint() -> dict[str, Any]:
-    """What a timing depends on besides the artifact: CPU, usable cores, OS, onnxruntime build."""
-    import onnxruntime as ort
+def machine_fingerprint(with_onnxruntime: bool = True) -> dict[str, Any]:
+    """What a timing depends on besides the model: CPU, usable cores, OS (and the onnxruntime build)."""
+    fingerprint = {"cpu": _cpu_model(), "cores": available_cores(), "arch": platform.machine(),
+                   "system": platform.system()}
+    if with_onnxruntime:
+        import onnxruntime as ort  # not for the torch loop's curves, which never load it
 
-    return {"cpu": _cpu_model(), "cores": available_cores(), "arch": platform.machine(), "system": platform.system(),
-            "onnxruntime": ort.__version__, "providers": ort.get_available_providers()}
+        fingerprint.update(onnxruntime=ort.__version__, providers=ort.get_available_providers())
+    return fingerprint
 
 
 def _digest(value: Any, n: int) -> str:

@@ -219,11 +219,12 @@ class OrtGenerator:
         `eos_token_id` defaults to the artifact's EOS ids (pass [] for none); `stream` receives text pieces as
         tokens are accepted."""
         t_start = time.perf_counter()
+        sampling = _sampling_config(do_sample, temperature, top_k, top_p, seed)  # bad options first, then the prompt
         ids = self._check_prompt(prompt, max_new_tokens)
         decoder = IncrementalDecoder(self.tokenizer) if stream is not None else None
         on_tokens = (lambda b, new: stream(decoder.push(new))) if decoder is not None else None
-        outcome = self._decode([ids], max_new_tokens, drafter, tree, eos_token_id, stop_strings, do_sample, temperature,
-                               top_k, top_p, seed, on_tokens, t_start)
+        outcome = self._decode([ids], max_new_tokens, drafter, tree, eos_token_id, stop_strings, sampling, seed,
+                               on_tokens, t_start)
         if decoder is not None:
             stream(decoder.finish())
         tokens = outcome.outputs[0]
@@ -242,9 +243,10 @@ class OrtGenerator:
         t_start = time.perf_counter()
         if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
             raise GenerationError("generate_batch needs a non-empty list of prompts (strings or token id lists)")
+        sampling = _sampling_config(do_sample, temperature, top_k, top_p, seed)
         ids = [self._check_prompt(p, max_new_tokens) for p in prompts]
-        outcome = self._decode(ids, max_new_tokens, drafter, tree, eos_token_id, stop_strings, do_sample, temperature,
-                               top_k, top_p, seed, None, t_start)
+        outcome = self._decode(ids, max_new_tokens, drafter, tree, eos_token_id, stop_strings, sampling, seed, None,
+                               t_start)
         stats, results = outcome.stats, []
         total = stats["time_s"]["total"]
         for b, tokens in enumerate(outcome.outputs):
@@ -254,9 +256,8 @@ class OrtGenerator:
             results.append(OrtGenerationResult(tokens, self.tokenizer.decode(tokens, skip_special_tokens=True), own, ids[b]))
         return results
 
-    def _decode(self, prompts, max_new_tokens, drafter, tree, eos_token_id, stop_strings, do_sample, temperature,
-                top_k, top_p, seed, on_tokens, t_start):
-        sampling = _sampling_config(do_sample, temperature, top_k, top_p, seed)
+    def _decode(self, prompts, max_new_tokens, drafter, tree, eos_token_id, stop_strings, sampling, seed, on_tokens,
+                t_start):
         draft = self.drafter(drafter or self.drafter_name)
         tree_spec = tree or self.tree_spec
         template = _parse_tree(tree_spec)
