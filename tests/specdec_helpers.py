@@ -12,7 +12,8 @@ def save_tiny_lm_dir(path: Path, arch: str = "llama", seed: int = 0, layers: int
     """Train a byte-level BPE tokenizer on a stdlib source file and save it with a random-weight tiny model.
 
     4 query / 2 KV heads: `hidden_size=64` gives head size 16, the smallest ONNX Runtime's GroupQueryAttention runs
-    (the in-place step form); 32 gives 8 (the concatenating verify form). `arch` "qwen2" adds q/k/v biases.
+    (the in-place step form); 32 gives 8 (the concatenating verify form). `arch` "qwen2" adds q/k/v biases,
+    "mistral" a sliding window of 12.
     `sharpen` scales the LM head, spreading the logits so that greedy argmax ties are rare (float32 comparisons).
     """
     import inspect
@@ -40,6 +41,8 @@ def save_tiny_lm_dir(path: Path, arch: str = "llama", seed: int = 0, layers: int
                       eos_token_id=fast.eos_token_id, bos_token_id=fast.eos_token_id)
         if arch == "qwen2":
             model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+        elif arch == "mistral":  # a window shorter than the sequences, so the window mask is exercised
+            model = transformers.MistralForCausalLM(transformers.MistralConfig(**common, sliding_window=12))
         else:
             model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
     if sharpen != 1.0:

@@ -243,7 +243,8 @@ class _SharedWeights:
         self.handle.close()
 
 
-def _export_program(name: str, model: torch.nn.Module, example_inputs: tuple, dynamic_dims: DynamicDims):
+def _export_program(name: str, model: torch.nn.Module, example_inputs: tuple, dynamic_dims: DynamicDims,
+                    optimize: bool = True):
     if not isinstance(model, torch.nn.Module):
         raise OnnxExportError(f"function {name!r}: expected an nn.Module or fx.GraphModule, got {type(model).__name__}")
     model.eval()
@@ -263,7 +264,7 @@ def _export_program(name: str, model: torch.nn.Module, example_inputs: tuple, dy
                 opset_version=OPSET_VERSION,
                 dynamic_shapes=dynamic_shapes,
                 custom_translation_table=_custom_translation_table() or None,
-                optimize=True,
+                optimize=optimize,
                 verbose=False,
             )
     except Exception as e:  # the exporter wraps everything in its own error types
@@ -487,9 +488,11 @@ class ArtifactWriter:
         self.weights.close()
 
 
-def export_program(name: str, model: torch.nn.Module, example_inputs: tuple, dynamic_dims: DynamicDims):
-    """`torch.onnx.export(..., dynamo=True)` of one function; `.model` of the result is its onnx_ir model."""
-    return _export_program(name, model, example_inputs, dynamic_dims)
+def export_program(name: str, model: torch.nn.Module, example_inputs: tuple, dynamic_dims: DynamicDims,
+                   optimize: bool = True):
+    """`torch.onnx.export(..., dynamo=True)` of one function; `.model` of the result is its onnx_ir model.
+    `optimize=False` skips onnxscript's optimizer (for a caller that runs it itself, as the ORT lowering does)."""
+    return _export_program(name, model, example_inputs, dynamic_dims, optimize)
 
 
 def export_onnx(

@@ -193,7 +193,7 @@ def _parse_functions(manifest: Mapping[str, Any]) -> dict[str, FunctionSpec]:
     return functions
 
 
-def _session_options(threads: int | None, optimization: str):
+def _session_options(threads: int | None, optimization: str, config: Mapping[str, str] | None = None):
     import onnxruntime as ort
 
     levels = {
@@ -210,6 +210,8 @@ def _session_options(threads: int | None, optimization: str):
     if threads is not None:
         options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = 1
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(str(key), str(value))
     return options
 
 
@@ -337,12 +339,14 @@ def load_artifact(
     verify: bool = True,
     threads: int | None = None,
     optimization: str = "all",
+    session_config: Mapping[str, str] | None = None,
 ) -> Artifact:
     """Load the artifact directory `path` and create one ORT session per function.
 
     verify: check every file's sha256 against the manifest (tamper detection) before loading.
     providers: execution providers in priority order; default CUDA when available, else CPU.
     threads: ORT intra-op threads (default: ORT's choice). optimization: ORT graph optimization level.
+    session_config: extra ORT session config entries (e.g. {"session.disable_prepacking": "1"}).
     """
     import onnxruntime as ort
 
@@ -351,7 +355,7 @@ def load_artifact(
     _verify_files(root, manifest, check_hashes=verify)
     functions = _parse_functions(manifest)
     chosen = select_providers(providers)
-    options = _session_options(threads, optimization)
+    options = _session_options(threads, optimization, session_config)
     artifact = Artifact(path=root, manifest=manifest, functions=functions, providers=chosen, threads=threads)
     for name, spec in functions.items():
         model_path = root / spec.file

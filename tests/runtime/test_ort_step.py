@@ -2,7 +2,8 @@
 present) and the loop around it.
 
 * The lowering fuses every attention (and packs QKV, with biases for Qwen2) and the compile-time differential check
-  passes; a model whose attention cannot fuse falls back to the concatenating form and says why.
+  passes (a model whose attention cannot fuse falls back to the concatenating form and says why: the head-size-8
+  model of test_ort_generate.py).
 * The in-place cache equals the concatenating one: the step session and the `@verify` session, driven through the
   same ragged batch of trees with idle sequences and compactions, give the same logits and hold the same K/V.
 * Greedy speculative decoding over the step session is token-identical to Hugging Face greedy `generate`, for every
@@ -76,6 +77,11 @@ def qwen2(tmp_path_factory):
     return _model(tmp_path_factory, "qwen2", (sig.STEP_FORM,))
 
 
+@pytest.fixture(scope="module")
+def mistral(tmp_path_factory):
+    return _model(tmp_path_factory, "mistral", (sig.STEP_FORM,))
+
+
 def hf_greedy(model, ids: list[int], max_new: int, eos: list[int]) -> tuple[list[int], float]:
     """HF greedy continuation and the smallest top-2 logit gap along it (a near-tie makes float32 results fragile)."""
     x = torch.tensor([ids])
@@ -94,7 +100,7 @@ def _ops(path) -> dict[str, int]:
     return counts
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_lowering_fuses_every_attention_and_packs_qkv(arch, request):
     m = request.getfixturevalue(arch)
     report = m.reports[sig.STEP_FORM]
@@ -109,16 +115,6 @@ def test_lowering_fuses_every_attention_and_packs_qkv(arch, request):
     spec = OrtGenerator.load(m.root / sig.STEP_FORM, threads=1).artifact.spec(sig.STEP_FUNCTION)
     assert spec.input_names[:3] == [sig.INPUT_IDS, sig.POSITION_IDS, sig.ATTENTION_BIAS]
     assert spec.output_names == [sig.LOGITS] + [sig.present_name(i // 2, ("key", "value")[i % 2]) for i in range(4)]
-
-
-def test_attention_that_cannot_fuse_falls_back_to_the_verify_form(tmp_path):
-    """Head size 8 is below what GroupQueryAttention runs: the artifact keeps the concatenating form and says why."""
-    model_dir = save_tiny_lm_dir(tmp_path / "model", "llama", layers=2, hidden_size=32)
-    report = export_generation_artifact(str(model_dir), tmp_path / "art", calibrate=False)
-    assert report["form"] == sig.VERIFY_FORM
-    assert "head size 8 is not a multiple of 16" in report["step_lowering"]
-    assert report["generation"]["step_lowering"] == report["step_lowering"]
-    assert (tmp_path / "art" / "verify.onnx").is_file() and not (tmp_path / "art" / "step.onnx").exists()
 
 
 def test_inplace_cache_equals_concatenating_cache(llama):
@@ -159,9 +155,10 @@ def test_step_session_greedy_matches_hf(llama, data, drafter, tree, batch, max_n
         assert alone.stats["forward_passes"] == alone.stats["verify_steps"] + 1
 
 
-@pytest.mark.parametrize("arch, form", [("llama", sig.VERIFY_FORM), ("qwen2", sig.STEP_FORM)])
+@pytest.mark.parametrize("arch, form", [("llama", sig.VERIFY_FORM), ("qwen2", sig.STEP_FORM), ("mistral", sig.STEP_FORM)])
 def test_fixed_prompts_match_hf(arch, form, request):
-    """The concatenating form (older artifacts) and Qwen2's biased packed projections, on repetitive prompts."""
+    """The concatenating form (older artifacts), Qwen2's biased packed projections and Mistral's sliding window
+    (the bias masks cache rows outside it), on repetitive prompts longer than the window."""
     m = request.getfixturevalue(arch)
     gen = m.gens[form]
     prompts = [[5, 6, 7, 8, 9] * 4, [11, 12, 13] * 5 + [14], [40, 41, 42, 43] * 3]

@@ -75,7 +75,7 @@ def _write_step_artifact(spec, out_dir: Path, generation: dict, files: dict, pro
     module, inputs, dyn, _ = specdec_onnx_entry(spec, "verify")
     if progress:
         progress("exporting @verify to ONNX")
-    model = export_program("verify", module, inputs, dyn).model
+    model = export_program("verify", module, inputs, dyn, optimize=False).model  # the lowering optimizes it
     if progress:
         progress("lowering to ONNX Runtime's fused operators (GroupQueryAttention, shared KV buffers)")
     report = lower_generation_step(model, max_positions=int(config["max_positions"]), kv_heads=int(a["kv_heads"]),

@@ -79,7 +79,11 @@ def check_step_artifact(spec: CompiledSpecDec, artifact_dir: str | Path, toleran
     capacity = 64
     reference = KVSession(spec.backend("verify"), 2, capacity)
     try:
-        session = OrtGenerator.load(artifact_dir, threads=1, verify=False).new_session(2, capacity)
+        # no weight prepacking: the check runs a few steps while the torch model is still in memory, and packed
+        # copies of every weight would double the compile's peak memory for nothing
+        gen = OrtGenerator.load(artifact_dir, threads=1, verify=False,
+                                session_config={"session.disable_prepacking": "1"})
+        session = gen.new_session(2, capacity)
         worst = compare_sessions(session, reference, int(spec.config["vocab_size"]))
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types; any failure means "not this form"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -37,7 +37,8 @@ from elision.runtime.generation.bookkeeping import IncrementalDecoder, check_len
 from elision.runtime.generation.calibration import MachineCalibration, available_cores, load_calibration, save_calibration
 from elision.runtime.generation.drafters import BASIC_DRAFTERS, CombinedDrafter, Drafter, TokenRecyclingDrafter, basic_drafter
 from elision.runtime.generation.loop import DecodeOptions, decode
-from elision.runtime.generation.ort_step_session import KVCacheOverflow, OrtStepSession
+from elision.runtime.generation.ort_session_base import KVCacheOverflow
+from elision.runtime.generation.ort_step_session import OrtStepSession
 from elision.runtime.generation.ort_verify_session import OrtVerifySession
 from elision.runtime.generation.sampling import SamplingConfig, numpy_uniform
 from elision.runtime.generation.tree_builders import StaticTemplate, VerifyCostCurve, parse_tree_spec
@@ -137,14 +138,16 @@ class OrtGenerator:
 
     @classmethod
     def load(cls, path: str | Path, *, providers: Iterable[str] | None = None, threads: int | None = None,
-             verify: bool = True, **kwargs) -> "OrtGenerator":
+             verify: bool = True, session_config: dict[str, str] | None = None, **kwargs) -> "OrtGenerator":
         """Load and check the artifact directory `path` (sha256 of every file, the tokenizer included).
 
         `threads`: intra-op threads; default the count calibrated as fastest on this machine (`default_threads`).
+        `session_config`: extra onnxruntime session config entries.
         """
         if threads is None:
             threads = default_threads(read_manifest(path))
-        return cls(load_artifact(path, providers=providers, threads=threads, verify=verify), **kwargs)
+        artifact = load_artifact(path, providers=providers, threads=threads, verify=verify, session_config=session_config)
+        return cls(artifact, **kwargs)
 
     def drafter(self, name: str) -> Drafter:
         if name not in self._drafters:

@@ -17,24 +17,19 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+import onnxruntime as ort
 
 from elision.runtime.generation import step_signature as sig
-from elision.runtime.generation.tree import TokenTree
-from elision.runtime.generation.tree_batch import TreeBatch, attention_bias, chain_batch, tree_batch
+from elision.runtime.generation.ort_session_base import BatchedTreeSession, KVCacheOverflow
+from elision.runtime.generation.tree_batch import TreeBatch, attention_bias
 
-__all__ = ["OrtStepSession", "KVCacheOverflow"]
-
-
-class KVCacheOverflow(ValueError):
-    """A step would write past the end of the preallocated cache."""
+__all__ = ["OrtStepSession"]
 
 
-class OrtStepSession:
+class OrtStepSession(BatchedTreeSession):
     def __init__(self, session, *, layers: int, kv_heads: int, head_dim: int, vocab_size: int, batch_size: int,
                  capacity: int, dtype: np.dtype = np.float32, sliding_window: int | None = None):
-        import onnxruntime as ort
-
-        self._ort = ort
+        super().__init__(batch_size)
         self.session = session
         self.vocab_size = int(vocab_size)
         self.capacity = int(capacity)
@@ -50,30 +45,9 @@ class OrtStepSession:
             kind_name = ("key", "value")[kind]
             self.binding.bind_ortvalue_input(sig.past_name(layer, kind_name), value)
             self.binding.bind_ortvalue_output(sig.present_name(layer, kind_name), value)
-        self.lengths = np.zeros(batch_size, dtype=np.int64)
-        self._starts = self.lengths.copy()
         self._logits = np.empty(0, dtype=self.dtype)
 
     # ------------------------------------------------------------------ TreeSession
-    @property
-    def batch_size(self) -> int:
-        return len(self.lengths)
-
-    @property
-    def seq_lens(self) -> list[int]:
-        return self.lengths.tolist()
-
-    def prefill(self, prompts: Sequence[Sequence[int]]):
-        logits = self.extend_chains(prompts)
-        self.commit([list(range(len(p))) for p in prompts])
-        return logits
-
-    def extend(self, trees: Sequence[TokenTree | None]):
-        return self._run(tree_batch(trees))
-
-    def extend_chains(self, chains: Sequence[Sequence[int]]):
-        return self._run(chain_batch(chains))
-
     def commit(self, keep: Sequence[Sequence[int]]) -> None:
         for b, nodes in enumerate(keep):
             start, m = int(self._starts[b]), len(nodes)
@@ -117,7 +91,7 @@ class OrtStepSession:
         io.bind_cpu_input(sig.TOTAL_SEQUENCE_LENGTH, np.array(width, dtype=np.int32))
         io.bind_cpu_input(sig.QUERY_SEQLENS, batch.counts.astype(np.int32))
         logits = self._logits_view(self.batch_size, n)
-        io.bind_ortvalue_output(sig.LOGITS, self._ort.OrtValue.ortvalue_from_numpy(logits))
+        io.bind_ortvalue_output(sig.LOGITS, ort.OrtValue.ortvalue_from_numpy(logits))
         self.session.run_with_iobinding(io)
         self._starts = starts.copy()
         return logits

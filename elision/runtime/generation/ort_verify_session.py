@@ -15,17 +15,17 @@ from typing import Sequence
 
 import numpy as np
 
-from elision.runtime.generation.ort_step_session import KVCacheOverflow
-from elision.runtime.generation.tree import TokenTree
-from elision.runtime.generation.tree_batch import TreeBatch, attention_bias, chain_batch, tree_batch
+from elision.runtime.generation.ort_session_base import BatchedTreeSession, KVCacheOverflow
+from elision.runtime.generation.tree_batch import TreeBatch, attention_bias
 
 __all__ = ["OrtVerifySession"]
 
 
-class OrtVerifySession:
+class OrtVerifySession(BatchedTreeSession):
     def __init__(self, session, *, kv_inputs: Sequence[str], output_names: Sequence[str], kv_heads: int,
                  head_dim: int, batch_size: int, capacity: int, dtype: np.dtype = np.float32,
                  sliding_window: int | None = None):
+        super().__init__(batch_size)
         self.session = session
         self.kv_inputs = list(kv_inputs)
         self.output_names = list(output_names)
@@ -33,28 +33,7 @@ class OrtVerifySession:
         self.dtype = np.dtype(dtype)
         self.window = sliding_window
         self.kv = np.zeros((len(self.kv_inputs), batch_size, kv_heads, self.capacity, head_dim), dtype=self.dtype)
-        self.lengths = np.zeros(batch_size, dtype=np.int64)
         self._new: list[np.ndarray] = []
-        self._starts = self.lengths.copy()
-
-    @property
-    def batch_size(self) -> int:
-        return len(self.lengths)
-
-    @property
-    def seq_lens(self) -> list[int]:
-        return self.lengths.tolist()
-
-    def prefill(self, prompts: Sequence[Sequence[int]]):
-        logits = self.extend_chains(prompts)
-        self.commit([list(range(len(p))) for p in prompts])
-        return logits
-
-    def extend(self, trees: Sequence[TokenTree | None]):
-        return self._run(tree_batch(trees))
-
-    def extend_chains(self, chains: Sequence[Sequence[int]]):
-        return self._run(chain_batch(chains))
 
     def commit(self, keep: Sequence[Sequence[int]]) -> None:
         for b, nodes in enumerate(keep):
