@@ -289,7 +289,8 @@ def main() -> None:
     args = p.parse_args()
 
     from elision.models import code_lm
-    from elision.runtime.generation.ort_generator import OrtGenerator
+    from elision.runtime.artifact import read_manifest
+    from elision.runtime.generation.ort_generator import OrtGenerator, default_threads
 
     log = lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     args.work.mkdir(parents=True, exist_ok=True)
@@ -302,8 +303,7 @@ def main() -> None:
     log("compiling the elision artifact and converting with onnxruntime-genai's builder")
     comp = {"elision": compile_elision(args.model, args.work / "tiny-elision", env),
             "genai": build_genai(model_dir, args.work / "tiny-genai", env)}
-    gen0 = OrtGenerator.load(args.work / "tiny-elision")
-    threads = args.threads or gen0.threads
+    threads = args.threads or default_threads(read_manifest(args.work / "tiny-elision"))
     gen = OrtGenerator.load(args.work / "tiny-elision", threads=threads)
     torch.set_num_threads(threads)
     tokenizer = code_lm.load_tokenizer()
@@ -327,9 +327,7 @@ def main() -> None:
         log("compiling the 0.5B-shaped model (elision, then onnxruntime-genai)")
         big_comp = {"elision": compile_elision(str(qdir), args.work / "qwen-elision", env),
                     "genai": build_genai(qdir, args.work / "qwen-genai", env)}
-        qgen0 = OrtGenerator.load(args.work / "qwen-elision")
-        big_threads = args.threads or qgen0.threads
-        del qgen0
+        big_threads = args.threads or default_threads(read_manifest(args.work / "qwen-elision"))
         qgen = OrtGenerator.load(args.work / "qwen-elision", threads=big_threads)
         torch.set_num_threads(big_threads)
         from transformers import AutoModelForCausalLM

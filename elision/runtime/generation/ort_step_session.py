@@ -46,6 +46,7 @@ class OrtStepSession(BatchedTreeSession):
             self.binding.bind_ortvalue_input(sig.past_name(layer, kind_name), value)
             self.binding.bind_ortvalue_output(sig.present_name(layer, kind_name), value)
         self._logits = np.empty(0, dtype=self.dtype)
+        self._logit_views: dict[tuple[int, int], tuple[np.ndarray, ort.OrtValue]] = {}
 
     # ------------------------------------------------------------------ TreeSession
     def commit(self, keep: Sequence[Sequence[int]]) -> None:
@@ -62,11 +63,17 @@ class OrtStepSession(BatchedTreeSession):
         self.lengths[:] = self._starts
 
     # ------------------------------------------------------------------ one step
-    def _logits_view(self, b: int, n: int) -> np.ndarray:
+    def _logits_output(self, b: int, n: int) -> tuple[np.ndarray, ort.OrtValue]:
+        """A [b, n, vocab] view of the reused logits buffer and its OrtValue (both kept per shape)."""
         size = b * n * self.vocab_size
         if self._logits.size < size:
             self._logits = np.empty(size, dtype=self.dtype)
-        return self._logits[:size].reshape(b, n, self.vocab_size)
+            self._logit_views.clear()
+        view = self._logit_views.get((b, n))
+        if view is None:
+            array = self._logits[:size].reshape(b, n, self.vocab_size)
+            view = self._logit_views[(b, n)] = (array, ort.OrtValue.ortvalue_from_numpy(array))
+        return view
 
     def _run(self, batch: TreeBatch):
         if len(batch.counts) != self.batch_size:
@@ -90,8 +97,8 @@ class OrtStepSession(BatchedTreeSession):
         io.bind_cpu_input(sig.SEQLENS_K, (ends - 1).astype(np.int32))
         io.bind_cpu_input(sig.TOTAL_SEQUENCE_LENGTH, np.array(width, dtype=np.int32))
         io.bind_cpu_input(sig.QUERY_SEQLENS, batch.counts.astype(np.int32))
-        logits = self._logits_view(self.batch_size, n)
-        io.bind_ortvalue_output(sig.LOGITS, ort.OrtValue.ortvalue_from_numpy(logits))
+        logits, value = self._logits_output(self.batch_size, n)
+        io.bind_ortvalue_output(sig.LOGITS, value)
         self.session.run_with_iobinding(io)
         self._starts = starts.copy()
         return logits

@@ -43,9 +43,13 @@ class TreeBatch:
 
 
 def tree_batch(trees: Sequence[TokenTree | None]) -> TreeBatch:
-    counts = np.array([len(t) if t is not None else 0 for t in trees], dtype=np.int64)
-    n = max(1, int(counts.max(initial=0)))
+    sizes = [len(t) if t is not None else 0 for t in trees]
+    n = max(1, max(sizes, default=0))
     b = len(trees)
+    counts = np.array(sizes, dtype=np.int64)
+    if n == 1:  # lone roots: plain decoding, the common step, without the general padding work below
+        tokens = np.array([[t.tokens[0] if t is not None else 0] for t in trees], dtype=np.int64)
+        return TreeBatch(tokens, np.zeros((b, 1), dtype=np.int64), counts, None)
     tokens = np.zeros((b, n), dtype=np.int64)
     depths = np.zeros((b, n), dtype=np.int64)
     chains = True
