@@ -7,8 +7,15 @@ import torch
 from scipy.stats import chisquare
 
 
-def save_tiny_lm_dir(path: Path, arch: str = "llama", seed: int = 0, layers: int = 3) -> Path:
-    """Train a byte-level BPE tokenizer on a stdlib source file and save it with a random-weight tiny model."""
+def save_tiny_lm_dir(path: Path, arch: str = "llama", seed: int = 0, layers: int = 3, hidden_size: int = 32,
+                     sharpen: float = 1.0) -> Path:
+    """Train a byte-level BPE tokenizer on a stdlib source file and save it with a random-weight tiny model.
+
+    4 query / 2 KV heads: `hidden_size=64` gives head size 16, the smallest ONNX Runtime's GroupQueryAttention runs
+    (the in-place step form); 32 gives 8 (the concatenating verify form). `arch` "qwen2" adds q/k/v biases,
+    "mistral" a sliding window of 12.
+    `sharpen` scales the LM head, spreading the logits so that greedy argmax ties are rare (float32 comparisons).
+    """
     import inspect
     import json as json_module
 
@@ -29,10 +36,18 @@ def save_tiny_lm_dir(path: Path, arch: str = "llama", seed: int = 0, layers: int
                                       eos_token_id=fast.eos_token_id, bos_token_id=fast.eos_token_id)
         model = transformers.GPT2LMHeadModel(cfg)
     else:
-        cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                                       num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=128,
-                                       eos_token_id=fast.eos_token_id, bos_token_id=fast.eos_token_id)
-        model = transformers.LlamaForCausalLM(cfg)
+        common = dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=128,
+                      eos_token_id=fast.eos_token_id, bos_token_id=fast.eos_token_id)
+        if arch == "qwen2":
+            model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+        elif arch == "mistral":  # a window shorter than the sequences, so the window mask is exercised
+            model = transformers.MistralForCausalLM(transformers.MistralConfig(**common, sliding_window=12))
+        else:
+            model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    if sharpen != 1.0:
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(sharpen)
     path.mkdir(parents=True, exist_ok=True)
     model.eval().save_pretrained(path)
     fast.save_pretrained(path)

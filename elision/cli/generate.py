@@ -1,6 +1,9 @@
 """`elision generate`: speculative generation from the command line, streaming or as one JSON object.
 
 MODEL is a Hugging Face causal-LM directory with a tokenizer (loaded offline), or `builtin:tiny-code-lm`.
+`--target torch` (default) decodes with the PyTorch model; `--target onnxruntime` compiles MODEL once into a
+generation artifact kept in the user cache (keyed by the weights' hash and elision's version) and decodes it with
+ONNX Runtime, the fast route, in one command.
 """
 from __future__ import annotations
 
@@ -59,6 +62,10 @@ def register(app: typer.Typer) -> None:
         stop: Optional[list[str]] = typer.Option(None, "--stop", help="stop string (repeatable)"),
         as_json: bool = typer.Option(False, "--json", help="print one JSON object with tokens, text and stats"),
         visualize: Optional[Path] = typer.Option(None, "--visualize", help="write the most-accepted draft tree to this .png/.html"),
+        target: str = typer.Option("torch", "--target", help="torch, or onnxruntime (compiles and caches a generation "
+                                   "artifact on first use, then decodes with ONNX Runtime)"),
+        threads: Optional[int] = typer.Option(None, "--threads", help="intra-op threads (default: torch's; for "
+                                              "onnxruntime the count calibrated as fastest on this machine)"),
     ) -> None:
         """Generate text with lossless speculative decoding (output identical to the model's own decoding)."""
         console = Console(stderr=as_json, emoji=False)
@@ -72,6 +79,23 @@ def register(app: typer.Typer) -> None:
             raise failures.fail(f"--visualize needs a .png or .html file name, got {visualize.name!r}")
         if visualize is not None:
             check_output_file(visualize, "--visualize file")
+        if target not in ("torch", "onnxruntime"):
+            raise failures.fail(f"--target must be 'torch' or 'onnxruntime', got {target!r}")
+        if threads is not None and threads < 1:
+            raise failures.fail(f"--threads must be >= 1, got {threads}")
+        if target == "onnxruntime":
+            unsupported = [o for o, v in (("--draft-model", draft_model), ("--skip-layers", skip_layers),
+                                          ("--visualize", visualize)) if v]
+            if unsupported:
+                raise failures.fail(f"{', '.join(unsupported)} need --target torch (model drafters and tree pictures "
+                                    "run in the PyTorch loop)")
+            _generate_onnxruntime(model, prompt, max_new_tokens, drafter, tree, do_sample, temperature, top_k, top_p,
+                                  seed, stop, as_json, threads, console, err)
+            return
+        if threads is not None:
+            import torch  # only now: the onnxruntime route never needs it
+
+            torch.set_num_threads(threads)
         skip = None
         if skip_layers:
             try:
@@ -120,3 +144,38 @@ def register(app: typer.Typer) -> None:
             )
             if visualize is not None:
                 err.print(f"[dim]draft tree written to {escape(str(visualize))}[/]")
+
+
+def _generate_onnxruntime(model: str, prompt: str, max_new_tokens: int, drafter: str, tree: str, do_sample: bool,
+                          temperature: float, top_k: int, top_p: float, seed: Optional[int], stop: Optional[list[str]],
+                          as_json: bool, threads: Optional[int], console: Console, err: Console) -> None:
+    from elision.apps.specdec.artifact_cache import cached_generation_artifact
+    from elision.runtime.artifact import ArtifactError
+    from elision.runtime.generation.ort_generator import OrtGenerator
+
+    try:
+        with err.status(f"preparing {escape(model)} for onnxruntime") as status:
+            artifact, compiled = cached_generation_artifact(model, progress=status.update)
+            gen = OrtGenerator.load(artifact, threads=threads, drafter=drafter, tree=tree)
+    except (ValueError, ArtifactError) as e:
+        raise failures.fail(str(e)) from None
+    if compiled and not as_json:
+        err.print(f"[dim]compiled {escape(model)} into {escape(str(artifact))} (reused from now on)[/]")
+
+    def stream(piece: str) -> None:
+        if piece:
+            console.print(piece, end="", markup=False, highlight=False, soft_wrap=True)
+
+    try:
+        result = gen.generate(prompt, max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                              top_p=top_p, seed=seed, stop_strings=stop or None, stream=None if as_json else stream)
+    except (ValueError, ArtifactError) as e:
+        raise failures.fail(str(e)) from None
+    stats = result.stats
+    if as_json:
+        print(json.dumps({"tokens": result.tokens, "text": result.text, "stats": stats}))
+        return
+    console.print("", markup=False)
+    err.print(f"[dim]{stats['new_tokens']} tokens, {stats['tokens_per_s']:.1f} tok/s, {stats['forward_passes']} forward "
+              f"passes, mean accepted length {stats['mean_accepted_length']:.2f} ({stats['drafter']}, tree "
+              f"{stats['tree']}, onnxruntime, {gen.threads} thread(s))[/]")

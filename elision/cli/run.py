@@ -19,9 +19,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from elision.cli import failures
-from elision.runtime.artifact import Artifact, ArtifactError, load_artifact
+from elision.runtime.artifact import Artifact, ArtifactError, load_artifact, read_manifest
+from elision.runtime.generation.ort_generator import GENERATION_KIND, default_threads, run_prompt
 from elision.runtime.outputs import atomic_directory, check_output_dir
-from elision.runtime.generation.ort_generator import GENERATION_KIND, run_prompt
 
 __all__ = ["PROMPT_RUNNERS", "register", "run_artifact_command"]
 
@@ -98,6 +98,10 @@ def run_artifact_command(
     if save is not None:
         check_output_dir(save, "--save directory", marker="*.npy")
     try:
+        if threads is None and prompt is not None:
+            manifest = read_manifest(artifact_dir)
+            if manifest.get("runtime_settings", {}).get("kind") == GENERATION_KIND:
+                threads = default_threads(manifest)  # the count calibrated as fastest on this machine
         artifact = load_artifact(
             artifact_dir,
             providers=[p.strip() for p in providers.split(",")] if providers else None,
@@ -174,7 +178,8 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="print one JSON object (values included for small outputs)"),
         save: Optional[Path] = typer.Option(None, "--save", help="directory to write each output as NAME.npy"),
         providers: Optional[str] = typer.Option(None, "--providers", help="comma-separated ORT providers (default: CUDA if available, else CPU)"),
-        threads: Optional[int] = typer.Option(None, "--threads", help="ORT intra-op threads"),
+        threads: Optional[int] = typer.Option(None, "--threads", help="ORT intra-op threads (default for --prompt: the "
+                                              "count calibrated as fastest on this machine)"),
         no_verify: bool = typer.Option(False, "--no-verify", help="skip the sha256 check of the artifact files"),
         max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n", help="with --prompt: tokens to generate (default 64)"),
         drafter: Optional[str] = typer.Option(None, "--drafter", "-d", help="with --prompt: lookup, recycling, copy, none, or a '+' combination (default recycling+lookup)"),

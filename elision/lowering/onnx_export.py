@@ -21,6 +21,7 @@ the runtime settings a generation/decoding loop needs, and the sha256 of every f
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -33,6 +34,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
+import onnx_ir
 import torch
 from onnx import TensorProto
 
@@ -47,8 +49,8 @@ from elision.runtime.artifact import (
 )
 from elision.runtime.outputs import atomic_directory
 
-__all__ = ["export_onnx", "source_hash_of", "to_dynamic_shapes", "OnnxExportError", "FunctionExportInfo",
-           "exporter_error_summary"]
+__all__ = ["ArtifactWriter", "export_onnx", "export_program", "source_hash_of", "to_dynamic_shapes", "OnnxExportError",
+           "FunctionExportInfo", "exporter_error_summary"]
 
 log = logging.getLogger(__name__)
 
@@ -209,21 +211,15 @@ class _SharedWeights:
         """Move every initializer of `model` (>= min_bytes) into the shared file and point the proto at it."""
         for tensor in model.graph.initializer:
             if tensor.data_location == TensorProto.EXTERNAL:
+                if {e.key: e.value for e in tensor.external_data}.get("location") == self.path.name:
+                    continue  # written by externalize_ir
                 raise OnnxExportError(f"initializer {tensor.name} is already external; expected in-memory weights")
             # raw_data is already ONNX's little-endian external layout; typed fields need converting.
             data = tensor.raw_data if tensor.HasField("raw_data") else onnx.numpy_helper.to_array(tensor).tobytes()
             if len(data) < min_bytes:
                 continue  # tiny constants (shapes, scalars) stay inline where the checker and ORT fold them
             key = (hashlib.sha256(data).hexdigest(), tensor.data_type, tuple(tensor.dims))
-            if key not in self.by_digest:
-                pad = (-self.offset) % _ALIGN
-                self.handle.write(b"\0" * pad)
-                self.offset += pad
-                self.handle.write(data)
-                self.by_digest[key] = (self.offset, len(data))
-                self.offset += len(data)
-            offset, length = self.by_digest[key]
-            self.bytes_referenced += length
+            offset, length = self._place(data, key)
             # Clear every in-memory payload field, then record where the bytes live.
             for field_name in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
                 tensor.ClearField(field_name)
@@ -233,18 +229,55 @@ class _SharedWeights:
                 entry.key, entry.value = key_name, value
             tensor.data_location = TensorProto.EXTERNAL
 
+    def _place(self, data: bytes, key: tuple) -> tuple[int, int]:
+        if key not in self.by_digest:
+            pad = (-self.offset) % _ALIGN
+            self.handle.write(b"\0" * pad)
+            self.offset += pad
+            self.handle.write(data)
+            self.by_digest[key] = (self.offset, len(data))
+            self.offset += len(data)
+        offset, length = self.by_digest[key]
+        self.bytes_referenced += length
+        return offset, length
+
+    def externalize_ir(self, model: onnx_ir.Model, min_bytes: int = 64) -> None:
+        """`externalize` for an onnx_ir model, before serialization: each initializer's bytes are written out one
+        tensor at a time and its value becomes a reference into the file, so the model's weights are never copied
+        into a ModelProto (a full second copy of a large model's weights)."""
+        import onnx_ir
+
+        for value in model.graph.initializers.values():
+            tensor = value.const_value
+            if tensor is None:
+                continue
+            data = tensor.tobytes()
+            if len(data) < min_bytes:
+                continue
+            key = (hashlib.sha256(data).hexdigest(), int(tensor.dtype), tuple(tensor.shape.numpy()))
+            offset, length = self._place(data, key)
+            del data
+            value.const_value = onnx_ir.ExternalTensor(self.path.name, offset, length, tensor.dtype, shape=tensor.shape,
+                                                       name=value.name, base_dir=str(self.path.parent))
+
     def close(self) -> None:
         self.handle.close()
 
 
-def _export_program(name: str, model: torch.nn.Module, example_inputs: tuple, dynamic_dims: DynamicDims):
+def _export_program(name: str, model: torch.nn.Module, example_inputs: tuple, dynamic_dims: DynamicDims,
+                    optimize: bool = True):
     if not isinstance(model, torch.nn.Module):
         raise OnnxExportError(f"function {name!r}: expected an nn.Module or fx.GraphModule, got {type(model).__name__}")
     model.eval()
     dynamic_shapes = to_dynamic_shapes(example_inputs, dynamic_dims)
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
     try:
+        # quiet by default: the exporter's FutureWarnings about pytree specs and its log lines about missing
+        # torchvision ops are not the user's business
+        exporter_log.setLevel(logging.ERROR)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # exporter FutureWarnings about pytree specs etc.
+            warnings.simplefilter("ignore")
             return torch.onnx.export(
                 model,
                 tuple(example_inputs),
@@ -252,11 +285,13 @@ def _export_program(name: str, model: torch.nn.Module, example_inputs: tuple, dy
                 opset_version=OPSET_VERSION,
                 dynamic_shapes=dynamic_shapes,
                 custom_translation_table=_custom_translation_table() or None,
-                optimize=True,
+                optimize=optimize,
                 verbose=False,
             )
     except Exception as e:  # the exporter wraps everything in its own error types
         raise OnnxExportError(f"function {name!r}: torch.onnx export failed: {exporter_error_summary(e)}") from e
+    finally:
+        exporter_log.setLevel(level)
 
 
 def _rename_outputs(model: onnx.ModelProto, names: Sequence[str]) -> None:
@@ -351,12 +386,10 @@ def _standardize_default_domain(model: onnx.ModelProto) -> None:
     model.graph.node.extend(nodes)
 
 
-def _apply_ort_fusions(name: str, program, feeds: dict[str, np.ndarray]) -> tuple[onnx.ModelProto, dict[str, Any]]:
+def _apply_ort_fusions(name: str, plain: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Try onnxscript's ORT fusions; keep them only if ORT accepts the result and it matches the plain graph."""
-    import onnx_ir
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
-    plain = program.model_proto
     try:
         reference = _ort_outputs(plain, feeds)
         fused_ir = onnx_ir.serde.deserialize_model(plain)
@@ -382,12 +415,123 @@ def _apply_ort_fusions(name: str, program, feeds: dict[str, np.ndarray]) -> tupl
     return fused, {"applied": True, "fusions": fired, "max_rel_err": worst}
 
 
-def _feeds_for(program, example_inputs: tuple) -> dict[str, np.ndarray]:
+def _feeds_for(proto: onnx.ModelProto, example_inputs: tuple) -> dict[str, np.ndarray]:
     tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
-    names = [i.name for i in program.model_proto.graph.input]
+    names = [i.name for i in proto.graph.input]
     if len(names) != len(tensors):
         raise OnnxExportError(f"exported graph has {len(names)} inputs but {len(tensors)} example tensors were given")
     return {n: t.detach().cpu().numpy() for n, t in zip(names, tensors)}
+
+
+class ArtifactWriter:
+    """Writes an artifact directory function by function, atomically:
+
+        with ArtifactWriter(out_dir) as writer:
+            writer.add_proto(...) / writer.add_model(...)
+            writer.finish(...)          # the manifest
+
+    Files go to a temporary sibling of `out_dir` that replaces it only when the block ends after `finish`; an
+    exception or Ctrl-C anywhere leaves a previous artifact at `out_dir` exactly as it was. Every initializer
+    goes into the one shared `weights.bin` (deduplicated by content); the `.onnx` files keep only graph structure
+    and references into it.
+    """
+
+    def __init__(self, out_dir: str | Path):
+        self.target = Path(out_dir)
+        self._stack = contextlib.ExitStack()
+        self._finished = False
+
+    def __enter__(self) -> "ArtifactWriter":
+        self.out = self._stack.enter_context(
+            atomic_directory(self.target, marker=MANIFEST_NAME, what="artifact directory"))
+        self.weights = _SharedWeights(self.out / WEIGHTS_NAME)
+        self._stack.callback(self.weights.close)  # closed before the directory is moved (or discarded)
+        self.infos: list[FunctionExportInfo] = []
+        return self
+
+    def __exit__(self, kind, value, tb) -> bool:
+        if kind is None and not self._finished:  # a caller's bug: never move a directory without a manifest in
+            error = OnnxExportError("ArtifactWriter left without finish(): the artifact was not written")
+            self._stack.__exit__(OnnxExportError, error, None)  # discards the temporary directory
+            raise error
+        return self._stack.__exit__(kind, value, tb)
+
+    def add_proto(self, name: str, proto: onnx.ModelProto, ort_fusions: dict[str, Any] | None = None,
+                  ranges: Mapping[str, tuple[int, int]] | None = None) -> None:
+        """Write function `name` (outputs already named); checks it with onnx.checker. `ranges`: index ranges of
+        integer inputs (`index_ranges`), recorded so the runtime can refuse out-of-range token ids."""
+        if not _FN_NAME.match(name):
+            raise OnnxExportError(f"function name {name!r} is not a valid file name; use letters, digits, '_' and '-'")
+        _strip_stack_traces(proto)
+        proto.producer_name = "elision"
+        proto.producer_version = elision_version()
+        self.weights.externalize(proto)  # a no-op for weights already written by add_model
+        file_name = f"{name}.onnx"
+        onnx.save_model(proto, str(self.out / file_name))
+        try:
+            onnx.checker.check_model(str(self.out / file_name))
+        except onnx.checker.ValidationError as e:
+            raise OnnxExportError(f"function {name!r}: onnx.checker rejected the exported graph: {str(e).splitlines()[0]}") from e
+        self.infos.append(FunctionExportInfo(name=name, file=file_name, inputs=_value_specs(proto.graph.input, ranges),
+                                             outputs=_value_specs(proto.graph.output),
+                                             ort_fusions=ort_fusions or {"applied": False, "reason": "not requested"}))
+
+    def add_model(self, name: str, model: onnx_ir.Model, ort_fusions: dict[str, Any] | None = None,
+                  ranges: Mapping[str, tuple[int, int]] | None = None) -> None:
+        """`add_proto` for an onnx_ir model: its weights are written first, tensor by tensor (see `externalize_ir`).
+        ORT-only ops that onnxscript puts in the default domain are expanded back to standard ops."""
+        self.weights.externalize_ir(model)
+        proto = onnx_ir.serde.serialize_model(model)
+        _standardize_default_domain(proto)
+        self.add_proto(name, proto, ort_fusions, ranges)
+
+    def finish(self, *, pipeline: str, source_hash: str, runtime_settings: Mapping[str, Any],
+               extra_files: Mapping[str, str | Path] | None = None) -> Path:
+        """Hash every file and write `manifest.json`; returns the artifact directory (in place once the `with`
+        block ends)."""
+        self.weights.close()
+        try:
+            settings_json = json.loads(json.dumps(dict(runtime_settings)))
+        except TypeError as e:
+            raise OnnxExportError(f"runtime_settings must be JSON-serializable: {e}") from None
+        out = self.out
+        files = {WEIGHTS_NAME: sha256_file(out / WEIGHTS_NAME)}
+        files.update({info.file: sha256_file(out / info.file) for info in self.infos})
+        for rel, source in (extra_files or {}).items():
+            if not _FN_NAME.match(Path(rel).stem) or Path(rel).name != rel or rel in (MANIFEST_NAME, WEIGHTS_NAME):
+                raise OnnxExportError(f"extra file name {rel!r} must be a plain file name (letters, digits, '_', '-', '.')")
+            shutil.copyfile(source, out / rel)
+            files[rel] = sha256_file(out / rel)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "elision_version": elision_version(),
+            "producer": {"torch": torch.__version__, "onnx": onnx.__version__, "opset": OPSET_VERSION},
+            "pipeline": pipeline,
+            "source_hash": source_hash,
+            "runtime_settings": settings_json,
+            "weights": {"file": WEIGHTS_NAME, "bytes": self.weights.offset,
+                        "bytes_referenced": self.weights.bytes_referenced},
+            "functions": {
+                info.name: {
+                    "file": info.file,
+                    "inputs": [t.to_json() for t in info.inputs],
+                    "outputs": [t.to_json() for t in info.outputs],
+                    "ort_fusions": info.ort_fusions,
+                }
+                for info in self.infos
+            },
+            "files": files,
+        }
+        (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        self._finished = True
+        return self.target
+
+
+def export_program(name: str, model: torch.nn.Module, example_inputs: tuple, dynamic_dims: DynamicDims,
+                   optimize: bool = True):
+    """`torch.onnx.export(..., dynamo=True)` of one function; `.model` of the result is its onnx_ir model.
+    `optimize=False` skips onnxscript's optimizer (for a caller that runs it itself, as the ORT lowering does)."""
+    return _export_program(name, model, example_inputs, dynamic_dims, optimize)
 
 
 def export_onnx(
@@ -421,26 +565,13 @@ def export_onnx(
         if not _FN_NAME.match(Path(rel).stem) or Path(rel).name != rel or rel in (MANIFEST_NAME, WEIGHTS_NAME):
             raise OnnxExportError(f"extra file name {rel!r} must be a plain file name (letters, digits, '_', '-', '.')")
     try:
-        settings_json = json.loads(json.dumps(dict(runtime_settings)))
+        json.dumps(dict(runtime_settings))
     except TypeError as e:
         raise OnnxExportError(f"runtime_settings must be JSON-serializable: {e}") from None
 
-    target = Path(out_dir)
-    # Everything is written into a temporary sibling and renamed into place at the end: an export that fails, or
-    # Ctrl-C, leaves a previous artifact at `out_dir` exactly as it was.
-    with atomic_directory(target, marker=MANIFEST_NAME, what="artifact directory") as out:
-        _write_artifact(out, functions, pipeline=pipeline, source_hash=source_hash, settings=settings_json,
-                        ort_fusions=ort_fusions, output_names=output_names, progress=progress, extra_files=extra_files)
-    return target
-
-
-def _write_artifact(out: Path, functions: Mapping[str, FunctionEntry], *, pipeline: str, source_hash: str,
-                    settings: dict, ort_fusions: bool, output_names: Mapping[str, Sequence[str]] | None,
-                    progress: Callable[[str], None] | None, extra_files: Mapping[str, str | Path] | None) -> None:
-    """The body of `export_onnx`, writing into the (empty, temporary) directory `out`."""
-    weights = _SharedWeights(out / WEIGHTS_NAME)
-    infos: list[FunctionExportInfo] = []
-    try:
+    # Everything is written into a temporary sibling and renamed into place at the end (ArtifactWriter): an export
+    # that fails, or Ctrl-C, leaves a previous artifact at `out_dir` exactly as it was.
+    with ArtifactWriter(out_dir) as writer:
         for name, entry in functions.items():
             if len(entry) != 3:
                 raise OnnxExportError(f"function {name!r}: expected (module, example_inputs, dynamic_dims)")
@@ -453,54 +584,14 @@ def _write_artifact(out: Path, functions: Mapping[str, FunctionEntry], *, pipeli
             proto = program.model_proto
             if ort_fusions:
                 try:
-                    feeds = _feeds_for(program, tuple(example_inputs))
+                    feeds = _feeds_for(proto, tuple(example_inputs))
                 except OnnxExportError as e:
                     fusion_info = {"applied": False, "reason": f"cannot verify fusions: {e}"}
                 else:
-                    proto, fusion_info = _apply_ort_fusions(name, program, feeds)
+                    proto, fusion_info = _apply_ort_fusions(name, proto, feeds)
+            del program
             names = (output_names or {}).get(name) or [f"output_{i}" for i in range(len(proto.graph.output))]
             _rename_outputs(proto, list(names))
-            _strip_stack_traces(proto)
-            proto.producer_name = "elision"
-            proto.producer_version = elision_version()
-            weights.externalize(proto)
-            file_name = f"{name}.onnx"
-            onnx.save_model(proto, str(out / file_name))
-            try:
-                onnx.checker.check_model(str(out / file_name))
-            except onnx.checker.ValidationError as e:
-                raise OnnxExportError(f"function {name!r}: onnx.checker rejected the exported graph: {str(e).splitlines()[0]}") from e
-            infos.append(
-                FunctionExportInfo(
-                    name=name, file=file_name, inputs=_value_specs(proto.graph.input, ranges),
-                    outputs=_value_specs(proto.graph.output), ort_fusions=fusion_info,
-                )
-            )
-    finally:
-        weights.close()
-
-    files = {WEIGHTS_NAME: sha256_file(out / WEIGHTS_NAME)}
-    files.update({info.file: sha256_file(out / info.file) for info in infos})
-    for rel, source in (extra_files or {}).items():
-        shutil.copyfile(source, out / rel)
-        files[rel] = sha256_file(out / rel)
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "elision_version": elision_version(),
-        "producer": {"torch": torch.__version__, "onnx": onnx.__version__, "opset": OPSET_VERSION},
-        "pipeline": pipeline,
-        "source_hash": source_hash,
-        "runtime_settings": settings,
-        "weights": {"file": WEIGHTS_NAME, "bytes": weights.offset, "bytes_referenced": weights.bytes_referenced},
-        "functions": {
-            info.name: {
-                "file": info.file,
-                "inputs": [t.to_json() for t in info.inputs],
-                "outputs": [t.to_json() for t in info.outputs],
-                "ort_fusions": info.ort_fusions,
-            }
-            for info in infos
-        },
-        "files": files,
-    }
-    (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+            writer.add_proto(name, proto, fusion_info, ranges)
+        return writer.finish(pipeline=pipeline, source_hash=source_hash, runtime_settings=runtime_settings,
+                             extra_files=extra_files)

@@ -220,6 +220,12 @@ def confined_path(root: Path, rel: Any) -> Path:
     return path
 
 
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The checked manifest of the artifact directory `path`, without loading any graph (ArtifactError when the
+    directory is not a readable artifact of this format version)."""
+    return _read_manifest(Path(path))
+
+
 def _verify_files(root: Path, manifest: Mapping[str, Any], check_hashes: bool) -> None:
     for rel, expected in manifest["files"].items():
         path = confined_path(root, rel)
@@ -254,7 +260,7 @@ def _parse_functions(manifest: Mapping[str, Any]) -> dict[str, FunctionSpec]:
     return functions
 
 
-def _session_options(threads: int | None, optimization: str):
+def _session_options(threads: int | None, optimization: str, config: Mapping[str, str] | None = None):
     import onnxruntime as ort
 
     levels = {
@@ -271,6 +277,8 @@ def _session_options(threads: int | None, optimization: str):
     if threads is not None:
         options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = 1
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(str(key), str(value))
     return options
 
 
@@ -282,6 +290,7 @@ class Artifact:
     manifest: dict[str, Any]
     functions: dict[str, FunctionSpec]
     providers: list[str]
+    threads: int | None = None  # intra-op threads of every session (None: onnxruntime's default)
     _sessions: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -473,12 +482,14 @@ def load_artifact(
     verify: bool = True,
     threads: int | None = None,
     optimization: str = "all",
+    session_config: Mapping[str, str] | None = None,
 ) -> Artifact:
     """Load the artifact directory `path` and create one ORT session per function.
 
     verify: check every file's sha256 against the manifest (tamper detection) before loading.
     providers: execution providers in priority order; default CUDA when available, else CPU.
     threads: ORT intra-op threads (default: ORT's choice). optimization: ORT graph optimization level.
+    session_config: extra ORT session config entries (e.g. {"session.disable_prepacking": "1"}).
     """
     import onnxruntime as ort
 
@@ -488,8 +499,8 @@ def load_artifact(
     _verify_files(root, manifest, check_hashes=verify)
     functions = _parse_functions(manifest)
     chosen = select_providers(providers)
-    options = _session_options(threads, optimization)
-    artifact = Artifact(path=root, manifest=manifest, functions=functions, providers=chosen)
+    options = _session_options(threads, optimization, session_config)
+    artifact = Artifact(path=root, manifest=manifest, functions=functions, providers=chosen, threads=threads)
     for name, spec in functions.items():
         model_path = confined_path(root, spec.file)
         if not model_path.is_file():

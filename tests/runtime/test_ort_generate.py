@@ -91,7 +91,16 @@ def _check_matches_hf(model, tokenizer, art, max_news):
 
 
 def test_tiny_llama_matches_hf_greedy(tiny):
+    # head size 8 is below what GroupQueryAttention runs: the artifact keeps the concatenating form and says why
+    settings = json.loads((tiny[2] / "manifest.json").read_text())["runtime_settings"]["generation"]
+    assert settings["form"] == "concat-kv" and "head size 8 is not a multiple of 16" in settings["step_lowering"]
+    assert (tiny[2] / "verify.onnx").is_file() and not (tiny[2] / "step.onnx").exists()
     _check_matches_hf(*tiny, max_news=(1, 7, 40))
+
+
+def test_builtin_code_lm_compiles_to_the_in_place_step(builtin):
+    settings = json.loads((builtin[2] / "manifest.json").read_text())["runtime_settings"]["generation"]
+    assert settings["form"] == "gqa-shared-kv" and settings["lowering"]["group_query_attention"] == 4
 
 
 def test_builtin_code_lm_matches_hf_greedy_and_drafts_pay_off(builtin):

@@ -393,43 +393,51 @@ def _onnx_wrapper(gm: torch.nn.Module, n_past: int) -> torch.nn.Module:
     return mod
 
 
+def specdec_onnx_entry(spec: CompiledSpecDec, name: str) -> tuple[torch.nn.Module, tuple, dict, list[str]]:
+    """What `torch.onnx` exports for function `name` of `spec`: (module, example inputs, dynamic dims, output names).
+
+    Inputs keep the IR's names; dims ``batch``, ``n``, ``past`` are dynamic.
+    """
+    a = spec.attrs
+    fn = spec.ir.functions[name]
+    n_past = len(fn.inputs) - 3
+    b, n, past = 2, 3, 4
+    ids = torch.zeros((b, n), dtype=torch.long)
+    pos = (past + torch.arange(n))[None].expand(b, n).contiguous()
+    bias = torch.zeros((b, 1, n, past + n), dtype=getattr(torch, spec.config.get("dtype", "float32")))
+    kv = [torch.zeros((b, a["kv_heads"], past, a["head_dim"]), dtype=bias.dtype) for _ in range(n_past)]
+    dyn = {0: {0: "batch", 1: "n"}, 1: {0: "batch", 1: "n"}, 2: {0: "batch", 2: "n", 3: "kv"}}
+    dyn.update({3 + i: {0: "batch", 2: "past"} for i in range(n_past)})
+    gm = spec.functions.get(name)
+    if gm is None:
+        from elision.ir.execute import to_fx
+
+        gm = to_fx(spec.ir, name)
+    return _onnx_wrapper(gm, n_past), (ids, pos, bias, *kv), dyn, ["logits"] + [o.name for o in fn.outputs[1:]]
+
+
 def export_specdec_onnx(spec: CompiledSpecDec, out_dir, functions: Sequence[str] = ("verify", "draft"),
                         progress: Callable[[str], None] | None = None, settings: dict | None = None,
                         extra_files: dict | None = None):
     """Write ``@verify`` (and ``@draft``) as an ONNX artifact (``elision.lowering.onnx_export``).
 
-    Inputs keep the IR's names; dims ``batch``, ``n``, ``past`` are dynamic. Returns the artifact directory;
-    load it with ``elision.runtime.artifact.load_artifact`` and run ``verify`` with positions/bias/past as numpy.
-    ``settings`` are merged into the manifest's runtime_settings; ``extra_files`` (name -> path) are copied in
-    and hashed (see ``elision.apps.specdec.artifact`` for the generation artifact).
+    Returns the artifact directory; load it with ``elision.runtime.artifact.load_artifact`` and run ``verify`` with
+    positions/bias/past as numpy. ``settings`` are merged into the manifest's runtime_settings; ``extra_files``
+    (name -> path) are copied in and hashed (see ``elision.apps.specdec.artifact`` for the generation artifact).
     """
     from elision.lowering.onnx_export import export_onnx
 
-    a = spec.attrs
     entries, out_names = {}, {}
     for name in functions:
         if name not in spec.ir.functions:
             continue
-        fn = spec.ir.functions[name]
-        n_past = len(fn.inputs) - 3
-        b, n, past = 2, 3, 4
-        ids = torch.zeros((b, n), dtype=torch.long)
-        pos = (past + torch.arange(n))[None].expand(b, n).contiguous()
-        bias = torch.zeros((b, 1, n, past + n), dtype=getattr(torch, spec.config.get("dtype", "float32")))
-        kv = [torch.zeros((b, a["kv_heads"], past, a["head_dim"]), dtype=bias.dtype) for _ in range(n_past)]
-        dyn = {0: {0: "batch", 1: "n"}, 1: {0: "batch", 1: "n"}, 2: {0: "batch", 2: "n", 3: "kv"}}
-        dyn.update({3 + i: {0: "batch", 2: "past"} for i in range(n_past)})
-        gm = spec.functions.get(name)
-        if gm is None:
-            from elision.ir.execute import to_fx
-
-            gm = to_fx(spec.ir, name)
-        entries[name] = (_onnx_wrapper(gm, n_past), (ids, pos, bias, *kv), dyn)
-        out_names[name] = ["logits"] + [o.name for o in fn.outputs[1:]]
+        module, inputs, dyn, names = specdec_onnx_entry(spec, name)
+        entries[name] = (module, inputs, dyn)
+        out_names[name] = names
     return export_onnx(entries, out_dir, pipeline=spec.pipeline, source_hash=str(spec.ir.attrs.get("source_model", "")),
-                       runtime_settings={"specdec": a, "config": spec.config, **(settings or {})},
+                       runtime_settings={"specdec": spec.attrs, "config": spec.config, **(settings or {})},
                        output_names=out_names, progress=progress, extra_files=extra_files)
 
 
-__all__ = ["export_specdec_onnx", "CompiledBackend", "CompiledSpecDec", "compile_specdec", "make_backend", "make_generator",
+__all__ = ["export_specdec_onnx", "specdec_onnx_entry", "CompiledBackend", "CompiledSpecDec", "compile_specdec", "make_backend", "make_generator",
            "model_config", "search_skip_layers", "candidate_skip_sets", "DEFAULT_PIPELINE"]

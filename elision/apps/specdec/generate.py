@@ -12,6 +12,8 @@ positions) -> greedy or rejection-sampling verification -> stop handling (EOS, m
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -23,25 +25,15 @@ from elision.apps.specdec.backends import HFCausalLMBackend
 from elision.apps.specdec.cache import CacheOverflowError
 from elision.apps.specdec.drafters import Drafter, TokenRecyclingDrafter, make_drafter
 from elision.apps.specdec.session import KVSession
-from elision.runtime.generation.bookkeeping import append_tokens, check_lengths, generation_stats, normalize_eos
+from elision.apps.specdec.verify import SamplingConfig
+from elision.runtime.generation.bookkeeping import check_lengths, normalize_eos
+from elision.runtime.generation.calibration import machine_fingerprint
+from elision.runtime.generation.loop import DecodeOptions, decode
 from elision.runtime.generation.tree import TokenTree
-from elision.runtime.generation.tree_builders import (
-    StaticTemplate,
-    VerifyCostCurve,
-    build_dynamic,
-    build_static,
-    choose_tree_size,
-    parse_tree_spec,
-)
-from elision.apps.specdec.verify import (
-    SamplingConfig,
-    sample_token,
-    target_probs,
-    verify_greedy,
-    verify_sampling_logits,
-)
+from elision.runtime.generation.tree_builders import StaticTemplate, VerifyCostCurve, parse_tree_spec
+from elision.runtime.user_cache import cache_root, read_json, write_json
 
-# cost curves are per model object, batch size and tree-size limit, measured once per process
+# cost curves are per model object, batch size and tree-size limit, measured once per process (and kept per machine)
 _COST_CURVES: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 
@@ -72,6 +64,15 @@ class GenerationResult:
     def sequences(self) -> list[list[int]]:
         """Prompt + generated tokens, like the rows of Hugging Face `generate`'s output."""
         return [p + t for p, t in zip(self.prompts, self.tokens)]
+
+
+def _numpy(row: torch.Tensor):
+    return row.detach().float().cpu().numpy()
+
+
+def _torch_uniform(generator: torch.Generator | None):
+    """Uniforms from the request's torch.Generator, so `seed=` keeps meaning what it did for the torch loop."""
+    return lambda: float(torch.rand((), generator=generator))
 
 
 def _normalize_prompts(input_ids, attention_mask=None) -> list[list[int]]:
@@ -153,12 +154,37 @@ class SpeculativeGenerator:
         return parse_tree_spec(tree)
 
     def cost_curve(self, session: KVSession) -> VerifyCostCurve:
+        """The verification-cost curve for this model, batch size and tree limit: measured once per process, and
+        for a Hugging Face model once per machine (the user cache remembers it across `elision generate` runs)."""
         owner = self.model if self.model is not None else self.backend
         per_model = _COST_CURVES.setdefault(owner, {})
         key = (session.batch_size, self.max_tree_size)
         if key not in per_model:
-            per_model[key] = VerifyCostCurve.measure(session, self.max_tree_size)
+            machine_key = self._machine_curve_key(session.batch_size)
+            path = cache_root() / "calibration" / "torch_curves.json"
+            cached = (read_json(path) or {}) if machine_key else {}
+            if machine_key in cached:
+                per_model[key] = VerifyCostCurve(cached[machine_key]["sizes"], cached[machine_key]["seconds"])
+            else:
+                per_model[key] = VerifyCostCurve.measure(session, self.max_tree_size)
+                if machine_key:
+                    cached[machine_key] = {"sizes": per_model[key].sizes, "seconds": per_model[key].seconds}
+                    write_json(path, cached)
         return per_model[key]
+
+    def _machine_curve_key(self, batch_size: int) -> str | None:
+        """What the timing of a verification forward depends on: the architecture and shapes (never the weight
+        values), batch, tree limit, torch threads and build, and the machine. None for backends without a config."""
+        config = getattr(self.model, "config", None)
+        if config is None:
+            return None
+        params = next(self.model.parameters(), None)
+        what = {"model": type(self.model).__name__, "config": config.to_json_string(use_diff=False),
+                "dtype": str(params.dtype if params is not None else None),
+                "device": str(params.device if params is not None else None), "batch": batch_size,
+                "max_tree_size": self.max_tree_size, "threads": torch.get_num_threads(), "torch": torch.__version__,
+                "machine": machine_fingerprint(with_onnxruntime=False)}
+        return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()
@@ -219,102 +245,21 @@ class SpeculativeGenerator:
         if generator is None and sampling.do_sample:
             generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
 
-        b_size = len(prompts)
-        timing = dict(prefill_s=0.0, cost_curve_s=0.0, draft_s=0.0, verify_s=0.0, accept_s=0.0)
-        session = KVSession(self.backend, b_size, capacity)
-
-        # ---- prefill
-        t0 = time.perf_counter()
-        logits = session.prefill(prompts)
-        last = torch.stack([logits[b, len(p) - 1] for b, p in enumerate(prompts)])
-        if sampling.do_sample:
-            probs = target_probs(last, sampling)
-            first = [sample_token(probs[b], generator) for b in range(b_size)]
-        else:
-            first = last.argmax(-1).tolist()
-        timing["prefill_s"] = time.perf_counter() - t0
-        outputs: list[list[int]] = [[] for _ in range(b_size)]
-        contexts = [list(p) for p in prompts]
-        active = [True] * b_size
+        session = KVSession(self.backend, len(prompts), capacity)
+        records: list[StepRecord] = []
         if streamer is not None:
             streamer.put(torch.tensor([prompts[0]]))
-        for b in range(b_size):
-            append_tokens(b, [first[b]], outputs, contexts, active, eos, stops, max_new_tokens, tokenizer)
-        if streamer is not None:
-            streamer.put(torch.tensor(outputs[0]))
-
-        t0 = time.perf_counter()
-        draft.reset(contexts, logits)
-        timing["draft_s"] += time.perf_counter() - t0
-        del logits
-        curve = None
-        if template is None and any(active):
-            t0 = time.perf_counter()
-            curve = self.cost_curve(session)
-            timing["cost_curve_s"] = time.perf_counter() - t0
-
-        steps = 0
-        accepted_lengths: list[list[int]] = [[] for _ in range(b_size)]
-        tree_sizes: list[int] = []
-        records: list[StepRecord] = []
-        while any(active):
-            # ---- draft
-            t0 = time.perf_counter()
-            remaining = [max_new_tokens - len(o) for o in outputs]
-            max_depth = [min(self.max_depth, r - 1) if a else 0 for r, a in zip(remaining, active)]
-            draft.prepare(contexts, active, max_depth)
-            trees: list[TokenTree | None] = []
-            for b in range(b_size):
-                if not active[b]:
-                    trees.append(None)
-                elif template is not None:
-                    trees.append(build_static(draft, b, contexts[b], template, max_depth[b]))
-                else:
-                    trees.append(build_dynamic(draft, b, contexts[b], self.max_tree_size, max_depth[b]))
-            if curve is not None:
-                n = choose_tree_size(trees, curve, self.max_tree_size)
-                trees = [t.truncate(n) if t is not None else None for t in trees]
-            timing["draft_s"] += time.perf_counter() - t0
-
-            # ---- verify forward
-            t0 = time.perf_counter()
-            logits = session.extend(trees)
-            timing["verify_s"] += time.perf_counter() - t0
-
-            # ---- accept
-            t0 = time.perf_counter()
-            steps += 1
-            keep: list[list[int]] = [[] for _ in range(b_size)]
-            if not sampling.do_sample:
-                argmax = logits.argmax(-1).tolist()
-            for b, t in enumerate(trees):
-                if t is None:
-                    continue
-                tree_sizes.append(len(t))
-                n = len(t)
-                if sampling.do_sample:
-                    path, bonus = verify_sampling_logits(t, logits[b, :n], sampling, generator)
-                else:
-                    path, bonus = verify_greedy(t, argmax[b][:n])
-                new = [t.tokens[i] for i in path[1:]] + [bonus]
-                keep[b] = path
-                before = len(outputs[b])
-                append_tokens(b, new, outputs, contexts, active, eos, stops, max_new_tokens, tokenizer)
-                accepted_lengths[b].append(len(outputs[b]) - before)
-                draft.observe(b, t, logits[b, :n], path, contexts[b])
-                if record_trees:
-                    records.append(StepRecord(b, t, path, bonus))
-                if streamer is not None:
-                    streamer.put(torch.tensor(outputs[b][before:]))
-            session.commit(keep)
-            timing["accept_s"] += time.perf_counter() - t0
+        opts = DecodeOptions(
+            max_new_tokens=max_new_tokens, eos=eos, stops=stops, tokenizer=tokenizer, sampling=sampling,
+            uniform=_torch_uniform(generator), template=template, tree_name=tree or self.tree_spec,
+            max_tree_size=self.max_tree_size, max_depth=self.max_depth, cost_curve=self.cost_curve, to_numpy=_numpy,
+            on_tokens=(lambda b, new: streamer.put(torch.tensor(new))) if streamer is not None else None,
+            on_step=(lambda b, t, path, bonus: records.append(StepRecord(b, t, path, bonus))) if record_trees else None,
+        )
+        outcome = decode(session, prompts, draft, opts, started=t_start)
         if streamer is not None:
             streamer.end()
-
-        stats = generation_stats(outputs=outputs, accepted_lengths=accepted_lengths, tree_sizes=tree_sizes, steps=steps,
-                                 total_s=time.perf_counter() - t_start, timing=timing,
-                                 draft_forward_passes=draft.draft_forward_passes, drafter=draft.name,
-                                 tree=tree or self.tree_spec)
+        outputs, stats = outcome.outputs, outcome.stats
         text = [tokenizer.decode(o, skip_special_tokens=True) for o in outputs] if tokenizer is not None else None
         return GenerationResult(outputs, text, stats, prompts, records)
 

@@ -51,13 +51,20 @@ def append_tokens(b: int, new: Sequence[int], outputs: list[list[int]], contexts
 def generation_stats(*, outputs: list[list[int]], accepted_lengths: list[list[int]], tree_sizes: list[int],
                      steps: int, total_s: float, timing: dict[str, float], draft_forward_passes: int,
                      drafter: str, tree: str) -> dict[str, Any]:
-    """The stats dict of one generate call (keys shared by every loop and CLI)."""
+    """The stats dict of one generate call (keys shared by every loop and CLI).
+
+    `total_s` is everything the caller paid after loading (a cost curve measured during the call included), so
+    tokens_per_s is what a user sees; `timing` holds the named phases (prefill_s, cost_curve_s, draft_s, verify_s,
+    accept_s) and the remainder is the loop's own overhead (`time_s["loop_s"]`, and per verification step in
+    `per_step_s["loop"]`).
+    """
     n_new = sum(len(o) for o in outputs)
     flat = [x for acc in accepted_lengths for x in acc]
-    # the one-off cost-curve measurement is not generation time
-    gen_time = total_s - timing.get("cost_curve_s", 0.0)
+    loop_s = max(0.0, total_s - sum(timing.values()))
+    per_step = {k: (timing.get(f"{k}_s", 0.0) / steps if steps else 0.0) for k in ("draft", "verify", "accept")}
+    per_step["loop"] = loop_s / steps if steps else 0.0
     return dict(
-        tokens_per_s=n_new / gen_time if gen_time > 0 else float("inf"),
+        tokens_per_s=n_new / total_s if total_s > 0 else float("inf"),
         new_tokens=n_new,
         # target forwards of this generation: prefill + one per verification step
         forward_passes=steps + 1,
@@ -69,7 +76,8 @@ def generation_stats(*, outputs: list[list[int]], accepted_lengths: list[list[in
         drafter=drafter,
         tree=tree,
         batch_size=len(outputs),
-        time_s=dict(total=total_s, **timing),
+        time_s=dict(total=total_s, **timing, loop_s=loop_s),
+        per_step_s=per_step,
     )
 
 

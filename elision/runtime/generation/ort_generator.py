@@ -3,22 +3,24 @@
     gen = OrtGenerator.load("tiny-gen")           # written by `elision compile MODEL --emit onnx --for generate`
     result = gen.generate("def parse(", max_new_tokens=64, drafter="recycling+lookup")
     result.tokens, result.text, result.stats["tokens_per_s"]
+    results = gen.generate_batch(["def parse(", "import os\\n"], 64)   # one batched forward per step
 
-The artifact holds one step function, `verify(input_ids [1,n], positions [1,n], attn_bias [1,1,n,past+n],
-past_k_0, past_v_0, ...) -> (logits, k_0, v_0, ...)` returning the new K/V slices of the n fed tokens, plus
-the tokenizer (tokenizer.json, hashed in the manifest like the graphs) and what this loop needs in
-`runtime_settings["generation"]` (EOS ids, position limit, vocabulary, K/V layout).
+The artifact holds one step function and the tokenizer (tokenizer.json, hashed in the manifest like the graphs),
+plus what the loop needs in `runtime_settings["generation"]` (EOS ids, position limit, vocabulary, K/V layout,
+and the per-machine calibration). Two step forms exist:
 
-Per step: model-free drafters propose a token tree (prompt lookup, token recycling, copy, '+' combinations;
-static template or dynamic best-first tree sized from a measured verification-cost curve) -> one `verify`
-call over the whole tree (additive ancestor bias, depth-based positions) -> greedy verification, or lossless
-rejection sampling with `do_sample=True` (temperature, top-k, top-p, seed) -> the root and accepted nodes'
-K/V are written into preallocated numpy buffers (compaction of the accepted path: rejected branches are never
-stored) -> the bonus token becomes the next root. Greedy output is exactly the model's own greedy decoding;
-sampled output follows exactly the model's own (processed) sampling distribution. Batch size 1.
+* `step` (form "gqa-shared-kv", `elision.runtime.generation.step_signature`): ONNX Runtime's fused operators,
+  the KV cache in preallocated buffers written in place (`OrtStepSession`). What `elision compile` writes now.
+* `verify` (form "concat-kv"): the graph returns the new K/V slices and the host copies them into its cache
+  (`OrtVerifySession`). Older artifacts, and models whose attention does not fuse.
 
-The drafters, trees, verification (greedy and sampling) and stop handling are `elision.runtime.generation`,
-shared with the torch loop. This module must never import torch (a test checks it in a fresh interpreter).
+The draft -> verify -> accept -> commit loop is `elision.runtime.generation.loop.decode`, shared with the torch
+loop; drafters, trees, verification (greedy and sampling) and stop handling are the rest of
+`elision.runtime.generation`. Greedy output is exactly the model's own greedy decoding; sampled output follows
+exactly the model's own (processed) sampling distribution. The intra-op thread count and the verification-cost
+curve that sizes dynamic trees come from the calibration measured for this machine (`calibration.py`).
+
+This module must never import torch (a test checks it in a fresh interpreter).
 """
 from __future__ import annotations
 
@@ -29,28 +31,21 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from elision.runtime.artifact import Artifact, ArtifactError, ArtifactMissingFileError, load_artifact
-from elision.runtime.generation.bookkeeping import (
-    IncrementalDecoder,
-    append_tokens,
-    check_lengths,
-    generation_stats,
-    normalize_eos,
-)
+from elision.runtime.artifact import Artifact, ArtifactError, ArtifactMissingFileError, load_artifact, read_manifest
+from elision.runtime.generation import step_signature as sig
+from elision.runtime.generation.bookkeeping import IncrementalDecoder, check_lengths, normalize_eos
+from elision.runtime.generation.calibration import MachineCalibration, available_cores, load_calibration, save_calibration
 from elision.runtime.generation.drafters import BASIC_DRAFTERS, CombinedDrafter, Drafter, TokenRecyclingDrafter, basic_drafter
-from elision.runtime.generation.sampling import ProcessedRows, SamplingConfig, numpy_uniform, sample_token, target_probs, verify_sampling
-from elision.runtime.generation.tree_builders import (
-    StaticTemplate,
-    VerifyCostCurve,
-    build_dynamic,
-    build_static,
-    choose_tree_size,
-    parse_tree_spec,
-)
-from elision.runtime.generation.verify import verify_greedy
+from elision.runtime.generation.loop import DecodeOptions, decode
+from elision.runtime.generation.ort_session_base import KVCacheOverflow
+from elision.runtime.generation.ort_step_session import OrtStepSession
+from elision.runtime.generation.ort_verify_session import OrtVerifySession
+from elision.runtime.generation.sampling import SamplingConfig, numpy_uniform
+from elision.runtime.generation.tree_builders import StaticTemplate, VerifyCostCurve, parse_tree_spec
 
 GENERATION_KIND = "specdec-generate"
 _GENERATE_HINT = "compile one with `elision compile MODEL --emit onnx --for generate -o DIR`"
+_FORMS = (sig.STEP_FORM, sig.VERIFY_FORM)
 
 
 class GenerationError(ArtifactError, ValueError):
@@ -69,52 +64,20 @@ class OrtGenerationResult:
     prompt: list[int] = field(default_factory=list)
 
 
-class NumpyKVCache:
-    """Preallocated K/V buffers `[1, kv_heads, capacity, head_dim]`, one per verify K/V input, in input order.
-
-    Slot i holds position i (batch 1, compacted after every step), so the cache needs no slot table.
-    """
-
-    def __init__(self, n_buffers: int, kv_heads: int, head_dim: int, capacity: int, dtype: np.dtype):
-        self.capacity = int(capacity)
-        self.length = 0
-        self.buffers = [np.zeros((1, kv_heads, self.capacity, head_dim), dtype=dtype) for _ in range(n_buffers)]
-
-    def past(self) -> list[np.ndarray]:
-        # onnxruntime reads C-contiguous memory; a [:, :, :length] view of a multi-head buffer is not
-        return [np.ascontiguousarray(b[:, :, : self.length]) for b in self.buffers]
-
-    def commit(self, new: Sequence[np.ndarray], nodes: Sequence[int]) -> None:
-        """Append the K/V of the fed tokens `nodes` (indices into the last forward's n tokens), in order."""
-        m = len(nodes)
-        end = self.length + m
-        if end > self.capacity:
-            raise KVCacheOverflowError(f"KV cache overflow: {end} slots needed but the cache holds {self.capacity}")
-        index = np.asarray(nodes, dtype=np.int64)
-        for buf, slice_ in zip(self.buffers, new):
-            buf[:, :, self.length : end] = slice_[:, :, index]
-        self.length = end
-
-
-class _Probe:
-    """The session interface `VerifyCostCurve.measure` times: forwards of dummy chains, never committed."""
-
-    batch_size = 1
-
-    def __init__(self, gen: "OrtGenerator", cache: NumpyKVCache):
-        self.gen, self.cache = gen, cache
-
-    def extend_chains(self, chains: list[list[int]]) -> None:
-        n = len(chains[0])
-        self.gen._forward(self.cache, chains[0], list(range(n)), np.tril(np.ones((n, n), dtype=bool)))
-
-    def rollback(self) -> None:
-        """Nothing to undo: K/V reach the cache only through `commit`."""
+def default_threads(manifest: dict) -> int:
+    """Intra-op threads for a generation artifact on this machine: the calibrated fastest count when one was
+    measured here, else a size rule (a small model is fastest on one thread: more threads only add
+    synchronisation per op; a large one wants every core)."""
+    calibrated = load_calibration(manifest).threads
+    if calibrated:
+        return int(calibrated)
+    weights = int(manifest.get("weights", {}).get("bytes", 0))
+    return max(1, min(available_cores(), weights // (256 << 20)))
 
 
 class OrtGenerator:
     """Speculative decoding (greedy or sampling) over a loaded generation artifact; keeps the recycling matrix and the
-    measured cost curve across `generate` calls."""
+    cost curves across `generate` calls."""
 
     def __init__(self, artifact: Artifact, drafter: str = "recycling+lookup", tree: str = "dynamic",
                  max_tree_size: int = 32, max_depth: int = 16):
@@ -125,44 +88,66 @@ class OrtGenerator:
                                   f"{settings.get('kind', 'generic')!r}); {_GENERATE_HINT}")
         self.artifact = artifact
         self.settings = gen
-        self.function = str(gen.get("function", "verify"))
-        spec = artifact.spec(self.function)
-        names = spec.input_names
-        self.kv_inputs = names[3:]
-        if names[:3] != ["input_ids", "positions", "attn_bias"] or len(spec.outputs) != 1 + len(self.kv_inputs):
-            raise GenerationError(f"function {self.function!r} of {artifact.path} does not have the verify signature "
-                                  f"(input_ids, positions, attn_bias, past K/V...) -> (logits, new K/V...); {_GENERATE_HINT}")
-        self.output_names = spec.output_names
-        self.session = artifact.session(self.function)
+        self.form = str(gen.get("form", sig.VERIFY_FORM))
+        if self.form not in _FORMS:
+            raise GenerationError(f"artifact {artifact.path} has generation form {self.form!r}, which this elision "
+                                  f"cannot run (it knows {', '.join(_FORMS)}); recompile it: {_GENERATE_HINT}")
         missing = [k for k in ("dtype", "vocab_size", "kv_heads", "head_dim") if k not in gen]
         if missing:
             raise GenerationError(f"the generation settings in {artifact.path}/manifest.json lack {', '.join(missing)}; "
                                   f"{_GENERATE_HINT}")
+        self.function = str(gen.get("function", sig.STEP_FUNCTION if self.form == sig.STEP_FORM else "verify"))
+        self._check_signature(artifact.spec(self.function))
+        self.session = artifact.session(self.function)
         self.dtype = np.dtype(str(gen["dtype"]))
         self.vocab_size = int(gen["vocab_size"])
         self.kv_heads, self.head_dim = int(gen["kv_heads"]), int(gen["head_dim"])
+        self.layers = int(gen.get("kv_layers", len(self.kv_inputs) // 2))
         self.max_positions = int(gen["max_positions"]) if gen.get("max_positions") else None
         self.sliding_window = int(gen["sliding_window"]) if gen.get("sliding_window") else None
         self.eos_token_ids = [int(e) for e in gen.get("eos_token_ids", [])]
         self.tokenizer = _load_tokenizer(artifact.file(str(gen.get("tokenizer", "tokenizer.json"))))  # confined, hashed
         self.max_tree_size, self.max_depth = int(max_tree_size), int(max_depth)
         self.drafter_name, self.tree_spec = drafter, tree
+        self.threads = artifact.threads
+        self.calibration: MachineCalibration = load_calibration(artifact.manifest)
         self._recycling = TokenRecyclingDrafter(self.vocab_size)
         self._drafters: dict[str, Drafter] = {}
-        self._curve: VerifyCostCurve | None = None
+        self._curves: dict[int, VerifyCostCurve] = {}  # batch size -> curve (batch 1 from the calibration)
         self.drafter(drafter)
         _parse_tree(tree)
 
+    def _check_signature(self, spec) -> None:
+        names = spec.input_names
+        if self.form == sig.STEP_FORM:
+            self.kv_inputs = [n for n in names if n not in sig.SMALL_INPUTS]
+            ok = set(sig.SMALL_INPUTS) <= set(names) and spec.output_names[0] == sig.LOGITS and \
+                len(spec.outputs) == 1 + len(self.kv_inputs)
+        else:
+            self.kv_inputs = names[3:]
+            self.output_names = spec.output_names
+            ok = names[:3] == ["input_ids", "positions", "attn_bias"] and len(spec.outputs) == 1 + len(self.kv_inputs)
+        if not ok:
+            raise GenerationError(f"function {self.function!r} of {self.artifact.path} does not have the {self.form} "
+                                  f"step signature; recompile it: {_GENERATE_HINT}")
+
     @property
     def cost_curve(self) -> VerifyCostCurve | None:
-        """The verification-cost curve measured on the first dynamic-tree generation (None before it)."""
-        return self._curve
+        """The batch-1 verification-cost curve on this machine (None until calibrated or first measured)."""
+        return self._curve_for_batch(1)
 
     @classmethod
     def load(cls, path: str | Path, *, providers: Iterable[str] | None = None, threads: int | None = None,
-             verify: bool = True, **kwargs) -> "OrtGenerator":
-        """Load and check the artifact directory `path` (sha256 of every file, the tokenizer included)."""
-        return cls(load_artifact(path, providers=providers, threads=threads, verify=verify), **kwargs)
+             verify: bool = True, session_config: dict[str, str] | None = None, **kwargs) -> "OrtGenerator":
+        """Load and check the artifact directory `path` (sha256 of every file, the tokenizer included).
+
+        `threads`: intra-op threads; default the count calibrated as fastest on this machine (`default_threads`).
+        `session_config`: extra onnxruntime session config entries.
+        """
+        if threads is None:
+            threads = default_threads(read_manifest(path))
+        artifact = load_artifact(path, providers=providers, threads=threads, verify=verify, session_config=session_config)
+        return cls(artifact, **kwargs)
 
     def drafter(self, name: str) -> Drafter:
         if name not in self._drafters:
@@ -178,26 +163,48 @@ class OrtGenerator:
             self._drafters[name] = parts[0] if len(parts) == 1 else CombinedDrafter(parts)
         return self._drafters[name]
 
-    # ------------------------------------------------------------------ one verify call
-    def _forward(self, cache: NumpyKVCache, tokens: Sequence[int], depths: Sequence[int], allowed: np.ndarray):
-        """Run `tokens` (tree nodes with `depths`, ancestor mask `allowed` [n, n]) after the cached slots.
+    def new_session(self, batch_size: int, capacity: int):
+        """A fresh `TreeSession` of this artifact's form, with a KV cache of `capacity` slots per sequence."""
+        common = dict(kv_heads=self.kv_heads, head_dim=self.head_dim, batch_size=batch_size, capacity=capacity,
+                      dtype=self.dtype, sliding_window=self.sliding_window)
+        if self.form == sig.STEP_FORM:
+            return OrtStepSession(self.session, layers=self.layers, vocab_size=self.vocab_size, **common)
+        return OrtVerifySession(self.session, kv_inputs=self.kv_inputs, output_names=self.output_names, **common)
 
-        Returns logits [n, V] and the new K/V slices (one [1, H, n, D] array per buffer); nothing is cached yet.
-        """
-        n, past = len(tokens), cache.length
-        positions = past + np.asarray(depths, dtype=np.int64)
-        bias = np.zeros((1, 1, n, past + n), dtype=self.dtype)
-        tree_ok = allowed
-        if self.sliding_window:
-            window = self.sliding_window
-            cache_ok = np.arange(past)[None, :] > positions[:, None] - window
-            bias[0, 0, :, :past][~cache_ok] = -np.inf
-            tree_ok = allowed & (positions[None, :] > positions[:, None] - window) | np.eye(n, dtype=bool)
-        bias[0, 0, :, past:][~tree_ok] = -np.inf
-        feeds = {"input_ids": np.asarray([tokens], dtype=np.int64), "positions": positions[None], "attn_bias": bias}
-        feeds.update(zip(self.kv_inputs, cache.past()))
-        out = self.session.run(self.output_names, feeds)
-        return out[0][0], out[1:]
+    # ------------------------------------------------------------------ calibration
+    def _curve_for_batch(self, batch: int) -> VerifyCostCurve | None:
+        if batch not in self._curves and batch == 1 and self.threads is not None:
+            curve = self.calibration.curve(self.threads)
+            if curve is not None:
+                self._curves[1] = curve
+        return self._curves.get(batch)
+
+    def _measure_curve(self, session) -> VerifyCostCurve:
+        """Measure on the live session (after prefill) and remember it; batch 1 is also saved for this machine."""
+        curve = VerifyCostCurve.measure(session, self.max_tree_size)
+        self._curves[session.batch_size] = curve
+        if session.batch_size == 1 and self.threads is not None:
+            self.calibration.set_curve(self.threads, curve)
+            save_calibration(self.calibration, self.artifact.manifest)
+        return curve
+
+    def step_seconds(self, context: int = 32, repeats: int = 7) -> float:
+        """Median seconds of one single-token step after a `context`-token prompt (the plain decoding step)."""
+        session = self.new_session(1, context + 2)
+        session.prefill([[0] * context])
+        times = []
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            session.extend_chains([[0]])
+            times.append(time.perf_counter() - t0)
+            session.rollback()
+        return float(np.median(times[1:]))
+
+    def calibrate(self, context: int = 32) -> VerifyCostCurve:
+        """Measure the batch-1 cost curve for this machine and thread count now (compile time), and keep it."""
+        session = self.new_session(1, context + self.max_tree_size + 2)
+        session.prefill([[0] * context])
+        return self._measure_curve(session)
 
     # ------------------------------------------------------------------ generation
     def encode(self, prompt: str) -> list[int]:
@@ -215,77 +222,62 @@ class OrtGenerator:
         `eos_token_id` defaults to the artifact's EOS ids (pass [] for none); `stream` receives text pieces as
         tokens are accepted."""
         t_start = time.perf_counter()
-        sampling = _sampling_config(do_sample, temperature, top_k, top_p, seed)
-        uniform = numpy_uniform(seed) if sampling.do_sample else None
+        sampling = _sampling_config(do_sample, temperature, top_k, top_p, seed)  # bad options first, then the prompt
         ids = self._check_prompt(prompt, max_new_tokens)
+        decoder = IncrementalDecoder(self.tokenizer) if stream is not None else None
+        on_tokens = (lambda b, new: stream(decoder.push(new))) if decoder is not None else None
+        outcome = self._decode([ids], max_new_tokens, drafter, tree, eos_token_id, stop_strings, sampling, seed,
+                               on_tokens, t_start)
+        if decoder is not None:
+            stream(decoder.finish())
+        tokens = outcome.outputs[0]
+        return OrtGenerationResult(tokens, self.tokenizer.decode(tokens, skip_special_tokens=True), outcome.stats, ids)
+
+    def generate_batch(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 64, *,
+                       drafter: str | None = None, tree: str | None = None,
+                       eos_token_id: int | Sequence[int] | None = None, stop_strings: str | Sequence[str] | None = None,
+                       do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                       seed: int | None = None) -> list[OrtGenerationResult]:
+        """`generate` for several prompts decoded together (one forward per step over every sequence's tree, each
+        sequence accepting its own path length). Greedy output per request equals running it alone.
+
+        Each result's stats describe the batch (forward passes, time) except `new_tokens`, `tokens_per_s` and
+        `mean_accepted_length`, which are that request's; `batch_tokens_per_s` is the batch's throughput."""
+        t_start = time.perf_counter()
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
+            raise GenerationError("generate_batch needs a non-empty list of prompts (strings or token id lists)")
+        sampling = _sampling_config(do_sample, temperature, top_k, top_p, seed)
+        ids = [self._check_prompt(p, max_new_tokens) for p in prompts]
+        outcome = self._decode(ids, max_new_tokens, drafter, tree, eos_token_id, stop_strings, sampling, seed, None,
+                               t_start)
+        stats, results = outcome.stats, []
+        total = stats["time_s"]["total"]
+        for b, tokens in enumerate(outcome.outputs):
+            own = dict(stats, new_tokens=len(tokens), tokens_per_s=len(tokens) / total if total > 0 else float("inf"),
+                       mean_accepted_length=stats["per_sequence_accepted_length"][b],
+                       batch_tokens_per_s=stats["tokens_per_s"], sequence=b)
+            results.append(OrtGenerationResult(tokens, self.tokenizer.decode(tokens, skip_special_tokens=True), own, ids[b]))
+        return results
+
+    def _decode(self, prompts, max_new_tokens, drafter, tree, eos_token_id, stop_strings, sampling, seed, on_tokens,
+                t_start):
         draft = self.drafter(drafter or self.drafter_name)
         tree_spec = tree or self.tree_spec
         template = _parse_tree(tree_spec)
         eos = normalize_eos(self.eos_token_ids if eos_token_id is None else eos_token_id)
         stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
-        timing = dict(prefill_s=0.0, cost_curve_s=0.0, draft_s=0.0, verify_s=0.0, accept_s=0.0)
-        cache = NumpyKVCache(len(self.kv_inputs), self.kv_heads, self.head_dim, len(ids) + max_new_tokens, self.dtype)
-        decoder = IncrementalDecoder(self.tokenizer) if stream is not None else None
-
-        t0 = time.perf_counter()
-        n = len(ids)
-        logits, new = self._forward(cache, ids, list(range(n)), np.tril(np.ones((n, n), dtype=bool)))
-        cache.commit(new, range(n))
-        outputs: list[list[int]] = [[]]
-        contexts, active = [list(ids)], [True]
-        first = sample_token(target_probs(logits[-1], sampling), uniform) if uniform is not None else int(logits[-1].argmax())
-        append_tokens(0, [first], outputs, contexts, active, eos, stops, max_new_tokens, self.tokenizer)
-        timing["prefill_s"] = time.perf_counter() - t0
-        if decoder is not None:
-            stream(decoder.push(outputs[0]))
-        t0 = time.perf_counter()
-        draft.reset(contexts, logits[None])
-        timing["draft_s"] += time.perf_counter() - t0
-        if template is None and active[0] and self._curve is None:
-            t0 = time.perf_counter()
-            self._curve = VerifyCostCurve.measure(_Probe(self, cache), self.max_tree_size)
-            timing["cost_curve_s"] = time.perf_counter() - t0
-
-        steps, accepted, tree_sizes = 0, [[]], []
-        while active[0]:
-            t0 = time.perf_counter()
-            depth = min(self.max_depth, max_new_tokens - len(outputs[0]) - 1)
-            draft.prepare(contexts, active, [depth])
-            if template is not None:
-                t = build_static(draft, 0, contexts[0], template, depth)
-            else:
-                t = build_dynamic(draft, 0, contexts[0], self.max_tree_size, depth)
-                t = t.truncate(choose_tree_size([t], self._curve, self.max_tree_size))
-            timing["draft_s"] += time.perf_counter() - t0
-
-            t0 = time.perf_counter()
-            logits, new = self._forward(cache, t.tokens, t.depths, t.ancestor_mask())
-            timing["verify_s"] += time.perf_counter() - t0
-
-            t0 = time.perf_counter()
-            steps += 1
-            tree_sizes.append(len(t))
-            if uniform is not None:
-                path, bonus = verify_sampling(t, ProcessedRows(logits.__getitem__, sampling), uniform)
-            else:
-                path, bonus = verify_greedy(t, logits.argmax(-1).tolist())
-            before = len(outputs[0])
-            append_tokens(0, [t.tokens[i] for i in path[1:]] + [bonus], outputs, contexts, active, eos, stops,
-                          max_new_tokens, self.tokenizer)
-            accepted[0].append(len(outputs[0]) - before)
-            draft.observe(0, t, logits, path, contexts[0])
-            cache.commit(new, path)  # the root and the accepted nodes; the bonus token is the next root
-            timing["accept_s"] += time.perf_counter() - t0
-            if decoder is not None:
-                stream(decoder.push(outputs[0][before:]))
-        if decoder is not None:
-            stream(decoder.finish())
-
-        stats = generation_stats(outputs=outputs, accepted_lengths=accepted, tree_sizes=tree_sizes, steps=steps,
-                                 total_s=time.perf_counter() - t_start, timing=timing,
-                                 draft_forward_passes=draft.draft_forward_passes, drafter=draft.name, tree=tree_spec)
-        text = self.tokenizer.decode(outputs[0], skip_special_tokens=True)
-        return OrtGenerationResult(outputs[0], text, stats, ids)
+        budget = len(template) if template is not None else self.max_tree_size
+        longest = max(len(p) for p in prompts)
+        session = self.new_session(len(prompts), longest + max_new_tokens + budget + 1)
+        opts = DecodeOptions(
+            max_new_tokens=max_new_tokens, eos=eos, stops=stops, tokenizer=self.tokenizer, sampling=sampling,
+            uniform=numpy_uniform(seed) if sampling.do_sample else None, template=template, tree_name=tree_spec,
+            max_tree_size=self.max_tree_size, max_depth=self.max_depth,
+            cost_curve=self._curve_for_batch(len(prompts)) or self._measure_curve, on_tokens=on_tokens)
+        try:
+            return decode(session, prompts, draft, opts, started=t_start)
+        except KVCacheOverflow as e:
+            raise KVCacheOverflowError(str(e)) from None
 
     def _check_prompt(self, prompt: str | Sequence[int], max_new_tokens: int) -> list[int]:
         if isinstance(prompt, str):
@@ -310,6 +302,38 @@ class OrtGenerator:
         except ValueError as e:
             raise GenerationError(str(e)) from None
         return ids
+
+
+def thread_candidates() -> list[int]:
+    """Intra-op thread counts worth timing on this machine: one, half the cores (onnxruntime-genai's choice) and all."""
+    cores = available_cores()
+    return sorted({1, max(1, cores // 2), cores})
+
+
+def calibrate_artifact(path: str | Path, *, candidates: Sequence[int] | None = None,
+                       progress: Callable[[str], None] | None = None) -> MachineCalibration:
+    """Measure, on this machine, the fastest intra-op thread count for the plain decoding step and the batch-1
+    verification-cost curve at that count; record both in the artifact's manifest and the user cache.
+
+    Candidates are timed one after another (one session in memory at a time, so a large model is never loaded
+    twice), each as the best of three rounds of single-token steps."""
+    manifest_path = Path(path) / "manifest.json"
+    record = load_calibration(read_manifest(path))
+    for threads in candidates or thread_candidates():
+        if progress:
+            progress(f"timing the decoding step with {threads} thread(s)")
+        gen = OrtGenerator.load(path, threads=threads, verify=False)
+        record.step_s[int(threads)] = min(gen.step_seconds() for _ in range(3))
+        del gen
+    record.threads = min(record.step_s, key=record.step_s.get)
+    if progress:
+        progress(f"measuring the verification-cost curve with {record.threads} thread(s)")
+    gen = OrtGenerator.load(path, threads=record.threads, verify=False)
+    gen.calibration = record
+    gen.calibrate()  # fills record.curves[threads]
+    manifest = read_manifest(path)
+    save_calibration(record, manifest, manifest_path)
+    return record
 
 
 def _sampling_config(do_sample, temperature, top_k, top_p, seed) -> SamplingConfig:
@@ -359,5 +383,5 @@ def _default(value, default):
     return default if value is None else value
 
 
-__all__ = ["GENERATION_KIND", "GenerationError", "KVCacheOverflowError", "NumpyKVCache", "OrtGenerationResult",
-           "OrtGenerator", "run_prompt"]
+__all__ = ["GENERATION_KIND", "GenerationError", "KVCacheOverflowError", "OrtGenerationResult", "OrtGenerator",
+           "calibrate_artifact", "default_threads", "run_prompt", "thread_candidates"]

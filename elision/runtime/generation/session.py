@@ -1,8 +1,10 @@
 """The step a decoding loop drives: a model plus the KV cache it owns, extended by token trees.
 
-The draft -> verify -> accept -> commit loop is written once, against this protocol; the torch backend
-(`elision.apps.specdec.session.KVSession`) and the ONNX Runtime backend differ only in how they implement it.
-Logits may be any array the loop can read with `numpy.asarray` (a numpy array, or a CPU torch tensor).
+The draft -> verify -> accept -> commit loop is written once (`elision.runtime.generation.loop.decode`), against this
+protocol; the torch backend (`elision.apps.specdec.session.KVSession`) and the ONNX Runtime backends
+(`ort_step_session.OrtStepSession`, `ort_verify_session.OrtVerifySession`) differ only in how they implement it.
+Logits may be any array indexable as [b, i] with `.argmax(-1)` (a numpy array, or a torch tensor the loop moves to
+numpy row by row); they need to stay valid only until the next call.
 
     session.prefill([[5, 9, 2], [7]])        # right-padded prompts -> logits [B, Lmax, V]; all prompt tokens cached
     session.extend([tree_0, None])           # one forward over each active sequence's tree -> logits [B, n, V]

@@ -1,0 +1,148 @@
+"""Rewrite rule: one attention of the exported `@verify` graph -> `com.microsoft.GroupQueryAttention` over a shared
+KV buffer, with explicit position ids and the tree's additive bias.
+
+It runs after onnxscript's own fusions have reduced the attention to (per layer)
+
+    q, k, v   = Transpose(Reshape(MatMul(h, W_q|k|v) [+ bias]))            BSD -> BHSd
+    q_r, k_r  = RotaryEmbedding(q | k, cos, sin)                        (ai.onnxruntime._fusion)
+    K, V      = repeat_kv(Concat(past_k, k_r)), repeat_kv(Concat(past_v, v))   (GQA head repetition, if any)
+    out       = Reshape(Transpose(SDPA(q_r, K, V, bias)))                (ai.onnxruntime._fusion)
+
+and replaces it with `GroupQueryAttention(q, k, v, past_k, past_v, seqlens_k, total_sequence_length, cos_table,
+sin_table, position_ids, attention_bias, query_seqlens)` (do_rotary=1). GQA appends the new K/V to the past
+buffer in place and attends causally (bottom-right aligned) plus the bias, so tree nodes in parents-first order
+see exactly their ancestors. onnxscript's own `fuse_gqa` does not fit: it expects a causal mask built from a 2-D
+`attention_mask` input and derives `seqlens_k` from the largest position id, which is wrong for a tree.
+
+The present K/V outputs of every fused node are collected in `GQAInputs.presents` (by past input name) so the
+caller can make them graph outputs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+from onnxscript.rewriter import _ir_utils, pattern
+
+from elision.lowering.ort_rules.rope_cache import RopeTableError, RopeTables, rope_tables
+
+FUSION_DOMAIN = "ai.onnxruntime._fusion"  # onnxscript's internal domain for RotaryEmbedding / SDPA placeholders
+MS_DOMAIN = "com.microsoft"
+
+__all__ = ["GQAInputs", "TreeGroupQueryAttention", "MS_DOMAIN"]
+
+
+@dataclass
+class GQAInputs:
+    """The step graph's new inputs the fused nodes read, and what the fusions produce."""
+
+    model: ir.Model
+    seqlens_k: ir.Value
+    total_sequence_length: ir.Value
+    query_seqlens: ir.Value
+    max_positions: int
+    presents: dict[str, ir.Value] = field(default_factory=dict)  # past input name -> the fused node's present output
+    tables: dict[tuple[ir.Value, ir.Value], tuple[ir.Value, ir.Value, ir.Value]] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+
+def _bias_input(mask: ir.Value) -> ir.Value | None:
+    """The graph input the attention mask is read from: the input itself, or a leading slice of its last axis
+    (the export slices `attn_bias[..., :past + n]`, a no-op, to tie the bias length to the KV length)."""
+    if mask.is_graph_input():
+        return mask
+    node = mask.producer()
+    if node is None or node.op_type != "Slice" or node.domain not in ("", "ai.onnx"):
+        return None
+    data, starts, _ends, axes = (list(node.inputs) + [None] * 4)[:4]
+    steps = node.inputs[4] if len(node.inputs) > 4 else None
+    if data is None or not data.is_graph_input() or data.shape is None or data.shape.rank() != 4:
+        return None
+    if not _ir_utils.is_singleton_value(starts, 0) or not _ir_utils.is_singleton_value(axes, lambda a: a in (3, -1)):
+        return None
+    if steps is not None and not _ir_utils.is_singleton_value(steps, 1):
+        return None
+    return data
+
+
+class TreeGroupQueryAttention(pattern.RewriteRuleClassBase):
+    def __init__(self, inputs: GQAInputs):
+        super().__init__("TreeGroupQueryAttention")
+        self.inputs = inputs
+
+    def pattern(self, op, q_lin, k_lin, v_lin, cos, sin, past_k, past_v, mask):
+        def heads(x, name):
+            return op.Transpose(op.Reshape(x, pattern.ANY_VALUE, _outputs=[name]), perm=[0, 2, 1, 3])
+
+        q = op.RotaryEmbedding(heads(q_lin, "q_bshd"), cos, sin, _domain=FUSION_DOMAIN, _outputs=["q_rot"])
+        k = op.RotaryEmbedding(heads(k_lin, "k_bshd"), cos, sin, _domain=FUSION_DOMAIN, _outputs=["k_rot"])
+        v = heads(v_lin, "v_bshd")
+
+        def cached(past, new):
+            full = op.Concat(past, new, axis=2)
+            repeated = op.Reshape(op.Expand(op.Unsqueeze(full, [2]), pattern.ANY_VALUE), pattern.ANY_VALUE)
+            return pattern.OrValue([repeated, full])
+
+        att = op.SDPA(q, cached(past_k, k), cached(past_v, v), mask, key_format="BHSd", _domain=FUSION_DOMAIN,
+                      _allow_other_attributes=True, _outputs=["att"])
+        return op.Reshape(op.Transpose(att, perm=[0, 2, 1, 3]), pattern.ANY_VALUE)
+
+    def check(self, context, q_bshd, k_bshd, v_bshd, q_rot, k_rot, att, cos, sin, past_k, past_v, mask, **_):
+        result = pattern.MatchResult()
+        for rot in (q_rot, k_rot):
+            if rot.producer().attributes.get_int("interleaved", 0):
+                return self._fail(result, "interleaved rotary is not what GroupQueryAttention's rotary computes", rot)
+        heads, kv_heads = _ir_utils.get_dim(q_bshd, 2), _ir_utils.get_dim(k_bshd, 2)
+        head_dim, v_heads = _ir_utils.get_dim(q_bshd, 3), _ir_utils.get_dim(v_bshd, 2)
+        if not all(isinstance(d, int) for d in (heads, kv_heads, head_dim, v_heads)):
+            return self._fail(result, "head counts and head size must be static", [q_bshd, k_bshd])
+        if head_dim % 16:
+            # ONNX Runtime's CPU kernel refuses other head sizes at run time ("head_size shall be a multiple of 16")
+            return self._fail(result, f"head size {head_dim} is not a multiple of 16, which GroupQueryAttention needs", q_bshd)
+        if heads % kv_heads or v_heads != kv_heads:
+            return self._fail(result, f"{heads} query heads over {kv_heads} key / {v_heads} value heads is not GQA", k_bshd)
+        if not (past_k.is_graph_input() and past_v.is_graph_input()):
+            return self._fail(result, "the past keys/values must be graph inputs", [past_k, past_v])
+        bias = _bias_input(mask)
+        if bias is None:
+            return self._fail(result, "the attention mask is not the graph's additive bias input", mask)
+        if (cos, sin) not in self.inputs.tables:
+            try:
+                tables = rope_tables(self.inputs.model, cos, sin, self.inputs.max_positions)
+            except RopeTableError as e:
+                return self._fail(result, str(e), [cos, sin])
+            self.inputs.tables[(cos, sin)] = self._table_values(tables)
+        scale = att.producer().attributes.get("scale")
+        self._attrs = dict(num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0)
+        if scale is not None and scale.value is not None:
+            self._attrs["scale"] = float(scale.value)
+        self._bias = bias
+        return result
+
+    def _fail(self, result: pattern.MatchResult, reason: str, values) -> pattern.MatchResult:
+        """A failed check, remembered so the caller can say why an attention did not fuse."""
+        if reason not in self.inputs.failures:
+            self.inputs.failures.append(reason)
+        return result.fail(reason, values)
+
+    def _table_values(self, tables: RopeTables) -> tuple[ir.Value, ir.Value, ir.Value]:
+        graph = self.inputs.model.graph
+        values = []
+        for name, array in (("rope_cos_table", tables.cos), ("rope_sin_table", tables.sin)):
+            name = f"{name}_{len(self.inputs.tables)}" if self.inputs.tables else name
+            value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                             const_value=ir.tensor(array, name=name))
+            graph.register_initializer(value)
+            values.append(value)
+        return values[0], values[1], tables.positions
+
+    def rewrite(self, op, q_lin, k_lin, v_lin, cos, sin, past_k, past_v, **_):
+        cos_table, sin_table, positions = self.inputs.tables[(cos, sin)]
+        i = self.inputs
+        out, present_k, present_v = op.GroupQueryAttention(
+            q_lin, k_lin, v_lin, past_k, past_v, i.seqlens_k, i.total_sequence_length, cos_table, sin_table,
+            positions, self._bias, None, None, None, None, None, i.query_seqlens,
+            _domain=MS_DOMAIN, _outputs=3, **self._attrs)
+        i.presents[past_k.name] = present_k
+        i.presents[past_v.name] = present_v
+        return out

@@ -1,0 +1,90 @@
+"""The onnxscript rules lowering the exported `@verify` to the in-place step graph (`elision.lowering.ort_rules`).
+
+End-to-end numerics (the step against the compiled graph, greedy against Hugging Face) are in
+tests/runtime/test_ort_step.py; here: what the rules produce, and that what they refuse is refused with a reason.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime
+import pytest
+import torch
+
+from elision.apps.specdec.compiled_backend import compile_specdec, specdec_onnx_entry
+from elision.lowering.onnx_export import export_program
+from elision.lowering.ort_rules import StepLoweringError, lower_generation_step
+from elision.lowering.ort_rules.rope_cache import RopeTableError, rope_tables
+from elision.runtime.generation import step_signature as sig
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def exported():
+    """(HF model, a function returning a fresh export of its @verify) for a 1-layer Llama with head size 16."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=97, max_position_embeddings=40,
+                                   rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                    "original_max_position_embeddings": 16})
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    spec = compile_specdec(model)
+    module, inputs, dyn, _ = specdec_onnx_entry(spec, "verify")
+    proto = export_program("verify", module, inputs, dyn).model_proto
+    return model, lambda: ir.serde.deserialize_model(proto)
+
+
+def test_every_attention_becomes_one_gqa_over_shared_buffers(exported):
+    _, fresh = exported
+    model = fresh()
+    report = lower_generation_step(model, max_positions=40, kv_heads=2, head_dim=16)
+    assert report["fusions"]["group_query_attention"] == 1 and report["fusions"]["packed_qkv"] == 1
+    ops = Counter(n.op_type for n in model.graph)
+    # one GEMM for q, k and v, then o, gate, up, down, and the LM head
+    assert ops["GroupQueryAttention"] == 1 and ops["MatMul"] == 6 and not ops["Concat"] and not ops["Softmax"]
+    assert [v.name for v in model.graph.inputs] == [
+        sig.INPUT_IDS, sig.POSITION_IDS, sig.ATTENTION_BIAS, sig.past_name(0, "key"), sig.past_name(0, "value"),
+        sig.SEQLENS_K, sig.TOTAL_SEQUENCE_LENGTH, sig.QUERY_SEQLENS]
+    assert [v.name for v in model.graph.outputs] == [sig.LOGITS, sig.present_name(0, "key"), sig.present_name(0, "value")]
+    gqa = next(n for n in model.graph if n.op_type == "GroupQueryAttention")
+    assert gqa.domain == "com.microsoft"
+    assert {k: a.value for k, a in gqa.attributes.items() if k != "scale"} == {
+        "num_heads": 4, "kv_num_heads": 2, "do_rotary": 1, "rotary_interleaved": 0}
+    # past and present are the same buffer layout, so one OrtValue can be bound to both
+    assert gqa.inputs[3] is model.graph.inputs[3] and gqa.outputs[1] is model.graph.outputs[1]
+    assert gqa.inputs[1] is None and gqa.inputs[2] is None  # packed QKV
+    # onnx.checker does not know ORT's contrib ops (SimplifiedLayerNormalization sits in the default domain there):
+    # onnxruntime itself is the judge of the lowered graph
+    onnxruntime.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def test_rope_tables_are_the_models_own_rotary(exported):
+    """llama3 rope scaling (not the plain formula): the tables come from running the graph's own cos/sin."""
+    hf, fresh = exported
+    model = fresh()
+    rot = next(n for n in model.graph if n.op_type == "Cos").outputs[0]
+    cos4 = next(u.node for u in rot.uses() if u.node.op_type == "Unsqueeze").outputs[0]
+    sin = next(n for n in model.graph if n.op_type == "Sin").outputs[0]
+    sin4 = next(u.node for u in sin.uses() if u.node.op_type == "Unsqueeze").outputs[0]
+    tables = rope_tables(model, cos4, sin4, 40)
+    positions = torch.arange(40)[None]
+    cos_ref, sin_ref = hf.model.rotary_emb(torch.zeros(1, 40, 64), positions)
+    np.testing.assert_allclose(tables.cos, cos_ref[0, :, :8].numpy(), atol=1e-6)
+    np.testing.assert_allclose(tables.sin, sin_ref[0, :, :8].numpy(), atol=1e-6)
+    assert tables.positions.name == "positions"
+    with pytest.raises(RopeTableError, match="depend on the position ids alone"):
+        rope_tables(model, cos4, model.graph.inputs[3], 40)  # a past K/V input is not a function of positions
+
+
+def test_graph_without_the_verify_signature_is_refused():
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2]))
+    node = ir.node("Relu", [x])
+    graph = ir.Graph([x], node.outputs, nodes=[node], opset_imports={"": 18})
+    with pytest.raises(StepLoweringError, match="expected the @verify signature"):
+        lower_generation_step(ir.Model(graph, ir_version=10), max_positions=8, kv_heads=1, head_dim=16)
