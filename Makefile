@@ -3,6 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+SERVE_STAMP := $(VENV)/.installed-serve
 
 .PHONY: demo test venv bench clean
 
@@ -14,13 +15,19 @@ $(STAMP): setup.py
 	$(BIN)/pip install -q -e '.[dev,mlir,bench]'
 	touch $(STAMP)
 
+# the serve extra (Ray Serve) only for the tests: `make demo` stays Ray-free
+$(SERVE_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[serve]'
+	touch $(SERVE_STAMP)
+
 venv: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python tools/demo.py
 
-test: $(STAMP)
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -n 2 tests
+# loadgroup: the Ray tests (xdist_group "ray") run on one worker, one Ray at a time
+test: $(SERVE_STAMP)
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -34,6 +34,7 @@ COMMAND_MODULES = [
     "elision.cli.generate",
     "elision.cli.tune",
     "elision.cli.shape",
+    "elision.cli.serve",
 ]
 
 
