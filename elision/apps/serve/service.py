@@ -95,13 +95,21 @@ def generator_replica_names() -> list[str]:
     return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix))
 
 
-def wait_replicas_running(replicas: int, timeout_s: float = 60.0) -> bool:
-    """Whether `replicas` generator replicas are RUNNING and the deployment HEALTHY within `timeout_s`."""
+def replicas_running(replicas: int) -> bool:
+    """Whether the generator deployment is HEALTHY with `replicas` replicas RUNNING."""
+    status = serve.status().applications.get(APP_NAME)
+    dep = status.deployments.get("generator") if status else None
+    return dep is not None and dep.status == "HEALTHY" and dep.replica_states.get("RUNNING", 0) == replicas
+
+
+def wait_replicas_running(replicas: int, timeout_s: float = 60.0, replacing: list[str] | None = None) -> bool:
+    """Whether `replicas` generator replicas are RUNNING within `timeout_s`. With `replacing` (the replica names
+    before some died), only once a replacement exists: right after a kill the controller may not have noticed yet
+    and still count the dead replica as running."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        status = serve.status().applications.get(APP_NAME)
-        dep = status.deployments.get("generator") if status else None
-        if dep is not None and dep.status == "HEALTHY" and dep.replica_states.get("RUNNING", 0) == replicas:
+        fresh = replacing is None or any(n not in replacing for n in generator_replica_names())
+        if fresh and replicas_running(replicas):
             return True
         time.sleep(0.25)
     return False
@@ -143,6 +151,15 @@ class Service:
             raise
         return self
 
+    def set_replicas(self, replicas: int, timeout_s: float = 300.0) -> None:
+        """Scale the generator deployment to `replicas` while the service keeps answering."""
+        self.options.replicas = replicas
+        self.options.check()
+        serve.run(build_application(self.artifact_dir, self.card, self.options), name=APP_NAME, route_prefix="/",
+                  blocking=False)
+        if not wait_replicas_running(replicas, timeout_s):
+            raise TimeoutError(f"{replicas} generator replicas were not running within {timeout_s:g} s")
+
     def generator_handle(self):
         return serve.get_deployment_handle("generator", APP_NAME)
 
@@ -171,4 +188,4 @@ class Service:
 
 
 __all__ = ["APP_NAME", "Service", "ServeOptions", "build_application", "generator_replica_names", "load_model_card",
-           "wait_replicas_running"]
+           "replicas_running", "wait_replicas_running"]

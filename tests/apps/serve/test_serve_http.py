@@ -152,25 +152,32 @@ def test_sampling_requests_are_served(service):
     assert body["elision"]["stats"]["new_tokens"] == len(body["elision"]["tokens"])
 
 
-@pytest.mark.parametrize("body, status, says", [
-    (b"{\"prompt\": \"x\",", 400, "not valid JSON"),
-    (b"[1, 2]", 400, "must be a JSON object"),
-    (b"\xff\xfe{}", 400, "not valid UTF-8"),
-    (b"{\"prompt\": \"\\ud800\"}", 400, "lone surrogate"),
-    (b"{\"prompt\": \"x\", \"n\": 2}", 400, "unknown field 'n'"),
-    (b"{\"prompt\": \"x\", \"max_tokens\": \"5\"}", 400, "max_tokens"),
-    (b"{\"max_tokens\": 5}", 400, "prompt"),
-    (b"{\"prompt\": \"x\", \"max_tokens\": 0}", 400, "max_tokens must be >= 1"),
-    (b"{\"prompt\": \"x\", \"max_tokens\": -3}", 400, "max_tokens must be >= 1"),
-    (b"{\"prompt\": \"x\", \"max_tokens\": 100000}", 400, "over the model's limit"),
-    (b"{\"prompt\": \"x\", \"temperature\": 5}", 400, "temperature"),
-    (b"{\"prompt\": \"x\", \"model\": \"gpt-4\"}", 404, "not served here"),
+@pytest.mark.parametrize("body, says", [
+    (b"{\"prompt\": \"x\",", "not valid JSON"),
+    (b"[1, 2]", "must be a JSON object"),
+    (b"\xff\xfe{}", "not valid UTF-8"),
+    (b"{\"prompt\": \"\\ud800\"}", "lone surrogate"),
+    (b"{\"max_tokens\": 5}", "prompt"),
 ])
-def test_bad_requests_get_a_json_error(service, body, status, says):
+def test_unreadable_bodies_get_a_json_error(service, body, says):
     _, url = service
     r = post(url, data=body, headers={"content-type": "application/json"})
-    assert r.status_code == status, r.text
-    assert says in r.json()["error"]["message"]
+    assert r.status_code == 400 and says in r.json()["error"]["message"], r.text
+
+
+@pytest.mark.parametrize("fields, status, says", [
+    ({"n": 2}, 400, "unknown field 'n'"),
+    ({"max_tokens": "5"}, 400, "max_tokens"),
+    ({"max_tokens": 0}, 400, "max_tokens must be >= 1"),
+    ({"max_tokens": -3}, 400, "max_tokens must be >= 1"),
+    ({"max_tokens": 100000}, 400, "over the model's limit"),
+    ({"temperature": 5}, 400, "temperature"),
+    ({"model": "gpt-4"}, 404, "not served here"),
+])
+def test_bad_fields_get_a_json_error(service, fields, status, says):
+    _, url = service
+    r = post(url, {"prompt": "x", **fields})
+    assert r.status_code == status and says in r.json()["error"]["message"], r.text
 
 
 def test_prompts_over_the_position_limit_are_refused(service):
@@ -270,7 +277,8 @@ def test_killing_a_replica_under_load_loses_no_request(service):
     deadline = time.monotonic() + 60
     while len(outcomes) < 2 and time.monotonic() < deadline:  # the load is on
         time.sleep(0.1)
-    victim = generator_replica_names()[0]
+    before = generator_replica_names()
+    victim = before[0]
     ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
     for t in threads:
         t.join(timeout=per_client * REQUEST_TIMEOUT_S)
@@ -282,7 +290,7 @@ def test_killing_a_replica_under_load_loses_no_request(service):
     errors = [o for o in outcomes if o[0] != "answered"]
     assert len(errors) <= clients, errors  # at most the in-flight ones fail
     # the controller replaces the replica and both replicas serve again
-    assert wait_replicas_running(REPLICAS, timeout_s=120)
+    assert wait_replicas_running(REPLICAS, timeout_s=120, replacing=before)
     assert victim not in generator_replica_names()
     serving = set()
     for _ in range(30):
