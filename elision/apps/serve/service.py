@@ -122,6 +122,7 @@ class Service:
         self.options.check()
         self.card: ModelCard | None = None
         self._running = False
+        self._owns_connection = False
 
     @property
     def url(self) -> str:
@@ -132,11 +133,12 @@ class Service:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report leaves the machine
         # quiet by default: replicas' logs stay in Ray's session directory, Ray's own warnings (token auth, retried
         # controller calls at shutdown) are not the user's business
-        quiet = dict(log_to_driver=False, logging_level=logging.ERROR, include_dashboard=False)
+        quiet = {"log_to_driver": False, "logging_level": logging.ERROR, "include_dashboard": False}
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
-        if self.options.address is not None:
+        self._owns_connection = not ray.is_initialized()  # a Ray this process already uses stays as it is
+        if self._owns_connection and self.options.address is not None:
             ray.init(address=self.options.address, **quiet)
-        else:
+        elif self._owns_connection:
             ray.init(num_cpus=self.options.ray_cpus or os.cpu_count(), object_store_memory=EMBEDDED_OBJECT_STORE,
                      _temp_dir=self.options.ray_temp_dir, **quiet)
         try:
@@ -177,7 +179,8 @@ class Service:
                 serve.delete(APP_NAME)  # replicas finish what they hold (graceful_shutdown_timeout_s)
             # a Ray we started goes with all its processes (the Serve controller and proxies too); a cluster we
             # joined keeps running and we only disconnect from it
-            ray.shutdown()
+            if self._owns_connection:
+                ray.shutdown()
         self._running = False
 
     def __enter__(self) -> "Service":
