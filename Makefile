@@ -25,9 +25,10 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python tools/demo.py
 
-# loadgroup: the Ray tests (xdist_group "ray") run on one worker, one Ray at a time
+# loadfile: each test file runs on one worker, so its module fixtures (a compiled artifact, a Ray start) are made
+# once, not once per worker (`--dist loadgroup` would group finer but ignores its marks with pytest 9)
 test: $(SERVE_STAMP)
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info

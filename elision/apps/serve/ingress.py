@@ -9,6 +9,7 @@ no side effects); once streamed text has left, the stream ends with an error eve
 cancels its call, and the replica stops that generation at its next step.
 """
 # no `from __future__ import annotations`: FastAPI reads the route signatures (`request: Request`) at run time
+import asyncio
 import logging
 import math
 from typing import AsyncIterator
@@ -100,6 +101,9 @@ class CompletionsIngress:
             events = self.generator.generate.remote(job)
             try:
                 return await _next(events), events
+            except asyncio.CancelledError:  # the client left while the request waited for a replica
+                events.cancel()
+                raise
             except BackPressureError as e:
                 raise ServiceError(f"the service is at capacity ({e.message}); retry later", 503, "overloaded",
                                    e.retry_after_s if e.retry_after_s is not None else RETRY_AFTER_S) from None

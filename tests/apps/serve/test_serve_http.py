@@ -21,8 +21,6 @@ from serve_helpers import HOST, REQUEST_TIMEOUT_S, ServeProcess, elision_run, fr
 
 from elision.apps.serve.service import APP_NAME, generator_replica_names, wait_replicas_running  # noqa: E402
 
-pytestmark = pytest.mark.xdist_group("ray")
-
 PROMPTS = ["def parse(", "import os\n", "class Stack:\n    def push(self"]
 MAX_QUEUED = 2
 REPLICAS = 2

@@ -12,8 +12,6 @@ requests = pytest.importorskip("requests")
 from serve_helpers import (HOST, REQUEST_TIMEOUT_S, ServeProcess, alive, descendants, elision_run,  # noqa: E402
                            free_port)
 
-pytestmark = pytest.mark.xdist_group("ray")
-
 
 def test_local_service_answers_and_ctrl_c_leaves_no_ray_process(served_artifact):
     port = free_port()

@@ -12,7 +12,7 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="the serve extra is not installed: pip install 'elision[serve]'")
 
-pytestmark = [pytest.mark.xdist_group("ray"), pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
