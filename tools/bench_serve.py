@@ -236,6 +236,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results" / "serve.md")
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    load_at_start = os.getloadavg()[0]  # printed with the results: on a busy machine they are noise-heavy
 
     from elision.apps.serve.service import ServeOptions, Service
     from elision.models import code_lm
@@ -301,7 +302,8 @@ def main() -> None:
              f"Greedy, max_tokens={args.max_tokens}, {len(prompts)} held-out code prompts round-robin, "
              f"{args.seconds:g} s per run; replicas of 1 CPU (1 onnxruntime thread each), drafter recycling+lookup, "
              "dynamic tree. Every answer checked against the single-process greedy tokens and text. Clients share "
-             "the machine with the replicas. Command: `python tools/bench_serve.py`.", "", head]
+             f"the machine with the replicas (1-minute load average {load_at_start:.1f} at the start). Command: "
+             "`python tools/bench_serve.py`.", "", head]
     lines += [b.row() for b in baselines] + [r.row() for r in runs]
     if genai_note:
         lines += ["", genai_note]

@@ -73,6 +73,7 @@ def build_application(artifact_dir: str | Path, card: ModelCard, options: ServeO
         ray_actor_options={"num_cpus": options.replica_cpus},
         max_ongoing_requests=MAX_BATCH_SIZE,      # one batch per generator at a time
         max_queued_requests=options.max_queued,  # per caller: the front is the only one
+        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=RETRY_AFTER_S),
         health_check_period_s=2.0,
         graceful_shutdown_wait_loop_s=0.5,
         graceful_shutdown_timeout_s=5.0,
