@@ -40,7 +40,6 @@ class ServeOptions:
     max_queued: int = 32            # requests waiting for a replica before the service answers 503
     name: str | None = None         # model id in the API (default: the artifact directory's name)
     ray_cpus: int | None = None     # size of the embedded local Ray (default: this machine's cores)
-    ray_temp_dir: str | None = None  # the embedded Ray's session directory root (default: Ray's)
     proxy_location: str = "EveryNode"  # Ray Serve HTTP proxies: on EveryNode (of the cluster) or HeadOnly
 
     def check(self) -> None:
@@ -140,8 +139,9 @@ class Service:
         if self._owns_connection and self.options.address is not None:
             ray.init(address=self.options.address, **quiet)
         elif self._owns_connection:
-            ray.init(num_cpus=self.options.ray_cpus or os.cpu_count(), object_store_memory=EMBEDDED_OBJECT_STORE,
-                     _temp_dir=self.options.ray_temp_dir, **quiet)
+            # "local": a new Ray even where RAY_ADDRESS names a cluster (that is what --address is for)
+            ray.init(address="local", num_cpus=self.options.ray_cpus or os.cpu_count(),
+                     object_store_memory=EMBEDDED_OBJECT_STORE, **quiet)
         try:
             serve.start(http_options={"host": self.options.host, "port": self.options.port},
                         proxy_location=self.options.proxy_location,

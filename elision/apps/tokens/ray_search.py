@@ -49,7 +49,7 @@ class RayEvaluator:
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
             quiet = dict(log_to_driver=False, logging_level=logging.ERROR, include_dashboard=False)
             if address in (None, "local"):
-                ray.init(num_cpus=os.cpu_count(), **quiet)
+                ray.init(address="local", num_cpus=os.cpu_count(), **quiet)
             else:
                 ray.init(address=address, **quiet)
         self.threads = int(threads or torch.get_num_threads())

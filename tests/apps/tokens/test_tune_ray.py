@@ -19,7 +19,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def local_ray():
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=128 << 20)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 object_store_memory=128 << 20)
     yield
     if started:
         ray.shutdown()
