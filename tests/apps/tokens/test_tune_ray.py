@@ -1,8 +1,9 @@
 """`elision tune --ray`: candidate evaluations as Ray tasks on a small local Ray give the local run's choice.
 
-Fidelity is deterministic, so every candidate's report is compared exactly (same plans, same order, same numbers);
-timings come from one worker, so the choice between measured finalists is compared where it does not hinge on
-timing noise (one finalist, a large speed-up). One Ray start (2 CPUs) for the module.
+Fidelity is deterministic, so every candidate's report is compared exactly (same plans, same order, same numbers),
+and so are the finalists that get timed. The pick among finalists is a timing comparison (made by one worker, in
+interleaved rounds, with the local run's rule); tests never assert timings, so that last step is checked for its
+rule, not its outcome. One Ray start (2 CPUs) for the module.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def vit():
     from elision.frontend.model_spec import load_model
     from elision.models.datasets import fashion_sample
 
-    x, y = fashion_sample(64)  # enough work per call that the fastest finalist is measurably faster
+    x, y = fashion_sample(8)
     return adapter_for(load_model("builtin:fashion-vit").model), (x,), y
 
 
@@ -42,11 +43,11 @@ def _table(result):
 
 def test_ray_evaluations_equal_the_local_ones(local_ray, vit):
     from elision.apps.tokens.ray_search import RayEvaluator
-    from elision.apps.tokens.search import tune
+    from elision.apps.tokens.search import choose_best, tune
 
     adapter, calib, labels = vit
-    options = dict(passes=("prune-tokens", "merge-tokens", "skip-layers"), min_fidelity=0.9, labels=labels,
-                   repeats=2, keeps=(0.75, 0.5, 0.25), merge_rs=(4, 16), time_top=1)
+    options = {"passes": ("prune-tokens", "merge-tokens", "skip-layers"), "min_fidelity": 0.9, "labels": labels,
+               "repeats": 1, "keeps": (0.75, 0.5, 0.25), "merge_rs": (4, 16), "time_top": 3}
     local = tune(adapter, calib, "logits", **options)
     evaluator = RayEvaluator(adapter, calib, "logits", labels, threads=1)
     try:
@@ -59,12 +60,10 @@ def test_ray_evaluations_equal_the_local_ones(local_ray, vit):
     assert len(local.candidates) > 20
     assert _table(distributed) == _table(local)  # bit-identical fidelity of every candidate, in the same order
     assert steps == sorted(steps) and steps[-1] >= len(local.candidates)
-    timed = [c.plan for c in distributed.candidates if c.speedup is not None]
-    assert timed == [c.plan for c in local.candidates if c.speedup is not None] and len(timed) == 1
-    assert distributed.reference_latency_s > 0 and distributed.plain_latency_s > 0
-    # one finalist that does a fraction of the work: both runs measure it faster and choose it
-    assert local.best is not None and local.best.speedup > 1.3
-    assert distributed.best is not None and distributed.best.plan == local.best.plan
+    timed = [c for c in distributed.candidates if c.speedup is not None]
+    assert [c.plan for c in timed] == [c.plan for c in local.candidates if c.speedup is not None] and len(timed) == 3
+    assert distributed.reference_latency_s > 0 and distributed.plain_latency_s > 0 and distributed.executor_latency_s > 0
+    assert distributed.best is choose_best(timed)  # the local run's rule, on the worker's measurements
 
 
 def test_tune_cli_with_ray_lists_the_local_candidates(local_ray, tmp_path):
