@@ -63,7 +63,12 @@ class GeneratorReplica:
 
     @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_S, max_concurrent_batches=1)
     async def _submit(self, jobs: list[Job]) -> list[None]:
-        await asyncio.to_thread(self._run_batch, jobs)
+        try:
+            await asyncio.to_thread(self._run_batch, jobs)
+        except Exception as e:  # noqa: BLE001 - a waiting request must get an answer, never hang
+            log.exception("generation batch failed")
+            for job in jobs:  # a job that already ended ignores a further event
+                job.emit("error", {"status": 500, "message": f"generation failed: {type(e).__name__}: {e}".splitlines()[0]})
         return [None] * len(jobs)
 
     def _run_batch(self, jobs: list[Job]) -> None:

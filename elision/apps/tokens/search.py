@@ -251,9 +251,12 @@ def tune(adapter: EncoderAdapter, calib: tuple, kind: str, passes: tuple[str, ..
             if base is None:
                 break
             last = max(base.plan.prune_stages())
-            evaluate_all([("prune-tokens/progressive",
-                           base.plan.with_(extra_stages=tuple(sorted({**dict(base.plan.extra_stages), after: keep}.items()))))
-                          for after in range(last + 1, n - 1) for keep in (0.75, 0.5)])
+            extended = []
+            for after in range(last + 1, n - 1):
+                for keep in (0.75, 0.5):
+                    extra = tuple(sorted({**dict(base.plan.extra_stages), after: keep}.items()))
+                    extended.append(("prune-tokens/progressive", base.plan.with_(extra_stages=extra)))
+            evaluate_all(extended)
     if skip_stage:
         ranking = block_influence_ranking(adapter, calib)
         token_base = cheapest()
