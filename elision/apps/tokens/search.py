@@ -15,7 +15,7 @@ Search space (each stage is cheap and the next one builds on the best of the pre
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
@@ -108,18 +108,71 @@ def _skip_plan(base: ReductionPlan, branches: list[tuple[str, int]]) -> Reductio
                       skip_mlp=frozenset(i for kind, i in branches if kind == "mlp"))
 
 
+def plan_report(adapter: EncoderAdapter, calib: tuple, ref: torch.Tensor, kind: str, labels: torch.Tensor | None,
+                plan: ReductionPlan) -> FidelityReport | None:
+    """Fidelity of `plan` against the unchanged output `ref`, or None when the plan does not apply to this model."""
+    try:
+        out = run_encoder(adapter, calib, plan)
+    except alg.PruningError:
+        return None
+    return compare_outputs(ref, out, kind, labels)
+
+
+def plan_latencies(adapter: EncoderAdapter, calib: tuple, plans: list[ReductionPlan], repeats: int) -> list[float]:
+    """Median latencies, measured together in interleaved rounds: [plain model, executor unchanged, *plans]."""
+    fns = [lambda: reference_output(adapter.m, adapter, calib), lambda: run_encoder(adapter, calib, IDENTITY)]
+    fns += [(lambda plan=plan: run_encoder(adapter, calib, plan)) for plan in plans]
+    return interleaved_latencies(fns, repeats=repeats)
+
+
+class Evaluator(Protocol):
+    """Computes candidate fidelities and executor timings for `tune`."""
+
+    def reports(self, plans: list[ReductionPlan], done: Callable[[int], None] | None = None
+                ) -> list[FidelityReport | None]: ...
+
+    def latencies(self, plans: list[ReductionPlan], repeats: int) -> list[float]: ...
+
+
+class LocalEvaluator:
+    """Evaluates candidates in this process, one after another (`elision tune --ray` passes
+    `ray_search.RayEvaluator` instead: the same functions, run as Ray tasks)."""
+
+    def __init__(self, adapter: EncoderAdapter, calib: tuple, kind: str, labels: torch.Tensor | None):
+        self.adapter, self.calib, self.kind, self.labels = adapter, calib, kind, labels
+        self.ref = run_encoder(adapter, calib, IDENTITY)
+
+    def reports(self, plans: list[ReductionPlan], done: Callable[[int], None] | None = None
+                ) -> list[FidelityReport | None]:
+        """`plan_report` of each plan, in order; `done(i)` after plan i (progress)."""
+        out = []
+        for i, plan in enumerate(plans):
+            out.append(plan_report(self.adapter, self.calib, self.ref, self.kind, self.labels, plan))
+            if done:
+                done(i)
+        return out
+
+    def latencies(self, plans: list[ReductionPlan], repeats: int) -> list[float]:
+        return plan_latencies(self.adapter, self.calib, plans, repeats)
+
+
 def tune(adapter: EncoderAdapter, calib: tuple, kind: str, passes: tuple[str, ...] = ("prune-tokens", "skip-layers"),
          min_fidelity: float = 0.98, labels: torch.Tensor | None = None, repeats: int = 5,
          keeps: tuple[float, ...] = (0.75, 0.6, 0.5, 0.4, 0.3, 0.25, 0.15, 0.1),
          merge_rs: tuple[int, ...] = (1, 2, 4, 8, 16), score_methods: tuple[str, ...] | None = None,
          time_top: int = 6, progress: Callable[[str, int, int], None] | None = None,
          min_speedup: float = 1.0,
-         deployed: Callable[[ReductionPlan], Callable[[], object]] | None = None) -> TuneResult:
+         deployed: Callable[[ReductionPlan], Callable[[], object]] | None = None,
+         evaluator: Evaluator | None = None) -> TuneResult:
     """Search plans over `passes` on calibration inputs `calib`; fastest measured plan with fidelity >= floor.
 
     Every candidate's fidelity is measured on `calib`; candidates are ranked by their static FLOPs estimate
     and the `time_top` cheapest feasible ones (plus the unchanged model) are timed; the fastest wins if it beats
     the unchanged model by more than `min_speedup`, otherwise `best` is None (apply nothing).
+
+    `evaluator` computes fidelities and executor timings (default: `LocalEvaluator`, in this process). Candidates
+    of one stage go to it together, so an evaluator that runs them in parallel (`ray_search.RayEvaluator`) makes
+    the same choice: the reports are the same numbers in the same order.
     """
     unknown = [p for p in passes if p not in SEARCHABLE_PASSES]
     if unknown:
@@ -129,7 +182,7 @@ def tune(adapter: EncoderAdapter, calib: tuple, kind: str, passes: tuple[str, ..
     n = adapter.num_layers
     seq_len = calib[0].shape[1] if calib[0].dim() == 2 else 1 + adapter.grid[0] * adapter.grid[1]
     num_protected = int(adapter.embed(*[t[:1] for t in calib]).protected.sum())
-    ref = run_encoder(adapter, calib, IDENTITY)
+    evaluator = evaluator or LocalEvaluator(adapter, calib, kind, labels)
     result = TuneResult(0.0)
     if score_methods is None:
         score_methods = ("cls-attn", "key-norm")
@@ -153,22 +206,35 @@ def tune(adapter: EncoderAdapter, calib: tuple, kind: str, passes: tuple[str, ..
     total = len(plans) + (2 * (n - 2) + 2 * n * 2 if "prune-tokens" in passes else 0) + (4 * (n - 2) if skip_stage else 0)
     step = 0
 
-    def evaluate(method: str, plan: ReductionPlan) -> Candidate | None:
+    def evaluate_all(items: list[tuple[str, ReductionPlan]]) -> list[Candidate | None]:
+        """Candidates of (method, plan) items that do not depend on each other, in order (None: seen before or
+        not applicable)."""
         nonlocal step
-        step += 1
-        if progress:
-            progress(plan.describe(), step, max(total, step))
-        if plan in seen:
-            return None
-        seen.add(plan)
-        try:
-            out = run_encoder(adapter, calib, plan)
-        except alg.PruningError:
-            return None
-        cand = Candidate(plan, method, compare_outputs(ref, out, kind, labels))
-        cand.est_speedup = 1.0 / estimated_cost(adapter, plan, seq_len, num_protected)
-        result.candidates.append(cand)
-        return cand
+        fresh = []  # indices into items
+        for i, (_method, plan) in enumerate(items):
+            if plan not in seen:
+                seen.add(plan)
+                fresh.append(i)
+        step += len(items) - len(fresh)
+
+        def done(j: int) -> None:
+            nonlocal step
+            step += 1
+            if progress:
+                progress(items[fresh[j]][1].describe(), step, max(total, step))
+
+        reports = evaluator.reports([items[i][1] for i in fresh], done)
+        out: list[Candidate | None] = [None] * len(items)
+        for i, report in zip(fresh, reports):
+            if report is not None:
+                method, plan = items[i]
+                cand = out[i] = Candidate(plan, method, report)
+                cand.est_speedup = 1.0 / estimated_cost(adapter, plan, seq_len, num_protected)
+                result.candidates.append(cand)
+        return out
+
+    def evaluate(method: str, plan: ReductionPlan) -> Candidate | None:
+        return evaluate_all([(method, plan)])[0]
 
     def feasible() -> list[Candidate]:
         return [c for c in result.candidates if c.report.fidelity >= min_fidelity]
@@ -176,8 +242,7 @@ def tune(adapter: EncoderAdapter, calib: tuple, kind: str, passes: tuple[str, ..
     def cheapest() -> Candidate | None:
         return max(feasible(), key=lambda c: c.est_speedup, default=None)
 
-    for method, plan in plans:
-        evaluate(method, plan)
+    evaluate_all(plans)
     # Progressive pruning: extend the cheapest feasible single-stage plan with a later stage, twice.
     if "prune-tokens" in passes:
         for _round in range(2):
@@ -185,10 +250,12 @@ def tune(adapter: EncoderAdapter, calib: tuple, kind: str, passes: tuple[str, ..
             if base is None:
                 break
             last = max(base.plan.prune_stages())
+            extended = []
             for after in range(last + 1, n - 1):
                 for keep in (0.75, 0.5):
                     extra = tuple(sorted({**dict(base.plan.extra_stages), after: keep}.items()))
-                    evaluate("prune-tokens/progressive", base.plan.with_(extra_stages=extra))
+                    extended.append(("prune-tokens/progressive", base.plan.with_(extra_stages=extra)))
+            evaluate_all(extended)
     if skip_stage:
         ranking = block_influence_ranking(adapter, calib)
         token_base = cheapest()
@@ -214,9 +281,7 @@ def tune(adapter: EncoderAdapter, calib: tuple, kind: str, passes: tuple[str, ..
     if progress:
         progress(f"timing {len(finalists)} finalists against the unchanged model", step, max(total, step))
     if deployed is None:
-        fns = [lambda: reference_output(adapter.m, adapter, calib), lambda: run_encoder(adapter, calib, IDENTITY)]
-        fns += [(lambda plan=c.plan: run_encoder(adapter, calib, plan)) for c in finalists]
-        lat = interleaved_latencies(fns, repeats=repeats)
+        lat = evaluator.latencies([c.plan for c in finalists], repeats)  # all in one process: comparable
         result.plain_latency_s, result.executor_latency_s = lat[0], lat[1]
         result.reference_latency_s, cand_lat = min(lat[0], lat[1]), lat[2:]
     else:
