@@ -27,21 +27,31 @@ def _primes():
 
 
 class SymbolicContext:
-    """A fake-tensor world in which the IR's named dims are real sympy symbols."""
+    """A fake-tensor world in which the IR's named dims are real sympy symbols.
 
-    def __init__(self) -> None:
+    ``ranges`` ({dim name: [low, high]}, None for unbounded; a module's ``dim_ranges`` attribute) bounds the dims
+    as torch.export found them, e.g. ``seq <= max_position_embeddings``: an op that slices a fixed-size table by a
+    dim then types as export did."""
+
+    def __init__(self, ranges: dict | None = None) -> None:
         self.shape_env = ShapeEnv()
         self.mode = FakeTensorMode(shape_env=self.shape_env, allow_non_fake_inputs=True)
         self._hints = _primes()
         self._syms: dict[str, sympy.Symbol] = {}
+        self._ranges = dict(ranges or {})
 
     def _sym(self, name: str) -> sympy.Symbol:
         if name not in self._syms:
             s = symbol(name)
-            hint = next(self._hints)
-            self.shape_env.backed_var_to_val[s] = sympy.Integer(hint)
             # like torch.export's dims: >= 2 so 0/1 broadcasting questions have an answer
-            self.shape_env.var_to_range[s] = ValueRanges(2, int_oo)
+            low, high = (list(self._ranges.get(name) or ()) + [None, None])[:2]
+            low = max(2, int(low)) if low is not None else 2
+            hint = next(self._hints)
+            if high is not None and hint > int(high):  # a distinct prime hint does not fit: the largest size does
+                hint = int(high)
+            self.shape_env.backed_var_to_val[s] = sympy.Integer(max(hint, low))
+            # through ShapeEnv's own bookkeeping, which a guard refining this range later (seq <= 128) updates
+            self.shape_env._update_var_to_range(s, ValueRanges(low, int(high) if high is not None else int_oo))
             self._syms[name] = s
         return self._syms[name]
 
@@ -107,7 +117,7 @@ def propagate(fn, module=None, upto=None) -> tuple[SymbolicContext, dict]:
     """Run function ``fn`` on fake inputs; returns the context and the fake value of every Value (up to node
     ``upto``). ``module`` holds the parameters (default: ``fn.module``)."""
     module = module or fn.module
-    ctx = SymbolicContext()
+    ctx = SymbolicContext(_dim_ranges(module))
     env: dict[Value, object] = {v: ctx.fake(v.type) for v in fn.inputs}
     for n in fn.nodes:
         if n is upto:
@@ -124,9 +134,14 @@ def propagate(fn, module=None, upto=None) -> tuple[SymbolicContext, dict]:
     return ctx, env
 
 
+def _dim_ranges(module) -> dict:
+    attrs = getattr(module, "attrs", None) or {}
+    return attrs.get("dim_ranges") or {}
+
+
 def infer_node_type(fn, op: str, args: tuple, kwargs: dict) -> Type:
     """Type of a new node ``op(*args, **kwargs)`` whose Value arguments come from function ``fn``."""
-    ctx = SymbolicContext()
+    ctx = SymbolicContext(_dim_ranges(fn.module))
     cache: dict[Value, object] = {}
 
     def fake_of(v: Value):

@@ -117,3 +117,14 @@ def test_type_check_llama_symbolic_shapes():
     verify(mod, check_types=True)
     f = mod.functions["forward"]
     assert str(f.outputs[0].type) == "f32[batch, seq, 97]"
+
+
+def test_type_check_bounded_dim_slices_a_table():
+    """BERT slices its position table [1, 512] by `seq`: type inference must know export's bound seq <= 512 (the
+    module's dim_ranges), as the type check after every pass (`--verify-ir`) re-infers that slice."""
+    torch.manual_seed(0)
+    mod = export_to_ir(_bert().eval(), (torch.randint(0, 97, (2, 7)),), TEXT)
+    assert mod.attrs["dim_ranges"]["seq"] == [2, 512]
+    verify(mod, check_types=True)
+    run_pipeline(mod, "canonicalize,cse,constant-fold,dce", verify_each=True, check_types=True)
+    assert str(mod.functions["forward"].outputs[0].type) == "f32[batch, seq, 32]"
