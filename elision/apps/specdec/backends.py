@@ -23,6 +23,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from elision.apps.specdec.attention_window import attention_window
 from elision.apps.specdec.cache import SlotBufferCache
 
 
@@ -78,9 +79,7 @@ class HFCausalLMBackend:
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.num_layers = int(cfg.num_hidden_layers)
         self.max_positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-        window = getattr(cfg, "sliding_window", None)
-        use_window = getattr(cfg, "use_sliding_window", True)
-        self.sliding_window = int(window) if (window and use_window) else None
+        self.sliding_window = attention_window(cfg)
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
         self.skip_layers = frozenset(int(i) for i in skip_layers)

@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from elision.apps.specdec.attention_window import attention_window
 from elision.apps.specdec.cache import CacheOverflowError
 
 DEFAULT_PIPELINE = "canonicalize,cse,kv-cache,tree-verify,dce"
@@ -166,12 +167,10 @@ class CompiledSpecDec:
 def model_config(model: torch.nn.Module) -> dict:
     """What the backend needs from a Hugging Face config (vocab, positions limit, sliding window)."""
     cfg = model.config
-    window = getattr(cfg, "sliding_window", None)
-    use_window = getattr(cfg, "use_sliding_window", True)
     return {
         "vocab_size": int(model.get_output_embeddings().weight.shape[0]),
         "max_positions": getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None),
-        "sliding_window": int(window) if (window and use_window) else None,
+        "sliding_window": attention_window(cfg),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
     }
 
