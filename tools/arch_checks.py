@@ -9,7 +9,8 @@ For one saved model directory (`tools/arch_zoo.py`), `check_model` runs
   specdec_torch  `elision generate DIR --prompt P --json`                (token-identical)
   specdec_ort    `elision compile DIR --emit onnx --for generate` + `elision run ART --prompt P --json`
 
-Each check ends in one status: ok, refused (exit 2: elision's one-line error says what it does not support),
+Each check ends in one status: ok, unmapped (inspect only: the model map did not recognize
+the layers), refused (exit 2: elision's one-line error says what it does not support),
 mismatch (exit 3, or tokens that differ from HF greedy), bug (exit 1 / a traceback: an elision bug) or skipped
 (an earlier stage failed). The detail is the CLI's own one-line error, or where a bug was raised.
 """
@@ -25,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 OK, REFUSED, MISMATCH, BUG, SKIPPED = "ok", "refused", "mismatch", "bug", "skipped"
+UNMAPPED = "unmapped"  # inspect ran, but the model map did not recognize the layers (kind unknown)
 PROMPT = "def parse(line):\n    return line.split(',')"
 NEW_TOKENS = 24
 COMPILE_CHECKS = ("inspect", "verify_fx", "verify_onnx")
@@ -114,7 +116,11 @@ def check_inspect(model_dir: Path) -> CheckResult:
     run = run_cli(["inspect", str(model_dir), "--json"])
     if run.code != 0 or run.out is None:
         return CheckResult(_status(run) if run.code else BUG, run.error or "no JSON report")
-    return CheckResult(OK, f"{run.out.get('kind')}, {run.out.get('num_layers')} layers")
+    kind, layers = run.out.get("kind"), run.out.get("num_layers")
+    if kind == "unknown" or not layers:
+        notes = run.out.get("unrecognized") or ["no layers found"]
+        return CheckResult(UNMAPPED, f"kind {kind}, {layers} layers: {notes[0]}")
+    return CheckResult(OK, f"{kind}, {layers} layers")
 
 
 def check_verify(model_dir: Path, emit: str, work: Path) -> CheckResult:

@@ -1,7 +1,7 @@
 """Architecture coverage matrix: every model type of `tools/arch_zoo.py` through the checks of `tools/arch_checks.py`.
 
     python tools/arch_matrix.py                 # all types, 2 worker processes -> bench_results/arch_matrix.{md,json}
-    python tools/arch_matrix.py --only llama,bert --jobs 1
+    python tools/arch_matrix.py --only llama,bert --jobs 1   # re-checks these rows, keeps the others
 
 Each model type is built tiny with random weights (no download), saved with `save_pretrained` and run through
 `elision inspect`, `elision compile --verify` (fx and onnx, IR verified after every pass) and, for causal LMs,
@@ -32,7 +32,7 @@ from tools.arch_checks import COMPILE_CHECKS, OK, SPECDEC_CHECKS, check_model  #
 from tools.arch_zoo import ARCHS, BY_TYPE  # noqa: E402
 
 COLUMNS = COMPILE_CHECKS + SPECDEC_CHECKS
-MARK = {"ok": "✅", "refused": "⛔ refused", "mismatch": "❌ mismatch", "bug": "🐞 bug", "skipped": "—"}
+MARK = {"ok": "✅", "unmapped": "⚠️ unmapped", "refused": "⛔ refused", "mismatch": "❌ mismatch", "bug": "🐞 bug", "skipped": "—"}
 
 
 def _quiet() -> None:
@@ -69,6 +69,13 @@ def _cell(check: dict | None) -> str:
     return mark if check["status"] == OK else f"{mark}: {check['detail']}".replace("|", "\\|")
 
 
+def _tally(reports: list[dict]) -> str:
+    """How many model types have at least one check of each failing status."""
+    counts = {status: sum(any(c["status"] == status for c in r["checks"].values()) for r in reports)
+              for status in ("unmapped", "refused", "mismatch", "bug")}
+    return ", ".join(f"{n} with a {status} check" for status, n in counts.items())
+
+
 def write_markdown(reports: list[dict], path: Path) -> None:
     works = [r for r in reports if r["works"]]
     lines = [
@@ -80,7 +87,7 @@ def write_markdown(reports: list[dict], path: Path) -> None:
         "on fresh inputs); for causal LMs `elision generate` (torch) and `elision compile --for generate` + "
         "`elision run` (ONNX Runtime), token-identical to Hugging Face greedy `generate`.",
         "",
-        f"**{len(works)} of {len(reports)} model types pass every check.**",
+        f"**{len(works)} of {len(reports)} model types pass every check**; " + _tally(reports) + ".",
         "",
         "| model type | kind | " + " | ".join(COLUMNS) + " | seconds |",
         "|---|---|" + "---|" * len(COLUMNS) + "---|",
@@ -118,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         types = wanted
     console = Console(stderr=True)
     reports: dict[str, dict] = {}
+    previous = args.out.with_suffix(".json")
+    if args.only and previous.exists():  # re-check some types: the other rows of the last full run stay
+        reports = {r["model_type"]: r for r in json.loads(previous.read_text()) if r["model_type"] not in types}
+    order = [a.model_type for a in ARCHS if a.model_type in set(types) | set(reports)]
     ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console) as progress, \
@@ -133,11 +144,11 @@ def main(argv: list[str] | None = None) -> int:
                 reports[t] = {"model_type": t, "kind": BY_TYPE[t].kind, "works": False, "seconds": 0,
                               "checks": {"inspect": {"status": "bug", "detail": f"worker crashed: {e}", "seconds": 0}}}
             r = reports[t]
-            _write(reports, types, args.out)  # after every model: an interrupted run keeps what it found
+            _write(reports, order, args.out)  # after every model: an interrupted run keeps what it found
             failed = [f"{c}={v['status']}" for c, v in r["checks"].items() if v["status"] != OK]
             progress.console.print(f"{t}: {'all ok' if not failed else ', '.join(failed)} ({r['seconds']} s)")
             progress.advance(task)
-    ordered = _write(reports, types, args.out)
+    ordered = _write(reports, order, args.out)
     works = sum(r["works"] for r in ordered)
     console.print(f"{works}/{len(ordered)} model types pass every check; wrote {args.out} and "
                   f"{args.out.with_suffix('.json')}")
