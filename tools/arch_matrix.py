@@ -97,6 +97,10 @@ def write_markdown(reports: list[dict], path: Path) -> None:
         first = (f"✅ {inspect['detail']}" if inspect and inspect["status"] == OK else _cell(inspect))
         cells = [first] + [_cell(r["checks"].get(c)) for c in COLUMNS[1:]]
         lines.append(f"| {r['model_type']} | {r['kind']} | " + " | ".join(cells) + f" | {r['seconds']} |")
+    missing = [a.model_type for a in ARCHS if a.model_type not in {r["model_type"] for r in reports}]
+    if missing:
+        lines += ["", f"Not run in this file's run ({len(missing)}): {', '.join(missing)} "
+                  f"(`python tools/arch_matrix.py --only {','.join(missing)}` adds them)."]
     lines += ["", "Details of the passing checks (nodes before -> after the default pipeline, errors, accepted "
               "lengths) are in `arch_matrix.json`.", ""]
     path.write_text("\n".join(lines))
