@@ -119,14 +119,16 @@ def http_run(name: str, url: str, replicas: int, clients: int, prompts: list[str
             try:
                 r = session.post(f"{url}/v1/completions", timeout=300,
                                  json={"prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
-                body = r.json()
+                # a 503 + Retry-After is an answer (backpressure) whatever its body: Ray Serve's own front
+                # queue answers in plain text
+                body = None if r.status_code == 503 and "Retry-After" in r.headers else r.json()
             except (requests.RequestException, ValueError):
                 with lock:
                     run.lost += 1
                 continue
             t1 = time.perf_counter()
             with lock:
-                if r.status_code == 503 and "Retry-After" in r.headers:
+                if body is None:
                     run.rejected += 1
                 elif r.status_code != 200:
                     run.errored += 1
