@@ -3,7 +3,7 @@
 Torch-free like `elision.runtime.artifact`: this command works where only numpy and onnxruntime are installed.
 
 Generation artifacts (`elision compile MODEL --emit onnx --for generate`) take `--prompt TEXT` instead: this command
-dispatches on the manifest's `runtime_settings["kind"]` to the runner of that kind (`PROMPT_RUNNERS`).
+dispatches on the manifest's `runtime_settings["kind"]` to the runner of that kind (`prompt_runners()`).
 """
 from __future__ import annotations
 
@@ -20,14 +20,21 @@ from rich.table import Table
 
 from elision.cli import failures
 from elision.runtime.artifact import Artifact, ArtifactError, load_artifact, read_manifest
-from elision.runtime.generation.ort_generator import GENERATION_KIND, default_threads, run_prompt
 from elision.runtime.outputs import atomic_directory, check_output_dir
 
-__all__ = ["PROMPT_RUNNERS", "register", "run_artifact_command"]
+__all__ = ["prompt_runners", "register", "run_artifact_command"]
 
 # kind -> runner(artifact, prompt, options) -> dict printed as the result (JSON-serializable)
 PromptRunner = Callable[[Artifact, str, dict], dict]
-PROMPT_RUNNERS: dict[str, PromptRunner] = {GENERATION_KIND: run_prompt}
+
+
+def prompt_runners() -> dict[str, PromptRunner]:
+    """The generation loops `--prompt` can drive, by artifact kind."""
+    # imported when a prompt runs, not at module top: the loop's sessions load onnxruntime (~0.3-0.7 s), which
+    # `elision --help` must not pay
+    from elision.runtime.generation.ort_generator import GENERATION_KIND, run_prompt
+
+    return {GENERATION_KIND: run_prompt}
 
 _JSON_VALUE_LIMIT = 4096  # outputs with more elements are summarized in --json (use --save for the data)
 
@@ -100,8 +107,11 @@ def run_artifact_command(
     try:
         if threads is None and prompt is not None:
             manifest = read_manifest(artifact_dir)
-            if manifest.get("runtime_settings", {}).get("kind") == GENERATION_KIND:
-                threads = default_threads(manifest)  # the count calibrated as fastest on this machine
+            if manifest.get("runtime_settings", {}).get("kind") in prompt_runners():
+                # the count calibrated as fastest on this machine (imported here: see prompt_runners)
+                from elision.runtime.generation.ort_generator import default_threads
+
+                threads = default_threads(manifest)
         artifact = load_artifact(
             artifact_dir,
             providers=[p.strip() for p in providers.split(",")] if providers else None,
@@ -112,14 +122,15 @@ def run_artifact_command(
         raise _fail(str(e)) from None
     if prompt is not None:
         kind = str(artifact.runtime_settings.get("kind", "generic"))
-        if kind not in PROMPT_RUNNERS:
+        runners = prompt_runners()
+        if kind not in runners:
             raise _fail(f"--prompt needs a generation loop for artifacts of kind {kind!r}, and none is installed; "
                         f"run a single function with --input NAME=FILE.npy instead, or compile a generation artifact "
                         f"with `elision compile MODEL --emit onnx --for generate -o DIR`")
         if inputs:
             raise _fail("pass either --prompt or --input, not both")
         try:
-            return PROMPT_RUNNERS[kind](artifact, prompt, {"threads": threads, **(generation or {})})
+            return runners[kind](artifact, prompt, {"threads": threads, **(generation or {})})
         except ArtifactError as e:
             raise _fail(str(e)) from None
     if generation and any(v is not None for k, v in generation.items() if k != "stream"):
