@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from elision.cli import failures
+from elision.cli import failures, options
 from elision.runtime.artifact import Artifact, ArtifactError, load_artifact, read_manifest
 from elision.runtime.outputs import atomic_directory, check_output_dir
 
@@ -189,8 +189,8 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="print one JSON object (values included for small outputs)"),
         save: Optional[Path] = typer.Option(None, "--save", help="directory to write each output as NAME.npy"),
         providers: Optional[str] = typer.Option(None, "--providers", help="comma-separated ORT providers (default: CUDA if available, else CPU)"),
-        threads: Optional[int] = typer.Option(None, "--threads", help="ORT intra-op threads (default for --prompt: the "
-                                              "count calibrated as fastest on this machine)"),
+        threads: Optional[int] = options.THREADS,
+        device: Optional[str] = options.DEVICE,
         no_verify: bool = typer.Option(False, "--no-verify", help="skip the sha256 check of the artifact files"),
         max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n", help="with --prompt: tokens to generate (default 64)"),
         drafter: Optional[str] = typer.Option(None, "--drafter", "-d", help="with --prompt: lookup, recycling, copy, none, or a '+' combination (default recycling+lookup)"),
@@ -211,6 +211,10 @@ def register(app: typer.Typer) -> None:
             failures.check_prompt(prompt)
         if max_new_tokens is not None and max_new_tokens < 1:
             raise _fail(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+        if device is not None:
+            if providers:
+                raise _fail("pass either --device or --providers, not both")
+            providers = ",".join(options.ort_providers(device))
         streaming = prompt is not None and not as_json
         generation = {"max_new_tokens": max_new_tokens, "drafter": drafter, "tree": tree, "stop": stop or None,
                       # None, not False, when greedy: a set option without --prompt is an error below
