@@ -10,24 +10,36 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
-import numpy as np
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from elision.cli import failures
-from elision.runtime.artifact import Artifact, ArtifactError, load_artifact, read_manifest
-from elision.runtime.generation.ort_generator import GENERATION_KIND, default_threads, run_prompt
+from elision.runtime.generation.step_signature import GENERATION_KIND
 from elision.runtime.outputs import atomic_directory, check_output_dir
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from elision.runtime.artifact import Artifact
 
 __all__ = ["PROMPT_RUNNERS", "register", "run_artifact_command"]
 
 # kind -> runner(artifact, prompt, options) -> dict printed as the result (JSON-serializable)
-PromptRunner = Callable[[Artifact, str, dict], dict]
-PROMPT_RUNNERS: dict[str, PromptRunner] = {GENERATION_KIND: run_prompt}
+PromptRunner = Callable[["Artifact", str, dict], dict]
+
+
+def _generation_prompt(artifact: "Artifact", prompt: str, options: dict) -> dict:
+    # imported on use: numpy, onnxruntime and the generation loop would add ~0.3 s to every `elision --help`
+    from elision.runtime.generation.ort_generator import run_prompt
+
+    return run_prompt(artifact, prompt, options)
+
+
+PROMPT_RUNNERS: dict[str, PromptRunner] = {GENERATION_KIND: _generation_prompt}
 
 _JSON_VALUE_LIMIT = 4096  # outputs with more elements are summarized in --json (use --save for the data)
 
@@ -37,6 +49,8 @@ _fail = failures.fail
 
 
 def _parse_inputs(pairs: list[str]) -> dict[str, np.ndarray]:
+    import numpy as np  # imported on use, like the artifact runtime below: `elision --help` stays fast
+
     inputs: dict[str, np.ndarray] = {}
     for pair in pairs:
         name, sep, file = pair.partition("=")
@@ -67,6 +81,8 @@ def _choose_function(artifact: Artifact, function: Optional[str]) -> str:
 
 
 def _summary(value: np.ndarray, with_values: bool) -> dict[str, Any]:
+    import numpy as np  # imported on use: `elision --help` stays fast
+
     info: dict[str, Any] = {"dtype": str(value.dtype), "shape": list(value.shape)}
     if value.size and value.dtype.kind in "fiub":
         as_float = value.astype(np.float64)
@@ -93,6 +109,12 @@ def run_artifact_command(
     generation: options of the prompt runner (max_new_tokens, drafter, tree, stop, stream, and the sampling
     options do_sample, temperature, top_k, top_p, seed).
     """
+    # imported on use: numpy and onnxruntime would add ~0.3 s to every `elision --help`
+    import numpy as np
+
+    from elision.runtime.artifact import ArtifactError, load_artifact, read_manifest
+    from elision.runtime.generation.ort_generator import default_threads
+
     if prompt is not None:
         failures.check_prompt(prompt)
     if save is not None:
@@ -177,8 +199,8 @@ def register(app: typer.Typer) -> None:
         prompt: Optional[str] = typer.Option(None, "--prompt", help="text prompt (causal-LM artifacts with a generation loop)"),
         as_json: bool = typer.Option(False, "--json", help="print one JSON object (values included for small outputs)"),
         save: Optional[Path] = typer.Option(None, "--save", help="directory to write each output as NAME.npy"),
-        providers: Optional[str] = typer.Option(None, "--providers", help="comma-separated ORT providers (default: CUDA if available, else CPU)"),
-        threads: Optional[int] = typer.Option(None, "--threads", help="ORT intra-op threads (default for --prompt: the "
+        providers: Optional[str] = typer.Option(None, "--providers", help="comma-separated onnxruntime execution providers (default: CUDA if available, else CPU)"),
+        threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads (default for --prompt: the "
                                               "count calibrated as fastest on this machine)"),
         no_verify: bool = typer.Option(False, "--no-verify", help="skip the sha256 check of the artifact files"),
         max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n", help="with --prompt: tokens to generate (default 64)"),

@@ -32,7 +32,7 @@ from elision.models.vecset import FIXTURE_DIR
 
 REPO = Path(__file__).resolve().parents[2]
 LATENTS = str(FIXTURE_DIR / "thin_rods.latents.safetensors")
-JSON_FLAG_COMMANDS = {"compile", "inspect", "run", "generate", "decode-shape", "encode-shape"}
+JSON_FLAG_COMMANDS = {"compile", "inspect", "run", "generate", "tune", "decode-shape", "encode-shape", "passes"}
 OUTSIDE = "lies outside the artifact directory"
 
 
@@ -90,6 +90,11 @@ CASES = [
          "the latents in {nan_latents} hold NaN or infinite values"),
     Case(("decode-shape", "builtin:vecset-tiny", "--latents", "{huge_latents}", "-r", "16", "-o", "{tmp}/m.glb"),
          "cannot extract a surface: volume grid contains NaN/inf"),
+    # one spelling for ONNX Runtime (onnxruntime), tune's held-out rows
+    Case(("decode-shape", "builtin:vecset-tiny", "--latents", LATENTS, "--backend", "tensorrt", "-o", "{tmp}/m.glb"),
+         "--backend must be 'torch' or 'onnxruntime', got 'tensorrt'"),
+    Case(("tune", "builtin:minilm", "--measure", "tensorrt"), "--measure must be executor or onnxruntime, got 'tensorrt'"),
+    Case(("tune", "builtin:minilm", "--held-out", "-1"), "--held-out must be >= 0, got -1"),
     # an export failure: one line, not four chained tracebacks
     Case(("compile", "bad_input_models:eigh_model", "--trust-code", "--emit", "onnx", "-o", "{tmp}/eigh"),
          "function 'forward': torch.onnx export failed: "),

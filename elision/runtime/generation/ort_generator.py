@@ -43,7 +43,7 @@ from elision.runtime.generation.ort_verify_session import OrtVerifySession
 from elision.runtime.generation.sampling import SamplingConfig, numpy_uniform
 from elision.runtime.generation.tree_builders import StaticTemplate, VerifyCostCurve, parse_tree_spec
 
-GENERATION_KIND = "specdec-generate"
+GENERATION_KIND = sig.GENERATION_KIND
 _GENERATE_HINT = "compile one with `elision compile MODEL --emit onnx --for generate -o DIR`"
 _FORMS = (sig.STEP_FORM, sig.VERIFY_FORM)
 
