@@ -127,7 +127,9 @@ def register(app: typer.Typer) -> None:
                                     help="time finalists in the eager executor (fast) or as deployed ONNX artifacts "
                                          "in onnxruntime (`onnxruntime`, alias `onnx`: slower to tune, only plans "
                                          "`elision compile` can apply)"),
-        threads: int = typer.Option(2, "--threads", help="torch CPU threads (per Ray worker with --ray)"),
+        threads: Optional[int] = options.THREADS,
+        dtype: str = options.DTYPE,
+        device: Optional[str] = options.DEVICE,
         ray_address: Optional[str] = typer.Option(
             None, "--ray", help="evaluate candidates as Ray tasks in parallel: 'local' starts a Ray on this machine, "
                                 "or a cluster address (host:port, ray://..., auto); needs the serve extra"),
@@ -158,15 +160,17 @@ def register(app: typer.Typer) -> None:
         if held_out < 0:
             raise _fail(f"--held-out must be >= 0, got {held_out}")
         check_output_file(plot, "--plot file")
-        torch.set_num_threads(max(1, min(threads, 2)))
+        placement = options.placement(dtype, device, threads)  # sets torch's threads (per Ray worker with --ray)
         from elision.frontend.model_spec import load_model
         try:
-            loaded = load_model(model, trust_code=trust_code)
+            loaded = load_model(model, trust_code=trust_code, placement=placement)
             adapter = adapter_for(loaded.model)
             if getattr(loaded.model, "tokenizer", None) is None and loaded.tokenizer is not None:
                 loaded.model.tokenizer = loaded.tokenizer
             calib, labels, held, held_labels = load_calibration(calib_spec, loaded.model, adapter, samples, seq_len,
                                                                 held_out)
+            calib = placement.place_inputs(calib)
+            held = placement.place_inputs(held) if held is not None else None
         except (ElisionError, PruningError, ValueError, FileNotFoundError, ModuleNotFoundError) as e:
             raise _fail(str(e)) from None
         timer = None
@@ -176,7 +180,7 @@ def register(app: typer.Typer) -> None:
             names = ["input_ids", "attention_mask"] if len(calib) == 2 else ["pixel_values"]
             if not as_json:
                 console.print("tracing the model at the calibration shape for ONNX timing")
-            timer = OnnxTimer(loaded.model, calib, names, threads=max(1, min(threads, 2)))
+            timer = OnnxTimer(loaded.model, calib, names, threads=threads)
         evaluator = None
         if ray_address is not None:
             try:

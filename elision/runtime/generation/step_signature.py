@@ -19,9 +19,6 @@ The lowering (`elision.lowering.ort_rules`) imports these names; the runtime nev
 """
 from __future__ import annotations
 
-# `runtime_settings["kind"]` of a generation artifact: how `elision run --prompt` finds its loop
-GENERATION_KIND = "specdec-generate"
-
 STEP_FUNCTION = "step"
 STEP_FORM = "gqa-shared-kv"  # runtime_settings["generation"]["form"] of artifacts whose function is `step`
 VERIFY_FORM = "concat-kv"  # the older form: `verify` returns new K/V slices that the host copies into its cache
