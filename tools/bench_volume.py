@@ -36,7 +36,7 @@ Adaptive KV with fidelity, on the decoder whose attention is local (1024 latents
   .venv/bin/python tools/bench_volume.py --model builtin:vecset-local --resolutions 128 256 --repeats 5 --threads 2 \
       --no-fixtures --no-kv-speed --stem volume_local
 Options: [--model builtin:vecset-tiny] [--shape elephant] [--repeats 3] [--dense-repeats 1] [--topk 32] [--kv-block 16]
-         [--backends torch ort] [--ort-resolutions 128 256] [--dense-fraction 1.0] [--no-fixtures]
+         [--backends torch onnxruntime] [--ort-resolutions 128 256] [--dense-fraction 1.0] [--no-fixtures]
          [--fixtures-resolution 256] [--no-kv-speed] [--kv-queries 4096] [--kv-topk 128 256 1024]
          [--device cpu|cuda] [--dtype float32|float16|bfloat16]
 """
@@ -138,7 +138,7 @@ def run_methods(args, model, lat) -> list[dict]:
             print(f"compiled {backend:5s} {label:28s} {fields[backend, label][2]:6.1f}s {field.seconds}", flush=True)
     for res in args.resolutions:
         for backend in args.backends:
-            if backend == "ort" and args.ort_resolutions is not None and res not in args.ort_resolutions:
+            if backend == "onnxruntime" and args.ort_resolutions is not None and res not in args.ort_resolutions:
                 continue
             dense_result = dense_mesh = dense_time = sampled = None
             plans = {label: fields[backend, label] for label in METHODS}
@@ -288,7 +288,7 @@ def main() -> None:
     ap.add_argument("--topk", type=int, default=32)
     ap.add_argument("--kv-block", type=int, default=16, help="adaptive-KV block edge in grid points")
     ap.add_argument("--chunk", type=int, default=8000, help="queries per call (Hunyuan default num_chunks=8000)")
-    ap.add_argument("--backends", nargs="+", default=["torch", "ort"])
+    ap.add_argument("--backends", nargs="+", default=["torch", "onnxruntime"])
     ap.add_argument("--ort-resolutions", type=int, nargs="*", default=None,
                     help="resolutions to run on ORT (default: all); dense ORT at 384 takes long on 2 cores")
     ap.add_argument("--dense-fraction", type=float, default=1.0,
@@ -350,7 +350,7 @@ def _device_name(device: str) -> str:
 def goal_check(rows: list[dict], res: int = 256) -> list[str]:
     """The issue's goals at 256^3, computed from the rows (no hand-written verdicts)."""
     out = []
-    for backend in ("torch", "ort"):
+    for backend in ("torch", "onnxruntime"):
         by = {r["method"].split(" [")[0]: r for r in rows if r["resolution"] == res and r["backend"] == backend}
         dense, hier, kv = (by.get(m) for m in METHODS)
         if not (dense and hier):
@@ -443,7 +443,7 @@ def write_report(rows: list[dict], fixtures: list[dict], kv_rows: list[dict], ar
     (args.out / f"{args.stem}.md").write_text("\n".join(lines) + "\n")
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for backend, marker in (("torch", "o"), ("ort", "s")):
+    for backend, marker in (("torch", "o"), ("onnxruntime", "s")):
         for method in METHODS:
             sel = [r for r in rows if r["backend"] == backend and r["method"].split(" [")[0] == method]
             if not sel:

@@ -49,7 +49,7 @@ def register(app: typer.Typer) -> None:
     def generate_cmd(
         model: str = typer.Argument(..., help="Hugging Face causal LM directory (with tokenizer), Hub id (org/name) "
                                               "or builtin:tiny-code-lm"),
-        prompt: str = typer.Option(..., "--prompt", "-p", help="prompt text"),
+        prompt: str = typer.Option(..., "--prompt", help="prompt text"),
         max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="tokens to generate"),
         drafter: str = typer.Option("recycling+lookup", "--drafter", "-d", help=f"drafter: {KNOWN}"),
         tree: str = typer.Option("dynamic", "--tree", help="'dynamic' or 'static:<template>' (chain-4, 4x2x1, ...)"),

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from elision.cli import failures, generate, missing_torch, options, quiet, run, serve, shape, tune
+from elision.cli import failures, generate, missing_torch, options, passes, quiet, run, serve, shape, tune
 from elision.cli import inspect as inspect_command  # not the standard library's inspect
 from elision.errors import ElisionError
 
@@ -236,7 +236,7 @@ def _print_compile_report(result: dict) -> None:
 
 
 # The other commands, one module each, in the order --help lists them (compile, above, comes first).
-for _command in (inspect_command, run, generate, tune, shape, serve):
+for _command in (inspect_command, run, generate, tune, shape, serve, passes):
     _command.register(app)
 
 

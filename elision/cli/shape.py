@@ -1,12 +1,12 @@
 """`elision decode-shape` and `elision encode-shape`.
 
-decode-shape MODEL --latents FILE --resolution 256 [--passes PIPELINE] [--backend torch|ort] [--dump-ir DIR]
+decode-shape MODEL --latents FILE --resolution 256 [--passes PIPELINE] [--backend torch|onnxruntime] [--dump-ir DIR]
              -o mesh.glb [--preview mesh.png] [--json]
 encode-shape MODEL MESH -o latents.safetensors [--steps N] [--minutes M]
 
 MODEL is `builtin:NAME` or a VecSet checkpoint (.safetensors written by elision.models.vecset): decode-shape
 traces it to elision's IR, runs the volume passes (`elision.passes.volume`) and lowers the result to torch or ONNX
-Runtime. With --backend ort MODEL may also be an ONNX artifact directory of a compiled field decoder
+Runtime. With --backend onnxruntime MODEL may also be an ONNX artifact directory of a compiled field decoder
 (`elision compile MODEL --passes 'hoist-invariants,sparse-volume' --emit onnx -o DIR`), which carries its plan.
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ from elision.runtime.outputs import atomic_file, check_output_file
 console = Console(stderr=True, emoji=False)  # paths and specs are user text, never :emoji: codes
 out = Console(emoji=False)
 _fail = failures.fail
+BACKEND_ALIASES = {"ort": "onnxruntime"}  # the short spelling earlier releases took; --help names it
 
 
 def load_vecset(spec: str):
@@ -48,7 +49,7 @@ def register(app: typer.Typer) -> None:
     @app.command("decode-shape")
     @failures.command
     def decode_shape(
-        model: str = typer.Argument(..., help="builtin:NAME, a VecSet .safetensors checkpoint, or (--backend ort) a "
+        model: str = typer.Argument(..., help="builtin:NAME, a VecSet .safetensors checkpoint, or (--backend onnxruntime) a "
                                               "compiled ONNX artifact directory"),
         latents: Path = typer.Option(..., "--latents", help="safetensors file with a 'latents' tensor [1,M,E]"),
         resolution: int = typer.Option(256, "--resolution", "-r", help="grid resolution (cells per axis)"),
@@ -60,7 +61,7 @@ def register(app: typer.Typer) -> None:
                  "(calibrated on the field). Raise dilation (cells) or band for more safety, min_res for a finer "
                  "start; append adaptive-kv{topk=K} for per-block top-K latent selection"),
         output: Path = typer.Option(..., "-o", "--output", help="mesh file (.glb/.ply/.obj/.stl/.off)"),
-        backend: str = typer.Option("torch", "--backend", help="torch | ort"),
+        backend: str = typer.Option("torch", "--backend", help="torch | onnxruntime ('ort' is accepted as an alias)"),
         dump_ir: Optional[Path] = typer.Option(None, "--dump-ir", help="write the IR before/after every pass here"),
         preview: Optional[Path] = typer.Option(None, "--preview", help="PNG preview (default: next to the mesh)"),
         chunk: int = typer.Option(32768, "--chunk", help="queries per decoder call (bounds memory)"),
@@ -84,13 +85,14 @@ def register(app: typer.Typer) -> None:
         placement = options.placement(dtype, device, threads)
         if output.suffix.lower() not in MESH_SUFFIXES:
             raise _fail(f"unsupported mesh format {output.suffix!r}; use one of {', '.join(MESH_SUFFIXES)}")
+        backend = BACKEND_ALIASES.get(backend, backend)
         if backend not in BACKENDS:
-            raise _fail(f"--backend must be 'torch' or 'ort', got {backend!r}")
+            raise _fail(f"--backend must be 'torch' or 'onnxruntime', got {backend!r}")
         if chunk < 1:
             raise _fail(f"--chunk must be >= 1, got {chunk}")
         artifact = Path(model).is_dir()
-        if artifact and backend != "ort":
-            raise _fail(f"{model} is a directory: an ONNX artifact runs with --backend ort")
+        if artifact and backend != "onnxruntime":
+            raise _fail(f"{model} is a directory: an ONNX artifact runs with --backend onnxruntime")
         if artifact and (dtype != "float32" or device is not None):
             raise _fail("--dtype and --device apply to a model that decode-shape compiles; an ONNX artifact keeps "
                         "its dtype and runs where onnxruntime puts it")

@@ -5,8 +5,11 @@
     elision tune ./clip-vit-base-patch32 --passes prune-tokens,merge-tokens --calib images
     elision tune builtin:minilm --passes prune-tokens,skip-layers --ray local   # candidates as parallel Ray tasks
 
-Prints the chosen pipeline string (the `--passes` syntax of `elision compile`) and writes a speed-fidelity
-Pareto plot (PNG). Calibration data: `stdlib` (docstrings of the Python standard library, text encoders),
+Prints the chosen pipeline string (the `--passes` syntax of `elision compile`), the `elision compile` command that
+applies it, and writes a speed-fidelity Pareto plot (PNG); `--json` prints all of it as one JSON object instead.
+Fidelity is reported twice: on the rows the search tuned on and on held-out rows of the same source that the
+search never saw (`--held-out N`, default as many as `--samples`), since a plan fitted to its calibration data
+measures a little higher there than on new data. Calibration data: `stdlib` (docstrings of the Python standard library, text encoders),
 `images` (random crops of the photographs bundled with scikit-image, for vision towers such as CLIP),
 `fashion` (the committed Fashion-MNIST sample, resized for other vision models), a folder of image files, or
 a .safetensors file holding the model's input tensors (`input_ids` [+ `attention_mask`] or `pixel_values`,
@@ -34,12 +37,19 @@ out = Console(emoji=False)
 _fail = failures.fail
 
 
-def load_calibration(spec: str, model, adapter, samples: int, seq_len: int):
-    """Returns (inputs tuple, labels or None)."""
+def load_calibration(spec: str, model, adapter, samples: int, seq_len: int, held_out: int = 0):
+    """Returns (inputs tuple, labels or None, held-out inputs tuple or None, held-out labels or None).
+
+    The tune part is the first `samples` rows of the source, the held-out part the next `held_out` rows, and no
+    held-out row equals a tune row (`calibration_split.split_rows` drops any that do, e.g. two texts that
+    truncate to the same tokens). The bundled photographs are split by photo instead (crops of one photo would
+    share pixels): even-numbered photos for tuning, odd-numbered ones held out."""
     from elision.models import datasets as calib
     from elision.apps.tokens.executor import BertAdapter
+    from elision.apps.tokens.calibration_split import split_rows
 
     text = isinstance(adapter, BertAdapter)
+    total = samples + held_out
 
     def prep() -> calib.ImagePreprocessing:  # only image sources need it (a .safetensors file of inputs does not)
         try:
@@ -56,22 +66,23 @@ def load_calibration(spec: str, model, adapter, samples: int, seq_len: int):
         tok = getattr(model, "tokenizer", None)
         if tok is None:
             raise ValueError("the model has no tokenizer; pass --calib FILE.safetensors with input_ids and attention_mask")
-        texts = calib.long_texts(samples, int(seq_len * 0.9)) if seq_len > 200 else calib.stdlib_paragraphs(samples)
-        return calib.tokenize(tok, texts, seq_len, pad_to_max=True), None
+        texts = calib.long_texts(total, int(seq_len * 0.9)) if seq_len > 200 else calib.stdlib_paragraphs(total)
+        return split_rows(calib.tokenize(tok, texts, seq_len, pad_to_max=True), None, samples)
     path = Path(spec)
     if spec in ("fashion", "images") or path.is_dir():
         if text:
             raise ValueError(f"--calib {spec} is images; this model takes text (use --calib stdlib)")
         to_model = prep()
         if spec == "images":
-            return (calib.natural_images(samples, to_model),), None
+            held = (calib.natural_images(held_out, to_model, part="held-out"),) if held_out else None
+            return (calib.natural_images(samples, to_model, part="tune"),), None, held, None
         if path.is_dir():
-            return (calib.folder_images(path, samples, to_model),), None
-        x, y = calib.fashion_sample(samples)
+            return split_rows((calib.folder_images(path, total, to_model),), None, samples)
+        x, y = calib.fashion_sample(total)
         if to_model == calib.fashion_preprocessing():
-            return (x,), y
+            return split_rows((x,), y, samples)
         # another model's input format: same pictures, its size/channels/normalisation (labels belong to the ViT)
-        return (to_model(calib.fashion_preprocessing().to_unit(x)),), None
+        return split_rows((to_model(calib.fashion_preprocessing().to_unit(x)),), None, samples)
     if not path.is_file() or path.suffix != ".safetensors":
         raise ValueError(f"--calib {spec!r}: use stdlib, images, fashion, a folder of images, or an existing "
                          ".safetensors file of input tensors")
@@ -79,12 +90,13 @@ def load_calibration(spec: str, model, adapter, samples: int, seq_len: int):
 
     data = load_file(str(path))
     labels = data.get("labels")
+    labels = labels[:total] if labels is not None else None
     if "input_ids" in data:
-        ids = data["input_ids"][:samples]
-        mask = data.get("attention_mask", ids.new_ones(ids.shape))[:samples]
-        return (ids, mask), (labels[:samples] if labels is not None else None)
+        ids = data["input_ids"][:total]
+        mask = data.get("attention_mask", ids.new_ones(ids.shape))[:total]
+        return split_rows((ids, mask), labels, samples)
     if "pixel_values" in data:
-        return (data["pixel_values"][:samples],), (labels[:samples] if labels is not None else None)
+        return split_rows((data["pixel_values"][:total],), labels, samples)
     raise ValueError(f"{path} holds {sorted(data)}; expected input_ids[/attention_mask] or pixel_values")
 
 
@@ -101,14 +113,20 @@ def register(app: typer.Typer) -> None:
         calib_spec: str = typer.Option(
             "auto", "--calib", help="stdlib (text) | images (photos bundled with scikit-image) | fashion | "
                                     "a folder of images | FILE.safetensors; auto picks by model"),
-        samples: int = typer.Option(32, "--samples", help="calibration rows"),
+        samples: int = typer.Option(32, "--samples", help="calibration rows the search tunes on"),
+        held_out: Optional[int] = typer.Option(
+            None, "--held-out", help="further rows of the same source, never among the tuning rows, on which the "
+                                     "timed candidates' fidelity is reported too (default: as many as --samples; "
+                                     "0: none)"),
         seq_len: int = typer.Option(128, "--seq-len", help="token length for text calibration"),
         plot: Path = typer.Option(Path("tune_pareto.png"), "--plot", help="where to write the Pareto plot (PNG)"),
-        json_out: Optional[Path] = typer.Option(None, "--json", help="also write all candidates as JSON"),
+        as_json: bool = typer.Option(False, "--json", help="print one JSON object (all candidates, both fidelities, "
+                                                           "the choice and its compile command) instead of a report"),
         repeats: int = typer.Option(5, "--repeats", help="timed runs per finalist (median)"),
         measure: str = typer.Option("executor", "--measure",
                                     help="time finalists in the eager executor (fast) or as deployed ONNX artifacts "
-                                         "(`onnx`: slower to tune, only plans `elision compile` can apply)"),
+                                         "in onnxruntime (`onnxruntime`, alias `onnx`: slower to tune, only plans "
+                                         "`elision compile` can apply)"),
         threads: Optional[int] = options.THREADS,
         dtype: str = options.DTYPE,
         device: Optional[str] = options.DEVICE,
@@ -135,11 +153,13 @@ def register(app: typer.Typer) -> None:
             raise _fail(f"--min-fidelity {min_fidelity} must be in (0, 1], e.g. 0.98")
         if samples < 1 or seq_len < 4:
             raise _fail("--samples must be >= 1 and --seq-len >= 4")
-        if measure not in ("executor", "onnx"):
-            raise _fail(f"--measure must be executor or onnx, got {measure!r}")
+        measure = MEASURE_ALIASES.get(measure, measure)
+        if measure not in ("executor", "onnxruntime"):
+            raise _fail(f"--measure must be executor or onnxruntime, got {measure!r}")
+        held_out = samples if held_out is None else held_out
+        if held_out < 0:
+            raise _fail(f"--held-out must be >= 0, got {held_out}")
         check_output_file(plot, "--plot file")
-        if json_out is not None:
-            check_output_file(json_out, "--json file")
         placement = options.placement(dtype, device, threads)  # sets torch's threads (per Ray worker with --ray)
         from elision.frontend.model_spec import load_model
         try:
@@ -147,16 +167,19 @@ def register(app: typer.Typer) -> None:
             adapter = adapter_for(loaded.model)
             if getattr(loaded.model, "tokenizer", None) is None and loaded.tokenizer is not None:
                 loaded.model.tokenizer = loaded.tokenizer
-            calib, labels = load_calibration(calib_spec, loaded.model, adapter, samples, seq_len)
+            calib, labels, held, held_labels = load_calibration(calib_spec, loaded.model, adapter, samples, seq_len,
+                                                                held_out)
             calib = placement.place_inputs(calib)
+            held = placement.place_inputs(held) if held is not None else None
         except (ElisionError, PruningError, ValueError, FileNotFoundError, ModuleNotFoundError) as e:
             raise _fail(str(e)) from None
         timer = None
-        if measure == "onnx":
+        if measure == "onnxruntime":
             from elision.apps.tokens.deployed import OnnxTimer
 
             names = ["input_ids", "attention_mask"] if len(calib) == 2 else ["pixel_values"]
-            console.print("tracing the model at the calibration shape for ONNX timing")
+            if not as_json:
+                console.print("tracing the model at the calibration shape for ONNX timing")
             timer = OnnxTimer(loaded.model, calib, names, threads=threads)
         evaluator = None
         if ray_address is not None:
@@ -188,27 +211,41 @@ def register(app: typer.Typer) -> None:
                     timer.close()
                 if evaluator is not None:
                     evaluator.close()
-        table = Table(title=f"{escape(model)}: fastest measured candidates (fidelity >= {min_fidelity})")
-        for col in ("pipeline", "fidelity", "cosine", "KL", "top-1", "speed-up", "FLOPs est."):
-            table.add_column(col, overflow="fold")  # pipelines must stay readable in full
-        for c in sorted([c for c in result.candidates if c.speedup is not None], key=lambda c: -c.speedup):
-            r = c.report
-            table.add_row(c.plan.describe(), f"{r.fidelity:.4f}", f"{r.cosine:.4f}",
-                          "-" if r.kl is None else f"{r.kl:.4f}", "-" if r.top1 is None else f"{r.top1:.3f}",
-                          f"{c.speedup:.2f}x", f"{c.est_speedup:.2f}x")
-        out.print(table)
+        timed = sorted([c for c in result.candidates if c.speedup is not None], key=lambda c: -c.speedup)
+        unseen = held_out_fidelities(adapter, held, kind, held_labels, timed)
         with atomic_file(plot, what="--plot file") as tmp:
             pareto_plot(result, str(tmp), f"{model} ({len(result.candidates)} candidates)", min_fidelity,
                         "mean cosine" if kind == "embedding" else "fidelity exp(-KL)")
-        if json_out is not None:
-            with atomic_file(json_out, what="--json file") as tmp:
-                tmp.write_text(json.dumps({
-                    "reference_latency_s": result.reference_latency_s,
-                    "plain_latency_s": result.plain_latency_s, "executor_latency_s": result.executor_latency_s,
-                    "chosen": result.best.plan.describe() if result.best is not None else "",
-                    "candidates": [{"pipeline": c.plan.describe(), "method": c.method, **c.report.as_dict(),
-                                    "latency_s": c.latency_s, "speedup": c.speedup, "est_speedup": c.est_speedup}
-                                   for c in result.candidates]}, indent=1))
+        best = result.best
+        command = compile_command(model, best.plan.describe(), trust_code) if best is not None and \
+            deployable(best.plan, adapter) else None
+        if as_json:
+            out.print_json(json.dumps({
+                "model": model, "min_fidelity": min_fidelity, "measured_in": result.measured_in,
+                "calibration": {"source": calib_spec, "tune_rows": int(calib[0].shape[0]),
+                                "held_out_rows": int(held[0].shape[0]) if held is not None else 0},
+                "reference_latency_s": result.reference_latency_s,
+                "plain_latency_s": result.plain_latency_s, "executor_latency_s": result.executor_latency_s,
+                "chosen": best.plan.describe() if best is not None else "",
+                "chosen_fidelity": best.report.fidelity if best is not None else None,
+                "chosen_held_out_fidelity": unseen.get(id(best)) if best is not None else None,
+                "compile_command": command, "plot": str(plot),
+                "candidates": [{"pipeline": c.plan.describe(), "method": c.method, **c.report.as_dict(),
+                                "held_out_fidelity": unseen.get(id(c)), "latency_s": c.latency_s,
+                                "speedup": c.speedup, "est_speedup": c.est_speedup}
+                               for c in result.candidates]}))
+            return
+        table = Table(title=f"{escape(model)}: fastest measured candidates (fidelity >= {min_fidelity})")
+        for col in ("pipeline", "fidelity", "held-out", "cosine", "KL", "top-1", "speed-up", "FLOPs est."):
+            table.add_column(col, overflow="fold")  # pipelines must stay readable in full
+        for c in timed:
+            r = c.report
+            table.add_row(c.plan.describe(), f"{r.fidelity:.4f}", _number(unseen.get(id(c))), f"{r.cosine:.4f}",
+                          _number(r.kl), _number(r.top1, 3), f"{c.speedup:.2f}x", f"{c.est_speedup:.2f}x")
+        out.print(table)
+        rows = f"{calib[0].shape[0]} rows" + (f", held-out {held[0].shape[0]} other rows" if held is not None
+                                              else ", no held-out rows")
+        console.print(f"fidelity on the calibration data ({rows}, source {calib_spec})", markup=False)
         console.print(f"Pareto plot written to {plot}", markup=False)
         if result.measured_in == "deployed":
             console.print(f"unchanged model as an ONNX artifact: {result.reference_latency_s * 1e3:.1f} ms per "
@@ -217,8 +254,7 @@ def register(app: typer.Typer) -> None:
             console.print(f"unchanged model: {result.reference_latency_s * 1e3:.1f} ms per calibration batch (plain "
                           f"forward {result.plain_latency_s * 1e3:.1f} ms, layer-by-layer executor "
                           f"{result.executor_latency_s * 1e3:.1f} ms)", highlight=False, soft_wrap=True)
-        if result.best is None:
-            timed = [c for c in result.candidates if c.speedup is not None]
+        if best is None:
             if not result.feasible(min_fidelity):
                 why = f"no candidate reached fidelity {min_fidelity}"
             else:
@@ -230,11 +266,43 @@ def register(app: typer.Typer) -> None:
             # An empty pipeline is a valid answer, not an error: applying nothing is the best choice here.
             out.print("chosen pipeline: ")
             return
-        out.print(f"chosen pipeline: {result.best.plan.describe()}")
-        out.print(f"  {result.best.report.summary()}; speed-up {result.best.speedup:.2f}x "
-                  f"({'ONNX artifacts' if result.measured_in == 'deployed' else 'eager executor'})")
-        if not deployable(result.best.plan, adapter):
+        out.print(f"chosen pipeline: {best.plan.describe()}", markup=False, soft_wrap=True)
+        held_text = f", held-out fidelity {unseen[id(best)]:.4f}" if id(best) in unseen else ""
+        out.print(f"  {best.report.summary()}{held_text}; speed-up {best.speedup:.2f}x "
+                  f"({'ONNX artifacts' if result.measured_in == 'deployed' else 'eager executor'})", markup=False)
+        if command is not None:
+            out.print(f"compile it with: {command}", markup=False, soft_wrap=True)
+        else:
             console.print("note: on a text encoder the merge-tokens IR pass does not follow a prune-tokens stage, "
-                          "so `elision compile` cannot apply this pipeline; use --measure onnx to tune among "
+                          "so `elision compile` cannot apply this pipeline; use --measure onnxruntime to tune among "
                           "deployable pipelines",
                           highlight=False, soft_wrap=True)
+
+
+MEASURE_ALIASES = {"onnx": "onnxruntime"}  # the spelling earlier releases took; --help names it
+
+
+def held_out_fidelities(adapter, held, kind: str, held_labels, candidates) -> dict[int, float]:
+    """{id(candidate): fidelity on the held-out rows} for each candidate whose plan applies there."""
+    if held is None or not candidates:
+        return {}
+    from elision.apps.tokens.search import LocalEvaluator
+
+    reports = LocalEvaluator(adapter, held, kind, held_labels).reports([c.plan for c in candidates])
+    return {id(c): r.fidelity for c, r in zip(candidates, reports) if r is not None}
+
+
+def compile_command(model: str, pipeline: str, trust_code: bool) -> str:
+    """The `elision compile` command line that applies `pipeline` to `model` (shell-quoted)."""
+    import shlex
+
+    name = Path(model.split(":", 1)[-1]).name or "model"
+    parts = ["elision", "compile", model, "--passes", pipeline, "--approximate", "--emit", "onnx", "-o",
+             f"{name}-tuned"]
+    if trust_code:
+        parts.append("--trust-code")
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _number(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import torch
 
 from elision.runtime.outputs import atomic_directory
+from elision.passes.tokens.prune_tokens import KEPT_MASK_ATTR
 
 __all__ = ["EMITS", "emit", "emit_ir", "emit_fx", "emit_onnx", "run_onnx_artifact", "ort_runner", "emit_mlir",
            "example_inputs_for", "function_entries"]
@@ -110,8 +111,11 @@ def emit_onnx(ir, lm, out_dir: Path, *, ort_fusions: bool = True) -> list[Path]:
     names = {}
     primary = {"causal-lm": "logits", "encoder": "last_hidden_state"}.get(getattr(lm, "kind", ""), None)
     forward = ir.functions.get("forward")
+    kept_mask = ir.attrs.get(KEPT_MASK_ATTR, {}).get("forward")
     if primary and forward is not None and len(forward.outputs) == 1:
         names["forward"] = [primary]
+    elif primary and forward is not None and len(forward.outputs) == 2 and kept_mask == 1:
+        names["forward"] = [primary, "kept_mask"]  # a pruned encoder: which token slots are real (ONNX names must differ from the attention_mask input)
     out = export_onnx(
         function_entries(ir, lm), out_dir, output_names=names,
         pipeline=str(ir.attrs.get("pipeline", "")),

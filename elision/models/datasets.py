@@ -229,14 +229,22 @@ def _unit(array: np.ndarray) -> torch.Tensor:
     return x / 65535.0 if x.max() > 255 else (x / 255.0 if x.max() > 1 else x)
 
 
-def natural_images(n: int, prep: ImagePreprocessing, seed: int = 0) -> torch.Tensor:
+IMAGE_PARTS = ("all", "tune", "held-out")
+
+
+def natural_images(n: int, prep: ImagePreprocessing, seed: int = 0, part: str = "all") -> torch.Tensor:
     """`n` calibration images: seeded random square crops (35-100% of the short side, random flips) of the
-    photographs bundled with scikit-image, preprocessed for the model. Deterministic for a given seed."""
+    photographs bundled with scikit-image, preprocessed for the model. Deterministic for a given seed.
+    `part` "tune" crops only the even-numbered photographs, "held-out" only the odd-numbered ones, so the two
+    parts never share a pixel."""
     import skimage
     from skimage.io import imread
 
+    if part not in IMAGE_PARTS:
+        raise ValueError(f"part must be one of {', '.join(IMAGE_PARTS)}, got {part!r}")
     folder = Path(skimage.__file__).parent / "data"
-    photos = [_unit(imread(folder / name)) for name in SKIMAGE_PHOTOS if (folder / name).is_file()]
+    names = SKIMAGE_PHOTOS if part == "all" else SKIMAGE_PHOTOS[part == "held-out"::2]
+    photos = [_unit(imread(folder / name)) for name in names if (folder / name).is_file()]
     if not photos:
         raise FileNotFoundError(f"no bundled photographs found in {folder} (is scikit-image installed completely?)")
     g = torch.Generator().manual_seed(seed)

@@ -33,7 +33,7 @@ from elision.models.vecset import FIXTURE_DIR
 
 REPO = Path(__file__).resolve().parents[2]
 LATENTS = str(FIXTURE_DIR / "thin_rods.latents.safetensors")
-JSON_FLAG_COMMANDS = {"compile", "inspect", "run", "generate", "decode-shape", "encode-shape"}
+JSON_FLAG_COMMANDS = {"compile", "inspect", "run", "generate", "tune", "decode-shape", "encode-shape", "passes"}
 OUTSIDE = "lies outside the artifact directory"
 
 
@@ -91,21 +91,26 @@ CASES = [
          "the latents in {nan_latents} hold NaN or infinite values"),
     Case(("decode-shape", "builtin:vecset-tiny", "--latents", "{huge_latents}", "-r", "16", "-o", "{tmp}/m.glb"),
          "cannot extract a surface: volume grid contains NaN/inf"),
+    # one spelling for ONNX Runtime (onnxruntime), tune's held-out rows
+    Case(("decode-shape", "builtin:vecset-tiny", "--latents", LATENTS, "--backend", "tensorrt", "-o", "{tmp}/m.glb"),
+         "--backend must be 'torch' or 'onnxruntime', got 'tensorrt'"),
+    Case(("tune", "builtin:minilm", "--measure", "tensorrt"), "--measure must be executor or onnxruntime, got 'tensorrt'"),
+    Case(("tune", "builtin:minilm", "--held-out", "-1"), "--held-out must be >= 0, got -1"),
     # dtype, device, threads (--device cuda rows: see NO_CUDA_CASES)
     Case(("compile", "builtin:tiny-llama", "--dtype", "float64"), "dtype must be one of float32, float16, bfloat16, got 'float64'"),
     Case(("inspect", "builtin:tiny-llama", "--device", "tpu"), "device must be one of cpu, cuda, got 'tpu'"),
     Case(("tune", "builtin:minilm", "--threads", "0"), "threads must be an integer >= 1, got 0"),
     Case(("compile", "builtin:tiny-code-lm", "--emit", "onnx", "--for", "generate", "--dtype", "float16", "-o", "{tmp}/g"),
          "--for generate writes float32 artifacts"),
-    Case(("generate", "builtin:tiny-code-lm", "-p", "x", "--target", "onnxruntime", "--dtype", "bfloat16"),
+    Case(("generate", "builtin:tiny-code-lm", "--prompt", "x", "--target", "onnxruntime", "--dtype", "bfloat16"),
          "--dtype bfloat16 does not apply here: an onnxruntime artifact keeps the dtype it was compiled in"),
     Case(("run", "{art}", "-i", "input_ids={ok_ids}", "--device", "cpu", "--providers", "CPUExecutionProvider"),
          "pass either --device or --providers, not both"),
-    Case(("decode-shape", "{art}", "--backend", "ort", "--dtype", "float16", "--latents", LATENTS, "-o", "{tmp}/m.glb"),
+    Case(("decode-shape", "{art}", "--backend", "onnxruntime", "--dtype", "float16", "--latents", LATENTS, "-o", "{tmp}/m.glb"),
          "--dtype and --device apply to a model that decode-shape compiles"),
     # Hugging Face Hub ids missing from the cache (tests run with HF_HUB_OFFLINE=1: conftest.py)
     Case(("inspect", "no-such-org/no-such-model"), "model 'no-such-org/no-such-model' is not in the Hugging Face cache"),
-    Case(("generate", "no-such-org/no-such-model", "-p", "x"), "download it first with `hf download no-such-org/no-such-model`"),
+    Case(("generate", "no-such-org/no-such-model", "--prompt", "x"), "download it first with `hf download no-such-org/no-such-model`"),
     # an export failure: one line, not four chained tracebacks
     Case(("compile", "bad_input_models:eigh_model", "--trust-code", "--emit", "onnx", "-o", "{tmp}/eigh"),
          "function 'forward': torch.onnx export failed: "),
@@ -116,9 +121,9 @@ NO_CUDA = "this torch has no usable CUDA device"
 NO_CUDA_ORT = "execution provider(s) CUDAExecutionProvider not available in this onnxruntime"
 NO_CUDA_CASES = [
     Case(("compile", "builtin:tiny-llama", "--device", "cuda"), NO_CUDA),
-    Case(("generate", "builtin:tiny-code-lm", "-p", "x", "--device", "cuda"), NO_CUDA),
+    Case(("generate", "builtin:tiny-code-lm", "--prompt", "x", "--device", "cuda"), NO_CUDA),
     Case(("decode-shape", "builtin:vecset-tiny", "--latents", LATENTS, "--device", "cuda", "-o", "{tmp}/m.glb"), NO_CUDA),
-    Case(("generate", "builtin:tiny-code-lm", "-p", "x", "--target", "onnxruntime", "--device", "cuda"), NO_CUDA_ORT),
+    Case(("generate", "builtin:tiny-code-lm", "--prompt", "x", "--target", "onnxruntime", "--device", "cuda"), NO_CUDA_ORT),
     Case(("run", "{art}", "-i", "input_ids={ok_ids}", "--device", "cuda"), NO_CUDA_ORT),
 ]
 if not torch.cuda.is_available():

@@ -109,7 +109,7 @@ def test_decode_shape_runs_a_compiled_onnx_artifact(app, tmp_path):
     r = runner.invoke(elision_app, ["compile", "builtin:vecset-tiny", "--passes",
                                     "hoist-invariants,sparse-volume{min_res=12}", "--emit", "onnx", "-o", str(art)])
     assert r.exit_code == 0, r.output
-    r = runner.invoke(app, ["decode-shape", str(art), "--backend", "ort", "--latents", LAT, "-r", "24",
+    r = runner.invoke(app, ["decode-shape", str(art), "--backend", "onnxruntime", "--latents", LAT, "-r", "24",
                             "-o", str(tmp_path / "a.ply"), "--json"])
     assert r.exit_code == 0, r.output
     ort = json.loads(r.stdout)
@@ -121,8 +121,8 @@ def test_decode_shape_runs_a_compiled_onnx_artifact(app, tmp_path):
     assert abs(ort["mesh"]["faces"] - ref["mesh"]["faces"]) <= 8
     # an artifact's passes are fixed: asking for others is a clear error, as is a torch backend or --dump-ir
     for argv, needle in ((["--backend", "ort", "--passes", "hoist-invariants"], "cannot change its passes"),
-                         (["--backend", "torch"], "runs with --backend ort"),
-                         (["--backend", "ort", "--dump-ir", str(tmp_path)], "compiled already")):
+                         (["--backend", "torch"], "runs with --backend onnxruntime"),
+                         (["--backend", "onnxruntime", "--dump-ir", str(tmp_path)], "compiled already")):
         r = runner.invoke(app, ["decode-shape", str(art), "--latents", LAT, "-r", "24", "-o",
                                 str(tmp_path / "x.ply"), *argv])
         assert r.exit_code == 2 and needle in r.output and "Traceback" not in r.output, r.output

@@ -10,6 +10,7 @@ from elision.apps.compile.records import GraphRecord
 from elision.errors import ElisionError, PassError
 from elision.frontend.placement import placement_for
 from elision.ir.core import Module
+from elision.passes.tokens.prune_tokens import KEPT_MASK_ATTR
 
 TARGETS = ("torch", "onnxruntime", "triton")
 
@@ -122,8 +123,9 @@ def torch_runner(ir: Module, fn_name: str, model: torch.nn.Module, dynamic_dims:
     return FastestOf(candidates, record, reference="eager" if "eager" in candidates else None)
 
 
-def _output_adapter(model: torch.nn.Module, example_inputs: tuple):
-    """Rebuild the original output structure: HF ModelOutput (primary field), a single tensor, or a tuple."""
+def _output_adapter(model: torch.nn.Module, example_inputs: tuple, kept_mask: int | None = None):
+    """Rebuild the original output structure: HF ModelOutput (primary field), a single tensor, or a tuple. A pruned
+    encoder's kept-token mask (output `kept_mask` of the graph) becomes the ModelOutput's `kept_mask` field."""
     with torch.no_grad():
         out = model(*example_inputs, use_cache=False) if _takes_use_cache(model) else model(*example_inputs)
     if isinstance(out, torch.Tensor):
@@ -132,7 +134,14 @@ def _output_adapter(model: torch.nn.Module, example_inputs: tuple):
 
     if isinstance(out, ModelOutput):
         cls, key = type(out), next(iter(out.keys()))
-        return lambda res: cls(**{key: res[0]})
+
+        def rebuild(res):
+            built = cls(**{key: res[0]})
+            if kept_mask is not None:
+                built["kept_mask"] = res[kept_mask]  # (batch, kept tokens) int64: 1 where a slot is a real token
+            return built
+
+        return rebuild
     return lambda res: tuple(res)
 
 
@@ -206,4 +215,5 @@ def compile(model: torch.nn.Module, example_inputs: tuple | None = None, passes:
     runner = make_runner(ir, "forward", target, model=model, record=record, dynamic_dims=dynamic_dims,
                          semantic=not any(p.approximate for p in pm.passes), select=select, threads=threads,
                          **options)
-    return CompiledModule(ir, "forward", runner, _output_adapter(model, example_inputs), target, pm.report(), record)
+    adapter = _output_adapter(model, example_inputs, ir.attrs.get(KEPT_MASK_ATTR, {}).get("forward"))
+    return CompiledModule(ir, "forward", runner, adapter, target, pm.report(), record)

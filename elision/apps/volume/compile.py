@@ -1,6 +1,6 @@
 """Compile a field decoder for volume decoding: trace it to elision's IR, run the pass pipeline, lower it.
 
-  compile_field(model, "query-independence,hoist-invariants,sparse-volume", backend="torch" | "ort")
+  compile_field(model, "query-independence,hoist-invariants,sparse-volume", backend="torch" | "onnxruntime")
 
 traces `model.forward(points [1, N, 3], latents [1, M, E])` with the query count N dynamic (torch.export), runs the
 passes through the pass manager (`--dump-ir DIR` writes the IR before and after each), and lowers every function of
@@ -29,7 +29,7 @@ from elision.passes.volume import VOLUME_ATTR, volume_record
 from elision.runtime.artifact import ArtifactError, load_artifact
 
 DEFAULT_PIPELINE = "query-independence,hoist-invariants,sparse-volume"
-BACKENDS = ("torch", "ort")
+BACKENDS = ("torch", "onnxruntime")
 QUERIES = "queries"  # the dynamic dim of the traced query points
 
 
@@ -86,13 +86,13 @@ def _layout_free(ir: Module) -> Module:
 def compile_field(model: torch.nn.Module, passes: str = DEFAULT_PIPELINE, *, backend: str = "torch",
                   latents: torch.Tensor | None = None, dump_ir: str | Path | None = None,
                   threads: int | None = 2) -> LoweredField:
-    """Trace `model`, run `passes`, lower to `backend` ('torch': FX on the model's device and dtype; 'ort': an ONNX
-    artifact in a temporary directory run by onnxruntime on the CPU, fp32)."""
+    """Trace `model`, run `passes`, lower to `backend` ('torch': FX on the model's device and dtype; 'onnxruntime': an
+    ONNX artifact in a temporary directory run by onnxruntime on the CPU, fp32)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     pipeline = parse_pipeline(passes)  # a bad pipeline fails before tracing
     param = next(model.parameters())
-    if backend == "ort" and (param.device.type != "cpu" or param.dtype != torch.float32):
+    if backend == "onnxruntime" and (param.device.type != "cpu" or param.dtype != torch.float32):
         raise ValueError("the ONNX Runtime backend runs fp32 models on the CPU; move the model there first")
     t0 = time.perf_counter()
     ir = trace_field(model, latents)
@@ -159,7 +159,7 @@ def load_field_artifact(path: str | Path, *, threads: int | None = 2) -> Lowered
         session = _idle_session(art.path / spec.file, threads)
         runners[name] = ort_runner(session, spec.input_names, spec.output_names)
         shapes.update({ir_name: t.shape for ir_name, t in zip(sig["inputs"], spec.inputs)})
-    return LoweredField(rec, runners, _latents_shape(shapes, rec), backend="ort", pipeline=art.pipeline)
+    return LoweredField(rec, runners, _latents_shape(shapes, rec), backend="onnxruntime", pipeline=art.pipeline)
 
 
 # ------------------------------------------------------------------------------------------ memoisation

@@ -157,6 +157,8 @@ def _gathered(evaluate: Function, attention: Node, module: Module) -> Function:
 @register_pass
 @dataclass(frozen=True)
 class AdaptiveKV(AdaptiveKVOptions, Pass):
+    """Let each tile of queries attend to its own top-k latent tokens (FlashVDM adaptive KV, retained-mass guard)."""
+
     name: ClassVar[str] = "adaptive-kv"
 
     def run(self, module: Module) -> bool:

@@ -58,6 +58,8 @@ def split_invariants(fn: Function, query_input: int) -> tuple[list[Node], list[N
 @register_pass
 @dataclass(frozen=True)
 class HoistInvariants(FieldOptions, Pass):
+    """Split the field function into work done once per shape (@prepare) and work done per query chunk."""
+
     name: ClassVar[str] = "hoist-invariants"
 
     def run(self, module: Module) -> bool:

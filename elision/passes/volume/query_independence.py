@@ -31,6 +31,8 @@ def require_query_independence(module: Module, pass_name: str, function: str | N
 @register_pass
 @dataclass(frozen=True)
 class QueryIndependence(FieldOptions, Pass):
+    """Prove that the field function treats query points independently (analysis only: the IR is unchanged)."""
+
     name: ClassVar[str] = "query-independence"
     query_dim: int = 1
 

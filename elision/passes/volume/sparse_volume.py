@@ -56,6 +56,8 @@ class SparseVolumeOptions:
 @register_pass
 @dataclass(frozen=True)
 class SparseVolume(SparseVolumeOptions, Pass):
+    """Plan hierarchical coarse-to-fine volume decoding: refine only cells near the surface."""
+
     name: ClassVar[str] = "sparse-volume"
 
     def run(self, module: Module) -> bool:

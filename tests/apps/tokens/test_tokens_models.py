@@ -92,7 +92,7 @@ def test_tune_cli_end_to_end_and_bad_input(tmp_path):
     bad = runner.invoke(app, ["tune", "builtin:fashion-vit", "--min-fidelity", "1.5"])
     assert bad.exit_code == 2 and "must be in (0, 1]" in bad.output
     bad = runner.invoke(app, ["tune", "builtin:fashion-vit", "--measure", "tensorrt"])
-    assert bad.exit_code == 2 and "--measure must be executor or onnx" in bad.output
+    assert bad.exit_code == 2 and "--measure must be executor or onnxruntime" in bad.output
     bad = runner.invoke(app, ["tune", "builtin:fashion-vit", "--calib", "stdlib"])
     assert bad.exit_code == 2 and "takes images" in bad.output
 
@@ -106,15 +106,17 @@ def test_tune_keeps_model_unchanged_when_nothing_qualifies(tmp_path):
 
     from elision.cli.main import app
 
-    report = tmp_path / "tune.json"
-    res = CliRunner().invoke(app, ["tune", "builtin:fashion-vit", "--passes", "skip-layers", "--threads", "1",
-                                   "--samples", "8", "--repeats", "1", "--min-fidelity", "0.99999",
-                                   "--plot", str(tmp_path / "p.png"), "--json", str(report)])
+    argv = ["tune", "builtin:fashion-vit", "--passes", "skip-layers", "--threads", "1", "--samples", "8",
+            "--repeats", "1", "--min-fidelity", "0.99999", "--plot", str(tmp_path / "p.png")]
+    res = CliRunner().invoke(app, argv)
     assert res.exit_code == 0, res.output
     assert "keeping the model unchanged (empty pipeline)" in res.output
-    assert res.output.rstrip().splitlines()[-1].strip() == "chosen pipeline:"
-    data = json.loads(report.read_text())
-    assert data["chosen"] == "" and all(c["fidelity"] < 0.99999 for c in data["candidates"])
+    assert res.stdout.rstrip().splitlines()[-1].strip() == "chosen pipeline:"
+    res = CliRunner().invoke(app, [*argv, "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)  # one JSON object on stdout, like every command's --json
+    assert data["chosen"] == "" and data["compile_command"] is None
+    assert all(c["fidelity"] < 0.99999 for c in data["candidates"])
 
 
 def test_choose_best_never_picks_a_slowdown():

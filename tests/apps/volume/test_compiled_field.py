@@ -41,7 +41,7 @@ KV = "hoist-invariants,sparse-volume{min_res=24},adaptive-kv{topk=16,block=8,min
 
 @pytest.fixture(scope="module")
 def fields(tiny):
-    return compile_field(tiny, KV), compile_field(tiny, KV, backend="ort")
+    return compile_field(tiny, KV), compile_field(tiny, KV, backend="onnxruntime")
 
 
 def test_onnx_runtime_field_equals_the_torch_field(tiny, fields):
@@ -74,7 +74,7 @@ def test_hierarchical_and_adaptive_kv_decoding_agree_across_backends(tiny, field
     assert a.kv_stats["blocks_per_k"] and a.kv_stats["blocks_per_k"] == b.kv_stats["blocks_per_k"]
     assert int(((a.grid > 0) != (b.grid > 0)).sum()) <= 2  # fp32 ORT vs torch near the iso level only
     plan = "hoist-invariants,sparse-volume{min_res=24},adaptive-kv{topk=128}"  # every token: exact
-    a, b = decode_volume(tiny, lat, 48, plan, backend="ort"), decode_volume(tiny, lat, 48, plan)
+    a, b = decode_volume(tiny, lat, 48, plan, backend="onnxruntime"), decode_volume(tiny, lat, 48, plan)
     assert a.queries == b.queries and a.kv_stats["kv_fraction"] == pytest.approx(1.0)
     assert int(((a.grid > 0) != (b.grid > 0)).sum()) <= 2
 
