@@ -374,23 +374,21 @@ def search_skip_layers(ir, *, trials: int = 8, new_tokens: int = 24, seed: int =
 
 
 # ====================================================================================== ONNX
-def _onnx_wrapper(gm: torch.nn.Module, n_past: int) -> torch.nn.Module:
-    """Module with one positional parameter per input (torch.export needs a fixed signature).
+class SpecDecOnnxFunction(torch.nn.Module):
+    """``fn`` with the step signature torch.export needs: named inputs, then the past K/V as ``*past`` (exported as
+    inputs ``past_0``, ``past_1``, ...; ``to_dynamic_shapes`` gives the variadic inputs their dims by position).
 
     The bias is sliced to ``past + n`` columns so torch.export sees the bias length as ``past + n`` instead of
     a third free symbol (the ONNX exporter's dynamic dims cannot relate two symbols); the slice is a no-op.
     """
-    names = ", ".join(f"past_{i}" for i in range(n_past))
-    src = (f"def forward(self, input_ids, positions, attn_bias, {names}):\n"
-           f"    past = ({names},)\n"
-           f"    total = past[0].shape[2] + input_ids.shape[1]\n"
-           f"    return self.fn(input_ids, positions, attn_bias[..., :total], *past)\n")
-    ns: dict = {}
-    exec(src, ns)  # noqa: S102 - generated signature only; the body is fixed above
-    cls = type("SpecDecOnnxFunction", (torch.nn.Module,), {"forward": ns["forward"]})
-    mod = cls()
-    mod.fn = gm
-    return mod
+
+    def __init__(self, fn: Callable):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, input_ids, positions, attn_bias, *past):
+        total = past[0].shape[2] + input_ids.shape[1]
+        return self.fn(input_ids, positions, attn_bias[..., :total], *past)
 
 
 def specdec_onnx_entry(spec: CompiledSpecDec, name: str) -> tuple[torch.nn.Module, tuple, dict, list[str]]:
@@ -413,7 +411,7 @@ def specdec_onnx_entry(spec: CompiledSpecDec, name: str) -> tuple[torch.nn.Modul
         from elision.ir.execute import to_fx
 
         gm = to_fx(spec.ir, name)
-    return _onnx_wrapper(gm, n_past), (ids, pos, bias, *kv), dyn, ["logits"] + [o.name for o in fn.outputs[1:]]
+    return SpecDecOnnxFunction(gm), (ids, pos, bias, *kv), dyn, ["logits"] + [o.name for o in fn.outputs[1:]]
 
 
 def export_specdec_onnx(spec: CompiledSpecDec, out_dir, functions: Sequence[str] = ("verify", "draft"),
