@@ -67,14 +67,17 @@ def _first_tokens(logits, prompts, opts: DecodeOptions) -> list[int]:
 
 def _trees(draft: Drafter, contexts, active, max_depth, opts: DecodeOptions, curve) -> list[TokenTree | None]:
     trees: list[TokenTree | None] = []
+    # one live tree is sized while it is built (the nodes the size choice would cut are never drafted); a batch's
+    # trees share one size, chosen once they are all built
+    alone = curve if sum(active) == 1 else None
     for b, ctx in enumerate(contexts):
         if not active[b]:
             trees.append(None)
         elif opts.template is not None:
             trees.append(build_static(draft, b, ctx, opts.template, max_depth[b]))
         else:
-            trees.append(build_dynamic(draft, b, ctx, opts.max_tree_size, max_depth[b]))
-    if curve is not None and any(t is not None and len(t) > 1 for t in trees):
+            trees.append(build_dynamic(draft, b, ctx, opts.max_tree_size, max_depth[b], alone))
+    if alone is None and curve is not None and any(t is not None and len(t) > 1 for t in trees):
         n = choose_tree_size(trees, curve, opts.max_tree_size)
         trees = [t.truncate(n) if t is not None else None for t in trees]
     return trees
