@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -60,11 +61,13 @@ def main() -> None:
     p.add_argument("--drafters", default="recycling+lookup")
     p.add_argument("--hf-backend", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the same loop over the Hugging Face model (elision-hf-<d>)")
-    p.add_argument("--work", type=Path, default=Path.home() / ".cache" / "elision-bench",
-                   help="user cache of this run (per-machine cost curves)")
+    p.add_argument("--work", type=Path, default=None,
+                   help="user cache of this run (per-machine cost curves); default a fresh one, so the compile column "
+                        "includes measuring the curve, as on a first run on a machine")
     p.add_argument("--out", type=Path, default=ROOT / "bench_results" / "specdec_torch.md")
     args = p.parse_args()
-    os.environ["ELISION_CACHE_DIR"] = str(args.work / "user-cache")
+    work = args.work or Path(tempfile.mkdtemp(prefix="elision-bench-specdec-torch-"))
+    os.environ["ELISION_CACHE_DIR"] = str(work / "user-cache")
     torch.set_num_threads(args.threads)
 
     from elision.apps.specdec.compiled_backend import compiled_generator
