@@ -36,21 +36,30 @@ class OrtStepSession(BatchedTreeSession):
         self.dtype = np.dtype(dtype)
         self.window = sliding_window
         self.kv = np.zeros((2 * layers, batch_size, kv_heads, self.capacity, head_dim), dtype=self.dtype)
-        self.binding = session.io_binding()
-        self._kv_values = []
-        for i in range(2 * layers):
-            layer, kind = divmod(i, 2)
-            value = ort.OrtValue.ortvalue_from_numpy(self.kv[i])
-            self._kv_values.append(value)
-            kind_name = ("key", "value")[kind]
-            self.binding.bind_ortvalue_input(sig.past_name(layer, kind_name), value)
-            self.binding.bind_ortvalue_output(sig.present_name(layer, kind_name), value)
+        self._bindings: dict[tuple[int, int], tuple[ort.IOBinding, list]] = {}  # (first row, rows) -> binding
         self._logits = np.empty(0, dtype=self.dtype)
         self._logit_views: dict[tuple[int, int], tuple[np.ndarray, ort.OrtValue]] = {}
 
     # ------------------------------------------------------------------ TreeSession
+    def _binding(self, first: int, rows: int) -> ort.IOBinding:
+        """An IO binding whose past/present K/V are the rows first .. first + rows - 1 of the shared buffers (a
+        contiguous view: batch is their leading axis), made once per row range."""
+        found = self._bindings.get((first, rows))
+        if found is None:
+            binding, values = self.session.io_binding(), []
+            for i in range(self.kv.shape[0]):
+                layer, kind = divmod(i, 2)
+                value = ort.OrtValue.ortvalue_from_numpy(self.kv[i, first : first + rows])
+                values.append(value)  # the binding does not keep the OrtValue alive
+                kind_name = ("key", "value")[kind]
+                binding.bind_ortvalue_input(sig.past_name(layer, kind_name), value)
+                binding.bind_ortvalue_output(sig.present_name(layer, kind_name), value)
+            found = self._bindings[(first, rows)] = (binding, values)
+        return found[0]
+
     def commit(self, keep: Sequence[Sequence[int]]) -> None:
-        for b, nodes in enumerate(keep):
+        for i, nodes in enumerate(keep):
+            b = self._rows.start + i
             start, m = int(self._starts[b]), len(nodes)
             if m and list(nodes) != list(range(m)):
                 rows = start + np.asarray(nodes, dtype=np.int64)
@@ -60,7 +69,7 @@ class OrtStepSession(BatchedTreeSession):
             self.lengths[b] = start + m
 
     def rollback(self) -> None:
-        self.lengths[:] = self._starts
+        self.lengths[self._rows] = self._starts[self._rows]
 
     # ------------------------------------------------------------------ one step
     def _logits_output(self, b: int, n: int) -> tuple[np.ndarray, ort.OrtValue]:
@@ -75,10 +84,9 @@ class OrtStepSession(BatchedTreeSession):
             view = self._logit_views[(b, n)] = (array, ort.OrtValue.ortvalue_from_numpy(array))
         return view
 
-    def _run(self, batch: TreeBatch):
-        if len(batch.counts) != self.batch_size:
-            raise ValueError(f"got {len(batch.counts)} sequences for a session of batch size {self.batch_size}")
-        starts = self.lengths
+    def _run(self, batch: TreeBatch, first: int):
+        rows = self._rows_of(batch, first)
+        starts = self.lengths[rows]
         ends = starts + batch.counts
         if int(ends.max()) > self.capacity:
             raise KVCacheOverflow(f"KV cache overflow: {int(ends.max())} slots needed but the cache holds "
@@ -87,18 +95,18 @@ class OrtStepSession(BatchedTreeSession):
         width = int(starts.max()) + n
         if batch.allowed is None and not self.window:
             # chains: GroupQueryAttention's own causal mask is the whole mask (padding rows are never read)
-            bias = np.zeros((self.batch_size, 1, n, width), dtype=self.dtype)
+            bias = np.zeros((len(starts), 1, n, width), dtype=self.dtype)
         else:
             bias = attention_bias(batch, starts, starts, width, self.dtype, self.window)
-        io = self.binding
+        io = self._binding(rows.start, len(starts))
         io.bind_cpu_input(sig.INPUT_IDS, batch.tokens)
         io.bind_cpu_input(sig.POSITION_IDS, starts[:, None] + batch.depths)
         io.bind_cpu_input(sig.ATTENTION_BIAS, bias)
         io.bind_cpu_input(sig.SEQLENS_K, (ends - 1).astype(np.int32))
         io.bind_cpu_input(sig.TOTAL_SEQUENCE_LENGTH, np.array(width, dtype=np.int32))
         io.bind_cpu_input(sig.QUERY_SEQLENS, batch.counts.astype(np.int32))
-        logits, value = self._logits_output(self.batch_size, n)
+        logits, value = self._logits_output(len(starts), n)
         io.bind_ortvalue_output(sig.LOGITS, value)
         self.session.run_with_iobinding(io)
-        self._starts = starts.copy()
+        self._starts[rows], self._rows = starts, rows
         return logits
