@@ -5,7 +5,7 @@ Numbers are never edited by hand: rerun the bench script, then this one.
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ORDER = ["lowering", "specdec", "specdec_compiled", "ort_generate", "pruning", "pruning_onnx", "pruning_fastv", "volume", "volume_local", "volume_cuda", "volume_local_cuda",
+ORDER = ["lowering", "specdec", "specdec_compiled", "specdec_torch", "ort_generate", "pruning", "pruning_onnx", "pruning_fastv", "volume", "volume_local", "volume_cuda", "volume_local_cuda",
          "volume_cuda_chunk65536", "fusion", "kernels", "kernels_cuda"]
 
 

@@ -54,6 +54,7 @@ class Run:
     seconds: float  # everything after loading: from the call to the last token
     first_s: float  # time to the first token (prefill)
     phases: dict | None = None  # elision: seconds per loop phase
+    forwards: int | None = None  # elision: target forward passes (verification steps and the prefill)
 
 
 @dataclass
@@ -124,7 +125,8 @@ def elision_route(gen, drafter: str):
         t = res.stats["time_s"]
         phases = {"draft": t["draft_s"], "verify": t["verify_s"], "accept": t["accept_s"],
                   "loop": t["loop_s"] + t["cost_curve_s"] + (dt - t["total"])}
-        return Run(res.tokens, dt, t["prefill_s"], phases)
+        tokens = res.tokens[0] if res.tokens and isinstance(res.tokens[0], list) else res.tokens  # torch: per prompt
+        return Run(tokens, dt, t["prefill_s"], phases, res.stats.get("forward_passes"))
     return run
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import inspect
 import logging
 import re
 import shutil
@@ -89,11 +90,14 @@ def source_hash_of(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def to_dynamic_shapes(example_inputs: Sequence[Any], dynamic_dims: DynamicDims) -> tuple | None:
+def to_dynamic_shapes(example_inputs: Sequence[Any], dynamic_dims: DynamicDims,
+                      model: torch.nn.Module | None = None) -> tuple | None:
     """Turn `{input_index: {dim: "name"}}` into torch.export `dynamic_shapes` (one `Dim` per name).
 
     Names may be derived, `"seq + 1"`, relative to a plain name used elsewhere. Example sizes of 0 or 1
-    are refused because torch.export specializes them to constants.
+    are refused because torch.export specializes them to constants. Input indices count positional inputs;
+    when `model.forward` ends in `*args`, the specs of the inputs it collects become one tuple, the shape
+    torch.export wants for a variadic parameter.
     """
     if not dynamic_dims:
         return None
@@ -129,7 +133,21 @@ def to_dynamic_shapes(example_inputs: Sequence[Any], dynamic_dims: DynamicDims) 
                 )
             per_input[axis] = dim_for(str(label))
         shapes.append(per_input)
+    fixed = _positional_before_varargs(model) if model is not None else None
+    if fixed is not None:
+        shapes = shapes[:fixed] + [tuple(shapes[fixed:])]
     return tuple(shapes)
+
+
+def _positional_before_varargs(model: torch.nn.Module) -> int | None:
+    """How many named positional parameters `model.forward` has before its `*args`; None without `*args`."""
+    fixed = 0
+    for param in inspect.signature(model.forward).parameters.values():
+        if param.kind == inspect.Parameter.VAR_POSITIONAL:
+            return fixed
+        if param.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+            fixed += 1
+    return None
 
 
 def exporter_error_summary(error: BaseException) -> str:
@@ -270,7 +288,7 @@ def _export_program(name: str, model: torch.nn.Module, example_inputs: tuple, dy
     if not isinstance(model, torch.nn.Module):
         raise OnnxExportError(f"function {name!r}: expected an nn.Module or fx.GraphModule, got {type(model).__name__}")
     model.eval()
-    dynamic_shapes = to_dynamic_shapes(example_inputs, dynamic_dims)
+    dynamic_shapes = to_dynamic_shapes(example_inputs, dynamic_dims, model)
     exporter_log = logging.getLogger("torch.onnx")
     level = exporter_log.level
     try:

@@ -234,3 +234,28 @@ def test_io_binding_feeds_the_cache_back_without_numpy(tmp_path):
         cache_ort = out["present"]
     np.testing.assert_allclose(cache_ort.numpy(), cache_torch.numpy(), atol=1e-5, rtol=0)
     assert cache_ort.shape() == [2, 6, 16]
+
+
+class _VariadicStep(torch.nn.Module):
+    def forward(self, ids, *past):
+        return ids.float().sum(-1, keepdim=True) + torch.cat(past, -1).sum(-1, keepdim=True)
+
+
+def test_variadic_inputs_get_their_dims_by_position_and_export_under_numbered_names(tmp_path):
+    """A forward ending in `*past` (the speculative step's K/V inputs): dims stay keyed by input position, the
+    variadic ones are grouped the way torch.export wants, and the graph inputs are named past_0, past_1."""
+    import onnxruntime as ort
+
+    inputs = (torch.zeros(2, 3), torch.ones(2, 4), torch.ones(2, 4))
+    shapes = to_dynamic_shapes(inputs, {0: {0: "batch"}, 1: {0: "batch", 1: "past"}, 2: {0: "batch", 1: "past"}},
+                               _VariadicStep())
+    assert len(shapes) == 2 and isinstance(shapes[1], tuple) and len(shapes[1]) == 2
+    assert set(shapes[1][0]) == {0, 1} and shapes[1][0][1] is shapes[1][1][1]
+    out = export_onnx({"step": (_VariadicStep(), inputs, {0: {0: "batch"}, 1: {0: "batch", 1: "past"},
+                                                          2: {0: "batch", 1: "past"}})},
+                      tmp_path / "art", pipeline="", source_hash="", runtime_settings={})
+    session = ort.InferenceSession(str(next(Path(out).glob("step*.onnx"))))
+    assert [i.name for i in session.get_inputs()] == ["ids", "past_0", "past_1"]
+    feeds = {"ids": np.ones((3, 3), np.float32), "past_0": np.ones((3, 5), np.float32),
+             "past_1": np.full((3, 5), 2.0, np.float32)}
+    np.testing.assert_allclose(session.run(None, feeds)[0], np.full((3, 1), 18.0))

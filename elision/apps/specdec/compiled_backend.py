@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import random
 import statistics
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -27,6 +28,7 @@ from elision.apps.specdec.attention_window import attention_window
 from elision.apps.specdec.cache import CacheOverflowError
 
 DEFAULT_PIPELINE = "canonicalize,cse,kv-cache,tree-verify,dce"
+CAPACITY_STEP = 256  # KV buffers are allocated in multiples of this many slots
 
 
 class CompiledBackend:
@@ -73,8 +75,14 @@ class CompiledBackend:
     def reset(self, batch_size: int, capacity: int) -> None:
         self.batch_size, self._capacity, self._len = int(batch_size), int(capacity), 0
         if self.outputs == "new":
-            shape = (self.batch_size, self.kv_heads, self._capacity, self.head_dim)
-            self._bufs = [torch.zeros(shape, dtype=self.dtype) for _ in range(2 * self.kv_layers)]
+            # The buffers outlive a request: a later one of the same batch that fits reuses them, so nothing is
+            # allocated per request and the compiled step sees the same strides (no recompilation per length).
+            # Slots past the length are never read (the past views stop at it), so old contents need no clearing.
+            held = self._bufs[0].shape if self._bufs else None
+            if held is None or held[0] != self.batch_size or held[2] < self._capacity:
+                slots = -(-self._capacity // CAPACITY_STEP) * CAPACITY_STEP
+                shape = (self.batch_size, self.kv_heads, slots, self.head_dim)
+                self._bufs = [torch.zeros(shape, dtype=self.dtype) for _ in range(2 * self.kv_layers)]
         else:
             shape = (self.batch_size, self.kv_heads, 0, self.head_dim)
             self._bufs = [torch.zeros(shape, dtype=self.dtype) for _ in range(2 * self.kv_layers)]
@@ -113,6 +121,7 @@ class CompiledBackend:
         self._len = end
         return logits.float()
 
+    @torch.inference_mode()  # the buffers may have been made under inference mode by an earlier request
     def select(self, index: torch.Tensor, start: int) -> None:
         """Slots [start, start + m) := slots ``index[b]`` of each sequence; length becomes start + m."""
         m = index.shape[1]
@@ -212,6 +221,44 @@ def make_generator(target: CompiledBackend, draft: CompiledBackend | None = None
         gen._drafters[drafter] = parts[0] if len(parts) == 1 else CombinedDrafter(parts)
         gen.drafter_name = drafter
     return gen
+
+
+def compiled_generator(model: torch.nn.Module, *, drafter: str = "recycling+lookup", codegen: str = "inductor",
+                       warm_up: bool = True, **kwargs):
+    """The torch route of speculative decoding: ``model``'s ``@verify`` compiled (``compile_specdec``, then inductor
+    for ``codegen="inductor"``) under a ``SpeculativeGenerator`` (``kwargs``: its options, e.g. ``tokenizer``, ``tree``).
+
+    What the user pays before the first token is kept in ``generator.compile_s``: ``export_s`` (export, passes,
+    torch.fx) and ``warm_up_s`` (inductor compiling the step's shapes, and the cost curve measured, or read from the
+    per-machine cache). ``warm_up=False`` leaves both to the first request.
+    """
+    t0 = time.perf_counter()
+    spec = compile_specdec(model)
+    target = make_backend(spec.ir, "verify", spec.config, callable_=spec.functions["verify"], codegen=codegen)
+    gen = make_generator(target, None, drafter, source_model=model, route=f"compiled-{codegen}", **kwargs)
+    gen.compile_s = {"export_s": time.perf_counter() - t0, "warm_up_s": 0.0}
+    if warm_up:
+        t0 = time.perf_counter()
+        warm_up_generator(gen)
+        gen.compile_s["warm_up_s"] = time.perf_counter() - t0
+    return gen
+
+
+@torch.inference_mode()
+def warm_up_generator(gen, prompt_len: int = 8) -> None:
+    """Run every step shape a request meets once on a throwaway session, so code generation happens now: the
+    prefill (empty cache), a one-token step and a multi-token step (sizes 0 and 1 are the shapes dynamic-shape
+    compilation keeps static; every other tree size and cache length reuses these graphs), then the
+    verification-cost curve of batch 1 (measured over the compiled step, or read from the per-machine cache)."""
+    from elision.apps.specdec.session import KVSession
+
+    session = KVSession(gen.backend, 1, prompt_len + 2 * gen.max_tree_size + 2)
+    session.prefill([[0] * prompt_len])
+    for chain in ([0], [0, 0, 0]):
+        session.extend_chains([chain])
+        session.rollback()
+    if gen.tree_spec == "dynamic":
+        gen.cost_curve(session)
 
 
 def compile_specdec(model: torch.nn.Module, *, skip_layers: Sequence[int] | str | None = None, hidden: bool = False,
@@ -373,23 +420,21 @@ def search_skip_layers(ir, *, trials: int = 8, new_tokens: int = 24, seed: int =
 
 
 # ====================================================================================== ONNX
-def _onnx_wrapper(gm: torch.nn.Module, n_past: int) -> torch.nn.Module:
-    """Module with one positional parameter per input (torch.export needs a fixed signature).
+class SpecDecOnnxFunction(torch.nn.Module):
+    """``fn`` with the step signature torch.export needs: named inputs, then the past K/V as ``*past`` (exported as
+    inputs ``past_0``, ``past_1``, ...; ``to_dynamic_shapes`` gives the variadic inputs their dims by position).
 
     The bias is sliced to ``past + n`` columns so torch.export sees the bias length as ``past + n`` instead of
     a third free symbol (the ONNX exporter's dynamic dims cannot relate two symbols); the slice is a no-op.
     """
-    names = ", ".join(f"past_{i}" for i in range(n_past))
-    src = (f"def forward(self, input_ids, positions, attn_bias, {names}):\n"
-           f"    past = ({names},)\n"
-           f"    total = past[0].shape[2] + input_ids.shape[1]\n"
-           f"    return self.fn(input_ids, positions, attn_bias[..., :total], *past)\n")
-    ns: dict = {}
-    exec(src, ns)  # noqa: S102 - generated signature only; the body is fixed above
-    cls = type("SpecDecOnnxFunction", (torch.nn.Module,), {"forward": ns["forward"]})
-    mod = cls()
-    mod.fn = gm
-    return mod
+
+    def __init__(self, fn: Callable):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, input_ids, positions, attn_bias, *past):
+        total = past[0].shape[2] + input_ids.shape[1]
+        return self.fn(input_ids, positions, attn_bias[..., :total], *past)
 
 
 def specdec_onnx_entry(spec: CompiledSpecDec, name: str) -> tuple[torch.nn.Module, tuple, dict, list[str]]:
@@ -412,7 +457,7 @@ def specdec_onnx_entry(spec: CompiledSpecDec, name: str) -> tuple[torch.nn.Modul
         from elision.ir.execute import to_fx
 
         gm = to_fx(spec.ir, name)
-    return _onnx_wrapper(gm, n_past), (ids, pos, bias, *kv), dyn, ["logits"] + [o.name for o in fn.outputs[1:]]
+    return SpecDecOnnxFunction(gm), (ids, pos, bias, *kv), dyn, ["logits"] + [o.name for o in fn.outputs[1:]]
 
 
 def export_specdec_onnx(spec: CompiledSpecDec, out_dir, functions: Sequence[str] = ("verify", "draft"),
@@ -438,5 +483,5 @@ def export_specdec_onnx(spec: CompiledSpecDec, out_dir, functions: Sequence[str]
                        output_names=out_names, progress=progress, extra_files=extra_files)
 
 
-__all__ = ["export_specdec_onnx", "specdec_onnx_entry", "CompiledBackend", "CompiledSpecDec", "compile_specdec", "make_backend", "make_generator",
-           "model_config", "search_skip_layers", "candidate_skip_sets", "DEFAULT_PIPELINE"]
+__all__ = ["export_specdec_onnx", "specdec_onnx_entry", "CompiledBackend", "CompiledSpecDec", "compile_specdec",
+           "compiled_generator", "make_backend", "make_generator", "model_config", "warm_up_generator", "search_skip_layers", "candidate_skip_sets", "DEFAULT_PIPELINE"]

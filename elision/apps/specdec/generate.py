@@ -114,7 +114,14 @@ class SpeculativeGenerator:
         max_depth: int = 16,
         skip_layers: Sequence[int] | None = None,
         max_cache_len: int | None = None,
+        source_model: torch.nn.Module | None = None,
+        route: str = "hf",
     ):
+        """`source_model` and `route`: for a backend compiled from a Hugging Face model (`compiled_generator`), the
+        model it came from and how it runs ("compiled-inductor", ...), which name its cost curve in the per-machine
+        cache (without them a backend's curve is measured once per process)."""
+        self.source_model = source_model
+        self.route = route
         if isinstance(model, torch.nn.Module):
             self.model = model.eval()
             self.backend = HFCausalLMBackend(self.model)
@@ -175,11 +182,12 @@ class SpeculativeGenerator:
     def _machine_curve_key(self, batch_size: int) -> str | None:
         """What the timing of a verification forward depends on: the architecture and shapes (never the weight
         values), batch, tree limit, torch threads and build, and the machine. None for backends without a config."""
-        config = getattr(self.model, "config", None)
+        model = self.model if self.model is not None else self.source_model
+        config = getattr(model, "config", None)
         if config is None:
             return None
-        params = next(self.model.parameters(), None)
-        what = {"model": type(self.model).__name__, "config": config.to_json_string(use_diff=False),
+        params = next(model.parameters(), None)
+        what = {"model": type(model).__name__, "config": config.to_json_string(use_diff=False), "route": self.route,
                 "dtype": str(params.dtype if params is not None else None),
                 "device": str(params.device if params is not None else None), "batch": batch_size,
                 "max_tree_size": self.max_tree_size, "threads": torch.get_num_threads(), "torch": torch.__version__,
