@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 
 from elision.errors import ModelSpecError, UntrustedCodeError
+from elision.models.registry import get_builtin
 
 
 @dataclass
@@ -65,8 +67,6 @@ def load_model(spec: str, *, trust_code: bool = False) -> LoadedModel:
 
 
 def _load_builtin(name: str, spec: str) -> LoadedModel:
-    from elision.models.registry import get_builtin
-
     try:
         entry = get_builtin(name)
     except KeyError as e:
@@ -115,8 +115,6 @@ def _one_line(error: BaseException) -> str:
 
 
 def _load_hf_dir(path: Path) -> LoadedModel:
-    import transformers
-
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise ModelSpecError(f"{path} is not a Hugging Face model directory: config.json is missing")

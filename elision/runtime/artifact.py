@@ -18,10 +18,12 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
+import onnxruntime as ort
 
 from elision.errors import ElisionError
 
@@ -66,8 +68,6 @@ class ArtifactInputError(ArtifactError):
 def elision_version() -> str:
     """The installed elision version, read from package metadata (no import of elision internals)."""
     try:
-        from importlib.metadata import PackageNotFoundError, version
-
         return version("elision")
     except PackageNotFoundError:  # running from a source tree that was never pip-installed
         return "0.0.0+unknown"
@@ -144,8 +144,6 @@ def select_providers(preferred: Iterable[str] | None = None) -> list[str]:
 
     `ELISION_ORT_PROVIDERS` (comma separated) overrides the automatic choice.
     """
-    import onnxruntime as ort
-
     available = ort.get_available_providers()
     if preferred is None and os.environ.get("ELISION_ORT_PROVIDERS"):
         preferred = [p.strip() for p in os.environ["ELISION_ORT_PROVIDERS"].split(",") if p.strip()]
@@ -261,8 +259,6 @@ def _parse_functions(manifest: Mapping[str, Any]) -> dict[str, FunctionSpec]:
 
 
 def _session_options(threads: int | None, optimization: str, config: Mapping[str, str] | None = None):
-    import onnxruntime as ort
-
     levels = {
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -383,7 +379,6 @@ class Artifact:
         a KV cache can be fed into the next step without a host round trip; the others are numpy.
         """
         self.check_inputs(fn, inputs)
-        import onnxruntime as ort
 
         spec = self.spec(fn)
         keep = set(keep_on_device)
@@ -491,8 +486,6 @@ def load_artifact(
     threads: ORT intra-op threads (default: ORT's choice). optimization: ORT graph optimization level.
     session_config: extra ORT session config entries (e.g. {"session.disable_prepacking": "1"}).
     """
-    import onnxruntime as ort
-
     root = Path(path)
     manifest = _read_manifest(root)
     _check_links(root)

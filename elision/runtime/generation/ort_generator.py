@@ -30,12 +30,24 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from elision.runtime.artifact import Artifact, ArtifactError, ArtifactMissingFileError, load_artifact, read_manifest
 from elision.runtime.generation import step_signature as sig
 from elision.runtime.generation.bookkeeping import IncrementalDecoder, check_lengths, normalize_eos
-from elision.runtime.generation.calibration import MachineCalibration, available_cores, load_calibration, save_calibration
-from elision.runtime.generation.drafters import BASIC_DRAFTERS, CombinedDrafter, Drafter, TokenRecyclingDrafter, basic_drafter
+from elision.runtime.generation.calibration import (
+    MachineCalibration,
+    available_cores,
+    load_calibration,
+    save_calibration,
+)
+from elision.runtime.generation.drafters import (
+    BASIC_DRAFTERS,
+    CombinedDrafter,
+    Drafter,
+    TokenRecyclingDrafter,
+    basic_drafter,
+)
 from elision.runtime.generation.loop import DecodeOptions, decode
 from elision.runtime.generation.ort_session_base import KVCacheOverflow
 from elision.runtime.generation.ort_step_session import OrtStepSession
@@ -356,8 +368,6 @@ def _parse_tree(tree: str) -> StaticTemplate | None:
 
 
 def _load_tokenizer(path: Path):
-    from tokenizers import Tokenizer
-
     if not path.is_file():
         raise ArtifactMissingFileError(f"the generation artifact's tokenizer {path} is missing; {_GENERATE_HINT}")
     try:
