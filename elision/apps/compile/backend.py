@@ -1,6 +1,6 @@
 """`torch.compile(model, backend="elision", options={...})`: the Dynamo backend.
 
-Dynamo finds this function through the `torch_dynamo_backends` entry point declared in setup.py
+Dynamo finds this function through the `torch_dynamo_backends` entry point declared in pyproject.toml
 (`elision = elision.apps.compile.backend:elision_backend`); `register()` does the same by hand where the
 package is not installed (idempotent; importing this module registers nothing, because Dynamo's
 entry-point loader registers the name itself after importing us and asserts it is not taken yet).
