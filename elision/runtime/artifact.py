@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
-import onnxruntime as ort
 
 from elision.errors import ElisionError
 
@@ -144,6 +143,8 @@ def select_providers(preferred: Iterable[str] | None = None) -> list[str]:
 
     `ELISION_ORT_PROVIDERS` (comma separated) overrides the automatic choice.
     """
+    import onnxruntime as ort  # not at top: `elision --help` imports this module and must not load onnxruntime
+
     available = ort.get_available_providers()
     if preferred is None and os.environ.get("ELISION_ORT_PROVIDERS"):
         preferred = [p.strip() for p in os.environ["ELISION_ORT_PROVIDERS"].split(",") if p.strip()]
@@ -259,6 +260,8 @@ def _parse_functions(manifest: Mapping[str, Any]) -> dict[str, FunctionSpec]:
 
 
 def _session_options(threads: int | None, optimization: str, config: Mapping[str, str] | None = None):
+    import onnxruntime as ort  # not at top: see select_providers
+
     levels = {
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -378,6 +381,8 @@ class Artifact:
         Outputs named in `keep_on_device` come back as OrtValues left where the provider put them, so
         a KV cache can be fed into the next step without a host round trip; the others are numpy.
         """
+        import onnxruntime as ort  # not at top: see select_providers
+
         self.check_inputs(fn, inputs)
 
         spec = self.spec(fn)
@@ -486,6 +491,8 @@ def load_artifact(
     threads: ORT intra-op threads (default: ORT's choice). optimization: ORT graph optimization level.
     session_config: extra ORT session config entries (e.g. {"session.disable_prepacking": "1"}).
     """
+    import onnxruntime as ort  # not at top: see select_providers
+
     root = Path(path)
     manifest = _read_manifest(root)
     _check_links(root)

@@ -14,14 +14,16 @@ the next call.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import onnxruntime as ort
 
 from elision.runtime.generation import step_signature as sig
 from elision.runtime.generation.ort_session_base import BatchedTreeSession, KVCacheOverflow
 from elision.runtime.generation.tree_batch import TreeBatch, attention_bias
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 __all__ = ["OrtStepSession"]
 
@@ -29,6 +31,8 @@ __all__ = ["OrtStepSession"]
 class OrtStepSession(BatchedTreeSession):
     def __init__(self, session, *, layers: int, kv_heads: int, head_dim: int, vocab_size: int, batch_size: int,
                  capacity: int, dtype: np.dtype = np.float32, sliding_window: int | None = None):
+        import onnxruntime as ort  # not at top: `elision --help` imports this module (start-up)
+
         super().__init__(batch_size)
         self.session = session
         self.vocab_size = int(vocab_size)
@@ -65,6 +69,8 @@ class OrtStepSession(BatchedTreeSession):
     # ------------------------------------------------------------------ one step
     def _logits_output(self, b: int, n: int) -> tuple[np.ndarray, ort.OrtValue]:
         """A [b, n, vocab] view of the reused logits buffer and its OrtValue (both kept per shape)."""
+        import onnxruntime as ort  # not at top: `elision --help` imports this module (start-up)
+
         size = b * n * self.vocab_size
         if self._logits.size < size:
             self._logits = np.empty(size, dtype=self.dtype)
