@@ -3,17 +3,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from elision.models import code_lm
+
 
 def load_causal_lm(spec: str):
     """(model, tokenizer) from a HF directory or a `builtin:` name; raises ValueError with what to do."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()  # quiet by default: no "Loading weights" bar in CLI output
 
     if spec.startswith("builtin:"):
-        from elision.models import code_lm
-
         try:
             path = code_lm.builtin_dir(spec)
         except (ValueError, FileNotFoundError) as e:
