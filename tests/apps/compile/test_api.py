@@ -28,16 +28,17 @@ def test_compile_hf_causal_lm_matches_eager():
     assert [r["name"] for r in fast.pass_report] == ["canonicalize", "cse", "constant-fold", "dce"]
 
 
+class MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(8, 16)
+        self.b = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.b(torch.nn.functional.gelu(self.a(x)))
+
+
 def test_compile_plain_module_returns_tensor():
-    class MLP(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = torch.nn.Linear(8, 16)
-            self.b = torch.nn.Linear(16, 4)
-
-        def forward(self, x):
-            return self.b(torch.nn.functional.gelu(self.a(x)))
-
     m = MLP().eval()
     fast = elision.compile(m, example_inputs=(torch.randn(3, 8),), dynamic_dims={0: {0: "batch"}}, passes="cse,dce")
     x = torch.randn(7, 8)
@@ -81,15 +82,6 @@ def test_torch_target_runs_inductor_code_for_every_declared_dynamic_shape():
 
 
 def test_torch_target_default_picks_the_fastest_route_and_says_which():
-    class MLP(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = torch.nn.Linear(8, 16)
-            self.b = torch.nn.Linear(16, 4)
-
-        def forward(self, x):
-            return self.b(torch.nn.functional.gelu(self.a(x)))
-
     m = MLP().eval()
     fast = elision.compile(m, example_inputs=(torch.randn(3, 8),), dynamic_dims={0: {0: "batch"}})
     assert fast.elision_record.runs is None  # decided on the first call
