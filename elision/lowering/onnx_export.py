@@ -41,14 +41,8 @@ from onnx import TensorProto, helper
 from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
 from elision.errors import ElisionError
-from elision.runtime.artifact import (
-    FORMAT_VERSION,
-    MANIFEST_NAME,
-    WEIGHTS_NAME,
-    TensorSpec,
-    elision_version,
-    sha256_file,
-)
+from elision.runtime.artifact import (FORMAT_VERSION, MANIFEST_NAME, WEIGHTS_NAME, TensorSpec, elision_version,
+                                      sha256_file)
 from elision.runtime.outputs import atomic_directory
 
 __all__ = ["ArtifactWriter", "export_onnx", "export_program", "source_hash_of", "to_dynamic_shapes", "OnnxExportError",

@@ -34,14 +34,8 @@ import torch
 
 from elision.apps.compile.optimize import optimize_graph
 from elision.apps.compile.ort_target import OrtGraphRunner
-from elision.apps.compile.records import (
-    ElisionFallbackWarning,
-    GraphRecord,
-    clear_graph_records,
-    graph_records,
-    register_record,
-    warn_once,
-)
+from elision.apps.compile.records import (ElisionFallbackWarning, GraphRecord, clear_graph_records, graph_records,
+                                          register_record, warn_once)
 from elision.apps.compile.torch_target import CANDIDATES, build_torch_target
 from elision.errors import ElisionError
 from elision.lowering.onnx_export import exporter_error_summary

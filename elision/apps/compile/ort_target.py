@@ -19,12 +19,8 @@ import torch
 from elision.apps.compile.optimize import OptimizedGraph
 from elision.apps.compile.records import GraphRecord, warn_once
 from elision.apps.compile.select import outputs_match
-from elision.lowering.onnx_export import (
-    OPSET_VERSION,
-    _apply_ort_fusions,
-    _custom_translation_table,
-    exporter_error_summary,
-)
+from elision.lowering.onnx_export import (OPSET_VERSION, _apply_ort_fusions, _custom_translation_table,
+                                          exporter_error_summary)
 from elision.runtime.artifact import select_providers
 
 __all__ = ["OrtGraphRunner", "UnsupportedGraph"]

@@ -22,14 +22,8 @@ from typing import Callable, Protocol
 import torch
 
 from elision.apps.tokens.deployed import deployable
-from elision.apps.tokens.executor import (
-    IDENTITY,
-    EncoderAdapter,
-    ReductionPlan,
-    _attention,
-    reference_output,
-    run_encoder,
-)
+from elision.apps.tokens.executor import (IDENTITY, EncoderAdapter, ReductionPlan, _attention, reference_output,
+                                          run_encoder)
 from elision.apps.tokens.fidelity import FidelityReport, compare_outputs
 from elision.kernels import token_reduction as alg
 

@@ -26,16 +26,8 @@ from typing import ClassVar, Literal
 
 import torch
 
-from elision.analysis.token_axes import (
-    TokenRewriter,
-    check_layer_option,
-    check_symbolic_batch,
-    model_map_for,
-    shape_of,
-    shorten_tokens,
-    splice,
-    trace_tap,
-)
+from elision.analysis.token_axes import (TokenRewriter, check_layer_option, check_symbolic_batch, model_map_for,
+                                         shape_of, shorten_tokens, splice, trace_tap)
 from elision.ir.core import Function, Module, Node, Value, map_values
 from elision.ir.ops import resolve_op
 from elision.ir.symbolic import evaluate, free_symbols

@@ -34,16 +34,8 @@ from typing import ClassVar
 
 import torch
 
-from elision.analysis.token_axes import (
-    TokenRewriter,
-    check_layer_option,
-    check_symbolic_batch,
-    model_map_for,
-    shape_of,
-    shorten_tokens,
-    splice,
-    trace_tap,
-)
+from elision.analysis.token_axes import (TokenRewriter, check_layer_option, check_symbolic_batch, model_map_for,
+                                         shape_of, shorten_tokens, splice, trace_tap)
 from elision.ir.core import Module, Node, Value
 from elision.ir.types import TensorType
 from elision.kernels import token_reduction as alg

@@ -29,15 +29,8 @@ from typing import ClassVar, Literal, Union
 
 import torch
 
-from elision.analysis.token_axes import (
-    check_layer_option,
-    check_symbolic_batch,
-    model_map_for,
-    shape_of,
-    shorten_tokens,
-    splice,
-    trace_tap,
-)
+from elision.analysis.token_axes import (check_layer_option, check_symbolic_batch, model_map_for, shape_of,
+                                         shorten_tokens, splice, trace_tap)
 from elision.ir.core import Function, Module, Value
 from elision.kernels import token_reduction as alg
 from elision.passes.base import PassError, register_pass

@@ -35,19 +35,10 @@ from tokenizers import Tokenizer
 from elision.runtime.artifact import Artifact, ArtifactError, ArtifactMissingFileError, load_artifact, read_manifest
 from elision.runtime.generation import step_signature as sig
 from elision.runtime.generation.bookkeeping import IncrementalDecoder, check_lengths, normalize_eos
-from elision.runtime.generation.calibration import (
-    MachineCalibration,
-    available_cores,
-    load_calibration,
-    save_calibration,
-)
-from elision.runtime.generation.drafters import (
-    BASIC_DRAFTERS,
-    CombinedDrafter,
-    Drafter,
-    TokenRecyclingDrafter,
-    basic_drafter,
-)
+from elision.runtime.generation.calibration import (MachineCalibration, available_cores, load_calibration,
+                                                    save_calibration)
+from elision.runtime.generation.drafters import (BASIC_DRAFTERS, CombinedDrafter, Drafter, TokenRecyclingDrafter,
+                                                 basic_drafter)
 from elision.runtime.generation.loop import DecodeOptions, decode
 from elision.runtime.generation.ort_session_base import KVCacheOverflow
 from elision.runtime.generation.ort_step_session import OrtStepSession
