@@ -35,3 +35,7 @@ class OutputPathError(ElisionError):
 
 class UntrustedCodeError(ModelSpecError):
     """A `package.module:factory` spec would import and run Python code, and the caller did not opt in (trust_code)."""
+
+
+class PlacementError(ElisionError):
+    """A dtype, device or thread count cannot be used here (unknown name, no CUDA, threads < 1)."""

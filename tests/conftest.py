@@ -14,6 +14,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 # every pass manager run in the tests (subprocesses included) verifies the IR after each pass and that a pass
 # reporting no change left the graph alone (elision.passes.manager)
 os.environ.setdefault("ELISION_VERIFY_IR", "1")
+# no test reaches the Hugging Face Hub: a Hub id resolves from a local cache or fails with the offline message
+# (huggingface_hub reads this once, when first imported)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 

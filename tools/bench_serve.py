@@ -5,8 +5,10 @@ Rows, all greedy over the same held-out code prompts (round-robin) and max_token
   (the loop `elision run DIR --prompt` runs, without its per-invocation start-up);
 * onnxruntime-genai loop (if `onnxruntime_genai` is installed): the same model built by genai's model builder,
   plain (non-speculative) greedy decoding, one thread, prompts one after another; checked token-identical first;
-* `elision serve`, 1 and 2 replicas (1 CPU = 1 onnxruntime thread each) x 1, 8, 32 concurrent clients, each a
-  thread sending requests back to back over HTTP (loopback).
+* `elision serve`, 1 and 2 replicas (1 CPU = 1 onnxruntime thread each) x batching off (`--max-batch-size 1`: a
+  replica decodes one request at a time) and on (`--max-batch-size 8`: continuous batching, requests join the
+  running batch between steps) x 1, 8, 32 concurrent clients, each a thread sending requests back to back over
+  HTTP (loopback).
 Every answer is checked against the OrtGenerator's greedy tokens and text: responses that are lost (no answer),
 duplicated (a completion id seen twice) or garbled (other tokens or text) are counted, as are 503s and errors.
 A last phase kills one of two replicas a third of the way into an 8-client run and reports the throughput
@@ -18,6 +20,7 @@ clients run on the same 2-core machine as the replicas, so they take CPU from th
 Writes bench_results/serve.md and serve.png.
 
     .venv/bin/python tools/bench_serve.py [--artifact DIR] [--seconds 20] [--clients 1,8,32] [--replicas 1,2]
+                                          [--batch-sizes 1,8] [--no-fault]
 """
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ class Run:
     name: str
     replicas: str
     clients: int
+    batch: str = "-"  # the replicas' --max-batch-size
     seconds: float = 0.0
     latencies: list[float] = field(default_factory=list)  # of the correct answers
     tokens: int = 0
@@ -63,12 +67,14 @@ class Run:
     def sent(self) -> int:
         return self.ok + self.garbled + self.lost + self.errored + self.rejected
 
-    def row(self) -> str:
+    def percentile_ms(self, q: float) -> float:
         lat = sorted(self.latencies)
-        p50 = statistics.median(lat) * 1e3 if lat else float("nan")
-        p99 = lat[min(len(lat) - 1, int(round(0.99 * (len(lat) - 1))))] * 1e3 if lat else float("nan")
-        return (f"| {self.name} | {self.replicas} | {self.clients} | {self.sent} | {self.ok / self.seconds:.2f} | "
-                f"{self.tokens / self.seconds:.0f} | {p50:.0f} | {p99:.0f} | {self.lost} | {self.duplicated} | "
+        return lat[min(len(lat) - 1, int(round(q * (len(lat) - 1))))] * 1e3 if lat else float("nan")
+
+    def row(self) -> str:
+        return (f"| {self.name} | {self.replicas} | {self.batch} | {self.clients} | {self.sent} | "
+                f"{self.ok / self.seconds:.2f} | {self.tokens / self.seconds:.0f} | {self.percentile_ms(0.5):.0f} | "
+                f"{self.percentile_ms(0.95):.0f} | {self.percentile_ms(0.99):.0f} | {self.lost} | {self.duplicated} | "
                 f"{self.garbled} | {self.errored} | {self.rejected} |")
 
 
@@ -94,11 +100,11 @@ def loop_run(name: str, generate, prompts: list[str], refs: dict, seconds: float
 
 
 def http_run(name: str, url: str, replicas: int, clients: int, prompts: list[str], refs: dict, max_tokens: int,
-             seconds: float, during=None) -> Run:
+             seconds: float, during=None, batch: int = 1) -> Run:
     """`clients` threads sending requests back to back for `seconds` (requests in flight at the end finish)."""
     import requests
 
-    run = Run(name, str(replicas), clients)
+    run = Run(name, str(replicas), clients, str(batch))
     ids: list[str] = []
     lock = threading.Lock()
     start = time.perf_counter()
@@ -113,14 +119,16 @@ def http_run(name: str, url: str, replicas: int, clients: int, prompts: list[str
             try:
                 r = session.post(f"{url}/v1/completions", timeout=300,
                                  json={"prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
-                body = r.json()
+                # a 503 + Retry-After is an answer (backpressure) whatever its body: Ray Serve's own front
+                # queue answers in plain text
+                body = None if r.status_code == 503 and "Retry-After" in r.headers else r.json()
             except (requests.RequestException, ValueError):
                 with lock:
                     run.lost += 1
                 continue
             t1 = time.perf_counter()
             with lock:
-                if r.status_code == 503 and "Retry-After" in r.headers:
+                if body is None:
                     run.rejected += 1
                 elif r.status_code != 200:
                     run.errored += 1
@@ -176,7 +184,7 @@ def genai_generate(og, model, ids: list[int], max_tokens: int) -> list[int]:
     return out
 
 
-def fault_phase(service, url: str, prompts, refs, max_tokens: int, seconds: float) -> tuple[Run, dict]:
+def fault_phase(service, url: str, prompts, refs, max_tokens: int, seconds: float, batch: int) -> tuple[Run, dict]:
     """8 clients on 2 replicas for 3 x `seconds`; one replica is killed at `seconds`."""
     import ray
 
@@ -192,12 +200,30 @@ def fault_phase(service, url: str, prompts, refs, max_tokens: int, seconds: floa
         recovered = wait_replicas_running(2, 300, replacing=before)
         marks["recovered"] = time.perf_counter() - start if recovered else float("nan")
 
-    run = http_run("elision serve, replica killed", url, 2, 8, prompts, refs, max_tokens, 3 * seconds, during=kill)
+    run = http_run("elision serve, replica killed", url, 2, 8, prompts, refs, max_tokens, 3 * seconds, during=kill,
+                   batch=batch)
     windows = {"before the kill": (0.0, marks["kill"]), "until replaced": (marks["kill"], marks["recovered"]),
                "after": (marks["recovered"], run.seconds)}
     rates = {k: (sum(a <= t < b for t in run.done_at) / (b - a) if b > a else float("nan"), b - a)
              for k, (a, b) in windows.items()}
     return run, rates
+
+
+def batching_ratios(runs: list[Run]) -> list[str]:
+    """Batching on / off, same replicas and clients: throughput ratio and the latencies side by side."""
+    off = {(r.replicas, r.clients): r for r in runs if r.batch == "1"}
+    pairs = [(off[(r.replicas, r.clients)], r) for r in runs if r.batch != "1" and (r.replicas, r.clients) in off]
+    if not pairs:
+        return []
+    out = ["", "Batching on vs off (same replicas and clients):", "",
+           "| replicas | batch | clients | tokens/s off | tokens/s on | on / off | p50 ms off | p50 ms on | p95 ms off | "
+           "p95 ms on |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for a, b in pairs:
+        ta, tb = a.tokens / a.seconds, b.tokens / b.seconds
+        out.append(f"| {b.replicas} | {b.batch} | {b.clients} | {ta:.0f} | {tb:.0f} | {tb / ta if ta else float('nan'):.2f} | "
+                   f"{a.percentile_ms(0.5):.0f} | {b.percentile_ms(0.5):.0f} | {a.percentile_ms(0.95):.0f} | "
+                   f"{b.percentile_ms(0.95):.0f} |")
+    return out
 
 
 def plot(runs: list[Run], baselines: list[Run], path: Path) -> None:
@@ -207,10 +233,11 @@ def plot(runs: list[Run], baselines: list[Run], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for replicas in sorted({r.replicas for r in runs}):
-        pts = [r for r in runs if r.replicas == replicas]
-        ax.plot([r.clients for r in pts], [r.tokens / r.seconds for r in pts], "o-",
-                label=f"elision serve, {replicas} replica{'s' if replicas != '1' else ''}")
+    for replicas, batch in sorted({(r.replicas, r.batch) for r in runs}):
+        pts = [r for r in runs if (r.replicas, r.batch) == (replicas, batch)]
+        how = "batching off" if batch == "1" else f"continuous batches of {batch}"
+        ax.plot([r.clients for r in pts], [r.tokens / r.seconds for r in pts], "o-" if batch != "1" else "s--",
+                label=f"elision serve, {replicas} replica{'s' if replicas != '1' else ''}, {how}")
     for b, style in zip(baselines, ("--", ":")):
         ax.axhline(b.tokens / b.seconds, ls=style, c="grey", label=b.name)
     ax.set_xscale("log", base=2)
@@ -229,6 +256,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="duration of each run")
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("--replicas", default="1,2")
+    parser.add_argument("--batch-sizes", default="1,8", help="replica --max-batch-size values (1: batching off)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--port", type=int, default=8437)
@@ -274,37 +302,43 @@ def main() -> None:
 
     clients = [int(c) for c in args.clients.split(",")]
     replica_counts = [int(r) for r in args.replicas.split(",")]
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     max_queued = max(clients) + 8  # no 503 by design: the queue holds every client's request
     service = Service(art, ServeOptions(replicas=replica_counts[0], port=args.port, ray_cpus=os.cpu_count(),
-                                        replica_cpus=1.0, max_queued=max_queued))
+                                        replica_cpus=1.0, max_queued=max_queued, max_batch_size=batch_sizes[0]))
     service.start()
     url = service.url
     runs: list[Run] = []
     fault = None
     try:
         for replicas in replica_counts:
-            service.set_replicas(replicas)
-            http_run("warm-up", url, replicas, replicas, prompts, refs, args.max_tokens, 2.0)
-            for c in clients:
-                runs.append(http_run("elision serve", url, replicas, c, prompts, refs, args.max_tokens, args.seconds))
-                print(runs[-1].row(), flush=True)
+            for batch in batch_sizes:
+                service.set_replicas(replicas, max_batch_size=batch)
+                http_run("warm-up", url, replicas, replicas * batch, prompts, refs, args.max_tokens, 2.0, batch=batch)
+                for c in clients:
+                    runs.append(http_run("elision serve", url, replicas, c, prompts, refs, args.max_tokens,
+                                         args.seconds, batch=batch))
+                    print(runs[-1].row(), flush=True)
         if not args.no_fault:
-            service.set_replicas(2)
-            fault = fault_phase(service, url, prompts, refs, args.max_tokens, args.seconds)
+            service.set_replicas(2, max_batch_size=batch_sizes[-1])
+            fault = fault_phase(service, url, prompts, refs, args.max_tokens, args.seconds, batch_sizes[-1])
     finally:
         service.shutdown()
     for b, (name, fn) in zip(baselines, loops.items()):
         b.merge(loop_run(name, fn, prompts, refs, args.seconds / 2))
 
-    head = ("| server | replicas | clients | requests | requests/s | tokens/s | p50 ms | p99 ms | lost | duplicated | "
-            "garbled | errors | 503 |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    head = ("| server | replicas | batch | clients | requests | requests/s | tokens/s | p50 ms | p95 ms | p99 ms | lost | "
+            "duplicated | garbled | errors | 503 |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     lines = [f"# `elision serve`: HTTP throughput and latency ({BUILTIN}, CPU, {os.cpu_count()} cores)", "",
              f"Greedy, max_tokens={args.max_tokens}, {len(prompts)} held-out code prompts round-robin, "
              f"{args.seconds:g} s per run; replicas of 1 CPU (1 onnxruntime thread each), drafter recycling+lookup, "
-             "dynamic tree. Every answer checked against the single-process greedy tokens and text. Clients share "
-             f"the machine with the replicas (1-minute load average {load_at_start:.1f} at the start). Command: "
-             "`python tools/bench_serve.py`.", "", head]
+             "dynamic tree; batch: the replicas' `--max-batch-size` (1: batching off; more: continuous batching, "
+             "requests join the running batch between decoding steps). Every answer checked against the "
+             "single-process greedy tokens and text. Clients share the machine with the replicas (1-minute load "
+             f"average {load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end). Command: "
+             f"`python tools/bench_serve.py {' '.join(sys.argv[1:])}`.", "", head]
     lines += [b.row() for b in baselines] + [r.row() for r in runs]
+    lines += batching_ratios(runs)
     if genai_note:
         lines += ["", genai_note]
     if fault is not None:

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from elision.cli import failures
+from elision.cli import failures, options
 from elision.runtime.outputs import atomic_file, check_output_file
 
 KNOWN = "lookup, recycling, copy, layer-skip, draft-model, none, or a '+' combination such as recycling+lookup"
@@ -47,7 +47,8 @@ def register(app: typer.Typer) -> None:
     @app.command("generate")
     @failures.command
     def generate_cmd(
-        model: str = typer.Argument(..., help="Hugging Face causal LM directory (with tokenizer) or builtin:tiny-code-lm"),
+        model: str = typer.Argument(..., help="Hugging Face causal LM directory (with tokenizer), Hub id (org/name) "
+                                              "or builtin:tiny-code-lm"),
         prompt: str = typer.Option(..., "--prompt", "-p", help="prompt text"),
         max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="tokens to generate"),
         drafter: str = typer.Option("recycling+lookup", "--drafter", "-d", help=f"drafter: {KNOWN}"),
@@ -64,8 +65,9 @@ def register(app: typer.Typer) -> None:
         visualize: Optional[Path] = typer.Option(None, "--visualize", help="write the most-accepted draft tree to this .png/.html"),
         target: str = typer.Option("torch", "--target", help="torch, or onnxruntime (compiles and caches a generation "
                                    "artifact on first use, then decodes with ONNX Runtime)"),
-        threads: Optional[int] = typer.Option(None, "--threads", help="intra-op threads (default: torch's; for "
-                                              "onnxruntime the count calibrated as fastest on this machine)"),
+        threads: Optional[int] = options.THREADS,
+        dtype: str = options.DTYPE,
+        device: Optional[str] = options.DEVICE,
     ) -> None:
         """Generate text with lossless speculative decoding (output identical to the model's own decoding)."""
         console = Console(stderr=as_json, emoji=False)
@@ -84,18 +86,16 @@ def register(app: typer.Typer) -> None:
         if threads is not None and threads < 1:
             raise failures.fail(f"--threads must be >= 1, got {threads}")
         if target == "onnxruntime":
+            providers = options.ort_providers(device, dtype)
             unsupported = [o for o, v in (("--draft-model", draft_model), ("--skip-layers", skip_layers),
                                           ("--visualize", visualize)) if v]
             if unsupported:
                 raise failures.fail(f"{', '.join(unsupported)} need --target torch (model drafters and tree pictures "
                                     "run in the PyTorch loop)")
             _generate_onnxruntime(model, prompt, max_new_tokens, drafter, tree, do_sample, temperature, top_k, top_p,
-                                  seed, stop, as_json, threads, console, err)
+                                  seed, stop, as_json, threads, providers, console, err)
             return
-        if threads is not None:
-            import torch  # only now: the onnxruntime route never needs it
-
-            torch.set_num_threads(threads)
+        placement = options.placement(dtype, device, threads)  # imports torch: the onnxruntime route never needs it
         skip = None
         if skip_layers:
             try:
@@ -109,13 +109,13 @@ def register(app: typer.Typer) -> None:
             with err.status(f"loading {escape(model)}"):
                 from elision.apps.specdec.loading import load_causal_lm  # torch + transformers: only when running
 
-                target, tokenizer = load_causal_lm(model)
-                draft = load_causal_lm(draft_model)[0] if draft_model else None
+                target, tokenizer = load_causal_lm(model, placement)
+                draft = load_causal_lm(draft_model, placement)[0] if draft_model else None
             gen = SpeculativeGenerator(target, tokenizer=tokenizer, drafter=drafter, draft_model=draft, tree=tree,
                                        skip_layers=skip)
         except ValueError as e:
             raise failures.fail(str(e)) from None
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(placement.device)
         if ids.shape[1] == 0:
             raise failures.fail("the prompt encodes to zero tokens: pass some text with --prompt")
         eos = tokenizer.eos_token_id
@@ -148,7 +148,8 @@ def register(app: typer.Typer) -> None:
 
 def _generate_onnxruntime(model: str, prompt: str, max_new_tokens: int, drafter: str, tree: str, do_sample: bool,
                           temperature: float, top_k: int, top_p: float, seed: Optional[int], stop: Optional[list[str]],
-                          as_json: bool, threads: Optional[int], console: Console, err: Console) -> None:
+                          as_json: bool, threads: Optional[int], providers: Optional[list[str]], console: Console,
+                          err: Console) -> None:
     from elision.apps.specdec.artifact_cache import cached_generation_artifact
     from elision.runtime.artifact import ArtifactError
     from elision.runtime.generation.ort_generator import OrtGenerator
@@ -156,7 +157,7 @@ def _generate_onnxruntime(model: str, prompt: str, max_new_tokens: int, drafter:
     try:
         with err.status(f"preparing {escape(model)} for onnxruntime") as status:
             artifact, compiled = cached_generation_artifact(model, progress=status.update)
-            gen = OrtGenerator.load(artifact, threads=threads, drafter=drafter, tree=tree)
+            gen = OrtGenerator.load(artifact, threads=threads, drafter=drafter, tree=tree, providers=providers)
     except (ValueError, ArtifactError) as e:
         raise failures.fail(str(e)) from None
     if compiled and not as_json:

@@ -39,12 +39,15 @@ def _human(n: float, unit: str = "B") -> str:
     return f"{n} {unit}"
 
 
-def inspect_report(spec: str, progress=None, passes: str | None = None, trust_code: bool = False) -> dict:
+def inspect_report(spec: str, progress=None, passes: str | None = None, trust_code: bool = False,
+                   placement=None) -> dict:
     """Load, export and map ``spec``; everything ``elision inspect`` shows, as a JSON-ready dict.
 
-    trust_code: allow a ``package.module:factory`` spec (it runs that module's code)."""
+    trust_code: allow a ``package.module:factory`` spec (it runs that module's code).
+    placement: dtype/device/threads to load and trace in (default float32 on the CPU)."""
     from elision.apps.compile.api import check_pipeline
     from elision.frontend.model_spec import load_model
+    from elision.frontend.placement import DEFAULT
     from elision.frontend.trace import export_to_ir
     from elision.analysis.model_map import build_model_map
 
@@ -52,7 +55,7 @@ def inspect_report(spec: str, progress=None, passes: str | None = None, trust_co
         check_pipeline(passes)  # before loading and tracing: a typo must not cost a trace
     step = progress or (lambda _msg: None)
     step(f"loading {spec}")
-    lm = load_model(spec, trust_code=trust_code)
+    lm = load_model(spec, trust_code=trust_code, placement=placement or DEFAULT)
     step(f"tracing {lm.name} with torch.export")
     module = export_to_ir(lm.model, lm.example_inputs, lm.dynamic_dims, input_names=lm.input_names)
     if passes:
@@ -159,14 +162,17 @@ def register(app: typer.Typer) -> None:
     @app.command("inspect")
     @failures.command
     def inspect_cmd(
-        model: Optional[str] = typer.Argument(None, help="Hugging Face model directory, builtin:NAME, or "
-                                                         "package.module:factory (needs --trust-code)"),
+        model: Optional[str] = typer.Argument(None, help="Hugging Face model directory or Hub id (org/name), "
+                                                         "builtin:NAME, or package.module:factory (needs --trust-code)"),
         as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of tables"),
         list_builtins: bool = typer.Option(False, "--list-builtins", help="list the builtin:NAME models and exit"),
         top: int = typer.Option(15, "--top", help="rows of the op histogram to show"),
         passes: Optional[str] = typer.Option(None, "--passes", "-p",
                                              help="pipeline to run before mapping (e.g. 'fuse-attention')"),
         trust_code: bool = options.TRUST_CODE,
+        dtype: str = options.DTYPE,
+        device: str = options.DEVICE,
+        threads: Optional[int] = options.THREADS,
     ):
         """Show what elision recognizes in MODEL: layers, attention, norms, heads, op counts, applicable rewrites."""
         out = Console(emoji=False)
@@ -181,11 +187,13 @@ def register(app: typer.Typer) -> None:
             raise failures.fail(f"--top must be at least 1 (got {top})")
         from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+        placement = options.placement(dtype, device, threads)
         try:
             with Progress(SpinnerColumn(), TextColumn("{task.description}", markup=False), TimeElapsedColumn(),
                           console=err, transient=True, disable=not err.is_terminal) as prog:
                 task = prog.add_task("starting", total=None)
-                report = inspect_report(model, lambda msg: prog.update(task, description=msg), passes, trust_code)
+                report = inspect_report(model, lambda msg: prog.update(task, description=msg), passes, trust_code,
+                                        placement)
         except (ElisionError, KeyboardInterrupt):
             raise
         except ImportError as e:

@@ -58,8 +58,8 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 @app.command("compile")
 @failures.command
 def compile_cmd(
-    model: str = typer.Argument(..., help="Hugging Face model directory, builtin:NAME, or package.module:factory "
-                                          "(needs --trust-code)"),
+    model: str = typer.Argument(..., help="Hugging Face model directory or Hub id (org/name), builtin:NAME, or "
+                                          "package.module:factory (needs --trust-code)"),
     passes: Optional[str] = typer.Option(None, "--passes", "-p", help="pipeline, e.g. 'canonicalize,cse,dce' (default: the semantics-preserving pipeline)"),
     emit: str = typer.Option("ir", "--emit", help="what to write: ir | fx | onnx | mlir"),
     output: Path = typer.Option(Path("elision-out"), "--output", "-o", help="output directory"),
@@ -71,9 +71,16 @@ def compile_cmd(
     for_use: Optional[str] = typer.Option(None, "--for", help="'generate': with --emit onnx, a speculative-decoding "
                                           "artifact (step function + tokenizer) for `elision run DIR --prompt`"),
     trust_code: bool = options.TRUST_CODE,
+    dtype: str = options.DTYPE,
+    device: str = options.DEVICE,
+    threads: Optional[int] = options.THREADS,
 ):
     """Trace MODEL, run the pass pipeline, and write the result (IR text, FX code, ONNX artifact or MLIR)."""
+    placement = options.placement(dtype, device, threads)
     if for_use is not None:
+        if dtype != "float32":
+            raise fail(f"--for generate writes float32 artifacts (the generation step's KV cache and verification "
+                       f"are float32); drop --dtype {dtype}")
         return _compile_for_generate(model, for_use, emit, passes, output, verify, as_json)
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -90,11 +97,12 @@ def compile_cmd(
     check_output_dir(output, "output directory (-o)", marker=output_marker(emit))
     if dump_ir is not None:
         check_output_dir(dump_ir, "--dump-ir directory")
-    result: dict = {"model": model, "emit": emit, "pipeline": ",".join(p.spec() for p in pm_passes)}
+    result: dict = {"model": model, "emit": emit, "pipeline": ",".join(p.spec() for p in pm_passes),
+                    "dtype": dtype, "device": device}
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
                   transient=True, disable=as_json or not console.is_terminal) as progress:
         task = progress.add_task(f"loading {escape(model)}")
-        lm = load_model(model, trust_code=trust_code)
+        lm = load_model(model, trust_code=trust_code, placement=placement)
         progress.update(task, description="tracing with torch.export")
         static = [p for p in pm_passes if getattr(p, "static_shapes", False)]
         if static:
@@ -118,7 +126,7 @@ def compile_cmd(
                        "written": [str(w) for w in written]})
         if verify:
             progress.update(task, description="verifying on fresh random inputs")
-            result["verify"] = _verify(ir, lm, emit, output)
+            result["verify"] = _verify(ir, lm, emit, output, placement)
     if as_json:
         out.print_json(json.dumps(result))
     else:
@@ -181,7 +189,7 @@ def _compile_for_generate(model: str, for_use: str, emit: str, passes: Optional[
     out.print(f"run it with: elision run {output} --prompt TEXT", markup=False)
 
 
-def _verify(ir, lm, emit: str, output: Path) -> dict:
+def _verify(ir, lm, emit: str, output: Path, placement) -> dict:
     import torch
 
     from elision.apps.compile.api import _takes_use_cache
@@ -189,13 +197,13 @@ def _verify(ir, lm, emit: str, output: Path) -> dict:
     from elision.ir.execute import to_fx
 
     high = getattr(getattr(lm.model, "config", None), "vocab_size", None)
-    inputs = fresh_inputs(lm.example_inputs, lm.dynamic_dims, high=high)
+    inputs = placement.place_inputs(fresh_inputs(lm.example_inputs, lm.dynamic_dims, high=high))
     with torch.no_grad():
         want = primary(lm.model(*inputs, use_cache=False) if _takes_use_cache(lm.model) else lm.model(*inputs))
         if emit == "onnx":
             from elision.lowering.emit import run_onnx_artifact
 
-            got = run_onnx_artifact(output, "forward", inputs)[0]
+            got = run_onnx_artifact(output, "forward", inputs)[0].to(want.device)
         else:
             got = to_fx(ir, "forward")(*inputs)[0]
     cmp = compare(got, want)

@@ -3,7 +3,7 @@
 Torch-free like `elision.runtime.artifact`: this command works where only numpy and onnxruntime are installed.
 
 Generation artifacts (`elision compile MODEL --emit onnx --for generate`) take `--prompt TEXT` instead: this command
-dispatches on the manifest's `runtime_settings["kind"]` to the runner of that kind (`PROMPT_RUNNERS`).
+dispatches on the manifest's `runtime_settings["kind"]` to the runner of that kind (`prompt_runners()`).
 """
 from __future__ import annotations
 
@@ -18,16 +18,23 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from elision.cli import failures
+from elision.cli import failures, options
 from elision.runtime.artifact import Artifact, ArtifactError, load_artifact, read_manifest
-from elision.runtime.generation.ort_generator import GENERATION_KIND, default_threads, run_prompt
 from elision.runtime.outputs import atomic_directory, check_output_dir
 
-__all__ = ["PROMPT_RUNNERS", "register", "run_artifact_command"]
+__all__ = ["prompt_runners", "register", "run_artifact_command"]
 
 # kind -> runner(artifact, prompt, options) -> dict printed as the result (JSON-serializable)
 PromptRunner = Callable[[Artifact, str, dict], dict]
-PROMPT_RUNNERS: dict[str, PromptRunner] = {GENERATION_KIND: run_prompt}
+
+
+def prompt_runners() -> dict[str, PromptRunner]:
+    """The generation loops `--prompt` can drive, by artifact kind."""
+    # imported when a prompt runs, not at module top: the loop's sessions load onnxruntime (~0.3-0.7 s), which
+    # `elision --help` must not pay
+    from elision.runtime.generation.ort_generator import GENERATION_KIND, run_prompt
+
+    return {GENERATION_KIND: run_prompt}
 
 _JSON_VALUE_LIMIT = 4096  # outputs with more elements are summarized in --json (use --save for the data)
 
@@ -100,8 +107,11 @@ def run_artifact_command(
     try:
         if threads is None and prompt is not None:
             manifest = read_manifest(artifact_dir)
-            if manifest.get("runtime_settings", {}).get("kind") == GENERATION_KIND:
-                threads = default_threads(manifest)  # the count calibrated as fastest on this machine
+            if manifest.get("runtime_settings", {}).get("kind") in prompt_runners():
+                # the count calibrated as fastest on this machine (imported here: see prompt_runners)
+                from elision.runtime.generation.ort_generator import default_threads
+
+                threads = default_threads(manifest)
         artifact = load_artifact(
             artifact_dir,
             providers=[p.strip() for p in providers.split(",")] if providers else None,
@@ -112,14 +122,15 @@ def run_artifact_command(
         raise _fail(str(e)) from None
     if prompt is not None:
         kind = str(artifact.runtime_settings.get("kind", "generic"))
-        if kind not in PROMPT_RUNNERS:
+        runners = prompt_runners()
+        if kind not in runners:
             raise _fail(f"--prompt needs a generation loop for artifacts of kind {kind!r}, and none is installed; "
                         f"run a single function with --input NAME=FILE.npy instead, or compile a generation artifact "
                         f"with `elision compile MODEL --emit onnx --for generate -o DIR`")
         if inputs:
             raise _fail("pass either --prompt or --input, not both")
         try:
-            return PROMPT_RUNNERS[kind](artifact, prompt, {"threads": threads, **(generation or {})})
+            return runners[kind](artifact, prompt, {"threads": threads, **(generation or {})})
         except ArtifactError as e:
             raise _fail(str(e)) from None
     if generation and any(v is not None for k, v in generation.items() if k != "stream"):
@@ -178,8 +189,8 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="print one JSON object (values included for small outputs)"),
         save: Optional[Path] = typer.Option(None, "--save", help="directory to write each output as NAME.npy"),
         providers: Optional[str] = typer.Option(None, "--providers", help="comma-separated ORT providers (default: CUDA if available, else CPU)"),
-        threads: Optional[int] = typer.Option(None, "--threads", help="ORT intra-op threads (default for --prompt: the "
-                                              "count calibrated as fastest on this machine)"),
+        threads: Optional[int] = options.THREADS,
+        device: Optional[str] = options.DEVICE,
         no_verify: bool = typer.Option(False, "--no-verify", help="skip the sha256 check of the artifact files"),
         max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n", help="with --prompt: tokens to generate (default 64)"),
         drafter: Optional[str] = typer.Option(None, "--drafter", "-d", help="with --prompt: lookup, recycling, copy, none, or a '+' combination (default recycling+lookup)"),
@@ -200,6 +211,10 @@ def register(app: typer.Typer) -> None:
             failures.check_prompt(prompt)
         if max_new_tokens is not None and max_new_tokens < 1:
             raise _fail(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+        if device is not None:
+            if providers:
+                raise _fail("pass either --device or --providers, not both")
+            providers = ",".join(options.ort_providers(device))
         streaming = prompt is not None and not as_json
         generation = {"max_new_tokens": max_new_tokens, "drafter": drafter, "tree": tree, "stop": stop or None,
                       # None, not False, when greedy: a set option without --prompt is an error below

@@ -2,6 +2,7 @@
 
     elision serve gen/ --replicas 2 --port 8000                 # a local Ray on this machine
     elision serve gen/ --replicas 8 --address 10.0.0.1:6379     # join a Ray cluster; replicas spread over its nodes
+    elision serve gen/ --max-batch-size 16 --batch-wait-ms 5    # up to 16 requests decoded together per replica
     curl -s localhost:8000/v1/completions -d '{"prompt": "def parse(", "max_tokens": 32, "temperature": 0}'
 
 Needs the `serve` extra (`pip install 'elision[serve]'`); Ray is imported only when the command runs.
@@ -52,6 +53,11 @@ def register(app: typer.Typer) -> None:
                                               "or auto) instead of starting a local Ray"),
         replica_cpus: float = typer.Option(1.0, "--replica-cpus", help="CPUs per replica (its onnxruntime threads)"),
         max_queued: int = typer.Option(32, "--max-queued", help="requests waiting for a replica before 503 + Retry-After"),
+        max_batch_size: int = typer.Option(8, "--max-batch-size", help="requests one replica decodes together "
+                                           "(continuous batching: a request joins the running batch at the next "
+                                           "step); 1 turns batching off"),
+        batch_wait_ms: float = typer.Option(0.0, "--batch-wait-ms", help="how long the first request reaching an "
+                                            "idle replica waits for others to start with it"),
         name: Optional[str] = typer.Option(None, "--name", help="model id in the API (default: the directory name)"),
         ray_cpus: Optional[int] = typer.Option(None, "--ray-cpus", help="CPUs of the local Ray (default: all cores)"),
         proxy_location: str = typer.Option("EveryNode", "--proxy-location",
@@ -67,7 +73,8 @@ def register(app: typer.Typer) -> None:
         from elision.runtime.artifact import ArtifactError
 
         options = ServeOptions(replicas=replicas, host=host, port=port, address=address, replica_cpus=replica_cpus,
-                               max_queued=max_queued, name=name, ray_cpus=ray_cpus,
+                               max_queued=max_queued, max_batch_size=max_batch_size,
+                               batch_wait_ms=batch_wait_ms, name=name, ray_cpus=ray_cpus,
                                proxy_location=proxy_location)
         try:
             options.check()
@@ -88,7 +95,7 @@ def register(app: typer.Typer) -> None:
 
             where = f"Ray cluster {address}" if address else f"local Ray ({ray.cluster_resources().get('CPU', 0):g} CPUs)"
             _out.print(f"serving {service.card.name} at {service.url}/v1 ({replicas} replica{'s' * (replicas > 1)} x "
-                       f"{replica_cpus:g} CPU on {where}, gcs {ray.get_runtime_context().gcs_address}); "
+                       f"{replica_cpus:g} CPU, batches of up to {max_batch_size} on {where}, gcs {ray.get_runtime_context().gcs_address}); "
                        f"Ctrl-C stops", markup=False, highlight=False, soft_wrap=True)
             sys.stdout.flush()  # scripts wait for this line on a pipe
             _wait_for_signal()

@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from elision.cli import failures
+from elision.cli import failures, options
 from elision.runtime.outputs import atomic_file, check_output_file
 
 console = Console(stderr=True, emoji=False)  # paths and specs are user text, never :emoji: codes
@@ -65,6 +65,9 @@ def register(app: typer.Typer) -> None:
         preview: Optional[Path] = typer.Option(None, "--preview", help="PNG preview (default: next to the mesh)"),
         chunk: int = typer.Option(32768, "--chunk", help="queries per decoder call (bounds memory)"),
         as_json: bool = typer.Option(False, "--json", help="print one JSON object with counts, timings and mesh stats"),
+        dtype: str = options.DTYPE,
+        device: Optional[str] = options.DEVICE,
+        threads: Optional[int] = options.THREADS,
     ) -> None:
         """Decode latents to a mesh with (by default) hierarchical sparse volume decoding."""
         import torch
@@ -78,7 +81,7 @@ def register(app: typer.Typer) -> None:
         from elision.models.vecset import load_latents
         from elision.passes.pipeline import parse_pipeline
 
-        torch.set_num_threads(min(2, torch.get_num_threads()))
+        placement = options.placement(dtype, device, threads)
         if output.suffix.lower() not in MESH_SUFFIXES:
             raise _fail(f"unsupported mesh format {output.suffix!r}; use one of {', '.join(MESH_SUFFIXES)}")
         if backend not in BACKENDS:
@@ -88,6 +91,9 @@ def register(app: typer.Typer) -> None:
         artifact = Path(model).is_dir()
         if artifact and backend != "ort":
             raise _fail(f"{model} is a directory: an ONNX artifact runs with --backend ort")
+        if artifact and (dtype != "float32" or device is not None):
+            raise _fail("--dtype and --device apply to a model that decode-shape compiles; an ONNX artifact keeps "
+                        "its dtype and runs where onnxruntime puts it")
         if artifact and dump_ir is not None:
             raise _fail("--dump-ir needs a model to compile; an ONNX artifact is compiled already")
         seconds: dict[str, float] = {}
@@ -112,7 +118,8 @@ def register(app: typer.Typer) -> None:
                                       "change its passes (compile it again, or leave --passes out)")
                 seconds["load"] = time.perf_counter() - t0
             else:
-                tmodel = load_vecset(model)
+                tmodel = placement.place_model(load_vecset(model))
+                lat = placement.place_inputs(lat)
                 c = tmodel.config
                 if tuple(lat.shape[-2:]) != (c.num_latents, c.embed_dim):
                     raise VolumeError(f"latents have shape {list(lat.shape)} but {model} expects "
@@ -173,23 +180,25 @@ def register(app: typer.Typer) -> None:
         steps: int = typer.Option(600, "--steps", help="optimisation steps (auto-decoding)"),
         minutes: float = typer.Option(5.0, "--minutes", help="stop after this many minutes"),
         as_json: bool = typer.Option(False, "--json"),
+        threads: Optional[int] = options.THREADS,
     ) -> None:
         """Fit latents for a mesh (auto-decoding through the frozen decoder; no encoder is trained)."""
-        import torch
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         from elision.models.vecset import save_latents
         from elision.apps.volume.encode import fit
         from elision.apps.volume.shapes import ShapeError, load_mesh_file, mesh_source
 
-        torch.set_num_threads(min(2, torch.get_num_threads()))
+        # float32 on the CPU only (no --dtype/--device): `fit` builds its point pools and latents as CPU float32
+        # tensors, and half precision would stall the gradient descent on the latents
+        placement = options.placement("float32", "cpu", threads)
         if output.suffix != ".safetensors":
             raise _fail(f"output must be a .safetensors file, got {output.name}")
         check_output_file(output, "latents file (-o)")
         if steps < 1:
             raise _fail(f"--steps must be >= 1, got {steps}")
         try:
-            net = load_vecset(model)
+            net = placement.place_model(load_vecset(model))
             src = mesh_source(load_mesh_file(mesh), mesh.stem)
         except (ShapeError, ValueError, KeyError, FileNotFoundError) as e:
             raise _fail(str(e).strip("'\""))

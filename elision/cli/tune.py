@@ -109,7 +109,9 @@ def register(app: typer.Typer) -> None:
         measure: str = typer.Option("executor", "--measure",
                                     help="time finalists in the eager executor (fast) or as deployed ONNX artifacts "
                                          "(`onnx`: slower to tune, only plans `elision compile` can apply)"),
-        threads: int = typer.Option(2, "--threads", help="torch CPU threads (per Ray worker with --ray)"),
+        threads: Optional[int] = options.THREADS,
+        dtype: str = options.DTYPE,
+        device: Optional[str] = options.DEVICE,
         ray_address: Optional[str] = typer.Option(
             None, "--ray", help="evaluate candidates as Ray tasks in parallel: 'local' starts a Ray on this machine, "
                                 "or a cluster address (host:port, ray://..., auto); needs the serve extra"),
@@ -138,14 +140,15 @@ def register(app: typer.Typer) -> None:
         check_output_file(plot, "--plot file")
         if json_out is not None:
             check_output_file(json_out, "--json file")
-        torch.set_num_threads(max(1, min(threads, 2)))
+        placement = options.placement(dtype, device, threads)  # sets torch's threads (per Ray worker with --ray)
         from elision.frontend.model_spec import load_model
         try:
-            loaded = load_model(model, trust_code=trust_code)
+            loaded = load_model(model, trust_code=trust_code, placement=placement)
             adapter = adapter_for(loaded.model)
             if getattr(loaded.model, "tokenizer", None) is None and loaded.tokenizer is not None:
                 loaded.model.tokenizer = loaded.tokenizer
             calib, labels = load_calibration(calib_spec, loaded.model, adapter, samples, seq_len)
+            calib = placement.place_inputs(calib)
         except (ElisionError, PruningError, ValueError, FileNotFoundError, ModuleNotFoundError) as e:
             raise _fail(str(e)) from None
         timer = None
@@ -154,7 +157,7 @@ def register(app: typer.Typer) -> None:
 
             names = ["input_ids", "attention_mask"] if len(calib) == 2 else ["pixel_values"]
             console.print("tracing the model at the calibration shape for ONNX timing")
-            timer = OnnxTimer(loaded.model, calib, names, threads=max(1, min(threads, 2)))
+            timer = OnnxTimer(loaded.model, calib, names, threads=threads)
         evaluator = None
         if ray_address is not None:
             try:

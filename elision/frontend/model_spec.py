@@ -2,7 +2,10 @@
 
   * a Hugging Face model directory (``config.json`` + ``*.safetensors``),
   * ``builtin:NAME`` (see :mod:`elision.models.registry`),
-  * ``package.module:factory`` — a callable returning a module, or ``(module, example_inputs)``.
+  * ``package.module:factory`` — a callable returning a module, or ``(module, example_inputs)``,
+  * a Hugging Face Hub id ``org/name`` (resolved through the local Hugging Face cache, see :mod:`.hub`).
+
+Every spec loads in the dtype, on the device and with the threads of a :class:`~.placement.Placement`.
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ import torch
 import transformers
 
 from elision.errors import ModelSpecError, UntrustedCodeError
+from elision.frontend.hub import looks_like_hub_id, resolve_hub_id
+from elision.frontend.placement import DEFAULT, Placement
 from elision.models.registry import get_builtin
 
 
@@ -39,18 +44,31 @@ _FACTORY_SPEC = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$"
 TRUST_HINT = "pass --trust-code (trust_code=True in Python) if you trust that code"
 
 
-def load_model(spec: str, *, trust_code: bool = False) -> LoadedModel:
-    """Resolve `spec` to a model and example inputs.
+def load_model(spec: str, *, trust_code: bool = False, placement: Placement = DEFAULT) -> LoadedModel:
+    """Resolve `spec` to a model and example inputs, both in `placement`'s dtype and on its device.
 
     trust_code: allow `package.module:factory` specs, which import a module and call a function in it (any Python
     code can run, as with Hugging Face's trust_remote_code). Without it such a spec raises UntrustedCodeError.
     """
+    placement.check_available()  # before a possibly long load
+    lm = _load_unplaced(spec, trust_code, placement)
+    lm.model = placement.place_model(lm.model)
+    lm.example_inputs = placement.place_inputs(lm.example_inputs)
+    return lm
+
+
+def _load_unplaced(spec: str, trust_code: bool, placement: Placement) -> LoadedModel:
     if not isinstance(spec, str) or not spec.strip():
-        raise ModelSpecError("empty model spec: give a Hugging Face model directory, builtin:NAME, or package.module:factory")
+        raise ModelSpecError("empty model spec: give a Hugging Face model directory or Hub id, builtin:NAME, or "
+                             "package.module:factory")
     if spec.startswith("builtin:"):
         return _load_builtin(spec[len("builtin:"):], spec)
     if os.path.isdir(spec):
-        return _load_hf_dir(Path(spec))
+        return _load_hf_dir(Path(spec), placement)
+    if looks_like_hub_id(spec):
+        lm = _load_hf_dir(resolve_hub_id(spec), placement)
+        lm.name, lm.source = spec, spec
+        return lm
     if ":" in spec and not os.path.exists(spec):
         if not _FACTORY_SPEC.match(spec):
             raise ModelSpecError(f"cannot resolve model spec {spec!r}: it is neither a directory, builtin:NAME, nor "
@@ -62,8 +80,8 @@ def load_model(spec: str, *, trust_code: bool = False) -> LoadedModel:
         return _load_factory(spec)
     if os.path.exists(spec):
         raise ModelSpecError(f"{spec} is a file, not a model directory: pass the directory that holds config.json and the safetensors weights")
-    raise ModelSpecError(f"cannot resolve model spec {spec!r}: no such directory; use a Hugging Face model directory, "
-                         f"builtin:NAME (see `elision inspect --list-builtins`), or package.module:factory")
+    raise ModelSpecError(f"cannot resolve model spec {spec!r}: no such directory; use a Hugging Face model directory "
+                         f"or Hub id (org/name), builtin:NAME (see `elision inspect --list-builtins`), or package.module:factory")
 
 
 def _load_builtin(name: str, spec: str) -> LoadedModel:
@@ -114,7 +132,7 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
-def _load_hf_dir(path: Path) -> LoadedModel:
+def _load_hf_dir(path: Path, placement: Placement = DEFAULT) -> LoadedModel:
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise ModelSpecError(f"{path} is not a Hugging Face model directory: config.json is missing")
@@ -135,7 +153,8 @@ def _load_hf_dir(path: Path) -> LoadedModel:
     if cls is None:
         cls = transformers.AutoModel
     try:
-        model = cls.from_pretrained(str(path), local_files_only=True, use_safetensors=True, torch_dtype=torch.float32)
+        model = cls.from_pretrained(str(path), local_files_only=True, use_safetensors=True,
+                                    dtype=placement.torch_dtype)  # loaded straight in the dtype: no fp32 copy
     except Exception as e:
         raise ModelSpecError(f"cannot load weights from {path}: {e}") from None
     model.eval()

@@ -118,8 +118,15 @@ def emit_onnx(ir, lm, out_dir: Path, *, ort_fusions: bool = True) -> list[Path]:
         source_hash=str(ir.attrs.get("source_hash", "")),
         runtime_settings=_runtime_settings(ir, lm),
         ort_fusions=ort_fusions,
+        dtype=weights_dtype(ir),
     )
     return sorted(p for p in Path(out).iterdir() if p.is_file())
+
+
+def weights_dtype(ir) -> str:
+    """The floating dtype of the IR's weights as a name ('float32' for a module without floating weights)."""
+    floating = [t.dtype for t in ir.params.values() if t.is_floating_point()]
+    return str(floating[0]).removeprefix("torch.") if floating else "float32"
 
 
 def run_onnx_artifact(out_dir: Path, fn_name: str, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:

@@ -44,6 +44,7 @@ from elision.errors import ElisionError
 from elision.runtime.artifact import (FORMAT_VERSION, MANIFEST_NAME, WEIGHTS_NAME, TensorSpec, elision_version,
                                       sha256_file)
 from elision.runtime.outputs import atomic_directory
+from elision.runtime.precision import target_providers
 
 __all__ = ["ArtifactWriter", "export_onnx", "export_program", "source_hash_of", "to_dynamic_shapes", "OnnxExportError",
            "FunctionExportInfo", "exporter_error_summary"]
@@ -474,7 +475,7 @@ class ArtifactWriter:
         self.add_proto(name, proto, ort_fusions, ranges)
 
     def finish(self, *, pipeline: str, source_hash: str, runtime_settings: Mapping[str, Any],
-               extra_files: Mapping[str, str | Path] | None = None) -> Path:
+               extra_files: Mapping[str, str | Path] | None = None, dtype: str = "float32") -> Path:
         """Hash every file and write `manifest.json`; returns the artifact directory (in place once the `with`
         block ends)."""
         self.weights.close()
@@ -497,6 +498,8 @@ class ArtifactWriter:
             "pipeline": pipeline,
             "source_hash": source_hash,
             "runtime_settings": settings_json,
+            "dtype": dtype,
+            "execution_providers": target_providers(dtype),
             "weights": {"file": WEIGHTS_NAME, "bytes": self.weights.offset,
                         "bytes_referenced": self.weights.bytes_referenced},
             "functions": {
@@ -533,6 +536,7 @@ def export_onnx(
     output_names: Mapping[str, Sequence[str]] | None = None,
     progress: Callable[[str], None] | None = None,
     extra_files: Mapping[str, str | Path] | None = None,
+    dtype: str = "float32",
 ) -> Path:
     """Export each function to `<out_dir>/<name>.onnx` with shared weights and write `manifest.json`.
 
@@ -542,6 +546,7 @@ def export_onnx(
     settings for the host loop (e.g. eos id, cache layout). ort_fusions: rewrite into ORT contrib ops
     when that verifies. output_names: per function, names for its outputs (default `output_0`, ...).
     extra_files: artifact file name -> source path, copied in and hashed like the graphs (e.g. a tokenizer).
+    dtype: the floating dtype of the weights (recorded with the execution providers it targets).
     Returns the artifact directory.
     """
     if not functions:
@@ -582,4 +587,4 @@ def export_onnx(
             _rename_outputs(proto, list(names))
             writer.add_proto(name, proto, fusion_info, ranges)
         return writer.finish(pipeline=pipeline, source_hash=source_hash, runtime_settings=runtime_settings,
-                             extra_files=extra_files)
+                             extra_files=extra_files, dtype=dtype)

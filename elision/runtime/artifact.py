@@ -25,6 +25,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from elision.errors import ElisionError
+from elision.runtime.precision import cpu_refusal
 
 # Bumped whenever the manifest layout changes in a way an older reader would misread.
 FORMAT_VERSION = 1
@@ -58,6 +59,10 @@ class ArtifactTamperedError(ArtifactError):
 
 class ArtifactVersionError(ArtifactError):
     """The manifest was written in a format this elision cannot read."""
+
+
+class ArtifactProviderError(ArtifactError):
+    """The artifact's dtype needs an execution provider this onnxruntime lacks (a bfloat16 graph without CUDA)."""
 
 
 class ArtifactInputError(ArtifactError):
@@ -508,6 +513,9 @@ def load_artifact(
         try:
             session = ort.InferenceSession(str(model_path), sess_options=options, providers=chosen)
         except Exception as e:  # ORT raises its own exception types (InvalidProtobuf, Fail, ...)
+            refusal = cpu_refusal(str(manifest.get("dtype", "float32")), chosen, _first_line(e))
+            if refusal is not None:
+                raise ArtifactProviderError(f"function {name!r}: {refusal}") from None
             raise ArtifactCorruptError(
                 f"function {name!r}: onnxruntime cannot load {model_path}: {_first_line(e)}; {_COMPILE_HINT}"
             ) from None

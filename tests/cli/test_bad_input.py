@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnxruntime
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -90,10 +91,40 @@ CASES = [
          "the latents in {nan_latents} hold NaN or infinite values"),
     Case(("decode-shape", "builtin:vecset-tiny", "--latents", "{huge_latents}", "-r", "16", "-o", "{tmp}/m.glb"),
          "cannot extract a surface: volume grid contains NaN/inf"),
+    # dtype, device, threads (--device cuda rows: see NO_CUDA_CASES)
+    Case(("compile", "builtin:tiny-llama", "--dtype", "float64"), "dtype must be one of float32, float16, bfloat16, got 'float64'"),
+    Case(("inspect", "builtin:tiny-llama", "--device", "tpu"), "device must be one of cpu, cuda, got 'tpu'"),
+    Case(("tune", "builtin:minilm", "--threads", "0"), "threads must be an integer >= 1, got 0"),
+    Case(("compile", "builtin:tiny-code-lm", "--emit", "onnx", "--for", "generate", "--dtype", "float16", "-o", "{tmp}/g"),
+         "--for generate writes float32 artifacts"),
+    Case(("generate", "builtin:tiny-code-lm", "-p", "x", "--target", "onnxruntime", "--dtype", "bfloat16"),
+         "--dtype bfloat16 does not apply here: an onnxruntime artifact keeps the dtype it was compiled in"),
+    Case(("run", "{art}", "-i", "input_ids={ok_ids}", "--device", "cpu", "--providers", "CPUExecutionProvider"),
+         "pass either --device or --providers, not both"),
+    Case(("decode-shape", "{art}", "--backend", "ort", "--dtype", "float16", "--latents", LATENTS, "-o", "{tmp}/m.glb"),
+         "--dtype and --device apply to a model that decode-shape compiles"),
+    # Hugging Face Hub ids missing from the cache (tests run with HF_HUB_OFFLINE=1: conftest.py)
+    Case(("inspect", "no-such-org/no-such-model"), "model 'no-such-org/no-such-model' is not in the Hugging Face cache"),
+    Case(("generate", "no-such-org/no-such-model", "-p", "x"), "download it first with `hf download no-such-org/no-such-model`"),
     # an export failure: one line, not four chained tracebacks
     Case(("compile", "bad_input_models:eigh_model", "--trust-code", "--emit", "onnx", "-o", "{tmp}/eigh"),
          "function 'forward': torch.onnx export failed: "),
 ]
+
+# --device cuda where torch / onnxruntime have no CUDA (every CPU machine, this test's usual home)
+NO_CUDA = "this torch has no usable CUDA device"
+NO_CUDA_ORT = "execution provider(s) CUDAExecutionProvider not available in this onnxruntime"
+NO_CUDA_CASES = [
+    Case(("compile", "builtin:tiny-llama", "--device", "cuda"), NO_CUDA),
+    Case(("generate", "builtin:tiny-code-lm", "-p", "x", "--device", "cuda"), NO_CUDA),
+    Case(("decode-shape", "builtin:vecset-tiny", "--latents", LATENTS, "--device", "cuda", "-o", "{tmp}/m.glb"), NO_CUDA),
+    Case(("generate", "builtin:tiny-code-lm", "-p", "x", "--target", "onnxruntime", "--device", "cuda"), NO_CUDA_ORT),
+    Case(("run", "{art}", "-i", "input_ids={ok_ids}", "--device", "cuda"), NO_CUDA_ORT),
+]
+if not torch.cuda.is_available():
+    CASES += [c for c in NO_CUDA_CASES if c.message == NO_CUDA]
+if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+    CASES += [c for c in NO_CUDA_CASES if c.message == NO_CUDA_ORT]
 
 
 @pytest.fixture(scope="module")

@@ -238,3 +238,90 @@ def test_generate_target_onnxruntime_compiles_once_and_matches_torch(llama, user
     bad = CliRunner().invoke(app, ["generate", model_dir, "--prompt", "x", "--target", "onnxruntime",
                                    "--skip-layers", "1"])
     assert bad.exit_code == 2 and "--skip-layers need --target torch" in " ".join(bad.output.split())
+
+
+# ---------------------------------------------------------------------------------------------- continuous batching
+_batchers: dict = {}
+
+
+def _batcher(llama, form: str, drafter: str, tree: str, slots: int):
+    """One ContinuousBatcher per configuration (its cost curves are measured once), reused across examples: a
+    batcher left empty by one example is what the next one starts from, as in a serving replica."""
+    from elision.runtime.generation.continuous import ContinuousBatcher
+
+    key = (form, drafter, tree, slots)
+    if key not in _batchers:
+        gen = OrtGenerator(llama.gens[form].artifact, drafter=drafter, tree=tree)
+        _batchers[key] = ContinuousBatcher(gen, slots)
+    return _batchers[key]
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+          phases=[Phase.explicit, Phase.reuse, Phase.generate])
+@given(data=st.data(), form=st.sampled_from([sig.STEP_FORM, sig.VERIFY_FORM]), drafter=st.sampled_from(DRAFTERS),
+       tree=st.sampled_from(TREES[:2]), slots=st.sampled_from([1, 2, 3]), requests=st.integers(1, 6))
+def test_continuous_batching_greedy_equals_each_request_alone(llama, data, form, drafter, tree, slots, requests):
+    """Requests join a running batch at drawn steps, some sample, some are cancelled part-way: every greedy request
+    that runs to its end gets exactly Hugging Face's greedy tokens (what it gets alone), whoever shared its steps."""
+    from elision.runtime.generation.continuous import BatchRequest
+
+    batcher = _batcher(llama, form, drafter, tree, slots)
+    plan = []
+    for i in range(requests):
+        prompt = data.draw(prompt_strategy, label=f"prompt{i}")
+        max_new = data.draw(st.integers(1, 16), label=f"max_new{i}")
+        kind = data.draw(st.sampled_from(["greedy", "greedy", "sample", "cancel"]), label=f"kind{i}")
+        plan.append((prompt, max_new, kind))
+    expected, eos = {}, batcher.generator.eos_token_ids  # requests stop at the artifact's EOS ids
+    for i, (prompt, max_new, kind) in enumerate(plan):
+        if kind == "greedy":
+            expected[i], gap = hf_greedy(llama.model, prompt, max_new, eos)
+            assume(gap > 1e-4)
+    waiting, lanes, results, streamed = list(range(requests)), {}, {}, {}
+    for _ in range(400):  # bounded: every request is done in far fewer steps
+        if not waiting and not batcher.lanes:
+            break
+        # a request joins now or after a drawn number of steps (at once when nothing runs: no idle rounds)
+        while waiting and batcher.free_slots and (not batcher.lanes or data.draw(st.booleans(), label="join now")):
+            i = waiting.pop(0)
+            prompt, max_new, kind = plan[i]
+            streamed[i] = []
+            options = dict(do_sample=True, temperature=0.9, top_p=0.9, seed=i) if kind == "sample" else {}
+            lane = batcher.add(BatchRequest(prompt, max_new, on_text=streamed[i].append, **options))
+            lanes[lane.slot] = i
+            if lane.result is not None:
+                results[i] = lane.result
+        for lane in list(batcher.lanes.values()):
+            i = lanes[lane.slot]
+            if plan[i][2] == "cancel" and lane.steps >= 1:
+                batcher.cancel(lane)
+                results[i] = None
+        for lane in batcher.step():
+            results[lanes[lane.slot]] = lane.result
+    assert not waiting and not batcher.lanes and batcher.free_slots == slots
+    for i, want in expected.items():
+        got = results[i]
+        assert got.tokens == want, (i, plan[i])
+        assert "".join(streamed[i]) == got.text == llama.tokenizer.decode(want, skip_special_tokens=True)
+        assert got.stats["new_tokens"] == len(want) and 1 <= got.stats["batch_size"] <= slots
+    for i, (prompt, max_new, kind) in enumerate(plan):
+        if kind == "sample":
+            assert 1 <= len(results[i].tokens) <= max_new
+
+
+def test_continuous_batching_refuses_a_bad_request_alone(llama):
+    from elision.runtime.generation.continuous import BatchRequest
+
+    batcher = _batcher(llama, sig.STEP_FORM, "recycling+lookup", "dynamic", 2)
+    good = batcher.add(BatchRequest([5, 6, 7, 8] * 3, 12))
+    vocab = batcher.generator.vocab_size
+    for bad, says in [(BatchRequest([vocab + 3], 4), "outside the vocabulary"),
+                      (BatchRequest([5], 0), "max_new_tokens must be"),
+                      (BatchRequest([5] * 10, batcher.limit), "position limit"),
+                      (BatchRequest([5], 4, do_sample=True, temperature=0.0), "temperature")]:
+        with pytest.raises(GenerationError, match=says):
+            batcher.add(bad)
+    assert list(batcher.lanes) == [good.slot] and batcher.free_slots == 1
+    while batcher.lanes:
+        batcher.step()
+    assert good.result.tokens == hf_greedy(llama.model, [5, 6, 7, 8] * 3, 12, batcher.generator.eos_token_ids)[0]

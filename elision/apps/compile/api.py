@@ -17,6 +17,7 @@ from elision.apps.compile.torch_target import CANDIDATES
 from elision.errors import ElisionError, PassError
 from elision.frontend.model_spec import _input_names, default_example_inputs
 from elision.frontend.trace import export_to_ir
+from elision.frontend.placement import placement_for
 from elision.ir.core import Module
 from elision.ir.execute import to_fx
 from elision.lowering.emit import ort_runner
@@ -168,27 +169,34 @@ def make_runner(ir: Module, fn_name: str, target: str, *, model: torch.nn.Module
 
 def compile(model: torch.nn.Module, example_inputs: tuple | None = None, passes: str | None = None,
             target: str = "torch", dynamic_dims: dict | None = None, allow_approximate: bool = False,
-            verify_each: bool = False, select: str = "fastest", **options: Any) -> CompiledModule:
+            verify_each: bool = False, select: str = "fastest", dtype: str | None = None, device: str | None = None,
+            threads: int | None = None, **options: Any) -> CompiledModule:
     """Trace ``model`` into the IR, run ``passes`` (default: the semantics-preserving pipeline), lower to ``target``.
 
     The result is called like the original model (same positional inputs) and returns the same output type
     (for Hugging Face models: a ModelOutput holding the primary output, e.g. ``.logits``). On the torch and
     triton targets the first call picks the fastest route (``select`` names one instead: ``elision+inductor``,
     ``inductor``, ``elision`` or ``eager``); ``result.elision_record`` says which.
+
+    ``dtype`` (float32 | float16 | bfloat16), ``device`` (cpu | cuda) and ``threads`` (torch intra-op threads)
+    convert ``model`` and ``example_inputs`` in place before tracing (default: as they are); the compiled module
+    then takes inputs in that dtype on that device.
     """
     if target not in TARGETS:
         raise ElisionError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     pipeline = check_pipeline(passes, allow_approximate)  # before the trace: a typo must not cost one
-    model.eval()
+    placement = placement_for(model, dtype, device, threads)
+    model = placement.place_model(model).eval()
     if example_inputs is None:
         example_inputs, guessed = default_example_inputs(model)
         dynamic_dims = guessed if dynamic_dims is None else dynamic_dims
-    example_inputs = tuple(example_inputs)
+    example_inputs = placement.place_inputs(tuple(example_inputs))
     ir = export_to_ir(model, example_inputs, dynamic_dims, input_names=_input_names(model, len(example_inputs)))
     pm = PassManager(pipeline, verify_each=verify_each, allow_approximate=allow_approximate)
     pm.run(ir)
     ir.attrs["pipeline"] = ",".join(p.spec() for p in pm.passes)
     record = GraphRecord(f"elision.compile({type(model).__name__}) @forward", target)
     runner = make_runner(ir, "forward", target, model=model, record=record, dynamic_dims=dynamic_dims,
-                         semantic=not any(p.approximate for p in pm.passes), select=select, **options)
+                         semantic=not any(p.approximate for p in pm.passes), select=select, threads=threads,
+                         **options)
     return CompiledModule(ir, "forward", runner, _output_adapter(model, example_inputs), target, pm.report(), record)

@@ -21,7 +21,7 @@ from ray.serve.config import BackpressureConfig
 
 from elision.apps.serve.ingress import RETRY_AFTER_S, CompletionsIngress
 from elision.apps.serve.protocol import ModelCard
-from elision.apps.serve.replica import MAX_BATCH_SIZE, GeneratorReplica
+from elision.apps.serve.replica import DEFAULT_MAX_BATCH_SIZE, GeneratorReplica
 from elision.runtime.generation.ort_generator import OrtGenerator
 
 APP_NAME = "elision"
@@ -38,6 +38,8 @@ class ServeOptions:
     address: str | None = None      # join this Ray cluster; None starts a local one
     replica_cpus: float = 1.0       # Ray CPUs per generator replica (its ORT intra-op threads: the whole part, >= 1)
     max_queued: int = 32            # requests waiting for a replica before the service answers 503
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE  # requests one replica decodes together (1: no batching)
+    batch_wait_ms: float = 0.0      # how long the first request reaching an idle replica waits for company
     name: str | None = None         # model id in the API (default: the artifact directory's name)
     ray_cpus: int | None = None     # size of the embedded local Ray (default: this machine's cores)
     proxy_location: str = "EveryNode"  # Ray Serve HTTP proxies: on EveryNode (of the cluster) or HeadOnly
@@ -51,6 +53,10 @@ class ServeOptions:
             raise ValueError(f"--replica-cpus must be > 0, got {self.replica_cpus}")
         if self.max_queued < 1:
             raise ValueError(f"--max-queued must be >= 1, got {self.max_queued}")
+        if self.max_batch_size < 1:
+            raise ValueError(f"--max-batch-size must be >= 1, got {self.max_batch_size}")
+        if not 0 <= self.batch_wait_ms <= 10_000:
+            raise ValueError(f"--batch-wait-ms must be in 0..10000, got {self.batch_wait_ms:g}")
         if self.proxy_location not in PROXY_LOCATIONS:
             raise ValueError(f"--proxy-location must be one of {', '.join(PROXY_LOCATIONS)}, got {self.proxy_location!r}")
 
@@ -65,18 +71,18 @@ def load_model_card(artifact_dir: str | Path, name: str | None = None) -> ModelC
 
 
 def build_application(artifact_dir: str | Path, card: ModelCard, options: ServeOptions):
-    capacity = options.replicas * MAX_BATCH_SIZE
+    capacity = options.replicas * options.max_batch_size
     generator = serve.deployment(GeneratorReplica).options(
         name="generator",
         num_replicas=options.replicas,
         ray_actor_options={"num_cpus": options.replica_cpus},
-        max_ongoing_requests=MAX_BATCH_SIZE,      # one batch per generator at a time
+        max_ongoing_requests=options.max_batch_size,  # what fits in a replica's batch; the rest waits in the queue
         max_queued_requests=options.max_queued,  # per caller: the front is the only one
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=RETRY_AFTER_S),
         health_check_period_s=2.0,
         graceful_shutdown_wait_loop_s=0.5,
         graceful_shutdown_timeout_s=5.0,
-    ).bind(str(Path(artifact_dir).resolve()))
+    ).bind(str(Path(artifact_dir).resolve()), options.max_batch_size, options.batch_wait_ms / 1000)
     front = serve.deployment(CompletionsIngress).options(
         name="ingress",
         num_replicas=1,
@@ -154,13 +160,20 @@ class Service:
             raise
         return self
 
-    def set_replicas(self, replicas: int, timeout_s: float = 300.0) -> None:
-        """Scale the generator deployment to `replicas` while the service keeps answering."""
+    def set_replicas(self, replicas: int, timeout_s: float = 300.0, max_batch_size: int | None = None) -> None:
+        """Scale the generator deployment to `replicas` (and, given, a new batch size: the replicas are replaced)
+        while the service keeps answering."""
+        before = generator_replica_names() if max_batch_size not in (None, self.options.max_batch_size) else None
         self.options.replicas = replicas
+        if max_batch_size is not None:
+            self.options.max_batch_size = max_batch_size
         self.options.check()
         serve.run(build_application(self.artifact_dir, self.card, self.options), name=APP_NAME, route_prefix="/",
                   blocking=False)
-        if not wait_replicas_running(replicas, timeout_s):
+        deadline = time.monotonic() + timeout_s
+        while before and set(before) & set(generator_replica_names()) and time.monotonic() < deadline:
+            time.sleep(0.25)  # a new batch size: every replica is replaced (a rolling update)
+        if not wait_replicas_running(replicas, max(1.0, deadline - time.monotonic()), replacing=before):
             raise TimeoutError(f"{replicas} generator replicas were not running within {timeout_s:g} s")
 
     def generator_handle(self):

@@ -30,7 +30,7 @@ def deployable(plan: ReductionPlan, adapter: EncoderAdapter) -> bool:
 
 
 class OnnxTimer:
-    def __init__(self, model: torch.nn.Module, calib: tuple, input_names: list[str], threads: int = 2):
+    def __init__(self, model: torch.nn.Module, calib: tuple, input_names: list[str], threads: int | None = None):
         self.base = export_to_ir(model, calib, {}, input_names=input_names)
         self.feeds = {name: t.numpy() for name, t in zip(input_names, calib)}
         self.threads = threads

@@ -79,6 +79,10 @@ class Drafter:
     def reset(self, contexts: list[list[int]], prefill_logits: Any) -> None:
         """Start of a generate call: prompts (with the first generated token appended) and prefill logits."""
 
+    def admit(self, b: int, context: list[int], prefill_logits: Any) -> None:
+        """Sequence b (re)starts between steps of a running batch (continuous batching): its prompt with the first
+        generated token appended, and its prefill logits [prompt length, V]. What `reset` does for one sequence."""
+
     def prepare(self, contexts: list[list[int]], active: list[bool], max_depth: list[int]) -> None:
         """Before trees are built each step (model drafters decode their chains here)."""
 
@@ -131,10 +135,16 @@ class _ContextIndexDrafter(Drafter, ABC):
         copy: hashes of the last gamma tokens) and advance self.indexed[b]."""
 
     def reset(self, contexts, prefill_logits) -> None:
-        self.index = [dict() for _ in contexts]
-        self.indexed = [0] * len(contexts)
+        self.index, self.indexed = [], []
         for b, ctx in enumerate(contexts):
-            self._update(b, ctx)
+            self.admit(b, ctx, None)
+
+    def admit(self, b, context, prefill_logits) -> None:
+        while len(self.index) <= b:
+            self.index.append({})
+            self.indexed.append(0)
+        self.index[b], self.indexed[b] = {}, 0
+        self._update(b, context)
 
     def observe(self, b, tree, logits, path, context) -> None:
         super().observe(b, tree, logits, path, context)
@@ -202,8 +212,14 @@ class PromptLookupDrafter(_ContextIndexDrafter):
         return base * share if rank == 0 else base * share * 0.7
 
     def reset(self, contexts, prefill_logits) -> None:
-        self.successors = [dict() for _ in contexts]
+        self.successors = []
         super().reset(contexts, prefill_logits)
+
+    def admit(self, b, context, prefill_logits) -> None:
+        while len(self.successors) <= b:
+            self.successors.append({})
+        self.successors[b] = {}
+        super().admit(b, context, prefill_logits)
 
     def _update(self, b: int, ctx: list[int]) -> None:
         stop = len(ctx) - 1  # n-grams ending at the last token have no successor yet
@@ -310,8 +326,12 @@ class TokenRecyclingDrafter(Drafter):
         if prefill_logits is None:
             return
         for b, ctx in enumerate(contexts):
-            prompt = ctx[:-1]  # the last context token was sampled from the prefill, it has no logits row
-            self._record(prompt, prefill_logits[b, : len(prompt)])
+            self.admit(b, ctx, prefill_logits[b])
+
+    def admit(self, b, context, prefill_logits) -> None:
+        if prefill_logits is not None:
+            prompt = context[:-1]  # the last context token was sampled from the prefill, it has no logits row
+            self._record(prompt, prefill_logits[: len(prompt)])
 
     def _rates(self) -> list[float]:
         if self._rates_version != self.tracker.version:
@@ -362,6 +382,10 @@ class CombinedDrafter(Drafter):
     def reset(self, contexts, prefill_logits) -> None:
         for p in self.parts:
             p.reset(contexts, prefill_logits)
+
+    def admit(self, b, context, prefill_logits) -> None:
+        for p in self.parts:
+            p.admit(b, context, prefill_logits)
 
     def prepare(self, contexts, active, max_depth) -> None:
         for p in self.parts:

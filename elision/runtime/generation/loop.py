@@ -7,8 +7,15 @@ Per step: the drafter proposes a tree per active sequence (a static template, or
 from the verification-cost curve) -> one `session.extend` over all trees -> greedy verification, or lossless
 rejection sampling -> stop handling (EOS, length, stop strings) -> the drafter observes the verified logits ->
 `session.commit` keeps the root and the accepted nodes. The torch loop (`elision.apps.specdec.generate`, over a
-`KVSession`) and the onnxruntime loop (`elision.runtime.generation.ort_generator`, over an ONNX Runtime session)
-both call `decode`; they differ only in the session and in how logits rows become numpy (`to_numpy`).
+`KVSession`) and the onnxruntime loop (`elision.runtime.generation.ort_generator`) both call `decode`; they differ
+only in the session and in how logits rows become numpy (`to_numpy`).
+
+`DecodeBatch` is that loop as an object stepped from outside: `decode` starts every sequence at once and steps
+until all are done; continuous batching (`elision.runtime.generation.continuous`) lets sequences `join` (each
+prefilled alone into the next free session row) and `leave` (the last row moves into the hole, so a forward only
+ever covers the leading rows) between steps. Each sequence has its own length limit, EOS ids, stop strings and
+sampling options (`SequenceOptions`); drafter state is kept per *slot* (a sequence's stable index), the session
+per *row* (its place in the forward).
 
 Time is split into phases in the stats (`time_s`): prefill, cost_curve (a curve measured during this call),
 draft, verify (the model forward), accept (verification, bookkeeping, drafter feedback, cache commit) and loop
@@ -30,7 +37,18 @@ from elision.runtime.generation.tree import TokenTree
 from elision.runtime.generation.tree_builders import StaticTemplate, VerifyCostCurve, build_dynamic, build_static, choose_tree_size
 from elision.runtime.generation.verify import verify_greedy
 
-__all__ = ["DecodeOptions", "DecodeOutcome", "decode"]
+__all__ = ["DecodeBatch", "DecodeOptions", "DecodeOutcome", "SequenceOptions", "decode"]
+
+
+@dataclass
+class SequenceOptions:
+    """What each sequence of a batch decides for itself."""
+
+    max_new_tokens: int
+    eos: set[int] = field(default_factory=set)
+    stops: Sequence[str] = ()
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    uniform: Uniform | None = None  # the random source when sampling
 
 
 @dataclass
@@ -51,6 +69,10 @@ class DecodeOptions:
     on_tokens: Callable[[int, list[int]], None] | None = None  # sequence b accepted these tokens (streaming)
     on_step: Callable[[int, TokenTree, list[int], int], None] | None = None  # (b, tree, accepted path, bonus)
 
+    def sequence(self) -> SequenceOptions:
+        """These options for one sequence (`decode` gives every sequence the same ones, one random source)."""
+        return SequenceOptions(self.max_new_tokens, self.eos, self.stops, self.sampling, self.uniform)
+
 
 @dataclass
 class DecodeOutcome:
@@ -58,26 +80,134 @@ class DecodeOutcome:
     stats: dict
 
 
-def _first_tokens(logits, prompts, opts: DecodeOptions) -> list[int]:
-    rows = [logits[b, len(p) - 1] for b, p in enumerate(prompts)]
-    if not opts.sampling.do_sample:
-        return [int(r.argmax()) for r in rows]
-    return [sample_token(target_probs(opts.to_numpy(r), opts.sampling), opts.uniform) for r in rows]
+class DecodeBatch:
+    """Sequences decoded together over one session: `start` or `join` them, `step` until none is `active`."""
 
+    def __init__(self, session: TreeSession, draft: Drafter, opts: DecodeOptions, slots: int):
+        self.session, self.draft, self.opts = session, draft, opts
+        self.seqs: list[SequenceOptions | None] = [None] * slots
+        self.outputs: list[list[int]] = [[] for _ in range(slots)]
+        self.contexts: list[list[int]] = [[] for _ in range(slots)]
+        self.active = [False] * slots
+        self.accepted: list[list[int]] = [[] for _ in range(slots)]  # tokens gained per step, per slot
+        self.rows: list[int] = []  # the slot in each leading session row: the rows every forward covers
+        self.timing = dict(prefill_s=0.0, cost_curve_s=0.0, draft_s=0.0, verify_s=0.0, accept_s=0.0)
+        self.tree_sizes: list[int] = []
+        self.steps = 0
+        self.curve: VerifyCostCurve | None = None  # sizes dynamic trees; None: the drafter's whole budget
 
-def _trees(draft: Drafter, contexts, active, max_depth, opts: DecodeOptions, curve) -> list[TokenTree | None]:
-    trees: list[TokenTree | None] = []
-    for b, ctx in enumerate(contexts):
-        if not active[b]:
-            trees.append(None)
-        elif opts.template is not None:
-            trees.append(build_static(draft, b, ctx, opts.template, max_depth[b]))
-        else:
-            trees.append(build_dynamic(draft, b, ctx, opts.max_tree_size, max_depth[b]))
-    if curve is not None and any(t is not None and len(t) > 1 for t in trees):
-        n = choose_tree_size(trees, curve, opts.max_tree_size)
-        trees = [t.truncate(n) if t is not None else None for t in trees]
-    return trees
+    def start(self, prompts: list[list[int]], seqs: list[SequenceOptions]) -> None:
+        """Every sequence at once, slot b in row b, prefilled in one forward (a fresh session)."""
+        clock = time.perf_counter
+        t0 = clock()
+        logits = self.session.prefill(prompts)
+        first = [self._first_token(logits[b, len(p) - 1], seq) for b, (p, seq) in enumerate(zip(prompts, seqs))]
+        self.timing["prefill_s"] += clock() - t0
+        self.rows = list(range(len(prompts)))
+        for b, (p, seq) in enumerate(zip(prompts, seqs)):
+            self._begin(b, p, seq, first[b])
+        t0 = clock()
+        self.draft.reset(self.contexts[: len(prompts)], logits)
+        self.timing["draft_s"] += clock() - t0
+
+    def join(self, slot: int, prompt: list[int], seq: SequenceOptions) -> None:
+        """One more sequence in a free `slot`, prefilled alone into the next free session row."""
+        clock = time.perf_counter
+        t0 = clock()
+        logits = self.session.prefill([prompt], first=len(self.rows))
+        first = self._first_token(logits[0, len(prompt) - 1], seq)
+        self.timing["prefill_s"] += clock() - t0
+        self.rows.append(slot)
+        self._begin(slot, prompt, seq, first)
+        t0 = clock()
+        self.draft.admit(slot, self.contexts[slot], logits[0])
+        self.timing["draft_s"] += clock() - t0
+
+    def leave(self, slot: int) -> None:
+        """Take `slot` out of the forwards (done or cancelled): the last row moves into its row."""
+        row, last = self.rows.index(slot), len(self.rows) - 1
+        if row != last:
+            self.session.move(last, row)
+            self.rows[row] = self.rows[last]
+        self.rows.pop()
+        self.active[slot] = False
+        self.seqs[slot] = None
+
+    def _first_token(self, row_logits, seq: SequenceOptions) -> int:
+        if not seq.sampling.do_sample:
+            return int(row_logits.argmax())
+        return sample_token(target_probs(self.opts.to_numpy(row_logits), seq.sampling), seq.uniform)
+
+    def _begin(self, slot: int, prompt: list[int], seq: SequenceOptions, first: int) -> None:
+        self.seqs[slot] = seq
+        self.outputs[slot], self.contexts[slot], self.accepted[slot] = [], list(prompt), []
+        self.active[slot] = True
+        self._append(slot, [first])
+        if self.opts.on_tokens is not None:
+            self.opts.on_tokens(slot, list(self.outputs[slot]))
+
+    def _append(self, slot: int, tokens: list[int]) -> None:
+        seq = self.seqs[slot]
+        append_tokens(slot, tokens, self.outputs, self.contexts, self.active, seq.eos, seq.stops, seq.max_new_tokens,
+                      self.opts.tokenizer)
+
+    def _trees(self, max_depth: list[int]) -> list[TokenTree | None]:
+        opts, draft, contexts, active = self.opts, self.draft, self.contexts, self.active
+        trees: list[TokenTree | None] = []
+        for b in self.rows:
+            if not active[b]:
+                trees.append(None)
+            elif opts.template is not None:
+                trees.append(build_static(draft, b, contexts[b], opts.template, max_depth[b]))
+            else:
+                trees.append(build_dynamic(draft, b, contexts[b], opts.max_tree_size, max_depth[b]))
+        if self.curve is not None and any(t is not None and len(t) > 1 for t in trees):
+            n = choose_tree_size(trees, self.curve, opts.max_tree_size)
+            trees = [t.truncate(n) if t is not None else None for t in trees]
+        return trees
+
+    def step(self) -> None:
+        """One forward over the trees of every active sequence in the session's leading rows."""
+        clock = time.perf_counter
+        opts, draft, outputs, contexts, active, seqs = (self.opts, self.draft, self.outputs, self.contexts,
+                                                        self.active, self.seqs)
+        t0 = clock()
+        max_depth = [min(opts.max_depth, s.max_new_tokens - len(o) - 1) if a else 0
+                     for o, a, s in zip(outputs, active, seqs)]
+        draft.prepare(contexts, active, max_depth)
+        trees = self._trees(max_depth)
+        t1 = clock()
+        logits = self.session.extend(trees)
+        t2 = clock()
+        self.steps += 1
+        keep: list[list[int]] = [[] for _ in trees]
+        greedy_rows = any(t is not None and not seqs[b].sampling.do_sample for b, t in zip(self.rows, trees))
+        argmax = logits.argmax(-1).tolist() if greedy_rows else None
+        for row, (b, t) in enumerate(zip(self.rows, trees)):
+            if t is None:
+                continue
+            n = len(t)
+            self.tree_sizes.append(n)
+            seq = seqs[b]
+            if not seq.sampling.do_sample:
+                path, bonus = verify_greedy(t, argmax[row])
+            else:
+                rows = ProcessedRows(lambda i, row=row: opts.to_numpy(logits[row, i]), seq.sampling)
+                path, bonus = verify_sampling(t, rows, seq.uniform)
+            keep[row] = path
+            before = len(outputs[b])
+            self._append(b, [t.tokens[i] for i in path[1:]] + [bonus])
+            self.accepted[b].append(len(outputs[b]) - before)
+            draft.observe(b, t, logits[row, :n], path, contexts[b])
+            if opts.on_step is not None:
+                opts.on_step(b, t, path, bonus)
+            if opts.on_tokens is not None:
+                opts.on_tokens(b, outputs[b][before:])
+        self.session.commit(keep)
+        t3 = clock()
+        self.timing["draft_s"] += t1 - t0
+        self.timing["verify_s"] += t2 - t1
+        self.timing["accept_s"] += t3 - t2
 
 
 def decode(session: TreeSession, prompts: list[list[int]], draft: Drafter, opts: DecodeOptions,
@@ -88,76 +218,21 @@ def decode(session: TreeSession, prompts: list[list[int]], draft: Drafter, opts:
     the request and creating the session count too; default: now.
     """
     t_start = time.perf_counter() if started is None else started
-    timing = dict(prefill_s=0.0, cost_curve_s=0.0, draft_s=0.0, verify_s=0.0, accept_s=0.0)
     n_seq = len(prompts)
-    clock = time.perf_counter
-
-    t0 = clock()
-    logits = session.prefill(prompts)
-    first = _first_tokens(logits, prompts, opts)
-    timing["prefill_s"] = clock() - t0
-    outputs: list[list[int]] = [[] for _ in range(n_seq)]
-    contexts = [list(p) for p in prompts]
-    active = [True] * n_seq
-    for b in range(n_seq):
-        append_tokens(b, [first[b]], outputs, contexts, active, opts.eos, opts.stops, opts.max_new_tokens, opts.tokenizer)
-        if opts.on_tokens is not None:
-            opts.on_tokens(b, list(outputs[b]))
-
-    t0 = clock()
-    draft.reset(contexts, logits)
-    timing["draft_s"] += clock() - t0
-    del logits
+    batch = DecodeBatch(session, draft, opts, n_seq)
+    seq = opts.sequence()
+    batch.start(prompts, [seq] * n_seq)
     curve = opts.cost_curve
-    if opts.template is not None or not any(active):
+    if opts.template is not None or not any(batch.active):
         curve = None
     elif callable(curve):
-        t0 = clock()
+        t0 = time.perf_counter()
         curve = curve(session)
-        timing["cost_curve_s"] = clock() - t0
-
-    steps = 0
-    accepted: list[list[int]] = [[] for _ in range(n_seq)]
-    tree_sizes: list[int] = []
-    greedy = not opts.sampling.do_sample
-    while any(active):
-        t0 = clock()
-        max_depth = [min(opts.max_depth, opts.max_new_tokens - len(o) - 1) if a else 0 for o, a in zip(outputs, active)]
-        draft.prepare(contexts, active, max_depth)
-        trees = _trees(draft, contexts, active, max_depth, opts, curve)
-        t1 = clock()
-        logits = session.extend(trees)
-        t2 = clock()
-        steps += 1
-        keep: list[list[int]] = [[] for _ in range(n_seq)]
-        argmax = logits.argmax(-1).tolist() if greedy else None
-        for b, t in enumerate(trees):
-            if t is None:
-                continue
-            n = len(t)
-            tree_sizes.append(n)
-            if greedy:
-                path, bonus = verify_greedy(t, argmax[b])
-            else:
-                rows = ProcessedRows(lambda i, b=b: opts.to_numpy(logits[b, i]), opts.sampling)
-                path, bonus = verify_sampling(t, rows, opts.uniform)
-            keep[b] = path
-            before = len(outputs[b])
-            append_tokens(b, [t.tokens[i] for i in path[1:]] + [bonus], outputs, contexts, active, opts.eos,
-                          opts.stops, opts.max_new_tokens, opts.tokenizer)
-            accepted[b].append(len(outputs[b]) - before)
-            draft.observe(b, t, logits[b, :n], path, contexts[b])
-            if opts.on_step is not None:
-                opts.on_step(b, t, path, bonus)
-            if opts.on_tokens is not None:
-                opts.on_tokens(b, outputs[b][before:])
-        session.commit(keep)
-        t3 = clock()
-        timing["draft_s"] += t1 - t0
-        timing["verify_s"] += t2 - t1
-        timing["accept_s"] += t3 - t2
-
-    stats = generation_stats(outputs=outputs, accepted_lengths=accepted, tree_sizes=tree_sizes, steps=steps,
-                             total_s=clock() - t_start, timing=timing, draft_forward_passes=draft.draft_forward_passes,
-                             drafter=draft.name, tree=opts.tree_name)
-    return DecodeOutcome(outputs, stats)
+        batch.timing["cost_curve_s"] = time.perf_counter() - t0
+    batch.curve = curve
+    while any(batch.active):
+        batch.step()
+    stats = generation_stats(outputs=batch.outputs, accepted_lengths=batch.accepted, tree_sizes=batch.tree_sizes,
+                             steps=batch.steps, total_s=time.perf_counter() - t_start, timing=batch.timing,
+                             draft_forward_passes=draft.draft_forward_passes, drafter=draft.name, tree=opts.tree_name)
+    return DecodeOutcome(batch.outputs, stats)

@@ -35,11 +35,9 @@ from tokenizers import Tokenizer
 from elision.runtime.artifact import Artifact, ArtifactError, ArtifactMissingFileError, load_artifact, read_manifest
 from elision.runtime.generation import step_signature as sig
 from elision.runtime.generation.bookkeeping import IncrementalDecoder, check_lengths, normalize_eos
-from elision.runtime.generation.calibration import (MachineCalibration, available_cores, load_calibration,
-                                                    save_calibration)
-from elision.runtime.generation.drafters import (BASIC_DRAFTERS, CombinedDrafter, Drafter, TokenRecyclingDrafter,
-                                                 basic_drafter)
-from elision.runtime.generation.loop import DecodeOptions, decode
+from elision.runtime.generation.calibration import MachineCalibration, available_cores, load_calibration, save_calibration
+from elision.runtime.generation.drafters import BASIC_DRAFTERS, CombinedDrafter, Drafter, TokenRecyclingDrafter, basic_drafter
+from elision.runtime.generation.loop import DecodeOptions, SequenceOptions, decode
 from elision.runtime.generation.ort_session_base import KVCacheOverflow
 from elision.runtime.generation.ort_step_session import OrtStepSession
 from elision.runtime.generation.ort_verify_session import OrtVerifySession
@@ -135,6 +133,11 @@ class OrtGenerator:
                                   f"step signature; recompile it: {_GENERATE_HINT}")
 
     @property
+    def tree_template(self) -> StaticTemplate | None:
+        """The static tree template of this generator's tree spec (None: dynamic trees)."""
+        return _parse_tree(self.tree_spec)
+
+    @property
     def cost_curve(self) -> VerifyCostCurve | None:
         """The batch-1 verification-cost curve on this machine (None until calibrated or first measured)."""
         return self._curve_for_batch(1)
@@ -189,6 +192,16 @@ class OrtGenerator:
         if session.batch_size == 1 and self.threads is not None:
             self.calibration.set_curve(self.threads, curve)
             save_calibration(self.calibration, self.artifact.manifest)
+        return curve
+
+    def batch_cost_curve(self, batch: int, context: int = 32) -> VerifyCostCurve:
+        """The verification-cost curve for `batch` sequences: one kept or calibrated, else measured now on a
+        session of `context`-token dummy prompts (continuous batching measures its batch sizes up front)."""
+        curve = self._curve_for_batch(batch)
+        if curve is None:
+            session = self.new_session(batch, context + self.max_tree_size + 2)
+            session.prefill([[0] * context] * batch)
+            curve = self._measure_curve(session)
         return curve
 
     def step_seconds(self, context: int = 32, repeats: int = 7) -> float:
@@ -261,6 +274,19 @@ class OrtGenerator:
                        batch_tokens_per_s=stats["tokens_per_s"], sequence=b)
             results.append(OrtGenerationResult(tokens, self.tokenizer.decode(tokens, skip_special_tokens=True), own, ids[b]))
         return results
+
+    def check_request(self, prompt: str | Sequence[int], max_new_tokens: int, *,
+                      eos_token_id: int | Sequence[int] | None = None, stop_strings: str | Sequence[str] | None = None,
+                      do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                      seed: int | None = None) -> tuple[list[int], SequenceOptions]:
+        """`generate`'s checks of one request (GenerationError naming the first problem): its prompt ids and its
+        options as one sequence of a batch (continuous batching), with its own random source when sampling."""
+        sampling = _sampling_config(do_sample, temperature, top_k, top_p, seed)
+        ids = self._check_prompt(prompt, max_new_tokens)
+        eos = normalize_eos(self.eos_token_ids if eos_token_id is None else eos_token_id)
+        stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
+        return ids, SequenceOptions(max_new_tokens, eos, stops, sampling,
+                                    numpy_uniform(seed) if sampling.do_sample else None)
 
     def _decode(self, prompts, max_new_tokens, drafter, tree, eos_token_id, stop_strings, sampling, seed, on_tokens,
                 t_start):

@@ -36,26 +36,28 @@ class OrtVerifySession(BatchedTreeSession):
         self._new: list[np.ndarray] = []
 
     def commit(self, keep: Sequence[Sequence[int]]) -> None:
-        for b, nodes in enumerate(keep):
+        for i, nodes in enumerate(keep):
+            b = self._rows.start + i
             start, m = int(self._starts[b]), len(nodes)
             if start + m > self.capacity:
                 raise KVCacheOverflow(f"KV cache overflow: {start + m} slots needed but the cache holds {self.capacity}")
             index = np.asarray(nodes, dtype=np.int64)
             for buf, new in zip(self.kv, self._new):
-                buf[b, :, start : start + m] = new[b][:, index]  # not new[b, :, index]: that puts the index first
+                buf[b, :, start : start + m] = new[i][:, index]  # not new[i, :, index]: that puts the index first
             self.lengths[b] = start + m
 
     def rollback(self) -> None:
         """Nothing to undo: K/V reach the cache only through `commit`."""
 
-    def _run(self, batch: TreeBatch):
-        starts = self.lengths.copy()
+    def _run(self, batch: TreeBatch, first: int):
+        rows = self._rows_of(batch, first)
+        starts = self.lengths[rows].copy()
         longest = int(starts.max())
         bias = attention_bias(batch, starts, np.full_like(starts, longest), longest + batch.width, self.dtype,
                               self.window)
         feeds = {"input_ids": batch.tokens, "positions": starts[:, None] + batch.depths, "attn_bias": bias}
         # onnxruntime reads C-contiguous memory; a [:, :, :length] view of the buffer is not
-        feeds.update((name, np.ascontiguousarray(buf[:, :, :longest])) for name, buf in zip(self.kv_inputs, self.kv))
+        feeds.update((name, np.ascontiguousarray(buf[rows, :, :longest])) for name, buf in zip(self.kv_inputs, self.kv))
         out = self.session.run(self.output_names, feeds)
-        self._new, self._starts = out[1:], starts
+        self._new, self._starts[rows], self._rows = out[1:], starts, rows
         return out[0]

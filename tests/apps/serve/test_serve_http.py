@@ -24,6 +24,7 @@ from elision.apps.serve.service import APP_NAME, generator_replica_names, wait_r
 PROMPTS = ["def parse(", "import os\n", "class Stack:\n    def push(self"]
 MAX_QUEUED = 2
 REPLICAS = 2
+BATCH = 2  # requests a replica decodes together
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +45,7 @@ def service(cluster, served_artifact):
     port = free_port()
     proc = ServeProcess([str(served_artifact), "--address", cluster.address, "--host", HOST, "--port", str(port),
                          "--replicas", str(REPLICAS), "--replica-cpus", "0.5", "--max-queued", str(MAX_QUEUED),
+                         "--max-batch-size", str(BATCH),
                          # both "nodes" are this machine: a proxy on each would bind the same port twice
                          "--proxy-location", "HeadOnly"])
     try:
@@ -190,7 +192,7 @@ def test_prompts_over_the_position_limit_are_refused(service):
 
 def test_a_full_queue_answers_503_with_retry_after(service):
     _, url = service
-    n = 12  # capacity: 2 replicas x 1 generation + MAX_QUEUED waiting; the rest must be refused, not queued
+    n = 14  # capacity: 2 replicas x a batch of 2 + MAX_QUEUED waiting; the rest must be refused, not queued
     results: list = [None] * n
 
     def client(i):
@@ -206,7 +208,7 @@ def test_a_full_queue_answers_503_with_retry_after(service):
         t.join(timeout=REQUEST_TIMEOUT_S)
     assert not any(t.is_alive() for t in threads)
     codes = [r.status_code for r in results]
-    assert set(codes) <= {200, 503} and codes.count(200) >= 1 and codes.count(503) >= n - REPLICAS - MAX_QUEUED - 2
+    assert set(codes) <= {200, 503} and codes.count(200) >= 1 and codes.count(503) >= n - REPLICAS * BATCH - MAX_QUEUED - 2
     for r in results:
         if r.status_code == 503:
             assert r.headers["Retry-After"] == "1" and r.json()["error"]["message"]
