@@ -7,12 +7,12 @@ SERVE_STAMP := $(VENV)/.installed-serve
 
 .PHONY: demo test venv bench clean
 
-$(STAMP): setup.py
+$(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned, so that no multi-GB CUDA build is pulled by a dependency
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,mlir,bench]'
+	$(BIN)/pip install -q -e '.[dev,mlir,bench,3d]'
 	touch $(STAMP)
 
 # the serve extra (Ray Serve) only for the tests: `make demo` stays Ray-free

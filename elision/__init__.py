@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 def compile(model, example_inputs=None, passes=None, target="torch", **kwargs):
     """See :func:`elision.apps.compile.api.compile`."""
-    # imported on call: `import elision` stays light (the torch-free runtime and the CLI's --help import the package)
+    # on first use: `import elision` (and so the CLI's --help) must not import torch; apps also import this package
     from elision.apps.compile.api import compile as _compile
 
     return _compile(model, example_inputs=example_inputs, passes=passes, target=target, **kwargs)

@@ -25,9 +25,15 @@ from typing import Callable
 
 import sympy
 import torch
+from torch._dynamo.source import ConstantSource
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 
 from elision.analysis.axes import RESHAPES, axis_rule, base_op, shape_of
+from elision.analysis.model_map import build_model_map
 from elision.errors import PassError
+from elision.frontend.fx_import import import_graph
 from elision.ir.core import Function, Node, Value, map_values
 from elision.ir.types import ScalarType, TensorType
 
@@ -101,8 +107,6 @@ _REWRITABLE = _SHAPE_ARG_OPS | {
 
 def model_map_for(pass_name: str, module, fn_name: str):
     """The model map of `module.functions[fn_name]`, or a PassError naming the pass."""
-    from elision.analysis.model_map import build_model_map
-
     if fn_name not in module.functions:
         raise PassError(f"{pass_name}: the module has no function {fn_name!r}")
     return build_model_map(module, fn_name)
@@ -137,9 +141,6 @@ def trace_tap(tap, shapes: dict[str, tuple], what: str) -> Function:
     Symbolic dims (a dynamic batch, spelled as in the IR) stay symbolic: the tap is traced on fake tensors whose
     sizes are those symbols, so its shape arguments become `sym_size` values instead of the example's size. A tap
     whose code had to specialize on such a dim (a guard on its value) is refused rather than baked in."""
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    from elision.frontend.fx_import import import_graph
 
     symbolic = sorted({d for s, _ in shapes.values() for d in s if isinstance(d, str)})
     symbol_names: dict[str, str] = {}
@@ -147,10 +148,6 @@ def trace_tap(tap, shapes: dict[str, tuple], what: str) -> Function:
         examples = [torch.zeros(s, dtype=d) for s, d in shapes.values()]
         gm = make_fx(tap, tracing_mode="fake")(*examples)
     else:
-        from torch._dynamo.source import ConstantSource
-        from torch._subclasses.fake_tensor import FakeTensorMode
-        from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
-
         bad = [d for d in symbolic if not d.isidentifier()]
         if bad:
             raise PassError(f"{what}: symbolic dimension {bad[0]!r} is an expression; only a plain named dim (a "

@@ -6,12 +6,13 @@ import re
 import sympy
 import torch
 import torch.fx
+from torch.export.graph_signature import InputKind
 
 from elision.errors import UnsupportedOpError
 from elision.ir.core import Function, Module, Node, Value
 from elision.ir.ops import UnknownOpError, op_name
 from elision.ir.shape_infer import type_of
-from elision.ir.symbolic import from_sympy
+from elision.ir.symbolic import from_sympy, to_sympy
 from elision.ir.types import NONE, ScalarType, TensorType, TupleType, Type
 
 
@@ -34,7 +35,6 @@ def _loc_of(node: torch.fx.Node, strip_prefix: str) -> str:
 def _rename(ty: Type, subs: dict) -> Type:
     if not subs:
         return ty
-    from elision.ir.symbolic import to_sympy
 
     def fix(d):
         if isinstance(d, int):
@@ -162,8 +162,6 @@ def _map_fx(obj, lookup):
 def import_exported_program(ep: "torch.export.ExportedProgram", *, fn_name: str = "forward",
                             input_names: list[str] | None = None, symbol_names: dict[str, str] | None = None,
                             strip_prefix: str = "") -> Module:
-    from torch.export.graph_signature import InputKind
-
     sig = ep.graph_signature
     param_placeholders: dict[str, str] = {}
     params: dict[str, torch.Tensor] = {}

@@ -9,6 +9,9 @@ import os
 import re
 from pathlib import Path
 
+from huggingface_hub import constants, snapshot_download
+from huggingface_hub.errors import LocalEntryNotFoundError
+
 from elision.errors import ModelSpecError
 
 # org/name as the Hub spells repository ids (letters, digits, '-', '_', '.'; no '..', no leading '.')
@@ -22,23 +25,16 @@ def looks_like_hub_id(spec: str) -> bool:
 
 
 def hub_cache_dir() -> Path:
-    from huggingface_hub import constants
-
     return Path(constants.HF_HUB_CACHE)
 
 
 def offline() -> bool:
-    from huggingface_hub import constants
-
     return bool(constants.HF_HUB_OFFLINE)
 
 
 def resolve_hub_id(repo_id: str) -> Path:
     """The local snapshot directory of `repo_id`: from the cache, else downloaded (unless HF_HUB_OFFLINE is set).
     Raises ModelSpecError naming the cache it looked in and how to fill it."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
     cache = hub_cache_dir()
     try:
         return Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=WANTED_FILES))

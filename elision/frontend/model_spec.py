@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 
 from elision.errors import ModelSpecError, UntrustedCodeError
 from elision.frontend.hub import looks_like_hub_id, resolve_hub_id
 from elision.frontend.placement import DEFAULT, Placement
+from elision.models.registry import get_builtin
 
 
 @dataclass
@@ -83,8 +85,6 @@ def _load_unplaced(spec: str, trust_code: bool, placement: Placement) -> LoadedM
 
 
 def _load_builtin(name: str, spec: str) -> LoadedModel:
-    from elision.models.registry import get_builtin
-
     try:
         entry = get_builtin(name)
     except KeyError as e:
@@ -133,8 +133,6 @@ def _one_line(error: BaseException) -> str:
 
 
 def _load_hf_dir(path: Path, placement: Placement = DEFAULT) -> LoadedModel:
-    import transformers
-
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise ModelSpecError(f"{path} is not a Hugging Face model directory: config.json is missing")

@@ -7,9 +7,13 @@ import re
 from typing import Any
 
 import torch
+from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.export import Dim
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from elision.errors import ExportError, UnsupportedOpError
-from elision.frontend.fx_import import import_exported_program
+from elision.frontend.fx_import import import_exported_program, import_graph
 from elision.frontend.model_spec import _input_names
 from elision.ir.core import Module
 
@@ -42,7 +46,6 @@ class _Traceable(torch.nn.Module):
 def _dynamic_shapes(example_inputs: tuple, dynamic_dims: dict | None):
     if not dynamic_dims:
         return None, {}
-    from torch.export import Dim
 
     dims: dict[str, Any] = {}
     spec = []
@@ -126,8 +129,6 @@ def export_to_ir(model: torch.nn.Module, example_inputs: tuple, dynamic_dims: di
 
 def _specialization_message(text: str, dynamic_dims: dict) -> str | None:
     """Turn export's 'you marked L['args'][0].size()[1] as dynamic but ... constant (2)' into dim names."""
-    import re
-
     m = re.search(r"L\['args'\]\[(\d+)\]\.size\(\)\[(\d+)\] as dynamic but your code specialized it to be a constant \((\d+)\)", text)
     if not m:
         return None
@@ -149,8 +150,6 @@ def weights_hash(model: torch.nn.Module) -> str:
 
 def _source_to_param_name(source: str) -> str:
     """``L['self']._modules['model']._parameters['weight']`` -> ``model.weight`` (Dynamo's source of a lifted param)."""
-    import re
-
     name = re.sub(r"^L\['self'\]\.?", "", source)
     name = re.sub(r"\._(?:modules|parameters|buffers)\['([^']+)'\]", r".\1", name)
     name = re.sub(r"\[(\d+)\]", r".\1", name)
@@ -166,11 +165,6 @@ def import_graph_module(gm: torch.fx.GraphModule, example_inputs: list, fn_name:
     tensors (parameters and buffers of inlined modules) become IR parameters; their positions are recorded in
     ``module.attrs["param_positions"]`` so a caller can drop them from each call's arguments.
     """
-    from torch._guards import detect_fake_mode
-    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    from elision.frontend.fx_import import import_graph
 
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     # Dynamo keeps its own fake values (with symbolic sizes) on the placeholders; prefer them to the example inputs,

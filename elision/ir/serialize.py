@@ -4,6 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from elision.ir.core import IRError, Module
 from elision.ir.parser import parse
@@ -13,8 +15,6 @@ PARAMS_FILE = "params.safetensors"
 
 
 def save_module(module: Module, out_dir: str | Path) -> Path:
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / IR_FILE).write_text(module.print())
@@ -24,9 +24,6 @@ def save_module(module: Module, out_dir: str | Path) -> Path:
 
 
 def load_module(path: str | Path) -> Module:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     p = Path(path)
     if not (p / IR_FILE).is_file():
         raise IRError(f"{p} holds no {IR_FILE}: not an IR directory written by `elision compile --emit ir`")

@@ -10,6 +10,8 @@ from typing import Union
 
 import torch
 
+from elision.ir.symbolic import free_symbols
+
 Dim = Union[int, str]
 
 # short, stable spellings for the textual form
@@ -65,8 +67,6 @@ class TensorType:
         return all(isinstance(d, int) for d in self.shape)
 
     def symbols(self) -> set[str]:
-        from elision.ir.symbolic import free_symbols
-
         out: set[str] = set()
         for d in self.shape:
             if isinstance(d, str):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from elision.ir.core import Function, IRError, Module
 from elision.ir.ops import UnknownOpError, check_op
+from elision.ir.shape_infer import propagate, type_of
+from elision.ir.symbolic import to_sympy
 from elision.ir.types import TensorType
 
 
@@ -52,8 +54,6 @@ def verify_function(fn: Function, module: Module, check_types: bool = False) -> 
 
 
 def _check_types(fn: Function, module: Module) -> None:
-    from elision.ir.shape_infer import propagate, type_of
-
     _, env = propagate(fn, module)
     for n in fn.nodes:
         got = type_of(env[n.result])
@@ -69,7 +69,6 @@ def _check_types(fn: Function, module: Module) -> None:
 def _dims_differ(a, b) -> bool:
     if a == b:
         return False
-    from elision.ir.symbolic import to_sympy
 
     try:
         return bool((to_sympy(str(a)) - to_sympy(str(b))).simplify() != 0)

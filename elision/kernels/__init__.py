@@ -21,6 +21,6 @@ __all__ = ["ensure_registered"]
 
 def ensure_registered() -> None:
     """Register the ``elision::*`` torch ops (idempotent)."""
-    from . import ops
+    from . import ops  # on demand: registering the ops imports triton (seconds), see the module docstring
 
     ops.ensure_registered()

@@ -39,6 +39,8 @@ import os
 from typing import Callable
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor
 from torch.library import triton_op
 
 from elision.kernels import _checks, cpu, reference
@@ -66,9 +68,6 @@ def force_triton() -> bool:
 
 def _is_real(t: torch.Tensor) -> bool:
     """A concrete eager tensor (not a FakeTensor/FunctionalTensor seen while tracing)."""
-    from torch._subclasses.fake_tensor import FakeTensor
-    from torch._subclasses.functional_tensor import FunctionalTensor
-
     return not isinstance(t, (FakeTensor, FunctionalTensor))
 
 
@@ -101,7 +100,7 @@ def _attention(
 ) -> torch.Tensor:
     _checks.check_attention(q, k, v, bias)
     if _use_triton(q):
-        from . import triton_attention
+        from . import triton_attention  # optional triton (Linux x86_64): on first launch
 
         return triton_attention.attention(q, k, v, bias, scale, is_causal)
     return cpu.attention(q, k, v, bias, scale, is_causal)
@@ -115,7 +114,7 @@ def _attention_fake(q, k, v, bias=None, scale=None, is_causal=False):  # type: i
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     _checks.check_norm("rms_norm", x, weight)
     if _use_triton(x):
-        from . import triton_norm
+        from . import triton_norm  # optional triton (Linux x86_64): on first launch
 
         return triton_norm.rms_norm(x, weight, eps)[0]
     return cpu.rms_norm(x, weight, eps)
@@ -131,7 +130,7 @@ def _add_rms_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _checks.check_norm("add_rms_norm", x, weight, residual=residual)
     if _use_triton(x):
-        from . import triton_norm
+        from . import triton_norm  # optional triton (Linux x86_64): on first launch
 
         out, summed = triton_norm.rms_norm(x, weight, eps, residual)
         return out, summed
@@ -151,7 +150,7 @@ def _layer_norm(
 ) -> torch.Tensor:
     _checks.check_norm("layer_norm", x, weight, bias)
     if _use_triton(x):
-        from . import triton_norm
+        from . import triton_norm  # optional triton (Linux x86_64): on first launch
 
         return triton_norm.layer_norm(x, weight, bias, eps)[0]
     return cpu.layer_norm(x, weight, bias, eps)
@@ -171,7 +170,7 @@ def _add_layer_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _checks.check_norm("add_layer_norm", x, weight, bias, residual)
     if _use_triton(x):
-        from . import triton_norm
+        from . import triton_norm  # optional triton (Linux x86_64): on first launch
 
         out, summed = triton_norm.layer_norm(x, weight, bias, eps, residual)
         return out, summed
@@ -197,7 +196,7 @@ def _sparse_cross_attention(
     _checks.check_sparse_cross_attention(q, k, v, block_index, block_size)
     _validate_indices_on_cpu("sparse_cross_attention: block_index", block_index, k.shape[2], allow_padding=True)
     if _use_triton(q):
-        from . import triton_attention
+        from . import triton_attention  # optional triton (Linux x86_64): on first launch
 
         return triton_attention.sparse_cross_attention(q, k, v, block_index, block_size, scale)
     return reference.sparse_cross_attention(q, k, v, block_index, block_size, scale)

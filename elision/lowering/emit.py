@@ -24,6 +24,12 @@ from typing import Any, Sequence
 
 import torch
 
+from elision.ir.execute import to_fx
+from elision.ir.serialize import IR_FILE, PARAMS_FILE, save_module
+from elision.ir.symbolic import evaluate, free_symbols
+from elision.lowering.mlir_export import export_mlir
+from elision.lowering.onnx_export import export_onnx
+from elision.runtime.artifact import MANIFEST_NAME, load_artifact
 from elision.runtime.outputs import atomic_directory
 from elision.passes.tokens.prune_tokens import KEPT_MASK_ATTR
 
@@ -49,8 +55,6 @@ def _known_sizes(ir, lm) -> dict[str, int]:
 
 def example_inputs_for(ir, fn_name: str, lm=None) -> tuple[tuple, dict]:
     """(example tensors, dynamic dims {input_index: {axis: name}}) for IR function `fn_name`."""
-    from elision.ir.symbolic import evaluate, free_symbols
-
     fn = ir.functions[fn_name]
     if lm is not None and fn_name == "forward" and len(lm.example_inputs) == len(fn.inputs):
         return tuple(lm.example_inputs), dict(lm.dynamic_dims or {})
@@ -82,8 +86,6 @@ def example_inputs_for(ir, fn_name: str, lm=None) -> tuple[tuple, dict]:
 
 def function_entries(ir, lm=None) -> dict[str, tuple]:
     """IR functions as `export_onnx` entries: (fx module, example inputs, dynamic dims)."""
-    from elision.ir.execute import to_fx
-
     entries = {}
     for name in ir.functions:
         examples, dynamic = example_inputs_for(ir, name, lm)
@@ -106,8 +108,6 @@ def _runtime_settings(ir, lm) -> dict[str, Any]:
 
 def emit_onnx(ir, lm, out_dir: Path, *, ort_fusions: bool = True) -> list[Path]:
     """Write the ONNX artifact for every IR function; returns the written files."""
-    from elision.lowering.onnx_export import export_onnx
-
     names = {}
     primary = {"causal-lm": "logits", "encoder": "last_hidden_state"}.get(getattr(lm, "kind", ""), None)
     forward = ir.functions.get("forward")
@@ -135,8 +135,6 @@ def weights_dtype(ir) -> str:
 
 def run_onnx_artifact(out_dir: Path, fn_name: str, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """Run function `fn_name` of an artifact on torch tensors (positional, in the function's input order)."""
-    from elision.runtime.artifact import load_artifact
-
     artifact = load_artifact(out_dir)
     spec = artifact.spec(fn_name)
     feeds = {t.name: x.detach().cpu().numpy() for t, x in zip(spec.inputs, inputs)}
@@ -146,10 +144,6 @@ def run_onnx_artifact(out_dir: Path, fn_name: str, inputs: Sequence[torch.Tensor
 
 def ort_runner(ir, fn_name: str, *, ort_fusions: bool = True, threads: int | None = None, **_: Any):
     """A callable(*tensors) -> tuple running IR function `fn_name` in ONNX Runtime (artifact in a temp dir)."""
-    from elision.lowering.onnx_export import export_onnx
-    from elision.ir.execute import to_fx
-    from elision.runtime.artifact import load_artifact
-
     examples, dynamic = example_inputs_for(ir, fn_name, None)
     tmp = tempfile.TemporaryDirectory(prefix="elision-ort-")
     export_onnx({fn_name: (to_fx(ir, fn_name), examples, dynamic)}, tmp.name, pipeline=str(ir.attrs.get("pipeline", "")),
@@ -169,8 +163,6 @@ def ort_runner(ir, fn_name: str, *, ort_fusions: bool = True, threads: int | Non
 
 def emit_mlir(ir, lm, out_dir: Path, *, output_type: str = "linalg-on-tensors") -> list[Path]:
     """Write `<fn>.mlir` for every IR function through torch-mlir's FX importer."""
-    from elision.lowering.mlir_export import export_mlir
-
     names = []
     with atomic_directory(out_dir, marker=MLIR_MARKER) as tmp:
         for name, (gm, examples, _) in function_entries(ir, lm).items():
@@ -181,8 +173,6 @@ def emit_mlir(ir, lm, out_dir: Path, *, output_type: str = "linalg-on-tensors") 
 
 def emit_ir(ir, out_dir: Path) -> list[Path]:
     """Write the textual IR (`module.ir`) and its parameters (`params.safetensors`)."""
-    from elision.ir.serialize import IR_FILE, PARAMS_FILE, save_module
-
     with atomic_directory(out_dir, marker=IR_MARKER) as tmp:
         save_module(ir, tmp)
     return [Path(out_dir) / IR_FILE, Path(out_dir) / PARAMS_FILE]
@@ -190,9 +180,6 @@ def emit_ir(ir, out_dir: Path) -> list[Path]:
 
 def emit_fx(ir, out_dir: Path) -> list[Path]:
     """The IR output plus `<fn>.py`, the FX code of every IR function (parameters: params.safetensors)."""
-    from elision.ir.execute import to_fx
-    from elision.ir.serialize import save_module
-
     names = []
     with atomic_directory(out_dir, marker=IR_MARKER) as tmp:
         save_module(ir, tmp)
@@ -218,6 +205,4 @@ def emit(kind: str, ir, lm, out_dir: Path) -> list[Path]:
 
 def output_marker(kind: str) -> str:
     """The file a previous output of `kind` holds: `-o` may name such a directory (it is replaced as a whole)."""
-    from elision.runtime.artifact import MANIFEST_NAME
-
     return {"onnx": MANIFEST_NAME, "mlir": MLIR_MARKER}.get(kind, IR_MARKER)

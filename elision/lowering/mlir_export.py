@@ -33,7 +33,7 @@ class MlirExportError(ElisionError, RuntimeError):
 
 
 def _torch_mlir():
-    try:
+    try:  # torch-mlir: optional (extra `mlir`), only MLIR emission needs it
         from torch_mlir import fx
         from torch_mlir.compiler_utils import OutputType
     except ImportError as e:
@@ -65,7 +65,7 @@ def _decomposition_table() -> dict:
     torch-mlir has no lowering for `torch.ops.elision.*` (Triton-backed custom ops); decomposing them
     into the reference implementation keeps the optimized graph's semantics in plain ATen.
     """
-    from torch_mlir.extras.fx_decomp_util import get_decomposition_table
+    from torch_mlir.extras.fx_decomp_util import get_decomposition_table  # optional (extra `mlir`)
 
     # here, not at module top: the kernel ops import triton, which only MLIR emission of elision ops needs
     from elision.kernels import ops, reference
@@ -134,7 +134,7 @@ def _check_round_trip(module, text: str, output_type: str) -> None:
     bindings for `stablehlo` or `tm_tensor` (torch-mlir's scan/sort ops), whose ops are then checked
     structurally (operands, regions, types); every registered dialect is verified in full.
     """
-    from torch_mlir import ir
+    from torch_mlir import ir  # optional (extra `mlir`)
 
     try:
         context = ir.Context()
@@ -147,7 +147,7 @@ def _check_round_trip(module, text: str, output_type: str) -> None:
 
 def parse_mlir(text: str):
     """Parse MLIR text with torch-mlir's bindings (torch dialect registered); raises on malformed input."""
-    _torch_mlir()
+    _torch_mlir()  # a clear error first when torch-mlir (optional, extra `mlir`) is missing
     from torch_mlir import ir
     from torch_mlir.dialects import torch as torch_dialect
 

@@ -36,18 +36,14 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import onnx
 import onnx_ir
+import onnxruntime as ort
 import torch
-from onnx import TensorProto
+from onnx import TensorProto, helper
+from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
 from elision.errors import ElisionError
-from elision.runtime.artifact import (
-    FORMAT_VERSION,
-    MANIFEST_NAME,
-    WEIGHTS_NAME,
-    TensorSpec,
-    elision_version,
-    sha256_file,
-)
+from elision.runtime.artifact import (FORMAT_VERSION, MANIFEST_NAME, WEIGHTS_NAME, TensorSpec, elision_version,
+                                      sha256_file)
 from elision.runtime.outputs import atomic_directory
 from elision.runtime.precision import target_providers
 
@@ -264,8 +260,6 @@ class _SharedWeights:
         """`externalize` for an onnx_ir model, before serialization: each initializer's bytes are written out one
         tensor at a time and its value becomes a reference into the file, so the model's weights are never copied
         into a ModelProto (a full second copy of a large model's weights)."""
-        import onnx_ir
-
         for value in model.graph.initializers.values():
             tensor = value.const_value
             if tensor is None:
@@ -356,8 +350,6 @@ def _strip_stack_traces(model: onnx.ModelProto) -> None:
 
 
 def _ort_outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    import onnxruntime as ort
-
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -370,8 +362,6 @@ def _expand_simplified_layer_norm(node: onnx.NodeProto, serial: int) -> list[onn
     onnxscript emits it in the default ONNX domain, where `onnx.checker` has no schema for it; ORT
     fuses this exact pattern back into its RMSNorm kernel when the session is created.
     """
-    from onnx import helper
-
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     axis = int(attrs.get("axis", -1))
     eps = float(attrs.get("epsilon", 1e-5))
@@ -407,8 +397,6 @@ def _standardize_default_domain(model: onnx.ModelProto) -> None:
 
 def _apply_ort_fusions(name: str, plain: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Try onnxscript's ORT fusions; keep them only if ORT accepts the result and it matches the plain graph."""
-    from onnxscript.rewriter.ort_fusions import optimize_for_ort
-
     try:
         reference = _ort_outputs(plain, feeds)
         fused_ir = onnx_ir.serde.deserialize_model(plain)

@@ -27,8 +27,9 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-import torch
+import onnx
 import onnx_ir
+import torch
 from onnx.defs import OpSchema
 from onnxscript.onnx_opset import opset18 as op
 from onnxscript.values import Op, Opset
@@ -165,7 +166,6 @@ def _weight_or_ones(x, weight):  # type: ignore[no-untyped-def]
 
 
 def _ones_float():  # type: ignore[no-untyped-def]
-    import onnx
 
     return onnx.helper.make_tensor("one", onnx.TensorProto.FLOAT, [1], [1.0])
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from elision.models.builtin_model import BuiltinModel
 
@@ -38,15 +39,11 @@ def builtin_dir(name: str) -> Path:
 
 def load_tokenizer(name: str = "tiny-code-lm"):
     """The shared byte-level BPE tokenizer (a HF fast tokenizer), loaded offline."""
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(builtin_dir(name), local_files_only=True)
 
 
 def load_model(name: str = "tiny-code-lm", dtype: torch.dtype = torch.float32):
     """The real `LlamaForCausalLM`, in eval mode, cast from the stored float16 to `dtype`."""
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_pretrained(builtin_dir(name), dtype=dtype, local_files_only=True)
     return model.eval()
 

@@ -11,6 +11,7 @@ model's `image_size`, converted to its `num_channels`, normalised with the mean/
 """
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import re
@@ -20,69 +21,28 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from safetensors.torch import load_file
 
 FASHION_DIR = Path(__file__).resolve().parent / "builtin" / "fashion-vit"
 
 
-def _stdlib_modules() -> tuple:
-    """The standard-library modules whose docstrings make the English corpus, in corpus order (calibration and
-    held-out sets are slices of it: do not reorder)."""
-    # Imported here, not at module top: some fifty modules (asyncio, email, sqlite3, ...) that only the corpus needs.
-    import argparse
-    import ast
-    import asyncio
-    import bisect
-    import calendar
-    import codecs
-    import collections
-    import copy
-    import csv
-    import dataclasses
-    import datetime
-    import decimal
-    import dis
-    import doctest
-    import email
-    import fractions
-    import functools
-    import gettext
-    import gzip
-    import hashlib
-    import heapq
-    import hmac
-    import http.client
-    import itertools
-    import locale
-    import logging
-    import os
-    import pathlib
-    import pdb
-    import pickle
-    import random
-    import secrets
-    import shutil
-    import socket
-    import sqlite3
-    import statistics
-    import string
-    import subprocess
-    import tarfile
-    import tempfile
-    import textwrap
-    import threading
-    import tokenize
-    import typing
-    import unittest
-    import urllib.parse
-    import uuid
-    import xml.dom.minidom
-    import zipfile
+# The standard-library modules whose docstrings make the English corpus, in corpus order (calibration and held-out
+# sets are slices of it: do not reorder). Imported by name when the corpus is built: some fifty modules (asyncio,
+# email, sqlite3, ...) that nothing else needs.
+CORPUS_MODULES = (
+    "json", "os", "re", "inspect", "collections", "functools", "itertools", "pathlib", "argparse", "logging",
+    "subprocess", "threading", "asyncio", "typing", "dataclasses", "string", "textwrap", "shutil", "tempfile",
+    "socket", "email", "http.client", "urllib.parse", "xml.dom.minidom", "csv", "sqlite3", "zipfile", "tarfile",
+    "gzip", "pickle", "copy", "heapq", "bisect", "random", "statistics", "decimal", "fractions", "datetime",
+    "calendar", "unittest", "doctest", "pdb", "ast", "dis", "tokenize", "codecs", "locale", "gettext",
+    "hashlib", "hmac", "secrets", "uuid",
+)
 
-    return (json, os, re, inspect, collections, functools, itertools, pathlib, argparse, logging, subprocess,
-            threading, asyncio, typing, dataclasses, string, textwrap, shutil, tempfile, socket, email, http.client,
-            urllib.parse, xml.dom.minidom, csv, sqlite3, zipfile, tarfile, gzip, pickle, copy, heapq, bisect, random,
-            statistics, decimal, fractions, datetime, calendar, unittest, doctest, pdb, ast, dis, tokenize, codecs,
-            locale, gettext, hashlib, hmac, secrets, uuid)
+
+def _stdlib_modules() -> tuple:
+    """The modules of `CORPUS_MODULES`, imported."""
+    return tuple(importlib.import_module(name) for name in CORPUS_MODULES)
 
 
 def stdlib_paragraphs(n: int, min_words: int = 20, max_words: int = 400, offset: int = 0) -> list[str]:
@@ -128,8 +88,6 @@ def tokenize(tokenizer, texts: list[str], seq_len: int, pad_to_max: bool = False
 
 def fashion_sample(n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(pixel_values (n,1,28,28) normalised, labels (n,)) from the committed Fashion-MNIST test sample."""
-    from safetensors.torch import load_file
-
     path = FASHION_DIR / "test_sample.safetensors"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; run tools/train_fashion_vit.py to create it")
@@ -237,6 +195,7 @@ def natural_images(n: int, prep: ImagePreprocessing, seed: int = 0, part: str = 
     photographs bundled with scikit-image, preprocessed for the model. Deterministic for a given seed.
     `part` "tune" crops only the even-numbered photographs, "held-out" only the odd-numbered ones, so the two
     parts never share a pixel."""
+    # scikit-image: optional (extra `3d`), only these calibration photographs need it here
     import skimage
     from skimage.io import imread
 
@@ -262,8 +221,6 @@ def natural_images(n: int, prep: ImagePreprocessing, seed: int = 0, part: str = 
 
 def folder_images(folder: str | Path, n: int, prep: ImagePreprocessing) -> torch.Tensor:
     """Up to `n` image files of `folder` (sorted by name), preprocessed for the model."""
-    from PIL import Image, UnidentifiedImageError
-
     folder = Path(folder)
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:n]
     if not files:

@@ -2,11 +2,13 @@
 
 A builtin is a factory returning a ready `torch.nn.Module` in eval mode plus example inputs, so every
 entry point (CLI, Python API, tests, demo) resolves `builtin:NAME` the same way. The model modules list their
-entries in `BUILTINS`; the registry collects them on the first lookup, so that importing elision stays cheap.
+entries in `BUILTINS`; the registry collects them on the first lookup (entries registered before keep their
+name). Importing it imports transformers and the model code: the CLI imports it only in the commands that need it.
 `register_builtin` adds entries of your own.
 """
 from __future__ import annotations
 
+from elision.models import code_lm, tiny, vecset, vision
 from elision.models.builtin_model import BuiltinModel
 
 _REGISTRY: dict[str, BuiltinModel] = {}
@@ -23,10 +25,6 @@ def _ensure_loaded() -> None:
     if _loaded:
         return
     _loaded = True
-    # Imported on the first lookup, not at module top: the model modules import transformers and the model code,
-    # which `import elision.models` (and the CLI's start-up) should not pay for.
-    from elision.models import code_lm, tiny, vecset, vision
-
     for module in (tiny, code_lm, vecset, vision):
         for entry in module.BUILTINS:
             _REGISTRY.setdefault(entry.name, entry)

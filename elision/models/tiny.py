@@ -6,6 +6,7 @@ vecset fixtures) are for measurements.
 from __future__ import annotations
 
 import torch
+import transformers
 
 from elision.models.builtin_model import BuiltinModel
 
@@ -18,31 +19,23 @@ def _seeded(build):
 
 
 def _tiny_llama():
-    import transformers
-
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=256, max_position_embeddings=512)
     return transformers.LlamaForCausalLM(cfg)
 
 
 def _tiny_gpt2():
-    import transformers
-
     cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=512)
     return transformers.GPT2LMHeadModel(cfg)
 
 
 def _tiny_bert():
-    import transformers
-
     cfg = transformers.BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                   vocab_size=256, max_position_embeddings=512)
     return transformers.BertModel(cfg, add_pooling_layer=False)
 
 
 def _tiny_vit():
-    import transformers
-
     cfg = transformers.ViTConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                  image_size=32, patch_size=8, num_channels=3)
     return transformers.ViTModel(cfg, add_pooling_layer=False)

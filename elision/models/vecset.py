@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from elision.models.builtin_model import BuiltinModel
@@ -317,7 +319,6 @@ def build_field(config: VecSetConfig, device: str | torch.device = "cpu", seed: 
 
 def save_checkpoint(model: VecSetField, path: str | Path, half: bool = True) -> None:
     """safetensors with the config in the metadata; `half` stores fp16 weights (loaded back as fp32)."""
-    from safetensors.torch import save_file
     tensors = {k: (v.detach().half() if half else v.detach().float()).contiguous()
                for k, v in model.state_dict().items()}
     save_file(tensors, str(path), metadata={"elision.vecset.config": model.config.to_json()})
@@ -325,8 +326,6 @@ def save_checkpoint(model: VecSetField, path: str | Path, half: bool = True) -> 
 
 def load_checkpoint(path: str | Path) -> VecSetField:
     """Load a checkpoint written by `save_checkpoint` (strict names, fp32)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"VecSet checkpoint {path} does not exist")
@@ -346,7 +345,6 @@ def load_checkpoint(path: str | Path) -> VecSetField:
 
 def load_latents(path: str | Path) -> torch.Tensor:
     """Latents [1, M, E] fp32 from a safetensors file with key 'latents'."""
-    from safetensors.torch import load_file
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"latents file {path} does not exist")
@@ -361,8 +359,6 @@ def load_latents(path: str | Path) -> torch.Tensor:
 @contextlib.contextmanager
 def _readable_safetensors(path: Path, what: str):
     """Whatever a broken or foreign file makes safetensors / torch raise becomes one ValueError naming the file."""
-    from safetensors import SafetensorError
-
     try:
         yield
     except ValueError:
@@ -373,7 +369,6 @@ def _readable_safetensors(path: Path, what: str):
 
 
 def save_latents(latents: torch.Tensor, path: str | Path, **metadata: str) -> None:
-    from safetensors.torch import save_file
     save_file({"latents": latents.detach().float().contiguous()}, str(path),
               metadata={k: str(v) for k, v in metadata.items()})
 

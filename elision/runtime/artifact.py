@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -71,8 +72,6 @@ class ArtifactInputError(ArtifactError):
 def elision_version() -> str:
     """The installed elision version, read from package metadata (no import of elision internals)."""
     try:
-        from importlib.metadata import PackageNotFoundError, version
-
         return version("elision")
     except PackageNotFoundError:  # running from a source tree that was never pip-installed
         return "0.0.0+unknown"
@@ -149,7 +148,7 @@ def select_providers(preferred: Iterable[str] | None = None) -> list[str]:
 
     `ELISION_ORT_PROVIDERS` (comma separated) overrides the automatic choice.
     """
-    import onnxruntime as ort
+    import onnxruntime as ort  # not at top: `elision --help` imports this module and must not load onnxruntime
 
     available = ort.get_available_providers()
     if preferred is None and os.environ.get("ELISION_ORT_PROVIDERS"):
@@ -266,7 +265,7 @@ def _parse_functions(manifest: Mapping[str, Any]) -> dict[str, FunctionSpec]:
 
 
 def _session_options(threads: int | None, optimization: str, config: Mapping[str, str] | None = None):
-    import onnxruntime as ort
+    import onnxruntime as ort  # not at top: see select_providers
 
     levels = {
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -387,8 +386,9 @@ class Artifact:
         Outputs named in `keep_on_device` come back as OrtValues left where the provider put them, so
         a KV cache can be fed into the next step without a host round trip; the others are numpy.
         """
+        import onnxruntime as ort  # not at top: see select_providers
+
         self.check_inputs(fn, inputs)
-        import onnxruntime as ort
 
         spec = self.spec(fn)
         keep = set(keep_on_device)
@@ -496,7 +496,7 @@ def load_artifact(
     threads: ORT intra-op threads (default: ORT's choice). optimization: ORT graph optimization level.
     session_config: extra ORT session config entries (e.g. {"session.disable_prepacking": "1"}).
     """
-    import onnxruntime as ort
+    import onnxruntime as ort  # not at top: see select_providers
 
     root = Path(path)
     manifest = _read_manifest(root)

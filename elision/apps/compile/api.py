@@ -1,15 +1,28 @@
 """The Python API: ``elision.compile(model, example_inputs=..., passes=..., target=...)``."""
 from __future__ import annotations
 
+import inspect
+import os
+import warnings
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_leaves
+from transformers.utils import ModelOutput
 
 from elision.apps.compile.optimize import SEMANTIC_PIPELINE, default_pipeline  # noqa: F401  (re-exported)
 from elision.apps.compile.records import GraphRecord
+from elision.apps.compile.select import FastestOf
+from elision.apps.compile.torch_target import CANDIDATES
 from elision.errors import ElisionError, PassError
+from elision.frontend.model_spec import _input_names, default_example_inputs
+from elision.frontend.trace import export_to_ir
 from elision.frontend.placement import placement_for
 from elision.ir.core import Module
+from elision.ir.execute import to_fx
+from elision.lowering.emit import ort_runner
+from elision.passes.manager import PassManager
+from elision.passes.pipeline import parse_pipeline
 from elision.passes.tokens.prune_tokens import KEPT_MASK_ATTR
 
 TARGETS = ("torch", "onnxruntime", "triton")
@@ -21,8 +34,6 @@ def check_pipeline(pipeline: str | None, allow_approximate: bool = False) -> lis
     Raises PassError for an unknown pass, a bad option, or an approximate pass without `allow_approximate`, so a typo
     costs milliseconds rather than a trace, and a model that cannot be traced does not hide a bad pipeline.
     """
-    from elision.passes.pipeline import parse_pipeline
-
     passes = parse_pipeline(default_pipeline() if pipeline is None else pipeline)
     approximate = [p.name for p in passes if p.approximate]
     if approximate and not allow_approximate:
@@ -67,8 +78,6 @@ class _Flat(torch.nn.Module):
         self.kwargs = {"use_cache": False} if _takes_use_cache(model) else {}
 
     def forward(self, *args):
-        from torch.utils._pytree import tree_leaves
-
         return tuple(t for t in tree_leaves(self.model(*args, **self.kwargs)) if isinstance(t, torch.Tensor))
 
 
@@ -99,10 +108,6 @@ def torch_runner(ir: Module, fn_name: str, model: torch.nn.Module, dynamic_dims:
     The original model's routes (inductor on it, and itself) are candidates only when the pipeline preserves its
     output (`semantic`); they are also the reference the other candidates are checked against on the first call.
     """
-    from elision.apps.compile.select import FastestOf
-    from elision.apps.compile.torch_target import CANDIDATES
-    from elision.ir.execute import to_fx
-
     if select != "fastest" and select not in CANDIDATES:
         raise ElisionError(f"unknown select {select!r}; choose one of fastest, {', '.join(CANDIDATES)}")
     wanted = CANDIDATES if select == "fastest" else (select,)
@@ -130,7 +135,6 @@ def _output_adapter(model: torch.nn.Module, example_inputs: tuple, kept_mask: in
         out = model(*example_inputs, use_cache=False) if _takes_use_cache(model) else model(*example_inputs)
     if isinstance(out, torch.Tensor):
         return lambda res: res[0]
-    from transformers.utils import ModelOutput  # here, not at module top: transformers is slow to import
 
     if isinstance(out, ModelOutput):
         cls, key = type(out), next(iter(out.keys()))
@@ -146,8 +150,6 @@ def _output_adapter(model: torch.nn.Module, example_inputs: tuple, kept_mask: in
 
 
 def _takes_use_cache(model) -> bool:
-    import inspect
-
     try:
         return hasattr(model, "config") and "use_cache" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
@@ -155,11 +157,7 @@ def _takes_use_cache(model) -> bool:
 
 
 def _triton_note() -> None:
-    import os
-
     if not torch.cuda.is_available() and os.environ.get("ELISION_FORCE_TRITON") != "1":
-        import warnings
-
         warnings.warn("target 'triton': no CUDA device, elision ops run their torch reference "
                       "implementations (set ELISION_FORCE_TRITON=1 to run the Triton kernels under the interpreter)",
                       stacklevel=4)
@@ -173,8 +171,6 @@ def make_runner(ir: Module, fn_name: str, target: str, *, model: torch.nn.Module
             _triton_note()
         return torch_runner(ir, fn_name, model, dynamic_dims, semantic, select, record)
     if target == "onnxruntime":
-        from elision.lowering.emit import ort_runner
-
         record.runs = "onnxruntime"
         return ort_runner(ir, fn_name, **options)
     raise ElisionError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
@@ -195,9 +191,6 @@ def compile(model: torch.nn.Module, example_inputs: tuple | None = None, passes:
     convert ``model`` and ``example_inputs`` in place before tracing (default: as they are); the compiled module
     then takes inputs in that dtype on that device.
     """
-    from elision.frontend.model_spec import _input_names, default_example_inputs
-    from elision.frontend.trace import export_to_ir
-    from elision.passes.manager import PassManager
     if target not in TARGETS:
         raise ElisionError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     pipeline = check_pipeline(passes, allow_approximate)  # before the trace: a typo must not cost one

@@ -1,6 +1,6 @@
 """`torch.compile(model, backend="elision", options={...})`: the Dynamo backend.
 
-Dynamo finds this function through the `torch_dynamo_backends` entry point declared in setup.py
+Dynamo finds this function through the `torch_dynamo_backends` entry point declared in pyproject.toml
 (`elision = elision.apps.compile.backend:elision_backend`); `register()` does the same by hand where the
 package is not installed (idempotent; importing this module registers nothing, because Dynamo's
 entry-point loader registers the name itself after importing us and asserts it is not taken yet).
@@ -37,6 +37,9 @@ from elision.apps.compile.ort_target import OrtGraphRunner
 from elision.apps.compile.records import (ElisionFallbackWarning, GraphRecord, clear_graph_records, graph_records,
                                           register_record, warn_once)
 from elision.apps.compile.torch_target import CANDIDATES, build_torch_target
+from elision.errors import ElisionError
+from elision.lowering.onnx_export import exporter_error_summary
+from elision.passes.pipeline import parse_pipeline
 
 __all__ = ["elision_backend", "register", "BackendOptions", "ElisionFallbackWarning", "TARGETS", "graph_records",
            "clear_graph_records"]
@@ -86,9 +89,6 @@ class BackendOptions:
 
 def _check_pipeline(passes: str) -> None:
     """Unknown passes and approximate passes are bad options: say so before any graph is compiled."""
-    from elision.errors import ElisionError
-    from elision.passes.pipeline import parse_pipeline
-
     try:
         parsed = parse_pipeline(passes) if passes.strip() else []
     except ElisionError as e:
@@ -114,8 +114,6 @@ def _triton_note() -> None:
 
 
 def _one_line(e: BaseException) -> str:
-    from elision.lowering.onnx_export import exporter_error_summary
-
     return f"{type(e).__name__}: {exporter_error_summary(e)}"
 
 
@@ -170,6 +168,7 @@ def elision_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, 
 
 def register(name: str = "elision") -> None:
     """Register the backend under `name` by hand (the entry point does this for installed elision). Idempotent."""
+    # only when registering by hand: importing Dynamo costs seconds, which the other backend paths do not pay
     from torch._dynamo.backends.registry import _COMPILER_FNS, register_backend
 
     if name not in _COMPILER_FNS:

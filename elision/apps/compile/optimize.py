@@ -15,7 +15,11 @@ from typing import Any, Callable, Sequence
 import torch
 
 from elision.apps.compile.records import GraphRecord
+from elision.frontend.trace import import_graph_module
+from elision.ir import to_fx
 from elision.passes.fusion import DEFAULT_PIPELINE
+from elision.passes.manager import PassManager
+from elision.passes.pipeline import parse_pipeline
 
 __all__ = ["OptimizedGraph", "optimize_graph", "default_pipeline", "SEMANTIC_PIPELINE"]
 
@@ -91,11 +95,6 @@ class _DroppingModule(torch.nn.Module):
 
 def optimize_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], passes: str | None) -> OptimizedGraph:
     """Run elision's pipeline (None: the default semantics-preserving one) on a Dynamo graph."""
-    from elision.frontend.trace import import_graph_module
-    from elision.ir import to_fx
-    from elision.passes.manager import PassManager
-    from elision.passes.pipeline import parse_pipeline
-
     pipeline = default_pipeline() if passes is None else passes
     module = import_graph_module(gm, list(example_inputs))
     manager = PassManager(parse_pipeline(pipeline)) if pipeline.strip() else None

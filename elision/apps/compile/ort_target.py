@@ -13,11 +13,15 @@ from __future__ import annotations
 import warnings
 from typing import Any, Sequence
 
+import onnxruntime as ort
 import torch
 
 from elision.apps.compile.optimize import OptimizedGraph
 from elision.apps.compile.records import GraphRecord, warn_once
 from elision.apps.compile.select import outputs_match
+from elision.lowering.onnx_export import (OPSET_VERSION, _apply_ort_fusions, _custom_translation_table,
+                                          exporter_error_summary)
+from elision.runtime.artifact import select_providers
 
 __all__ = ["OrtGraphRunner", "UnsupportedGraph"]
 
@@ -101,8 +105,6 @@ def _classify_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]):
 
 
 def _one_line(e: BaseException) -> str:
-    from elision.lowering.onnx_export import exporter_error_summary
-
     return f"{type(e).__name__}: {exporter_error_summary(e)}"
 
 
@@ -141,8 +143,6 @@ class OrtGraphRunner:
         return self.record
 
     def _export(self, module: torch.nn.Module, examples: tuple):
-        from elision.lowering.onnx_export import OPSET_VERSION, _apply_ort_fusions, _custom_translation_table
-
         wrapper = _OrtWrapper(module, self.n_args, self.tensor_positions, self.consts, self.symints).eval()
         # forward(*tensors): torch.export sees one varargs argument, so the per-tensor specs nest one level
         dynamic_shapes = (tuple(self.dim_names.get(p) or None for p in self.tensor_positions),) if self.dim_names else None
@@ -158,9 +158,6 @@ class OrtGraphRunner:
         return proto
 
     def _session(self, proto):
-        import onnxruntime as ort
-
-        from elision.runtime.artifact import select_providers
 
         options = ort.SessionOptions()
         options.log_severity_level = 3

@@ -13,6 +13,7 @@ mutation, no random ops: see `graph_is_rerunnable`); other graphs take the first
 """
 from __future__ import annotations
 
+import operator
 import statistics
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -41,8 +42,6 @@ def graph_is_rerunnable(gm: torch.fx.GraphModule) -> bool:
     Conservative: an in-place op (a method or torch function whose name ends in `_`, a mutable aten op), an
     in-place Python operator (`x[i] = y`, `x += y`), or a random op makes it False.
     """
-    import operator
-
     in_place_operators = {operator.setitem, operator.delitem, operator.iadd, operator.isub, operator.imul,
                           operator.itruediv, operator.ifloordiv, operator.imod, operator.ipow, operator.iand,
                           operator.ior, operator.ixor, operator.ilshift, operator.irshift, operator.imatmul}

@@ -29,6 +29,7 @@ import torch
 from elision.apps.compile.optimize import OptimizedGraph, optimize_graph
 from elision.apps.compile.records import GraphRecord, warn_once
 from elision.apps.compile.select import FastestOf, graph_is_rerunnable
+from elision.lowering.onnx_export import exporter_error_summary
 
 __all__ = ["CANDIDATES", "build_torch_target", "inductor_compile"]
 
@@ -36,15 +37,13 @@ CANDIDATES = ("elision+inductor", "inductor", "elision", "eager")
 
 
 def _one_line(e: BaseException) -> str:
-    from elision.lowering.onnx_export import exporter_error_summary
-
     return f"{type(e).__name__}: {exporter_error_summary(e)}"
 
 
 def inductor_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], config_patches: Mapping[str, Any] | None,
                      record: GraphRecord, name: str) -> Callable:
     """`compile_fx` (the registered "inductor" backend) on `gm`; the compile time lands in `record`."""
-    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.compile_fx import compile_fx  # Inductor costs seconds to import: only its candidates pay
 
     start = time.perf_counter()
     compiled = compile_fx(gm, list(example_inputs), config_patches=dict(config_patches or {}) or None)
@@ -56,7 +55,7 @@ def _mode_patches(mode: str | None) -> dict[str, Any]:
     """Inductor config for torch.compile's `mode` (what `backend="inductor"` would get)."""
     if mode in (None, "default"):
         return {}
-    from torch._inductor import list_mode_options
+    from torch._inductor import list_mode_options  # Inductor costs seconds to import: only a `mode` pays
 
     return dict(list_mode_options(mode))
 

@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from tokenizers import Tokenizer
+
 from elision.apps.specdec.compiled_backend import compile_specdec, export_specdec_onnx, specdec_onnx_entry
 from elision.apps.specdec.loading import load_causal_lm
 from elision.apps.specdec.step_check import StepMismatchError, check_step_artifact, reference_run
@@ -52,8 +54,6 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 def _save_tokenizer(tokenizer, directory: Path) -> dict[str, Path]:
     """Write the tokenizer as Hugging Face saves it; {file name: path}. Needs a fast (tokenizer.json) tokenizer."""
-    from tokenizers import Tokenizer
-
     if getattr(tokenizer, "backend_tokenizer", None) is None:
         raise ValueError("the generation artifact needs a fast tokenizer (tokenizer.json); this model only has a "
                          f"slow {type(tokenizer).__name__}")

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from elision.apps.specdec.drafters import default_skip_layers
+from elision.apps.specdec.generate import SpeculativeGenerator
 
 
 @dataclass
@@ -40,8 +41,6 @@ def candidate_skip_sets(num_layers: int) -> list[frozenset[int]]:
 def calibrate_layer_skip(model, prompts: list[list[int]], max_new_tokens: int = 32,
                          candidates: list[frozenset[int]] | None = None, repeats: int = 1) -> LayerSkipCalibration:
     """Time self-speculative generation for each candidate skip set; return the fastest."""
-    from elision.apps.specdec.generate import SpeculativeGenerator
-
     if not prompts:
         raise ValueError("calibration needs at least one prompt")
     n_layers = int(model.config.num_hidden_layers)

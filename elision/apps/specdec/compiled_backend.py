@@ -26,6 +26,13 @@ import torch
 
 from elision.apps.specdec.attention_window import attention_window
 from elision.apps.specdec.cache import CacheOverflowError
+from elision.apps.specdec.drafters import CombinedDrafter, ModelDrafter, default_skip_layers
+from elision.apps.specdec.generate import SpeculativeGenerator
+from elision.frontend.trace import export_to_ir
+from elision.ir.execute import to_fx
+from elision.lowering.onnx_export import export_onnx
+from elision.passes.manager import run_pipeline
+from elision.passes.specdec import build_draft
 
 DEFAULT_PIPELINE = "canonicalize,cse,kv-cache,tree-verify,dce"
 CAPACITY_STEP = 256  # KV buffers are allocated in multiples of this many slots
@@ -186,8 +193,6 @@ def model_config(model: torch.nn.Module) -> dict:
 
 def make_backend(ir, fn: str, config: dict, outputs: str = "new", callable_: Callable | None = None,
                  codegen: str = "eager") -> CompiledBackend:
-    from elision.ir.execute import to_fx
-
     if fn not in ir.functions:
         raise ValueError(f"the compiled module has no @{fn}; functions: {', '.join(ir.functions)}")
     a = ir.attrs["specdec"]
@@ -207,9 +212,6 @@ def make_generator(target: CompiledBackend, draft: CompiledBackend | None = None
     The runtime builds its layer-skip drafter from a Hugging Face model; with a compiled target the drafter
     is a ``ModelDrafter`` over the compiled ``@draft`` backend instead, registered under the same name.
     """
-    from elision.apps.specdec.drafters import CombinedDrafter, ModelDrafter
-    from elision.apps.specdec.generate import SpeculativeGenerator
-
     names = [s.strip() for s in drafter.split("+")]
     rest = "+".join(n for n in names if n != "layer-skip") or "none"
     gen = SpeculativeGenerator(target, drafter=rest, **kwargs)
@@ -278,9 +280,6 @@ def compile_specdec(model: torch.nn.Module, *, skip_layers: Sequence[int] | str 
         raise ValueError(f"attention must be 'sdpa' or 'elision', got {attention!r}")
     if isinstance(skip_layers, str) and skip_layers != "auto":
         raise ValueError(f"skip_layers must be a list of decoder layers or 'auto', got {skip_layers!r}")
-    from elision.frontend.trace import export_to_ir
-    from elision.ir.execute import to_fx
-    from elision.passes.manager import run_pipeline
     model.eval()
     config = model_config(model)
     stages = [pipeline]
@@ -344,8 +343,6 @@ def _tokens_per_s(gen, prompts: list[list[int]], new_tokens: int, repeats: int =
 
 def candidate_skip_sets(num_layers: int, trials: int, seed: int) -> list[list[int]]:
     """SWIFT-like candidates: evenly spread sets at several skip ratios, then random sets (first layer kept)."""
-    from elision.apps.specdec.drafters import default_skip_layers
-
     middle = list(range(1, num_layers - 1)) or list(range(1, num_layers))
     out: list[list[int]] = []
     for ratio in (0.25, 0.4, 0.55):
@@ -375,9 +372,6 @@ def search_skip_layers(ir, *, trials: int = 8, new_tokens: int = 24, seed: int =
     (the layer-skip drafter only), on the calibration prompts; the baseline is target-only decoding. Returns the
     best set and a JSON report of every trial (tokens/s, mean accepted length).
     """
-    from elision.ir.execute import to_fx
-    from elision.passes.specdec import build_draft
-
     a = ir.attrs["specdec"]
     config = ir.attrs.get("specdec_config") or {}
     if "vocab_size" not in config:
@@ -454,8 +448,6 @@ def specdec_onnx_entry(spec: CompiledSpecDec, name: str) -> tuple[torch.nn.Modul
     dyn.update({3 + i: {0: "batch", 2: "past"} for i in range(n_past)})
     gm = spec.functions.get(name)
     if gm is None:
-        from elision.ir.execute import to_fx
-
         gm = to_fx(spec.ir, name)
     return SpecDecOnnxFunction(gm), (ids, pos, bias, *kv), dyn, ["logits"] + [o.name for o in fn.outputs[1:]]
 
@@ -469,8 +461,6 @@ def export_specdec_onnx(spec: CompiledSpecDec, out_dir, functions: Sequence[str]
     positions/bias/past as numpy. ``settings`` are merged into the manifest's runtime_settings; ``extra_files``
     (name -> path) are copied in and hashed (see ``elision.apps.specdec.artifact`` for the generation artifact).
     """
-    from elision.lowering.onnx_export import export_onnx
-
     entries, out_names = {}, {}
     for name in functions:
         if name not in spec.ir.functions:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from elision.apps.specdec.backends import HFCausalLMBackend
+from elision.apps.specdec.session import KVSession
 from elision.runtime.generation.drafters import (  # noqa: F401 - re-exported: the drafters' public home for torch users
     BASIC_DRAFTERS,
     AcceptanceTracker,
@@ -55,8 +57,6 @@ class ModelDrafter(Drafter):
         return self._passes
 
     def reset(self, contexts, prefill_logits) -> None:
-        from elision.apps.specdec.session import KVSession
-
         capacity = max(len(c) for c in contexts) + 2048
         self.capacity = capacity
         self.session = KVSession(self.backend, len(contexts), capacity)
@@ -199,8 +199,6 @@ def make_drafter(
     target_backend=None,
 ) -> Drafter:
     """Build a drafter from a name like "recycling+lookup"; unknown names raise ValueError."""
-    from elision.apps.specdec.backends import HFCausalLMBackend
-
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"drafter must be a non-empty name; known drafters: {', '.join(KNOWN_DRAFTERS)}")
     names = [s.strip() for s in spec.split("+")]

@@ -4,23 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
 from elision.errors import ModelSpecError
 from elision.frontend.hub import looks_like_hub_id, resolve_hub_id
 from elision.frontend.placement import DEFAULT, Placement
+from elision.models import code_lm
 
 
 def load_causal_lm(spec: str, placement: Placement = DEFAULT):
     """(model, tokenizer) from a HF directory, a Hub id (org/name) or a `builtin:` name; raises ValueError with
     what to do (PlacementError when the device is absent)."""
     placement.check_available()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()  # quiet by default: no "Loading weights" bar in CLI output
 
     if spec.startswith("builtin:"):
-        from elision.models import code_lm
-
         try:
             path = code_lm.builtin_dir(spec)
         except (ValueError, FileNotFoundError) as e:

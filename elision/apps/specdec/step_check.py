@@ -18,6 +18,7 @@ import torch
 
 from elision.apps.specdec.compiled_backend import CompiledSpecDec
 from elision.apps.specdec.session import KVSession
+from elision.runtime.generation.ort_generator import OrtGenerator
 from elision.runtime.generation.tree import TokenTree
 
 __all__ = ["StepMismatchError", "check_step_artifact", "compare_sessions", "drive", "random_tree", "reference_run",
@@ -92,8 +93,6 @@ def reference_run(spec: CompiledSpecDec) -> list[np.ndarray]:
 def check_step_artifact(artifact_dir: str | Path, reference: list[np.ndarray], tolerance: float = 1e-4) -> float:
     """Replay `drive` on the artifact loaded with onnxruntime and compare with `reference` (`reference_run`);
     raises StepMismatchError beyond `tolerance`. Returns the worst relative error."""
-    from elision.runtime.generation.ort_generator import OrtGenerator
-
     try:
         # no weight prepacking: a few steps only, and packed copies of every weight would add to the peak memory
         gen = OrtGenerator.load(artifact_dir, threads=1, verify=False,

@@ -73,10 +73,10 @@ def render_tree(record: StepRecord, path: str | Path, tokenizer=None) -> Path:
 
 
 def _render_png(record: StepRecord, path: Path, tokenizer) -> None:
-    import matplotlib
+    import matplotlib  # only plots need it (pyplot costs a noticeable part of a second to import)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): no display needed
 
     tree = record.tree
     pos = _layout(record)

@@ -15,6 +15,11 @@ from typing import Callable
 import torch
 
 from elision.apps.tokens.executor import EncoderAdapter, ReductionPlan
+from elision.frontend.trace import export_to_ir
+from elision.lowering.emit import emit_onnx
+from elision.passes.manager import PassManager
+from elision.passes.pipeline import parse_pipeline
+from elision.runtime.artifact import load_artifact
 
 
 def deployable(plan: ReductionPlan, adapter: EncoderAdapter) -> bool:
@@ -26,7 +31,6 @@ def deployable(plan: ReductionPlan, adapter: EncoderAdapter) -> bool:
 
 class OnnxTimer:
     def __init__(self, model: torch.nn.Module, calib: tuple, input_names: list[str], threads: int | None = None):
-        from elision.frontend.trace import export_to_ir
         self.base = export_to_ir(model, calib, {}, input_names=input_names)
         self.feeds = {name: t.numpy() for name, t in zip(input_names, calib)}
         self.threads = threads
@@ -34,11 +38,6 @@ class OnnxTimer:
         self._count = 0
 
     def runner(self, plan: ReductionPlan) -> Callable[[], object]:
-        from elision.lowering.emit import emit_onnx
-        from elision.passes.manager import PassManager
-        from elision.passes.pipeline import parse_pipeline
-        from elision.runtime.artifact import load_artifact
-
         ir = self.base.copy()
         pipeline = plan.describe() if plan != ReductionPlan() else ""
         PassManager(parse_pipeline(pipeline), allow_approximate=True).run(ir)

@@ -30,9 +30,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
 
-from elision.kernels import token_reduction as alg
 from elision.apps.tokens import vlm
+from elision.kernels import token_reduction as alg
 
 
 @dataclass
@@ -210,8 +211,6 @@ def fastv_generate(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, *
     """Greedy generation with FastV pruning from LM layer `after` on (see the module docstring for the exact
     semantics). Rows may be left- or right-padded (new tokens go after the padding, at position n_real + t) and
     must hold the same number of image tokens."""
-    from transformers import DynamicCache
-
     dec = _decoder(model)
     _check_options(dec, after, keep)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:

@@ -14,16 +14,18 @@ Search space (each stage is cheap and the next one builds on the best of the pre
 """
 from __future__ import annotations
 
+import statistics
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import torch
 
-from elision.kernels import token_reduction as alg
 from elision.apps.tokens.deployed import deployable
 from elision.apps.tokens.executor import (IDENTITY, EncoderAdapter, ReductionPlan, _attention, reference_output,
-                                             run_encoder)
+                                          run_encoder)
 from elision.apps.tokens.fidelity import FidelityReport, compare_outputs
+from elision.kernels import token_reduction as alg
 
 SEARCHABLE_PASSES = ("prune-tokens", "merge-tokens", "skip-layers", "compress-tokens")
 
@@ -297,9 +299,6 @@ def tune(adapter: EncoderAdapter, calib: tuple, kind: str, passes: tuple[str, ..
 
 def interleaved_latencies(fns: list[Callable[[], object]], repeats: int = 5, warmup: int = 1) -> list[float]:
     """Median wall time of each fn, measured in rounds that run every fn once (rotating the start)."""
-    import statistics
-    import time
-
     times: list[list[float]] = [[] for _ in fns]
     with torch.no_grad():
         for _ in range(warmup):
@@ -324,10 +323,10 @@ def choose_best(timed: list[Candidate], min_speedup: float = 1.0) -> Candidate |
 def pareto_plot(result: TuneResult, path: str, title: str, min_fidelity: float | None = None,
                 fidelity_label: str = "fidelity") -> None:
     """Speed-fidelity scatter of every timed candidate, the Pareto frontier and the chosen plan (PNG)."""
-    import matplotlib
+    import matplotlib  # only plots need it (pyplot costs a noticeable part of a second to import)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): no display needed
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     methods = sorted({c.method for c in result.candidates})

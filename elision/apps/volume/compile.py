@@ -16,6 +16,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+import onnxruntime as ort
 import torch
 
 from elision.apps.volume.lowered import LoweredField, ort_runner, torch_runner
@@ -121,8 +122,6 @@ def _idle_session(path: Path, threads: int | None):
     """An onnxruntime session whose pool threads sleep between runs. By default they spin after each run, and between
     the field's runs the grid bookkeeping and the adaptive-KV planner run in torch on the same cores. (The sessions
     `load_artifact` opens, after checking the files, spin; they are never run.)"""
-    import onnxruntime as ort
-
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads is not None:

@@ -27,7 +27,7 @@ class Mesh:
     faces: np.ndarray     # [F,3] int64
 
     def stats(self) -> dict:
-        import trimesh
+        import trimesh  # optional (extra `3d`)
         if len(self.faces) == 0:
             return {"vertices": 0, "faces": 0, "watertight": False, "area": 0.0, "volume": 0.0}
         m = trimesh.Trimesh(self.vertices, self.faces, process=False)
@@ -38,7 +38,7 @@ class Mesh:
 
 
 def extract_mesh(result: VolumeResult, iso: float = 0.0) -> Mesh:
-    from skimage.measure import marching_cubes
+    from skimage.measure import marching_cubes  # optional (extra `3d`)
     grid = result.grid.numpy() if isinstance(result.grid, torch.Tensor) else result.grid
     if not np.isfinite(grid).all():
         raise MeshError("volume grid contains NaN/inf; the decoder must fill every point")
@@ -51,7 +51,7 @@ def extract_mesh(result: VolumeResult, iso: float = 0.0) -> Mesh:
 
 
 def save_mesh(mesh: Mesh, path: str | Path) -> Path:
-    import trimesh
+    import trimesh  # optional (extra `3d`)
     path = Path(path)
     if path.suffix.lower() not in MESH_SUFFIXES:
         raise MeshError(f"unsupported mesh format {path.suffix!r}; use one of {', '.join(MESH_SUFFIXES)}")
@@ -62,9 +62,9 @@ def save_mesh(mesh: Mesh, path: str | Path) -> Path:
 
 def render_preview(mesh: Mesh, path: str | Path, title: str = "", size_px: int = 640) -> Path:
     """Flat-shaded software render (matplotlib Agg, no display) of the mesh from an oblique view."""
-    import matplotlib
+    import matplotlib  # only previews need it (pyplot costs a noticeable part of a second to import)
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): no display needed
     from matplotlib.collections import PolyCollection
 
     path = Path(path)
@@ -109,7 +109,7 @@ def occupancy_iou(a: VolumeResult | torch.Tensor, b: VolumeResult | torch.Tensor
 
 
 def sample_surface(mesh: Mesh, n: int, seed: int = 0) -> np.ndarray:
-    import trimesh
+    import trimesh  # optional (extra `3d`)
     if len(mesh.faces) == 0:
         return np.zeros((0, 3), np.float32)
     pts, _ = trimesh.sample.sample_surface(trimesh.Trimesh(mesh.vertices, mesh.faces, process=False), n, seed=seed)
@@ -118,7 +118,7 @@ def sample_surface(mesh: Mesh, n: int, seed: int = 0) -> np.ndarray:
 
 def chamfer_fscore(a: Mesh, b: Mesh, n: int = 100_000, threshold: float = 0.01) -> dict:
     """Symmetric Chamfer-L1 (mean of both directions' mean distances) and F-score at `threshold`."""
-    from scipy.spatial import cKDTree
+    from scipy.spatial import cKDTree  # optional (extra `3d`)
     pa, pb = sample_surface(a, n, 1), sample_surface(b, n, 2)
     if len(pa) == 0 or len(pb) == 0:
         both = len(pa) == len(pb) == 0
@@ -132,7 +132,7 @@ def chamfer_fscore(a: Mesh, b: Mesh, n: int = 100_000, threshold: float = 0.01) 
 
 def lost_components(dense: VolumeResult, sparse: VolumeResult, iso: float = 0.0, min_voxels: int = 1) -> int:
     """Connected inside-components of the dense grid with no inside voxel left in the sparse grid."""
-    from scipy import ndimage
+    from scipy import ndimage  # optional (extra `3d`)
     inside = (dense.grid > iso).numpy()
     labels, n = ndimage.label(inside)
     if n == 0:

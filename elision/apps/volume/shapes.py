@@ -65,8 +65,8 @@ def _normalize(mesh):
 
 def mesh_source(mesh, name: str, surface_samples: int = 200_000) -> ShapeSource:
     """A watertight trimesh as a ShapeSource (normalised to the decoding box)."""
-    import trimesh
-    from scipy.spatial import cKDTree
+    import trimesh  # optional (extra `3d`)
+    from scipy.spatial import cKDTree  # optional (extra `3d`)
     if not isinstance(mesh, trimesh.Trimesh) or len(mesh.faces) == 0:
         raise ShapeError(f"{name}: not a triangle mesh")
     if not mesh.is_watertight:
@@ -101,7 +101,7 @@ def sign_agreement(src: ShapeSource, n: int = 2000, seed: int = 0) -> float:
 
 
 def load_mesh_file(path: str | Path):
-    import trimesh
+    import trimesh  # optional (extra `3d`)
     path = Path(path)
     if not path.is_file():
         raise ShapeError(f"mesh file {path} does not exist")
@@ -116,7 +116,7 @@ def load_mesh_file(path: str | Path):
 
 def cgal_mesh(name: str):
     """A mesh from Debian libcgal-demo's data.tar.gz (data/meshes/NAME.off), read without extracting."""
-    import trimesh
+    import trimesh  # optional (extra `3d`)
     if not CGAL_DATA.is_file():
         raise ShapeError(f"{CGAL_DATA} not found; run `apt-get install -y libcgal-demo`")
     with tarfile.open(CGAL_DATA) as tar:
@@ -148,8 +148,8 @@ def _sd_capsule(p, a, b, r) -> np.ndarray:
 
 def analytic_source(name: str, sdf: Callable[[np.ndarray], np.ndarray], resolution: int = 160) -> ShapeSource:
     """Analytic SDF plus a reference mesh (marching cubes of the exact SDF) for surface samples."""
-    import trimesh
-    from skimage.measure import marching_cubes
+    import trimesh  # optional (extra `3d`)
+    from skimage.measure import marching_cubes  # optional (extra `3d`)
     h = 2.0 / resolution
     ax = np.linspace(-1, 1, resolution + 1, dtype=np.float32)
     grid = np.stack(np.meshgrid(ax, ax, ax, indexing="ij"), -1).reshape(-1, 3)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnxruntime as ort  # the tables must be what ONNX Runtime computes for the unfused graph
 
 __all__ = ["RopeTables", "RopeTableError", "rope_tables"]
 
@@ -77,7 +78,6 @@ def _table(values: np.ndarray, what: str) -> np.ndarray:
 
 def rope_tables(model: ir.Model, cos: ir.Value, sin: ir.Value, max_positions: int) -> RopeTables:
     """Run the subgraph computing `cos`/`sin` on positions 0 .. max_positions - 1 (see the module docstring)."""
-    import onnxruntime as ort  # the tables must be what ONNX Runtime computes for the unfused graph
 
     nodes, leaves = _ancestors([cos, sin])
     graph = model.graph

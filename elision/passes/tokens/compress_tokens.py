@@ -26,16 +26,16 @@ from typing import ClassVar, Literal
 
 import torch
 
+from elision.analysis.token_axes import (TokenRewriter, check_layer_option, check_symbolic_batch, model_map_for,
+                                         shape_of, shorten_tokens, splice, trace_tap)
 from elision.ir.core import Function, Module, Node, Value, map_values
 from elision.ir.ops import resolve_op
 from elision.ir.symbolic import evaluate, free_symbols
 from elision.ir.types import ScalarType
-from elision.passes.base import PassError, register_pass
 from elision.kernels import token_reduction as alg
+from elision.passes.base import PassError, register_pass
+from elision.passes.classic import eliminate_dead_code
 from elision.passes.tokens.base import TokenReductionPass
-from elision.analysis.token_axes import (TokenRewriter, check_layer_option,
-                                               check_symbolic_batch, model_map_for, shape_of, shorten_tokens, splice,
-                                               trace_tap)
 
 
 def _compress_tap(hidden, dh, dw, ih, iw):
@@ -131,8 +131,6 @@ class CompressTokens(TokenReductionPass):
     fn_name: str = "forward"
 
     def run(self, module: Module) -> bool:
-        from elision.passes.classic import eliminate_dead_code
-
         try:
             alg.check_keep_ratio(self.keep)
         except alg.PruningError as e:

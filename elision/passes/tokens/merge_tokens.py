@@ -34,14 +34,14 @@ from typing import ClassVar
 
 import torch
 
+from elision.analysis.token_axes import (TokenRewriter, check_layer_option, check_symbolic_batch, model_map_for,
+                                         shape_of, shorten_tokens, splice, trace_tap)
 from elision.ir.core import Module, Node, Value
 from elision.ir.types import TensorType
-from elision.passes.base import PassError, register_pass
 from elision.kernels import token_reduction as alg
+from elision.passes.base import PassError, register_pass
+from elision.passes.classic import eliminate_dead_code
 from elision.passes.tokens.base import TokenReductionPass
-from elision.analysis.token_axes import (TokenRewriter, check_layer_option,
-                                               check_symbolic_batch, model_map_for, shape_of, shorten_tokens, splice,
-                                               trace_tap)
 
 
 def _merge_tap(r: int, names: list[str], sep: int, num_protected_a: int):
@@ -152,7 +152,6 @@ class MergeTokens(TokenReductionPass):
     fn_name: str = "forward"
 
     def run(self, module: Module) -> bool:
-        from elision.passes.classic import eliminate_dead_code
         if self.r < 0:
             raise PassError(f"merge-tokens: r={self.r} must be >= 0 (tokens merged per layer)")
         mm = model_map_for("merge-tokens", module, self.fn_name)

@@ -35,12 +35,13 @@ from typing import ClassVar, Literal, Union
 
 import torch
 
+from elision.analysis.token_axes import (check_layer_option, check_symbolic_batch, model_map_for, shape_of,
+                                         shorten_tokens, splice, trace_tap)
 from elision.ir.core import Function, Module, Value
-from elision.passes.base import PassError, register_pass
 from elision.kernels import token_reduction as alg
+from elision.passes.base import PassError, register_pass
+from elision.passes.classic import eliminate_dead_code
 from elision.passes.tokens.base import TokenReductionPass
-from elision.analysis.token_axes import (check_layer_option, check_symbolic_batch,
-                                               model_map_for, shape_of, shorten_tokens, splice, trace_tap)
 
 
 def _tap_function(score: str, keep: float, num_protected: int, sep: int, shapes: dict, n0_default: int) -> Function:
@@ -117,7 +118,6 @@ class PruneTokens(TokenReductionPass):
     fn_name: str = "forward"
 
     def run(self, module: Module) -> bool:
-        from elision.passes.classic import eliminate_dead_code
         try:
             alg.check_keep_ratio(self.keep)
         except alg.PruningError as e:

@@ -14,7 +14,11 @@ import re
 from dataclasses import dataclass
 from typing import ClassVar
 
+from elision.analysis.model_map import build_model_map
 from elision.passes.base import Pass, PassError, register_pass
+from elision.passes.classic import eliminate_dead_code, remove_unused_params
+
+
 def parse_branches(items: tuple[str, ...], num_layers: int) -> list[tuple[str, int]]:
     """`("attn2", "mlp3", "4")` -> [("attn", 2), ("mlp", 3), ("attn", 4), ("mlp", 4)], validated."""
     out: list[tuple[str, int]] = []
@@ -47,9 +51,6 @@ class SkipLayers(Pass):
     fn_name: str = "forward"
 
     def run(self, module) -> bool:
-        from elision.passes.classic import eliminate_dead_code, remove_unused_params
-        from elision.analysis.model_map import build_model_map
-
         if not self.layers:
             return False
         if self.fn_name not in module.functions:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from elision.runtime.artifact import Artifact, ArtifactError, ArtifactMissingFileError, load_artifact, read_manifest
 from elision.runtime.generation import step_signature as sig
@@ -384,8 +385,6 @@ def _parse_tree(tree: str) -> StaticTemplate | None:
 
 
 def _load_tokenizer(path: Path):
-    from tokenizers import Tokenizer
-
     if not path.is_file():
         raise ArtifactMissingFileError(f"the generation artifact's tokenizer {path} is missing; {_GENERATE_HINT}")
     try:
