@@ -42,8 +42,9 @@ def _declared() -> dict[str, str]:
 
 
 def _local_modules() -> set[str]:
-    """Modules of this repository that scripts import by path (tools/ and tests/ put their folders on sys.path)."""
-    return {p.stem for folder in ("tools", "tests") for p in (ROOT / folder).rglob("*.py")}
+    """Modules of this repository that scripts import by path (tools/ and tests/ put their folders on sys.path), and
+    the folders themselves (imported as namespace packages from the repository root: `from tools.arch_zoo import`)."""
+    return {"tools", "tests"} | {p.stem for folder in ("tools", "tests") for p in (ROOT / folder).rglob("*.py")}
 
 
 def _imported_modules() -> dict[str, str]:

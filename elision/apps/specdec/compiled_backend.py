@@ -28,6 +28,7 @@ from elision.apps.specdec.attention_window import attention_window
 from elision.apps.specdec.cache import CacheOverflowError
 from elision.apps.specdec.drafters import CombinedDrafter, ModelDrafter, default_skip_layers
 from elision.apps.specdec.generate import SpeculativeGenerator
+from elision.apps.specdec.session import KVSession
 from elision.frontend.trace import export_to_ir
 from elision.ir.execute import to_fx
 from elision.lowering.onnx_export import export_onnx
@@ -252,8 +253,6 @@ def warm_up_generator(gen, prompt_len: int = 8) -> None:
     prefill (empty cache), a one-token step and a multi-token step (sizes 0 and 1 are the shapes dynamic-shape
     compilation keeps static; every other tree size and cache length reuses these graphs), then the
     verification-cost curve of batch 1 (measured over the compiled step, or read from the per-machine cache)."""
-    from elision.apps.specdec.session import KVSession
-
     session = KVSession(gen.backend, 1, prompt_len + 2 * gen.max_tree_size + 2)
     session.prefill([[0] * prompt_len])
     for chain in ([0], [0, 0, 0]):
