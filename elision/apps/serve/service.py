@@ -137,6 +137,10 @@ class Service:
     def start(self) -> "Service":
         self.card = load_model_card(self.artifact_dir, self.options.name)
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report leaves the machine
+        # Ray Serve gives its HTTP proxy 3 x 5 s to start; on a busy small machine (2 cores, other jobs) it takes
+        # longer and the service dies at start-up. The embedded Ray inherits these (a cluster keeps its own).
+        for name in ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S"):
+            os.environ.setdefault(name, "60")
         # quiet by default: replicas' logs stay in Ray's session directory, Ray's own warnings (token auth, retried
         # controller calls at shutdown) are not the user's business
         quiet = {"log_to_driver": False, "logging_level": logging.ERROR, "include_dashboard": False}
