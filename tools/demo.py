@@ -22,6 +22,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from elision.cli.quiet import hide_third_party_noise
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "demo-out"
 console = Console()
@@ -180,6 +182,7 @@ def step_volume() -> None:
 
 
 def main() -> None:
+    hide_third_party_noise()  # what the CLI does by default: no "Loading weights" bars or exporter warnings
     OUT.mkdir(exist_ok=True)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     for step in (step_compile, step_onnx, step_specdec, step_pruning, step_volume):
