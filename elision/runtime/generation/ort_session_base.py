@@ -8,6 +8,7 @@ sequences in the leading rows, prefills a newcomer in the next row and `move`s t
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Sequence
 
 import numpy as np
@@ -22,7 +23,7 @@ class KVCacheOverflow(ValueError):
     """A step would write past the end of the preallocated cache."""
 
 
-class BatchedTreeSession:
+class BatchedTreeSession(ABC):
     """`lengths[b]`: committed tokens of sequence b; `_starts`: the lengths when the last extension ran."""
 
     kv: np.ndarray  # [kv tensors, batch, kv_heads, capacity, head_dim]
@@ -65,9 +66,10 @@ class BatchedTreeSession:
             raise ValueError(f"got rows {first}..{rows.stop - 1} for a session of batch size {self.batch_size}")
         return rows
 
+    @abstractmethod
     def _run(self, batch: TreeBatch, first: int):
-        """One forward of `batch` over rows first .. first + len(batch.counts) - 1."""
-        raise NotImplementedError
+        """One forward of `batch` over rows first .. first + len(batch.counts) - 1 (each graph form's own)."""
 
+    @abstractmethod
     def commit(self, keep: Sequence[Sequence[int]]) -> None:
-        raise NotImplementedError
+        """Keep each row's accepted path (each graph form's own cache layout)."""
