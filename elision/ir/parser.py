@@ -196,7 +196,16 @@ def _parse_call(rest: str, values: dict[str, Value], where: str) -> tuple[tuple,
 
 
 def parse(text: str, params: dict[str, torch.Tensor] | None = None) -> Module:
-    """Parse textual IR. Parameters without tensors become meta-device placeholders of the declared type."""
+    """Parse textual IR. Parameters without tensors become meta-device placeholders of the declared type.
+    Malformed text raises IRError, never another exception type."""
+    try:
+        return _parse(text, params)
+    except (ValueError, RuntimeError) as e:  # json.loads of the attributes, int() of a dim, a negative dim in torch
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise IRError(f"malformed IR text: {type(e).__name__}: {detail}") from None
+
+
+def _parse(text: str, params: dict[str, torch.Tensor] | None) -> Module:
     module = Module()
     lines = text.splitlines()
     i = 0

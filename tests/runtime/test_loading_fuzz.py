@@ -268,9 +268,6 @@ def test_mutated_safetensors_headers_of_latents():
 
 
 # ------------------------------------------------------------------------------------------------------ IR text
-@pytest.mark.xfail(strict=True, reason="elision.ir.parser lets JSONDecodeError (module attributes), ValueError "
-                   "(int() of a dim) and RuntimeError (a negative dim in a param type) escape instead of IRError; the "
-                   "fix belongs in elision/ir/parser.py (outside this change); strict: passing again fails this marker")
 def test_mutated_ir_text(ir_dir):
     text = (ir_dir / "module.ir").read_text()
     tokens = text.split(" ")
