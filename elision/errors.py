@@ -4,6 +4,31 @@ from __future__ import annotations
 INTERRUPTED_EXIT_CODE = 130  # Ctrl-C: what shells report for a process ended by SIGINT
 
 
+_interrupts_seen = [0]  # Ctrl-Cs delivered through `interrupt_handler` in this process
+
+
+def interrupt_handler(signum, frame) -> None:
+    """SIGINT handler for the command line: Python's own behaviour (raise KeyboardInterrupt), remembered, because some
+    libraries swallow the KeyboardInterrupt that hit one of their lazy imports and fail later with another error
+    (transformers: a RecursionError re-raised as ModuleNotFoundError)."""
+    _interrupts_seen[0] += 1
+    raise KeyboardInterrupt
+
+
+def caused_by_interrupt(error: BaseException) -> bool:
+    """True if a Ctrl-C is behind `error`: one is in its cause/context chain, or one was delivered to this process."""
+    if _interrupts_seen[0]:
+        return True
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KeyboardInterrupt):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
 class ElisionError(Exception):
     exit_code = 2
 

@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from elision.errors import INTERRUPTED_EXIT_CODE as INTERRUPTED, ElisionError
+from elision.errors import INTERRUPTED_EXIT_CODE as INTERRUPTED, ElisionError, caused_by_interrupt
 
 __all__ = ["INTERRUPTED", "check_prompt", "command", "fail", "json_errors", "one_line", "report", "report_usage_error",
            "reported", "restore", "stderr"]
@@ -108,6 +108,10 @@ def command(func: Callable) -> Callable:
             raise fail(e, e.exit_code) from None
         except KeyboardInterrupt:
             raise fail("interrupted", INTERRUPTED) from None
+        except Exception as e:
+            if caused_by_interrupt(e):
+                raise fail("interrupted", INTERRUPTED) from None
+            raise
         finally:
             if token is not None:
                 restore(token)

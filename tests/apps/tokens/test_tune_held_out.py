@@ -72,9 +72,18 @@ def test_tune_json_reports_held_out_fidelity_and_the_compile_command(minilm, tmp
                                                          "minilm-tuned"]
         assert data["chosen_held_out_fidelity"] == next(c["held_out_fidelity"] for c in timed
                                                         if c["pipeline"] == data["chosen"])
-        text = CliRunner().invoke(app, argv)
-        assert text.exit_code == 0 and "held-out" in text.stdout
-        assert f"compile it with: {data['compile_command']}" in text.stdout
+    # The text run times the candidates again, so its choice may differ from the JSON run's on a busy machine:
+    # check that whatever it chose, it prints that pipeline's compile command (or why it keeps the model as is).
+    text = CliRunner().invoke(app, argv)
+    assert text.exit_code == 0 and "held-out" in text.stdout
+    chosen = next(line for line in text.stdout.splitlines() if line.startswith("chosen pipeline:"))
+    chosen = chosen.removeprefix("chosen pipeline:").strip()
+    if chosen:
+        want = shlex.join(["elision", "compile", "builtin:minilm", "--passes", chosen, "--approximate", "--emit",
+                           "onnx", "-o", "minilm-tuned"])
+        assert f"compile it with: {want}" in text.stdout
+    else:
+        assert "keeping the model unchanged" in text.output
 
 
 def test_the_printed_compile_command_compiles_the_plan(tmp_path, monkeypatch, capsys):
