@@ -189,7 +189,7 @@ def _runs():
             yield pytest.param(case, True, id=f"{case} --json")
 
 
-@pytest.mark.parametrize("case,as_json", _runs())
+@pytest.mark.parametrize("case,as_json", list(_runs()))
 def test_bad_input_is_one_clear_line(case: Case, as_json: bool, paths, capsys):
     argv = [_fill(a, paths) for a in case.argv] + (["--json"] if as_json else [])
     message = _fill(case.message, paths)
