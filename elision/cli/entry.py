@@ -17,7 +17,7 @@ def run() -> None:
     try:
         # From here on a Ctrl-C is a KeyboardInterrupt that this `try` (or the command's own cleanup) handles.
         signal.signal(signal.SIGINT, interrupt_handler)
-        from elision.cli.main import main
+        from elision.cli.main import main  # lazy: inside the `try`, so a Ctrl-C while it imports is handled
 
         code = main()
     except KeyboardInterrupt:

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from elision.cli import failures, options
+from elision.runtime.generation.bookkeeping import IncrementalDecoder
 from elision.runtime.outputs import atomic_file, check_output_file
 
 KNOWN = "lookup, recycling, copy, layer-skip, draft-model, none, or a '+' combination such as recycling+lookup"
@@ -26,8 +27,6 @@ class _ConsoleStreamer:
     """HF-streamer-compatible (`put`/`end`): prints decoded text as tokens are accepted."""
 
     def __init__(self, console: Console, tokenizer):
-        from elision.runtime.generation.bookkeeping import IncrementalDecoder
-
         self.console = console
         self.decoder = IncrementalDecoder(tokenizer)
         self.prompt_seen = False
@@ -107,19 +106,20 @@ def register(app: typer.Typer) -> None:
                 skip = sorted({int(x) for x in skip_layers.split(",") if x.strip()})
             except ValueError:
                 raise failures.fail(f"--skip-layers must be comma-separated layer numbers like 2,4,6, got {skip_layers!r}")
+        # lazy: torch (the onnxruntime route and `elision --help` never need it)
         from elision.apps.specdec.cache import CacheOverflowError
         from elision.apps.specdec.generate import SpeculativeGenerator
 
         try:
             with err.status(f"loading {escape(model)}"):
-                from elision.apps.specdec.loading import load_causal_lm  # torch + transformers: only when running
+                from elision.apps.specdec.loading import load_causal_lm  # lazy: torch and transformers
 
                 target, tokenizer = load_causal_lm(model, placement)
                 draft = load_causal_lm(draft_model, placement)[0] if draft_model else None
             hf_only = (draft is not None or skip is not None or "layer-skip" in drafter.split("+")
                        or placement.device != "cpu")
             if compile_step and not hf_only:
-                from elision.apps.specdec.compiled_backend import compiled_generator
+                from elision.apps.specdec.compiled_backend import compiled_generator  # lazy: torch.export, inductor
 
                 with err.status("compiling the verification step (export, passes, inductor)"):
                     gen = compiled_generator(target, tokenizer=tokenizer, drafter=drafter, tree=tree)
@@ -145,7 +145,7 @@ def register(app: typer.Typer) -> None:
         compile_s = getattr(gen, "compile_s", None)  # paid once before the first token, outside time_s["total"]
         stats["time_s"]["compile_s"] = sum(compile_s.values()) if compile_s else 0.0
         if visualize is not None and result.steps:
-            from elision.apps.specdec.visualize import pick_step, render_tree
+            from elision.apps.specdec.visualize import pick_step, render_tree  # lazy: torch
 
             with atomic_file(visualize, what="--visualize file") as tmp:
                 render_tree(pick_step(result), tmp, tokenizer)
@@ -169,6 +169,7 @@ def _generate_onnxruntime(model: str, prompt: str, max_new_tokens: int, drafter:
                           temperature: float, top_k: int, top_p: float, seed: Optional[int], stop: Optional[list[str]],
                           as_json: bool, threads: Optional[int], providers: Optional[list[str]], console: Console,
                           err: Console) -> None:
+    # lazy: onnxruntime and (to compile on first use) torch, which `elision --help` must not pay for
     from elision.apps.specdec.artifact_cache import cached_generation_artifact
     from elision.runtime.artifact import ArtifactError
     from elision.runtime.generation.ort_generator import OrtGenerator

@@ -11,6 +11,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from elision.cli import failures, missing_torch, options
@@ -45,6 +46,7 @@ def inspect_report(spec: str, progress=None, passes: str | None = None, trust_co
 
     trust_code: allow a ``package.module:factory`` spec (it runs that module's code).
     placement: dtype/device/threads to load and trace in (default float32 on the CPU)."""
+    # lazy: these import torch, which `elision --help` must not pay for
     from elision.apps.compile.api import check_pipeline
     from elision.frontend.model_spec import load_model
     from elision.frontend.placement import DEFAULT
@@ -59,7 +61,7 @@ def inspect_report(spec: str, progress=None, passes: str | None = None, trust_co
     step(f"tracing {lm.name} with torch.export")
     module = export_to_ir(lm.model, lm.example_inputs, lm.dynamic_dims, input_names=lm.input_names)
     if passes:
-        from elision.passes.manager import run_pipeline
+        from elision.passes.manager import run_pipeline  # lazy: torch
         step(f"running passes {passes}")
         run_pipeline(module, passes)
     step("building the model map")
@@ -143,7 +145,7 @@ def _print_report(console: Console, r: dict, top: int) -> None:
 
 
 def _list_builtins(console: Console, as_json: bool) -> None:
-    from elision.models.registry import list_builtins
+    from elision.models.registry import list_builtins  # lazy: the registry imports torch and the model zoo
 
     entries = list_builtins()
     if as_json:
@@ -185,8 +187,6 @@ def register(app: typer.Typer) -> None:
                                 "or --list-builtins")
         if top < 1:
             raise failures.fail(f"--top must be at least 1 (got {top})")
-        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
         placement = options.placement(dtype, device, threads)
         try:
             with Progress(SpinnerColumn(), TextColumn("{task.description}", markup=False), TimeElapsedColumn(),

@@ -13,10 +13,14 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
+from elision import __version__
 from elision.cli import failures, generate, missing_torch, options, passes, quiet, run, serve, shape, tune
 from elision.cli import inspect as inspect_command  # not the standard library's inspect
 from elision.errors import ElisionError
+from elision.runtime.outputs import check_output_dir
 
 app = typer.Typer(
     name="elision",
@@ -41,8 +45,6 @@ EMITS = ("ir", "fx", "onnx", "mlir")
 
 def _version(value: bool) -> None:
     if value:
-        from elision import __version__
-
         out.print(f"elision {__version__}")
         raise typer.Exit(0)
 
@@ -82,14 +84,13 @@ def compile_cmd(
             raise fail(f"--for generate writes float32 artifacts (the generation step's KV cache and verification "
                        f"are float32); drop --dtype {dtype}")
         return _compile_for_generate(model, for_use, emit, passes, output, verify, as_json)
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
+    # lazy: these import torch, which `elision --help` must not pay for
     from elision.apps.compile.api import check_pipeline
     from elision.frontend.model_spec import load_model
     from elision.frontend.trace import export_to_ir, weights_hash
     from elision.lowering.emit import emit as emit_output, output_marker
     from elision.passes.manager import PassManager
-    from elision.runtime.outputs import check_output_dir
+
     if emit not in EMITS:
         raise fail(f"--emit must be one of {', '.join(EMITS)}, got {emit!r}")
     # fail fast, before loading and tracing: a bad pipeline, an approximate pass without --approximate, a bad -o
@@ -169,9 +170,9 @@ def _compile_for_generate(model: str, for_use: str, emit: str, passes: Optional[
     if passes is not None or verify:
         raise fail("--for generate uses the fixed speculative-decoding pipeline and cannot take --passes or --verify; "
                    "check the artifact with `elision run DIR --prompt TEXT`")
+    # lazy: torch and onnxruntime, which `elision --help` must not pay for
     from elision.apps.specdec.artifact import export_generation_artifact
     from elision.runtime.artifact import MANIFEST_NAME
-    from elision.runtime.outputs import check_output_dir
 
     check_output_dir(output, "output directory (-o)", marker=MANIFEST_NAME)
     with console.status(f"loading {escape(model)}") as status:
@@ -190,8 +191,8 @@ def _compile_for_generate(model: str, for_use: str, emit: str, passes: Optional[
 
 
 def _verify(ir, lm, emit: str, output: Path, placement) -> dict:
+    # lazy: torch, which `elision --help` must not pay for
     import torch
-
     from elision.apps.compile.api import _takes_use_cache
     from elision.apps.compile.numerics import compare, fresh_inputs, primary
     from elision.ir.execute import to_fx
@@ -201,7 +202,7 @@ def _verify(ir, lm, emit: str, output: Path, placement) -> dict:
     with torch.no_grad():
         want = primary(lm.model(*inputs, use_cache=False) if _takes_use_cache(lm.model) else lm.model(*inputs))
         if emit == "onnx":
-            from elision.lowering.emit import run_onnx_artifact
+            from elision.lowering.emit import run_onnx_artifact  # lazy: torch and onnxruntime
 
             got = run_onnx_artifact(output, "forward", inputs)[0].to(want.device)
         else:
@@ -211,8 +212,6 @@ def _verify(ir, lm, emit: str, output: Path, placement) -> dict:
 
 
 def _print_compile_report(result: dict) -> None:
-    from rich.table import Table
-
     t = Table(title=f"elision compile {escape(result['model'])}", show_lines=False)
     t.add_column("pass")
     t.add_column("nodes", justify="right")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import typer
 
+from elision.errors import PlacementError
+
 # package.module:factory specs import a module and call a function in it: arbitrary code, so only on request
 TRUST_CODE = typer.Option(
     False, "--trust-code",
@@ -21,8 +23,7 @@ THREADS = typer.Option(None, "--threads", help="intra-op threads (default: torch
 def placement(dtype: str = "float32", device: str | None = None, threads: int | None = None):
     """The checked `Placement` of --dtype/--device/--threads for a torch model: an unknown name, threads < 1 or
     --device cuda without CUDA raise PlacementError (one line, exit 2) before anything is loaded."""
-    # imported here, not at the top: it imports torch, and `elision --help` must not pay for that
-    from elision.frontend.placement import Placement
+    from elision.frontend.placement import Placement  # lazy: torch, which `elision --help` must not pay for
 
     return Placement(dtype, device or "cpu", threads).check_available()
 
@@ -30,8 +31,6 @@ def placement(dtype: str = "float32", device: str | None = None, threads: int | 
 def ort_providers(device: str | None, dtype: str = "float32") -> list[str] | None:
     """onnxruntime execution providers for --device (None: the artifact loader's own choice), checked without
     importing torch; onnxruntime artifacts of a generation loop are float32, so any other --dtype is refused."""
-    from elision.errors import PlacementError
-
     if dtype != "float32":
         raise PlacementError(f"--dtype {dtype} does not apply here: an onnxruntime artifact keeps the dtype it was "
                              f"compiled in (`elision compile MODEL --emit onnx --dtype {dtype}`)")
@@ -39,7 +38,7 @@ def ort_providers(device: str | None, dtype: str = "float32") -> list[str] | Non
         return None
     if device not in ("cpu", "cuda"):
         raise PlacementError(f"device must be one of cpu, cuda, got {device!r}")
-    from elision.runtime.artifact import select_providers  # onnxruntime: only for commands that run artifacts
+    from elision.runtime.artifact import select_providers  # lazy: onnxruntime, only commands that run artifacts
 
     # checked now, before a possibly long compile: a missing provider is one line naming the installed ones
     return select_providers(["CUDAExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"])

@@ -11,6 +11,8 @@ import json
 
 import typer
 from rich.console import Console
+from rich.table import Table
+from rich.text import Text  # plain text cells: pass docs mention [CLS], which rich would read as markup
 
 from elision.cli import failures
 
@@ -32,16 +34,12 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of a table"),
     ) -> None:
         """List every pass a pipeline (--passes) can name, with its options and what it does."""
-        # imported on use: the pass catalog imports torch and the IR, which `elision --help` should not pay for
-        from elision.passes.catalog import describe_passes
+        from elision.passes.catalog import describe_passes  # lazy: torch and the IR (`elision --help` stays fast)
 
         passes = describe_passes()
         if as_json:
             out.print_json(json.dumps({"passes": passes}))
             return
-        from rich.table import Table
-        from rich.text import Text  # plain text cells: docs mention [CLS], which rich would read as markup
-
         table = Table(title="elision passes (pipeline syntax: name{option=value;option=value})", show_lines=True)
         for column in ("pass", "options (type = default)", "what it does"):
             table.add_column(column, overflow="fold")

@@ -33,8 +33,7 @@ PromptRunner = Callable[["Artifact", str, dict], dict]
 
 def prompt_runners() -> dict[str, PromptRunner]:
     """The generation loops `--prompt` can drive, by artifact kind."""
-    # imported when a prompt runs, not at module top: the loop's sessions load onnxruntime (~0.3-0.7 s), which
-    # `elision --help` must not pay
+    # lazy: the loop's sessions load onnxruntime (~0.3-0.7 s), which `elision --help` must not pay
     from elision.runtime.generation.ort_generator import GENERATION_KIND, run_prompt
 
     return {GENERATION_KIND: run_prompt}
@@ -47,7 +46,7 @@ _fail = failures.fail
 
 
 def _parse_inputs(pairs: list[str]) -> dict[str, np.ndarray]:
-    import numpy as np  # imported on use, like the artifact runtime below: `elision --help` stays fast
+    import numpy as np  # lazy: `elision --help` stays fast
 
     inputs: dict[str, np.ndarray] = {}
     for pair in pairs:
@@ -79,7 +78,7 @@ def _choose_function(artifact: Artifact, function: Optional[str]) -> str:
 
 
 def _summary(value: np.ndarray, with_values: bool) -> dict[str, Any]:
-    import numpy as np  # imported on use: `elision --help` stays fast
+    import numpy as np  # lazy: `elision --help` stays fast
 
     info: dict[str, Any] = {"dtype": str(value.dtype), "shape": list(value.shape)}
     if value.size and value.dtype.kind in "fiub":
@@ -107,9 +106,8 @@ def run_artifact_command(
     generation: options of the prompt runner (max_new_tokens, drafter, tree, stop, stream, and the sampling
     options do_sample, temperature, top_k, top_p, seed).
     """
-    # imported on use: numpy and onnxruntime would add ~0.3 s to every `elision --help`
+    # lazy: numpy and onnxruntime would add ~0.3 s to every `elision --help`
     import numpy as np
-
     from elision.runtime.artifact import ArtifactError, load_artifact, read_manifest
 
     if prompt is not None:
@@ -120,7 +118,7 @@ def run_artifact_command(
         if threads is None and prompt is not None:
             manifest = read_manifest(artifact_dir)
             if manifest.get("runtime_settings", {}).get("kind") in prompt_runners():
-                # the count calibrated as fastest on this machine (imported here: see prompt_runners)
+                # the count calibrated as fastest on this machine (lazy: see prompt_runners)
                 from elision.runtime.generation.ort_generator import default_threads
 
                 threads = default_threads(manifest)

@@ -65,12 +65,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Serve a generation artifact over HTTP (OpenAI-compatible /v1/completions with streaming, /v1/models,
         /healthz) with Ray Serve: replicas run the speculative onnxruntime loop; Ctrl-C stops the service."""
-        try:
+        try:  # lazy: ray, optional (extra `serve`)
             from elision.apps.serve.service import ServeOptions, Service
         except ModuleNotFoundError as e:
             raise failures.fail(f"elision serve needs the serve extra ({e.name} is not installed): "
                         "pip install 'elision[serve]'") from None
-        from elision.runtime.artifact import ArtifactError
+        from elision.runtime.artifact import ArtifactError  # lazy: onnxruntime
 
         options = ServeOptions(replicas=replicas, host=host, port=port, address=address, replica_cpus=replica_cpus,
                                max_queued=max_queued, max_batch_size=max_batch_size,
@@ -91,7 +91,7 @@ def register(app: typer.Typer) -> None:
         except ConnectionError as e:
             raise failures.fail(f"cannot join the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
         try:
-            import ray
+            import ray  # lazy: optional (extra `serve`), imported above by the service already
 
             where = f"Ray cluster {address}" if address else f"local Ray ({ray.cluster_resources().get('CPU', 0):g} CPUs)"
             _out.print(f"serving {service.card.name} at {service.url}/v1 ({replicas} replica{'s' * (replicas > 1)} x "

@@ -19,8 +19,10 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from elision.cli import failures, options
+from elision.errors import ElisionError
 from elision.runtime.outputs import atomic_file, check_output_file
 
 console = Console(stderr=True, emoji=False)  # paths and specs are user text, never :emoji: codes
@@ -31,9 +33,9 @@ BACKEND_ALIASES = {"ort": "onnxruntime"}  # the short spelling earlier releases 
 
 def load_vecset(spec: str):
     """builtin:NAME | checkpoint path -> VecSetField (raises ValueError/FileNotFoundError with a message)."""
-    from elision.models.vecset import VecSetField, load_checkpoint
+    from elision.models.vecset import VecSetField, load_checkpoint  # lazy: torch
     if spec.startswith("builtin:"):
-        from elision.models.registry import get_builtin
+        from elision.models.registry import get_builtin  # lazy: torch
         entry = get_builtin(spec.split(":", 1)[1])
         if entry.kind != "shape-decoder":
             raise ValueError(f"{spec} is a {entry.kind} model, not a shape decoder")
@@ -71,14 +73,12 @@ def register(app: typer.Typer) -> None:
         threads: Optional[int] = options.THREADS,
     ) -> None:
         """Decode latents to a mesh with (by default) hierarchical sparse volume decoding."""
+        # lazy: torch, which `elision --help` must not pay for
         import torch
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
         from elision.apps.volume import (BACKENDS, DEFAULT_PIPELINE, VolumeError, compile_field, decode_volume,
                                          load_field_artifact)
         from elision.apps.volume.decode import check_memory
         from elision.apps.volume.mesh import MESH_SUFFIXES, MeshError, extract_mesh, render_preview, save_mesh
-        from elision.errors import ElisionError
         from elision.models.vecset import load_latents
         from elision.passes.pipeline import parse_pipeline
 
@@ -185,8 +185,7 @@ def register(app: typer.Typer) -> None:
         threads: Optional[int] = options.THREADS,
     ) -> None:
         """Fit latents for a mesh (auto-decoding through the frozen decoder; no encoder is trained)."""
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
+        # lazy: torch, which `elision --help` must not pay for
         from elision.models.vecset import save_latents
         from elision.apps.volume.encode import fit
         from elision.apps.volume.shapes import ShapeError, load_mesh_file, mesh_source

@@ -21,15 +21,18 @@ Ray tasks in parallel (`elision.apps.tokens.ray_search`); the choice is the loca
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from elision.cli import failures, options
+from elision.errors import ElisionError
 from elision.runtime.outputs import atomic_file, check_output_file
 
 console = Console(stderr=True, emoji=False)  # specs and paths are user text, never :emoji: codes
@@ -44,6 +47,7 @@ def load_calibration(spec: str, model, adapter, samples: int, seq_len: int, held
     held-out row equals a tune row (`calibration_split.split_rows` drops any that do, e.g. two texts that
     truncate to the same tokens). The bundled photographs are split by photo instead (crops of one photo would
     share pixels): even-numbered photos for tuning, odd-numbered ones held out."""
+    # lazy: these import torch, which `elision --help` must not pay for
     from elision.models import datasets as calib
     from elision.apps.tokens.executor import BertAdapter
     from elision.apps.tokens.calibration_split import split_rows
@@ -86,7 +90,7 @@ def load_calibration(spec: str, model, adapter, samples: int, seq_len: int, held
     if not path.is_file() or path.suffix != ".safetensors":
         raise ValueError(f"--calib {spec!r}: use stdlib, images, fashion, a folder of images, or an existing "
                          ".safetensors file of input tensors")
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # lazy: torch
 
     data = load_file(str(path))
     labels = data.get("labels")
@@ -136,10 +140,8 @@ def register(app: typer.Typer) -> None:
         trust_code: bool = options.TRUST_CODE,
     ) -> None:
         """Search layer, keep ratio and skip sets for the fastest pipeline meeting --min-fidelity."""
+        # lazy: torch, which `elision --help` must not pay for
         import torch
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-        from elision.errors import ElisionError
         from elision.kernels.token_reduction import PruningError
         from elision.apps.tokens.deployed import deployable
         from elision.apps.tokens.executor import adapter_for
@@ -161,7 +163,8 @@ def register(app: typer.Typer) -> None:
             raise _fail(f"--held-out must be >= 0, got {held_out}")
         check_output_file(plot, "--plot file")
         placement = options.placement(dtype, device, threads)  # sets torch's threads (per Ray worker with --ray)
-        from elision.frontend.model_spec import load_model
+        from elision.frontend.model_spec import load_model  # lazy: torch
+
         try:
             loaded = load_model(model, trust_code=trust_code, placement=placement)
             adapter = adapter_for(loaded.model)
@@ -175,7 +178,7 @@ def register(app: typer.Typer) -> None:
             raise _fail(str(e)) from None
         timer = None
         if measure == "onnxruntime":
-            from elision.apps.tokens.deployed import OnnxTimer
+            from elision.apps.tokens.deployed import OnnxTimer  # lazy: onnxruntime, only with --measure onnxruntime
 
             names = ["input_ids", "attention_mask"] if len(calib) == 2 else ["pixel_values"]
             if not as_json:
@@ -184,7 +187,7 @@ def register(app: typer.Typer) -> None:
         evaluator = None
         if ray_address is not None:
             try:
-                from elision.apps.tokens.ray_search import RayEvaluator
+                from elision.apps.tokens.ray_search import RayEvaluator  # lazy: ray, optional (extra `serve`)
             except ModuleNotFoundError as e:
                 raise _fail(f"--ray needs the serve extra ({e.name} is not installed): pip install 'elision[serve]'") from None
             try:
@@ -286,7 +289,7 @@ def held_out_fidelities(adapter, held, kind: str, held_labels, candidates) -> di
     """{id(candidate): fidelity on the held-out rows} for each candidate whose plan applies there."""
     if held is None or not candidates:
         return {}
-    from elision.apps.tokens.search import LocalEvaluator
+    from elision.apps.tokens.search import LocalEvaluator  # lazy: torch
 
     reports = LocalEvaluator(adapter, held, kind, held_labels).reports([c.plan for c in candidates])
     return {id(c): r.fidelity for c, r in zip(candidates, reports) if r is not None}
@@ -294,8 +297,6 @@ def held_out_fidelities(adapter, held, kind: str, held_labels, candidates) -> di
 
 def compile_command(model: str, pipeline: str, trust_code: bool) -> str:
     """The `elision compile` command line that applies `pipeline` to `model` (shell-quoted)."""
-    import shlex
-
     name = Path(model.split(":", 1)[-1]).name or "model"
     parts = ["elision", "compile", model, "--passes", pipeline, "--approximate", "--emit", "onnx", "-o",
              f"{name}-tuned"]
