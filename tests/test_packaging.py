@@ -19,6 +19,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from elision.errors import EXTRA_MODULES
 from elision.runtime.artifact import select_providers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,10 +48,10 @@ def _local_modules() -> set[str]:
     return {"tools", "tests"} | {p.stem for folder in ("tools", "tests") for p in (ROOT / folder).rglob("*.py")}
 
 
-def _imported_modules() -> dict[str, str]:
-    """Top-level module -> first file:line importing it, for every absolute import in the scanned folders."""
+def _imported_modules(folders: tuple[str, ...] = SCANNED) -> dict[str, str]:
+    """Top-level module -> first file:line importing it, for every absolute import in `folders`."""
     found: dict[str, str] = {}
-    for folder in SCANNED:
+    for folder in folders:
         for path in sorted((ROOT / folder).rglob("*.py")):
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, ast.Import):
@@ -76,6 +77,20 @@ def test_every_third_party_import_is_declared():
         if not dists & declared.keys():
             undeclared.append(f"{where}: imports {module} (distribution {', '.join(sorted(dists))}) not declared")
     assert not undeclared, "declare these in pyproject.toml (dependencies or an extra):\n" + "\n".join(undeclared)
+
+
+def test_the_missing_extra_errors_know_every_optional_module_elision_imports():
+    """`elision.errors.EXTRA_MODULES`, which turns a failed import into "needs the 'X' extra: pip install ...", lists
+    each module that `elision/` imports from an extra's distributions (and only from an extra), under that extra."""
+    declared = _declared()
+    providers = importlib.metadata.packages_distributions()
+    want: dict[str, set[str]] = {}
+    for module in _imported_modules(("elision",)):
+        where = {declared[d] for d in {_name(d) for d in providers.get(module, [])} if d in declared}
+        if where and "dependencies" not in where:
+            assert len(where) == 1, f"{module} is declared in several extras: {sorted(where)}"
+            want.setdefault(where.pop().removeprefix("extra "), set()).add(module)
+    assert {extra: set(modules) for extra, modules in EXTRA_MODULES.items()} == want
 
 
 def test_the_import_scan_sees_function_level_and_optional_imports():

@@ -15,7 +15,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from elision.cli import failures, missing_torch, options
-from elision.errors import ElisionError
+from elision.errors import ElisionError, missing_extra
 
 
 def _param_stats(module) -> tuple[int, int]:
@@ -197,9 +197,12 @@ def register(app: typer.Typer) -> None:
         except (ElisionError, KeyboardInterrupt):
             raise
         except ImportError as e:
-            if not missing_torch.names_torch(e):
-                raise failures.fail(f"internal error while inspecting {model}: {type(e).__name__}: {e}", 1) from None
-            raise failures.fail(missing_torch.message(e)) from None
+            if missing_torch.names_torch(e):
+                raise failures.fail(missing_torch.message(e)) from None
+            missing = missing_extra(e, "elision inspect")
+            if missing is not None:
+                raise failures.fail(missing) from None
+            raise failures.fail(f"internal error while inspecting {model}: {type(e).__name__}: {e}", 1) from None
         except Exception as e:  # noqa: BLE001 - a bug: one line, exit 1, no traceback
             raise failures.fail(f"internal error while inspecting {model}: {type(e).__name__}: {e}", 1) from None
         if as_json:

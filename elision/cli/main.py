@@ -19,7 +19,7 @@ from rich.table import Table
 from elision import __version__
 from elision.cli import failures, generate, missing_torch, options, passes, quiet, run, serve, shape, tune
 from elision.cli import inspect as inspect_command  # not the standard library's inspect
-from elision.errors import ElisionError
+from elision.errors import ElisionError, missing_extra, require_extra
 from elision.runtime.outputs import check_output_dir
 
 app = typer.Typer(
@@ -93,6 +93,8 @@ def compile_cmd(
 
     if emit not in EMITS:
         raise fail(f"--emit must be one of {', '.join(EMITS)}, got {emit!r}")
+    if emit == "mlir":
+        require_extra("mlir", "elision compile --emit mlir")
     # fail fast, before loading and tracing: a bad pipeline, an approximate pass without --approximate, a bad -o
     pm_passes = check_pipeline(passes, approximate)
     check_output_dir(output, "output directory (-o)", marker=output_marker(emit))
@@ -265,13 +267,20 @@ def main(argv: list[str] | None = None) -> int:
         return failures.INTERRUPTED
     except SystemExit as e:
         return int(e.code or 0) if not isinstance(e.code, str) else 2
-    except ImportError as e:
-        if not missing_torch.names_torch(e):
+    except ImportError as e:  # PyTorch, or a module of an optional extra, that a command found missing on its way
+        missing = missing_torch.message(e) if missing_torch.names_torch(e) else missing_extra(e, _command_path(command, args))
+        if missing is None:
             raise
-        failures.report(missing_torch.message(e), 2)
+        failures.report(missing, 2)
         return 2
     finally:
         failures.restore(token)
+
+
+def _command_path(command, args: list[str]) -> str:
+    """`elision NAME` for the command `args` invoke (`elision` when they name none)."""
+    name = next((a for a in args if a in getattr(command, "commands", {})), None)
+    return f"elision {name}" if name else "elision"
 
 
 def _json_requested(command, args: list[str]) -> bool:

@@ -20,6 +20,7 @@ import typer
 from rich.console import Console
 
 from elision.cli import failures
+from elision.errors import require_extra
 
 _out = Console(emoji=False)  # model names are user text: no :emoji: codes
 
@@ -65,12 +66,10 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Serve a generation artifact over HTTP (OpenAI-compatible /v1/completions with streaming, /v1/models,
         /healthz) with Ray Serve: replicas run the speculative onnxruntime loop; Ctrl-C stops the service."""
-        try:  # lazy: ray, optional (extra `serve`)
-            from elision.apps.serve.service import ServeOptions, Service
-        except ModuleNotFoundError as e:
-            raise failures.fail(f"elision serve needs the serve extra ({e.name} is not installed): "
-                        "pip install 'elision[serve]'") from None
-        from elision.runtime.artifact import ArtifactError  # lazy: onnxruntime
+        require_extra("serve", "elision serve")
+        # lazy: ray (optional, extra `serve`) and onnxruntime, which `elision --help` must not pay for
+        from elision.apps.serve.service import ServeOptions, Service
+        from elision.runtime.artifact import ArtifactError
 
         options = ServeOptions(replicas=replicas, host=host, port=port, address=address, replica_cpus=replica_cpus,
                                max_queued=max_queued, max_batch_size=max_batch_size,

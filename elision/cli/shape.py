@@ -22,7 +22,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from elision.cli import failures, options
-from elision.errors import ElisionError
+from elision.errors import ElisionError, require_extra
 from elision.runtime.outputs import atomic_file, check_output_file
 
 console = Console(stderr=True, emoji=False)  # paths and specs are user text, never :emoji: codes
@@ -73,6 +73,7 @@ def register(app: typer.Typer) -> None:
         threads: Optional[int] = options.THREADS,
     ) -> None:
         """Decode latents to a mesh with (by default) hierarchical sparse volume decoding."""
+        require_extra("3d", "elision decode-shape")  # marching cubes and mesh files, needed only after the decode
         # lazy: torch, which `elision --help` must not pay for
         import torch
         from elision.apps.volume import (BACKENDS, DEFAULT_PIPELINE, VolumeError, compile_field, decode_volume,
@@ -185,6 +186,7 @@ def register(app: typer.Typer) -> None:
         threads: Optional[int] = options.THREADS,
     ) -> None:
         """Fit latents for a mesh (auto-decoding through the frozen decoder; no encoder is trained)."""
+        require_extra("3d", "elision encode-shape")  # reading the mesh and sampling its surface
         # lazy: torch, which `elision --help` must not pay for
         from elision.models.vecset import save_latents
         from elision.apps.volume.encode import fit

@@ -32,7 +32,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from elision.cli import failures, options
-from elision.errors import ElisionError
+from elision.errors import ElisionError, missing_extra, require_extra
 from elision.runtime.outputs import atomic_file, check_output_file
 
 console = Console(stderr=True, emoji=False)  # specs and paths are user text, never :emoji: codes
@@ -162,6 +162,8 @@ def register(app: typer.Typer) -> None:
         if held_out < 0:
             raise _fail(f"--held-out must be >= 0, got {held_out}")
         check_output_file(plot, "--plot file")
+        if ray_address is not None:
+            require_extra("serve", "elision tune --ray")  # before the model loads, not after
         placement = options.placement(dtype, device, threads)  # sets torch's threads (per Ray worker with --ray)
         from elision.frontend.model_spec import load_model  # lazy: torch
 
@@ -174,8 +176,10 @@ def register(app: typer.Typer) -> None:
                                                                 held_out)
             calib = placement.place_inputs(calib)
             held = placement.place_inputs(held) if held is not None else None
-        except (ElisionError, PruningError, ValueError, FileNotFoundError, ModuleNotFoundError) as e:
+        except (ElisionError, PruningError, ValueError, FileNotFoundError) as e:
             raise _fail(str(e)) from None
+        except ModuleNotFoundError as e:  # a module the model or its calibration data needs
+            raise _fail(missing_extra(e, "elision tune") or e) from None
         timer = None
         if measure == "onnxruntime":
             from elision.apps.tokens.deployed import OnnxTimer  # lazy: onnxruntime, only with --measure onnxruntime
@@ -186,10 +190,8 @@ def register(app: typer.Typer) -> None:
             timer = OnnxTimer(loaded.model, calib, names, threads=threads)
         evaluator = None
         if ray_address is not None:
-            try:
-                from elision.apps.tokens.ray_search import RayEvaluator  # lazy: ray, optional (extra `serve`)
-            except ModuleNotFoundError as e:
-                raise _fail(f"--ray needs the serve extra ({e.name} is not installed): pip install 'elision[serve]'") from None
+            from elision.apps.tokens.ray_search import RayEvaluator  # lazy: ray, optional (extra `serve`)
+
             try:
                 evaluator = RayEvaluator(adapter, calib, adapter.output_kind, labels, address=ray_address,
                                          threads=torch.get_num_threads())

