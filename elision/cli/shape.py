@@ -2,7 +2,7 @@
 
 decode-shape MODEL --latents FILE --resolution 256 [--passes PIPELINE] [--backend torch|onnxruntime] [--dump-ir DIR]
              -o mesh.glb [--preview mesh.png] [--json]
-encode-shape MODEL MESH -o latents.safetensors [--steps N] [--minutes M]
+encode-shape MODEL MESH -o latents.safetensors [--steps N] [--minutes M] [--dtype D] [--device cpu|cuda]
 
 MODEL is `builtin:NAME` or a VecSet checkpoint (.safetensors written by elision.models.vecset): decode-shape
 traces it to elision's IR, runs the volume passes (`elision.passes.volume`) and lowers the result to torch or ONNX
@@ -183,18 +183,19 @@ def register(app: typer.Typer) -> None:
         steps: int = typer.Option(600, "--steps", help="optimisation steps (auto-decoding)"),
         minutes: float = typer.Option(5.0, "--minutes", help="stop after this many minutes"),
         as_json: bool = typer.Option(False, "--json"),
+        dtype: str = options.DTYPE,
+        device: Optional[str] = options.DEVICE,
         threads: Optional[int] = options.THREADS,
     ) -> None:
-        """Fit latents for a mesh (auto-decoding through the frozen decoder; no encoder is trained)."""
+        """Fit latents for a mesh (auto-decoding through the frozen decoder; no encoder is trained). --dtype is the
+        decoder's; the latents are fitted and written in float32."""
+        placement = options.placement(dtype, device, threads)
         require_extra("3d", "elision encode-shape")  # reading the mesh and sampling its surface
         # lazy: torch, which `elision --help` must not pay for
         from elision.models.vecset import save_latents
         from elision.apps.volume.encode import fit
         from elision.apps.volume.shapes import ShapeError, load_mesh_file, mesh_source
 
-        # float32 on the CPU only (no --dtype/--device): `fit` builds its point pools and latents as CPU float32
-        # tensors, and half precision would stall the gradient descent on the latents
-        placement = options.placement("float32", "cpu", threads)
         if output.suffix != ".safetensors":
             raise _fail(f"output must be a .safetensors file, got {output.name}")
         check_output_file(output, "latents file (-o)")
@@ -212,9 +213,11 @@ def register(app: typer.Typer) -> None:
             res = fit(net, [src], steps=steps, train_weights=False, time_limit_s=minutes * 60,
                       progress=lambda s, l: prog.update(task, completed=s, loss=f"{l:.4f}"))
         with atomic_file(output, what="latents file (-o)") as tmp:
-            save_latents(res.latents[0], tmp, source=str(mesh), model=model, iou=f"{res.iou[src.name]:.4f}")
+            save_latents(res.latents[0], tmp, source=str(mesh), model=model, iou=f"{res.iou[src.name]:.4f}",
+                         decoder_dtype=placement.dtype)
         report = {"output": str(output), "iou": res.iou[src.name], "steps": res.steps,
-                  "seconds": round(res.seconds, 2), "l1": res.loss}
+                  "seconds": round(res.seconds, 2), "l1": res.loss, "dtype": placement.dtype,
+                  "device": placement.device}
         if as_json:
             out.print_json(json.dumps(report))
         else:

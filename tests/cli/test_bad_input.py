@@ -123,6 +123,7 @@ NO_CUDA_CASES = [
     Case(("compile", "builtin:tiny-llama", "--device", "cuda"), NO_CUDA),
     Case(("generate", "builtin:tiny-code-lm", "--prompt", "x", "--device", "cuda"), NO_CUDA),
     Case(("decode-shape", "builtin:vecset-tiny", "--latents", LATENTS, "--device", "cuda", "-o", "{tmp}/m.glb"), NO_CUDA),
+    Case(("encode-shape", "builtin:vecset-tiny", "{tmp}/ball.ply", "--device", "cuda", "-o", "{tmp}/l.safetensors"), NO_CUDA),
     Case(("generate", "builtin:tiny-code-lm", "--prompt", "x", "--target", "onnxruntime", "--device", "cuda"), NO_CUDA_ORT),
     Case(("run", "{art}", "-i", "input_ids={ok_ids}", "--device", "cuda"), NO_CUDA_ORT),
 ]

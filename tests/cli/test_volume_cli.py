@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import typer
 from typer.testing import CliRunner
 
@@ -78,6 +79,29 @@ def test_encode_shape_fits_latents_for_a_mesh(app, tmp_path):
     open_mesh.export(str(tmp_path / "open.ply"))
     r = runner.invoke(app, ["encode-shape", "builtin:vecset-tiny", str(tmp_path / "open.ply"), "-o", str(out)])
     assert r.exit_code == 2 and "not watertight" in r.output
+
+
+def test_encode_shape_in_bfloat16_writes_float32_latents_that_decode(app, tmp_path):
+    """--dtype bfloat16 runs the frozen decoder in bfloat16; the latents are fitted (master copy) and written in
+    float32, and decode-shape turns them into a mesh."""
+    import trimesh
+    from safetensors import safe_open
+
+    trimesh.creation.icosphere(subdivisions=2, radius=0.6).export(str(tmp_path / "ball.ply"))
+    latents = tmp_path / "ball.safetensors"
+    r = runner.invoke(app, ["encode-shape", "builtin:vecset-tiny", str(tmp_path / "ball.ply"), "-o", str(latents),
+                            "--steps", "5", "--dtype", "bfloat16", "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["dtype"] == "bfloat16" and rep["device"] == "cpu" and rep["steps"] == 5 and 0.0 <= rep["iou"] <= 1.0
+    with safe_open(str(latents), "pt") as f:
+        assert f.metadata()["decoder_dtype"] == "bfloat16"
+        z = f.get_tensor("latents")
+    assert z.dtype == torch.float32 and z.shape == (1, 128, 16) and bool(torch.isfinite(z).all())
+    r = runner.invoke(app, ["decode-shape", "builtin:vecset-tiny", "--latents", str(latents), "-r", "16",
+                            "-o", str(tmp_path / "ball.glb"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["mesh"]["faces"] > 0 and (tmp_path / "ball.glb").is_file()
 
 
 def test_decode_shape_dump_ir_shows_each_pass(app, tmp_path):

@@ -4,6 +4,10 @@ The tiny builtin model has no trained point-cloud encoder, so `encode-shape` fit
 decoder to the shape's truncated SDF by gradient descent (DeepSDF-style auto-decoding). The fixture tool
 uses the same routine with `train_weights=True` over several shapes at once (shared decoder,
 per-shape latents).
+
+The decoder runs where and in the dtype its parameters are (`Placement.place_model`); the latents being fitted,
+the points and the loss stay float32 on that device (a master copy): an optimizer step on bfloat16 or float16
+latents would round the small late updates of the learning-rate schedule away and stall the fit.
 """
 from __future__ import annotations
 
@@ -34,9 +38,24 @@ def _pool(src: ShapeSource, n: int, seed: int) -> tuple[torch.Tensor, torch.Tens
     return torch.from_numpy(pts), torch.from_numpy(tgt)
 
 
+def _where(model: VecSetField) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype the decoder runs in: those of its parameters."""
+    p = next(model.parameters())
+    return p.device, p.dtype
+
+
+def _field(model: VecSetField, points: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """The field at `points` [1, N, 3] for `latents` [1, M, E], computed in the decoder's dtype, returned float32
+    (gradients reach float32 latents through the cast)."""
+    _, dtype = _where(model)
+    return model(points.to(dtype), latents.to(dtype)).float()
+
+
 def volume_iou(model: VecSetField, latents: torch.Tensor, points: torch.Tensor, target: torch.Tensor) -> float:
+    device, _ = _where(model)
+    points, latents, target = points.to(device), latents.to(device), target.to(device)
     with torch.no_grad():
-        pred = torch.cat([model(points[None, s:s + 32768], latents)[0] for s in range(0, len(points), 32768)])
+        pred = torch.cat([_field(model, points[None, s:s + 32768], latents)[0] for s in range(0, len(points), 32768)])
     a, b = pred > 0, target > 0
     return float((a & b).sum()) / max(float((a | b).sum()), 1.0)
 
@@ -51,12 +70,13 @@ def attention_locality_loss(model: VecSetField, latents: torch.Tensor, surface: 
     trained VecSet decoders show (3DShape2VecSet; FlashVDM's adaptive KV relies on it) and that a per-shape
     fit with free latents does not acquire by itself.
     """
+    device, dtype = _where(model)
     centers = surface[torch.randint(0, len(surface), (clusters,), generator=gen)]
     offsets = (torch.rand(clusters, per_cluster, 3, generator=gen) * 2 - 1) * radius
     geo = model.geo_decoder
-    k, _ = geo.latent_kv(model.transformer(model.post_kl(latents)))
-    _, q = geo.query_heads((centers[:, None] + offsets).reshape(1, -1, 3))
-    probs = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)  # [1, h, N, M]
+    k, _ = geo.latent_kv(model.transformer(model.post_kl(latents.to(device, dtype))))
+    _, q = geo.query_heads((centers[:, None] + offsets).reshape(1, -1, 3).to(device, dtype))
+    probs = torch.softmax((q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5, dim=-1)  # [1, h, N, M]
     mean = probs[0].view(probs.shape[1], clusters, per_cluster, -1).mean(2)
     return -(mean * (mean + 1e-9).log()).sum(-1).mean()
 
@@ -67,13 +87,19 @@ def fit(model: VecSetField, sources: list[ShapeSource], *, steps: int = 2000, po
         progress: Callable[[int, float], None] | None = None, time_limit_s: float | None = None,
         locality: float = 0.0) -> FitResult:
     """Minimise L1(field, tSDF target) over latents (and weights if `train_weights`), plus `locality` times
-    `attention_locality_loss` when > 0 (the reported loss is the L1 part)."""
+    `attention_locality_loss` when > 0 (the reported loss is the L1 part).
+
+    The decoder runs on its parameters' device and dtype; the latents are fitted in float32 there and returned as
+    float32 CPU tensors. Training the weights needs float32 ones (their optimizer steps have no master copy)."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    device, dtype = _where(model)
+    if train_weights and dtype != torch.float32:
+        raise ValueError(f"training the decoder's weights needs them in float32, got {dtype}")
     torch.manual_seed(seed)
     c = model.config
-    pools = [_pool(s, pool_size, seed + i) for i, s in enumerate(sources)]
-    surfaces = [torch.from_numpy(s.surface_samples(50_000, np.random.default_rng(20_000 + seed + i)))
+    pools = [tuple(t.to(device) for t in _pool(s, pool_size, seed + i)) for i, s in enumerate(sources)]
+    surfaces = [torch.from_numpy(s.surface_samples(50_000, np.random.default_rng(20_000 + seed + i))).to(device)
                 for i, s in enumerate(sources)] if locality > 0 else []
     cluster_gen = torch.Generator().manual_seed(seed)
     evals = []
@@ -81,8 +107,9 @@ def fit(model: VecSetField, sources: list[ShapeSource], *, steps: int = 2000, po
         g = np.random.default_rng(10_000 + seed + i)
         pts = g.uniform(-1, 1, (eval_points, 3)).astype(np.float32)
         evals.append((torch.from_numpy(pts), torch.from_numpy(s.target(pts))))
-    lat = [torch.nn.Parameter(init_latents[i].clone().reshape(1, c.num_latents, c.embed_dim)
-                              if init_latents else torch.randn(1, c.num_latents, c.embed_dim) * 0.5)
+    lat = [torch.nn.Parameter((init_latents[i].clone().reshape(1, c.num_latents, c.embed_dim)
+                               if init_latents else torch.randn(1, c.num_latents, c.embed_dim) * 0.5)
+                              .to(device, torch.float32))
            for i in range(len(sources))]
     groups = [{"params": lat, "lr": latent_lr}]
     model.train(train_weights)
@@ -101,8 +128,8 @@ def fit(model: VecSetField, sources: list[ShapeSource], *, steps: int = 2000, po
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for i, ((pts, tgt), z) in enumerate(zip(pools, lat)):
-            idx = torch.randint(0, len(pts), (points_per_shape,))
-            pred = model(pts[idx][None], z)[0]
+            idx = torch.randint(0, len(pts), (points_per_shape,)).to(device)
+            pred = _field(model, pts[idx][None], z)[0]
             loss = (pred - tgt[idx]).abs().mean()
             total += float(loss.detach())
             if locality > 0:
@@ -120,7 +147,7 @@ def fit(model: VecSetField, sources: list[ShapeSource], *, steps: int = 2000, po
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    latents = [z.detach().clone() for z in lat]
+    latents = [z.detach().cpu().clone() for z in lat]
     iou = {s.name: volume_iou(model, z, *e) for s, z, e in zip(sources, latents, evals)}
     return FitResult(latents=latents, iou=iou, loss=loss_val, steps=step, seconds=time.perf_counter() - t0,
                      history=history)
