@@ -71,8 +71,9 @@ def attention_locality_loss(model: VecSetField, latents: torch.Tensor, surface: 
     fit with free latents does not acquire by itself.
     """
     device, dtype = _where(model)
-    centers = surface[torch.randint(0, len(surface), (clusters,), generator=gen)]
-    offsets = (torch.rand(clusters, per_cluster, 3, generator=gen) * 2 - 1) * radius
+    # drawn from the CPU generator `gen` (the same draws on every device), then moved to the decoder's device
+    centers = surface[torch.randint(0, len(surface), (clusters,), generator=gen).to(surface.device)].to(device)
+    offsets = ((torch.rand(clusters, per_cluster, 3, generator=gen) * 2 - 1) * radius).to(device)
     geo = model.geo_decoder
     k, _ = geo.latent_kv(model.transformer(model.post_kl(latents.to(device, dtype))))
     _, q = geo.query_heads((centers[:, None] + offsets).reshape(1, -1, 3).to(device, dtype))
