@@ -194,3 +194,21 @@ def test_elision_compile_returns_kept_mask_and_token_sizes_of_a_merged_encoder(b
     assert torch.equal(out.kept_mask, (out.token_sizes > 0).long())
     want = run_encoder(adapter_for(MeanPooledEncoder(model).eval()), inputs, ReductionPlan(merge_r=2, merge_start=1))
     torch.testing.assert_close(_mean_pool(out.last_hidden_state, out.token_sizes), want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_merged_vit_returning_token_states_gets_its_token_sizes():
+    """A ViT has no padding: every slot is real (kept_mask all 1) and the sizes count the 16 patches and [CLS]."""
+    from transformers import ViTConfig, ViTModel
+
+    from elision.frontend.trace import export_to_ir
+    from elision.ir import interpret
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=16, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=3,
+                    num_attention_heads=4, intermediate_size=48)
+    cfg._attn_implementation = "sdpa"
+    pixels = torch.randn(2, 1, 16, 16)
+    module = export_to_ir(ViTModel(cfg, add_pooling_layer=False).eval(), (pixels,))
+    hidden, kept, sizes = interpret(apply_pipeline(module, "merge-tokens{r=2;start=1}"), "forward", pixels)
+    assert hidden.shape == (2, 13, 32) and kept.shape == sizes.shape == (2, 13)  # 17 tokens, 2 merged in layers 1, 2
+    assert kept.eq(1).all() and sizes.sum(1).tolist() == [17, 17] and sizes.max() > 1
