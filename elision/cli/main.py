@@ -5,6 +5,7 @@ artifact); 3 verification failed (compiled result differs from the original beyo
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -80,10 +81,9 @@ def compile_cmd(
     """Trace MODEL, run the pass pipeline, and write the result (IR text, FX code, ONNX artifact or MLIR)."""
     placement = options.placement(dtype, device, threads)
     if for_use is not None:
-        if dtype != "float32":
-            raise fail(f"--for generate writes float32 artifacts (the generation step's KV cache and verification "
-                       f"are float32); drop --dtype {dtype}")
-        return _compile_for_generate(model, for_use, emit, passes, output, verify, as_json)
+        # traced on the CPU whatever --device says: onnxruntime picks its provider when the artifact runs
+        return _compile_for_generate(model, for_use, emit, passes, output, verify, as_json,
+                                     dataclasses.replace(placement, device="cpu"))
     # lazy: these import torch, which `elision --help` must not pay for
     from elision.apps.compile.api import check_pipeline
     from elision.frontend.model_spec import load_model
@@ -164,7 +164,7 @@ def _static_shapes(example_inputs, dynamic_dims: dict) -> list[list]:
 
 
 def _compile_for_generate(model: str, for_use: str, emit: str, passes: Optional[str], output: Path, verify: bool,
-                          as_json: bool) -> None:
+                          as_json: bool, placement) -> None:
     if for_use != "generate":
         raise fail(f"--for must be 'generate', got {for_use!r}")
     if emit != "onnx":
@@ -179,14 +179,15 @@ def _compile_for_generate(model: str, for_use: str, emit: str, passes: Optional[
     check_output_dir(output, "output directory (-o)", marker=MANIFEST_NAME)
     with console.status(f"loading {escape(model)}") as status:
         try:
-            result = export_generation_artifact(model, output, progress=lambda text: status.update(escape(text)))
+            result = export_generation_artifact(model, output, progress=lambda text: status.update(escape(text)),
+                                                placement=placement)
         except ValueError as e:
             raise fail(str(e)) from None
-    result = {"model": model, "emit": emit, "for": for_use, **result}
+    result = {"model": model, "emit": emit, "for": for_use, "dtype": placement.dtype, **result}
     if as_json:
         out.print_json(json.dumps(result))
         return
-    out.print(f"generation artifact for {model} (pipeline {result['pipeline']})", markup=False)
+    out.print(f"generation artifact for {model} in {placement.dtype} (pipeline {result['pipeline']})", markup=False)
     for w in result["written"]:
         out.print(f"wrote {w}", markup=False)
     out.print(f"run it with: elision run {output} --prompt TEXT", markup=False)

@@ -30,7 +30,8 @@ def placement(dtype: str = "float32", device: str | None = None, threads: int | 
 
 def ort_providers(device: str | None, dtype: str = "float32") -> list[str] | None:
     """onnxruntime execution providers for --device (None: the artifact loader's own choice), checked without
-    importing torch; onnxruntime artifacts of a generation loop are float32, so any other --dtype is refused."""
+    importing torch; an onnxruntime artifact runs in the dtype it was compiled in (`elision compile --dtype`), so
+    any other --dtype is refused."""
     if dtype != "float32":
         raise PlacementError(f"--dtype {dtype} does not apply here: an onnxruntime artifact keeps the dtype it was "
                              f"compiled in (`elision compile MODEL --emit onnx --dtype {dtype}`)")

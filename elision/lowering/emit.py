@@ -31,7 +31,7 @@ from elision.lowering.mlir_export import export_mlir
 from elision.lowering.onnx_export import export_onnx
 from elision.runtime.artifact import MANIFEST_NAME, load_artifact
 from elision.runtime.outputs import atomic_directory
-from elision.passes.tokens.prune_tokens import KEPT_MASK_ATTR
+from elision.passes.tokens.outputs import token_outputs
 
 __all__ = ["EMITS", "emit", "emit_ir", "emit_fx", "emit_onnx", "run_onnx_artifact", "ort_runner", "emit_mlir",
            "example_inputs_for", "function_entries"]
@@ -111,11 +111,9 @@ def emit_onnx(ir, lm, out_dir: Path, *, ort_fusions: bool = True) -> list[Path]:
     names = {}
     primary = {"causal-lm": "logits", "encoder": "last_hidden_state"}.get(getattr(lm, "kind", ""), None)
     forward = ir.functions.get("forward")
-    kept_mask = ir.attrs.get(KEPT_MASK_ATTR, {}).get("forward")
-    if primary and forward is not None and len(forward.outputs) == 1:
-        names["forward"] = [primary]
-    elif primary and forward is not None and len(forward.outputs) == 2 and kept_mask == 1:
-        names["forward"] = [primary, "kept_mask"]  # a pruned encoder: which token slots are real (ONNX names must differ from the attention_mask input)
+    marks = token_outputs(ir, "forward")  # a pruned/merged encoder: kept_mask (+ token_sizes) after its own output
+    if primary and forward is not None and list(range(len(forward.outputs))) == [0, *marks.values()]:
+        names["forward"] = [primary, *marks]  # ONNX names must differ from the inputs: kept_mask, not attention_mask
     out = export_onnx(
         function_entries(ir, lm), out_dir, output_names=names,
         pipeline=str(ir.attrs.get("pipeline", "")),

@@ -10,6 +10,7 @@ from __future__ import annotations
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 DTYPES = ("float32", "float16", "bfloat16")
+CPU_DTYPES = ("float32", "float16")  # what onnxruntime's CPU provider runs; bfloat16 has no MatMul kernel there
 
 
 def target_providers(dtype: str) -> list[str]:

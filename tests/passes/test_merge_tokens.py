@@ -79,18 +79,6 @@ def test_bad_options(fashion_vit_ir, opts, message):
         apply_pipeline(fashion_vit_ir[1], "merge-tokens{" + opts + "}")
 
 
-def test_unpooled_text_encoder_is_refused():
-    """A text encoder whose output is the per-token states (no pooling with the attention mask): merged tokens have
-    no per-token output and the executor's size-weighted mean pooling has nothing to replace."""
-    from pruning_models import padded_bert_batch, tiny_bert
-
-    from elision.frontend.trace import export_to_ir
-    from elision.passes.base import PassError
-    bert = export_to_ir(tiny_bert(num_hidden_layers=2, add_pooling_layer=False), padded_bert_batch((6, 4), 6))
-    with pytest.raises(PassError, match="not pooled with the attention mask"):
-        apply_pipeline(bert, "merge-tokens{r=1}")
-
-
 def test_merge_tokens_is_approximate(fashion_vit_ir):
     from elision.passes.base import PassError
     from elision.passes.manager import PassManager

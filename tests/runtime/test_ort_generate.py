@@ -29,11 +29,12 @@ PROMPTS = [
 ]
 
 
-def _compile(model: str, out: Path) -> Path:
+def _compile(model: str, out: Path, *options: str) -> Path:
     """Through the real `elision compile` command, so the CLI path is what every test exercises."""
     from elision.cli.main import app
 
-    result = CliRunner().invoke(app, ["compile", model, "--emit", "onnx", "--for", "generate", "-o", str(out)])
+    result = CliRunner().invoke(app, ["compile", model, "--emit", "onnx", "--for", "generate", "-o", str(out),
+                                      *options])
     assert result.exit_code == 0, result.output
     return out
 
@@ -109,6 +110,43 @@ def test_builtin_code_lm_matches_hf_greedy_and_drafts_pay_off(builtin):
     text = "for i in range(10):\n    print(i)\n" * 4
     result = gen.generate(text, 48, drafter="recycling+lookup")
     assert result.stats["forward_passes"] < 48 and result.stats["mean_accepted_length"] > 1.0
+
+
+@pytest.fixture(scope="module")
+def builtin_fp16(tmp_path_factory):
+    """The built-in model compiled with --dtype float16, and its Hugging Face model in float16 (its stored weights)."""
+    from elision.models import code_lm
+
+    art = _compile("builtin:tiny-code-lm", tmp_path_factory.mktemp("builtin_fp16") / "artifact", "--dtype", "float16")
+    return code_lm.load_model(dtype=torch.float16), code_lm.load_tokenizer(), art
+
+
+def test_float16_artifact_keeps_the_step_form_in_float16(builtin_fp16, builtin):
+    """The manifest records float16; the step's bias and logits are float16, the cache too, the weights half the
+    float32 artifact's bytes; the lowered step passes its check against the float16 @verify (half-precision bound)."""
+    manifest = json.loads((builtin_fp16[2] / "manifest.json").read_text())
+    settings = manifest["runtime_settings"]["generation"]
+    assert manifest["dtype"] == settings["dtype"] == "float16" and settings["form"] == "gqa-shared-kv"
+    step = manifest["functions"]["step"]
+    assert {t["name"]: t["dtype"] for t in step["inputs"]}["attention_bias"] == "float16"
+    assert step["outputs"][0]["name"] == "logits" and step["outputs"][0]["dtype"] == "float16"
+    fp32 = json.loads((builtin[2] / "manifest.json").read_text())
+    assert fp32["dtype"] == "float32" and manifest["weights"]["bytes"] < 0.6 * fp32["weights"]["bytes"]
+    assert OrtGenerator.load(builtin_fp16[2], threads=1).dtype == "float16"
+
+
+def test_float16_artifact_is_the_float16_models_greedy_decoding(builtin_fp16):
+    """On onnxruntime's CPU provider, every drafter and tree gives Hugging Face's float16 greedy tokens (CPU float16
+    on both sides; exact on this model and these prompts, measured, not assumed: a near-tie could flip a token)."""
+    _check_matches_hf(*builtin_fp16, max_news=(32,))
+
+
+def test_elision_run_decodes_the_float16_artifact(builtin_fp16):
+    model, tokenizer, art = builtin_fp16
+    result = CliRunner().invoke(_cli(), ["run", str(art), "--prompt", PROMPTS[0], "-n", "20", "--json"])
+    assert result.exit_code == 0, result.output
+    want = hf_greedy(model, tokenizer(PROMPTS[0]).input_ids, 20, OrtGenerator.load(art).eos_token_ids)
+    assert json.loads(result.stdout)["tokens"] == want
 
 
 def test_stop_strings_and_stream(tiny):

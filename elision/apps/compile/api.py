@@ -23,7 +23,7 @@ from elision.ir.execute import to_fx
 from elision.lowering.emit import ort_runner
 from elision.passes.manager import PassManager
 from elision.passes.pipeline import parse_pipeline
-from elision.passes.tokens.prune_tokens import KEPT_MASK_ATTR
+from elision.passes.tokens.outputs import token_outputs
 
 TARGETS = ("torch", "onnxruntime", "triton")
 
@@ -128,9 +128,10 @@ def torch_runner(ir: Module, fn_name: str, model: torch.nn.Module, dynamic_dims:
     return FastestOf(candidates, record, reference="eager" if "eager" in candidates else None)
 
 
-def _output_adapter(model: torch.nn.Module, example_inputs: tuple, kept_mask: int | None = None):
+def _output_adapter(model: torch.nn.Module, example_inputs: tuple, marks: dict[str, int] | None = None):
     """Rebuild the original output structure: HF ModelOutput (primary field), a single tensor, or a tuple. A pruned
-    encoder's kept-token mask (output `kept_mask` of the graph) becomes the ModelOutput's `kept_mask` field."""
+    or merged encoder's token marks ({field: output index}, `passes.tokens.outputs`: kept_mask, token_sizes) become
+    fields of the ModelOutput."""
     with torch.no_grad():
         out = model(*example_inputs, use_cache=False) if _takes_use_cache(model) else model(*example_inputs)
     if isinstance(out, torch.Tensor):
@@ -141,8 +142,8 @@ def _output_adapter(model: torch.nn.Module, example_inputs: tuple, kept_mask: in
 
         def rebuild(res):
             built = cls(**{key: res[0]})
-            if kept_mask is not None:
-                built["kept_mask"] = res[kept_mask]  # (batch, kept tokens) int64: 1 where a slot is a real token
+            for name, index in (marks or {}).items():
+                built[name] = res[index]  # (batch, kept tokens) int64: kept_mask 1 where a slot is real tokens
             return built
 
         return rebuild
@@ -208,5 +209,5 @@ def compile(model: torch.nn.Module, example_inputs: tuple | None = None, passes:
     runner = make_runner(ir, "forward", target, model=model, record=record, dynamic_dims=dynamic_dims,
                          semantic=not any(p.approximate for p in pm.passes), select=select, threads=threads,
                          **options)
-    adapter = _output_adapter(model, example_inputs, ir.attrs.get(KEPT_MASK_ATTR, {}).get("forward"))
+    adapter = _output_adapter(model, example_inputs, token_outputs(ir, "forward"))
     return CompiledModule(ir, "forward", runner, adapter, target, pm.report(), record)

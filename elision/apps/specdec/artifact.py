@@ -28,13 +28,15 @@ from tokenizers import Tokenizer
 
 from elision.apps.specdec.compiled_backend import compile_specdec, export_specdec_onnx, specdec_onnx_entry
 from elision.apps.specdec.loading import load_causal_lm
-from elision.apps.specdec.step_check import StepMismatchError, check_step_artifact, reference_run
+from elision.apps.specdec.step_check import StepMismatchError, check_step_artifact, reference_run, step_tolerance
+from elision.frontend.placement import DEFAULT, Placement
 from elision.lowering.onnx_export import ArtifactWriter, export_program
 from elision.lowering.ort_rules import StepLoweringError, lower_generation_step
-from elision.runtime.artifact import MANIFEST_NAME, read_manifest
+from elision.runtime.artifact import MANIFEST_NAME, read_manifest, select_providers
 from elision.runtime.generation import step_signature as sig
 from elision.runtime.generation.ort_generator import GENERATION_KIND, calibrate_artifact
 from elision.runtime.outputs import atomic_directory
+from elision.runtime.precision import CPU_DTYPES, cpu_refusal
 
 # a string with code, prose, spaces and non-ASCII text: the exported tokenizer must split it like the HF one
 _TOKENIZER_PROBE = "def f(x):\n    return x  # ok\nThe café costs 3 €."
@@ -90,7 +92,7 @@ def _write_step_artifact(spec, out_dir: Path, generation: dict, files: dict, pro
         writer.finish(pipeline=spec.pipeline, source_hash=str(spec.ir.attrs.get("source_model", "")),
                       runtime_settings={"specdec": a, "config": config, "kind": GENERATION_KIND,
                                         "generation": generation},
-                      extra_files=files)
+                      extra_files=files, dtype=str(config["dtype"]))
     return report
 
 
@@ -103,33 +105,46 @@ def _write_verify_artifact(spec, out_dir: Path, generation: dict, files: dict, f
     timings["export_s"] = time.perf_counter() - t0
 
 
+def _check_dtype_runs_here(dtype: str) -> None:
+    """The artifact is checked against torch and calibrated with onnxruntime on this machine: refuse a dtype its
+    providers cannot run (bfloat16 without CUDA) before anything is loaded, with what to do instead."""
+    providers = select_providers()
+    refusal = cpu_refusal(dtype, providers, f"it has no {dtype} MatMul kernel") if dtype not in CPU_DTYPES else None
+    if refusal is not None:
+        raise ValueError(f"cannot write a {dtype} generation artifact here: {refusal}")
+
+
 def export_generation_artifact(model_spec: str, out_dir: Path, progress: Callable[[str], None] | None = None,
-                               *, form: str = sig.STEP_FORM, calibrate: bool = True) -> dict:
+                               *, form: str = sig.STEP_FORM, calibrate: bool = True,
+                               placement: Placement = DEFAULT) -> dict:
     """Compile MODEL (HF causal-LM directory or builtin:NAME) for speculative decoding and write the artifact.
 
     `form`: "gqa-shared-kv" (the step graph; falls back to the verify form, with the reason in the report, when
     the model's attention does not fuse or the lowered step does not match) or "concat-kv" (the verify form).
     `calibrate`: time the thread counts and the verification-cost curve on this machine into the manifest.
+    `placement`: the dtype of the weights, K/V cache and logits (float32, or float16, which onnxruntime's CPU provider
+    runs too; bfloat16 only where onnxruntime has CUDA); the model is traced on the CPU.
     Returns a report: the pipeline, the form, the written files, the generation settings and the timings.
     """
     if form not in (sig.STEP_FORM, sig.VERIFY_FORM):
         raise ValueError(f"form must be {sig.STEP_FORM!r} or {sig.VERIFY_FORM!r}, got {form!r}")
+    _check_dtype_runs_here(placement.dtype)
     # Staged as a whole: the artifact is written, checked against torch and calibrated before it replaces a
     # previous one at `out_dir`; a failure or Ctrl-C at any point leaves that previous artifact as it was.
     with atomic_directory(out_dir, marker=MANIFEST_NAME, what="artifact directory") as stage:
-        report = _export_staged(model_spec, stage, progress, form, calibrate)
+        report = _export_staged(model_spec, stage, progress, form, calibrate, placement)
     report["written"] = [str(Path(out_dir) / Path(p).name) for p in report["written"]]
     return report
 
 
 def _export_staged(model_spec: str, out_dir: Path, progress: Callable[[str], None] | None, form: str,
-                   calibrate: bool) -> dict:
+                   calibrate: bool, placement: Placement) -> dict:
     """The body of `export_generation_artifact`, writing into the (temporary) directory `out_dir`."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     if progress:
         progress(f"loading {model_spec}")
-    model, tokenizer = load_causal_lm(model_spec)
+    model, tokenizer = load_causal_lm(model_spec, placement)
     if progress:
         progress("compiling @verify (export, kv-cache, tree-verify)")
     spec = compile_specdec(model)
@@ -173,11 +188,11 @@ def _export_staged(model_spec: str, out_dir: Path, progress: Callable[[str], Non
             if progress:
                 progress("checking the ONNX Runtime step against the compiled @verify")
             try:
-                worst = check_step_artifact(out_dir, reference)
+                worst = check_step_artifact(out_dir, reference, step_tolerance(generation["dtype"]))
             except StepMismatchError as e:
                 fallback = str(e)
                 # the verify form needs the compiled graph again: recompile (rare: a lowering bug or an ORT limit)
-                model, tokenizer = load_causal_lm(model_spec)
+                model, tokenizer = load_causal_lm(model_spec, placement)
                 spec = compile_specdec(model)
                 _write_verify_artifact(spec, out_dir, generation, files, fallback, progress, timings)
                 pipeline = spec.pipeline

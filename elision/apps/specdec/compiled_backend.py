@@ -469,7 +469,8 @@ def export_specdec_onnx(spec: CompiledSpecDec, out_dir, functions: Sequence[str]
         out_names[name] = names
     return export_onnx(entries, out_dir, pipeline=spec.pipeline, source_hash=str(spec.ir.attrs.get("source_model", "")),
                        runtime_settings={"specdec": spec.attrs, "config": spec.config, **(settings or {})},
-                       output_names=out_names, progress=progress, extra_files=extra_files)
+                       output_names=out_names, progress=progress, extra_files=extra_files,
+                       dtype=str(spec.config.get("dtype", "float32")))
 
 
 __all__ = ["export_specdec_onnx", "specdec_onnx_entry", "CompiledBackend", "CompiledSpecDec", "compile_specdec",

@@ -22,7 +22,7 @@ from elision.runtime.generation.ort_generator import OrtGenerator
 from elision.runtime.generation.tree import TokenTree
 
 __all__ = ["StepMismatchError", "check_step_artifact", "compare_sessions", "drive", "random_tree", "reference_run",
-           "worst_relative_error"]
+           "step_tolerance", "worst_relative_error"]
 
 _CAPACITY = 64
 
@@ -90,9 +90,18 @@ def reference_run(spec: CompiledSpecDec) -> list[np.ndarray]:
     return drive(KVSession(spec.backend("verify"), 2, _CAPACITY), int(spec.config["vocab_size"]))
 
 
+def step_tolerance(dtype: str) -> float:
+    """How far (relative to the largest logit) the lowered step may differ from the compiled @verify in `dtype`:
+    1e-4 in float32; in half precision both sides round every op to 11 (bfloat16: 8) significant bits, in a different
+    order (fused attention, packed QKV), so the bound is 8 units in the last place of the largest logit (float16:
+    7.8e-3, a lowering bug or a drifting cache is off by orders of magnitude more)."""
+    return max(1e-4, 8 * float(torch.finfo(getattr(torch, dtype)).eps))
+
+
 def check_step_artifact(artifact_dir: str | Path, reference: list[np.ndarray], tolerance: float = 1e-4) -> float:
     """Replay `drive` on the artifact loaded with onnxruntime and compare with `reference` (`reference_run`);
-    raises StepMismatchError beyond `tolerance`. Returns the worst relative error."""
+    raises StepMismatchError beyond `tolerance` (`step_tolerance` of the artifact's dtype). Returns the worst
+    relative error."""
     try:
         # no weight prepacking: a few steps only, and packed copies of every weight would add to the peak memory
         gen = OrtGenerator.load(artifact_dir, threads=1, verify=False,

@@ -22,7 +22,10 @@ Two kinds of encoders:
     attention block's LayerNorm, as `BertAdapter`. Padding starts with size 0 (the matching pairs it last and it
     never pulls a real token's value), [CLS] and each row's [SEP] (token id `sep`, -1: none) are protected, the
     attention of later layers uses log(size) (padding -inf) and the final pooling reads the token sizes in place
-    of the attention mask (the executor's `masked_mean_pool(h, size)`). A static graph cannot clamp r by where
+    of the attention mask (the executor's `masked_mean_pool(h, size)`). A graph that returns the token states instead
+    (a BERT's last_hidden_state) also returns `kept_mask` (1 where a slot holds real tokens, 0 for padding) and
+    `token_sizes` (how many tokens each slot stands for): pooling weighted by `token_sizes` is that exact mean (see
+    `outputs`; a ViT returning token states gets them too, its mask all ones). A static graph cannot clamp r by where
     each row's [SEP] falls (the executor's clamp depends on the data), so r must fit every merging layer with two
     protected tokens ([CLS] and one [SEP] per row, taken on trust as `prune-tokens` does); a larger r is refused.
 Approximate: runs only when approximate passes are allowed.
@@ -42,6 +45,7 @@ from elision.kernels import token_reduction as alg
 from elision.passes.base import PassError, register_pass
 from elision.passes.classic import eliminate_dead_code
 from elision.passes.tokens.base import TokenReductionPass
+from elision.passes.tokens.outputs import KEPT_MASK, TOKEN_SIZES, output_token_marks
 
 
 def _merge_tap(r: int, names: list[str], sep: int, num_protected_a: int):
@@ -66,7 +70,10 @@ def _merge_tap(r: int, names: list[str], sep: int, num_protected_a: int):
         merged, size, source = alg.tome_merge(hidden, size, k.mean(1), r, protected=prot,
                                               num_protected_a=num_protected_a)
         prot = torch.zeros_like(size, dtype=torch.bool).scatter(1, source, prot)
-        return merged, size, prot, alg.proportional_attention_bias(size).to(k.dtype)
+        # the token marks a graph returning token states outputs after the last merge (see `outputs`): sizes count
+        # whole tokens, so int64 holds them exactly; unused (and removed as dead code) after the other merges
+        marks = (size > 0).to(torch.int64), size.to(torch.int64)
+        return merged, size, prot, alg.proportional_attention_bias(size).to(k.dtype), *marks
     return tap
 
 
@@ -191,6 +198,7 @@ class MergeTokens(TokenReductionPass):
             raise PassError("merge-tokens: the merging layers must be pre-norm, with SDPA attention and a recognised "
                             "attention residual (as a ViT's)")
         state: list[Value] = []
+        marks: dict[str, Value] = {}  # the last merge's kept mask and sizes (int64)
         sizes: set[str] = set()  # names of the merges' size outputs (the pooling weights once rewritten)
         pooled = [False]
         changed = False
@@ -224,10 +232,12 @@ class MergeTokens(TokenReductionPass):
             later = [la.attention.node for la in layers[i + 1:]]
 
             def splice_at(anchor):  # called by shorten_tokens right away, in this iteration
-                merged, size, prot, bias = splice(fn, tap, inputs, anchor, f"{layer.loc}.merge_tokens", "merge_")
+                merged, size, prot, bias, kept, sizes_i64 = splice(fn, tap, inputs, anchor, f"{layer.loc}.merge_tokens",
+                                                                   "merge_")
                 for node in later:  # proportional attention from here on (a later merge replaces it again)
                     _set_attn_mask(node, bias)
                 state[:] = [size, prot]
+                marks.update({KEPT_MASK: kept, TOKEN_SIZES: sizes_i64})
                 # the MLP of this layer reads the merged stream (a ViT's attention residual add, a BERT layer's
                 # attention LayerNorm output): tell the model map, so skip-layers still finds the MLP branch
                 module.attrs.setdefault(f"residual_stream.{self.fn_name}", {})[hidden.name] = merged.name
@@ -237,10 +247,14 @@ class MergeTokens(TokenReductionPass):
             rewriter = _text_rewriter(mask.name, set(sizes), state, pooled) if text else _NoExternals
             shorten_tokens(fn, hidden, n - r, splice_at, where, rewriter=rewriter)
             sizes.add(state[0].name)
-            if text and not pooled[0]:
-                raise PassError(f"{where}: the model's output is not pooled with the attention mask after the merge "
-                                "(a mean-pooled sentence encoder such as MeanPooledEncoder); the executor weights its "
-                                "mean pooling by token size, and no such pooling was found to reweight")
-            changed = True
+            n_out, changed = n - r, True
+        if changed:
+            token_states = output_token_marks(module, fn, n_out, marks)
+            if text and not pooled[0] and not token_states:
+                raise PassError(f"merge-tokens{{r={self.r},start={self.start}}}: the model's output is neither pooled "
+                                "with the attention mask after the merge (a mean-pooled sentence encoder such as "
+                                "MeanPooledEncoder: the executor weights its pooling by token size) nor the token "
+                                "states (a BERT's last_hidden_state, returned with kept_mask and token_sizes to pool "
+                                "with); nothing was found to carry the merged token sizes")
         eliminate_dead_code(fn)
         return changed

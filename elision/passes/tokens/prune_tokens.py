@@ -18,11 +18,10 @@ the same indices and combined with the kept-valid marks. The graph must have a s
 batch dim is carried through the tap and the rewrite, so one graph serves every batch size). The result equals
 the layer-by-layer executor (`executor.run_encoder`) with the same settings; keep=1 leaves the module untouched.
 
-A graph that returns token states (a BERT's last_hidden_state, now K tokens long) also returns the kept-token mask:
-(batch, K) int64, 1 where a slot holds a real token, 0 for padding (`KEPT_MASK_ATTR` records its output index; the
-ONNX artifact names it `kept_mask`, `elision.compile` puts it in the ModelOutput as `.kept_mask`). Pool with it, as
-with an attention mask: without it padding and kept tokens cannot be told apart. A graph that pools itself
-(sentence-transformers' mean pooling) already uses the kept marks and gets no extra output.
+A graph that returns token states (a BERT's last_hidden_state, now K tokens long) also returns the kept-token mask
+`kept_mask`: (batch, K) int64, 1 where a slot holds a real token, 0 for padding (see `outputs`; a later stage replaces
+an earlier stage's mask). Pool with it, as with an attention mask. A graph that pools itself (sentence-transformers'
+mean pooling) already uses the kept marks and gets no extra output.
 
 Encoders add positions at their input, so no position-dependent values flow past the pruning point and
 `positions` changes nothing there; a rotary model (positions applied inside each layer) is refused until
@@ -42,6 +41,7 @@ from elision.kernels import token_reduction as alg
 from elision.passes.base import PassError, register_pass
 from elision.passes.classic import eliminate_dead_code
 from elision.passes.tokens.base import TokenReductionPass
+from elision.passes.tokens.outputs import KEPT_MASK, output_token_marks
 
 
 def _tap_function(score: str, keep: float, num_protected: int, sep: int, shapes: dict, n0_default: int) -> Function:
@@ -77,23 +77,6 @@ def _tap_function(score: str, keep: float, num_protected: int, sep: int, shapes:
         return alg.gather_tokens(h, idx), idx, kept, kept.to(torch.int64)
 
     return trace_tap(tap, shapes, "prune-tokens")
-
-
-KEPT_MASK_ATTR = "kept_mask_output"  # module attr: {function: index of its kept-token mask output}
-
-
-def _output_kept_mask(module: Module, fn: Function, k: int, mask: Value, prior: dict | None) -> None:
-    """A graph that returns token states (B, K, C), such as a BERT's last_hidden_state, also returns which of its K
-    slots are real tokens (B, K) int64, so users can pool: padding and kept tokens are otherwise indistinguishable.
-    A later pruning stage replaces the earlier stage's mask; a graph returning only pooled values gets none."""
-    marks = module.attrs.setdefault(KEPT_MASK_ATTR, {})
-    if prior is not None and fn.name in marks:
-        fn.outputs[marks[fn.name]] = mask
-        return
-    token_states = [o for o in fn.outputs if (s := shape_of(o)) is not None and len(s) == 3 and s[1] == k]
-    if token_states:
-        fn.outputs = [*fn.outputs, mask]
-        marks[fn.name] = len(fn.outputs) - 1
 
 
 def _input_named(module: Module, fn: Function, name: str) -> Value | None:
@@ -197,6 +180,6 @@ class PruneTokens(TokenReductionPass):
 
         shorten_tokens(fn, hidden, k, splice_at, f"prune-tokens{{after={self.after}}}",
                        {v.name for v in (mask, ids) if v is not None})
-        _output_kept_mask(module, fn, k, kept_mask[0], prior)
+        output_token_marks(module, fn, k, {KEPT_MASK: kept_mask[0]})
         eliminate_dead_code(fn)
         return True
