@@ -2,8 +2,8 @@
 
 MODEL is a Hugging Face causal-LM directory with a tokenizer (loaded offline), or `builtin:tiny-code-lm`.
 `--target torch` (default) decodes with the PyTorch model; `--target onnxruntime` compiles MODEL once into a
-generation artifact kept in the user cache (keyed by the weights' hash and elision's version) and decodes it with
-ONNX Runtime, the fast route, in one command.
+generation artifact kept in the user cache (keyed by the weights' hash, elision's version and --dtype: float32, or
+float16, which onnxruntime's CPU provider runs too) and decodes it with ONNX Runtime, the fast route, in one command.
 """
 from __future__ import annotations
 
@@ -90,14 +90,15 @@ def register(app: typer.Typer) -> None:
         if threads is not None and threads < 1:
             raise failures.fail(f"--threads must be >= 1, got {threads}")
         if target == "onnxruntime":
-            providers = options.ort_providers(device, dtype)
+            options.check_dtype(dtype)
+            providers = options.ort_providers(device)
             unsupported = [o for o, v in (("--draft-model", draft_model), ("--skip-layers", skip_layers),
                                           ("--visualize", visualize)) if v]
             if unsupported:
                 raise failures.fail(f"{', '.join(unsupported)} need --target torch (model drafters and tree pictures "
                                     "run in the PyTorch loop)")
             _generate_onnxruntime(model, prompt, max_new_tokens, drafter, tree, do_sample, temperature, top_k, top_p,
-                                  seed, stop, as_json, threads, providers, console, err)
+                                  seed, stop, as_json, threads, dtype, providers, console, err)
             return
         placement = options.placement(dtype, device, threads)  # imports torch: the onnxruntime route never needs it
         skip = None
@@ -167,8 +168,8 @@ def register(app: typer.Typer) -> None:
 
 def _generate_onnxruntime(model: str, prompt: str, max_new_tokens: int, drafter: str, tree: str, do_sample: bool,
                           temperature: float, top_k: int, top_p: float, seed: Optional[int], stop: Optional[list[str]],
-                          as_json: bool, threads: Optional[int], providers: Optional[list[str]], console: Console,
-                          err: Console) -> None:
+                          as_json: bool, threads: Optional[int], dtype: str, providers: Optional[list[str]],
+                          console: Console, err: Console) -> None:
     # lazy: onnxruntime and (to compile on first use) torch, which `elision --help` must not pay for
     from elision.apps.specdec.artifact_cache import cached_generation_artifact
     from elision.runtime.artifact import ArtifactError
@@ -177,7 +178,7 @@ def _generate_onnxruntime(model: str, prompt: str, max_new_tokens: int, drafter:
     started = time.perf_counter()
     try:
         with err.status(f"preparing {escape(model)} for onnxruntime") as status:
-            artifact, compiled = cached_generation_artifact(model, progress=status.update)
+            artifact, compiled = cached_generation_artifact(model, progress=status.update, dtype=dtype)
             gen = OrtGenerator.load(artifact, threads=threads, drafter=drafter, tree=tree, providers=providers)
     except (ValueError, ArtifactError) as e:
         raise failures.fail(str(e)) from None

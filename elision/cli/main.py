@@ -5,7 +5,6 @@ artifact); 3 verification failed (compiled result differs from the original beyo
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -79,11 +78,13 @@ def compile_cmd(
     threads: Optional[int] = options.THREADS,
 ):
     """Trace MODEL, run the pass pipeline, and write the result (IR text, FX code, ONNX artifact or MLIR)."""
-    placement = options.placement(dtype, device, threads)
     if for_use is not None:
-        # traced on the CPU whatever --device says: onnxruntime picks its provider when the artifact runs
+        # traced, checked and calibrated on the CPU whatever --device says (torch needs no CUDA for that, and the
+        # graph is the same for every provider): --device orders the execution providers the manifest lists, which
+        # `elision run` follows by default
         return _compile_for_generate(model, for_use, emit, passes, output, verify, as_json,
-                                     dataclasses.replace(placement, device="cpu"))
+                                     options.placement(dtype, None, threads), options.check_device(device))
+    placement = options.placement(dtype, device, threads)
     # lazy: these import torch, which `elision --help` must not pay for
     from elision.apps.compile.api import check_pipeline
     from elision.frontend.model_spec import load_model
@@ -164,7 +165,7 @@ def _static_shapes(example_inputs, dynamic_dims: dict) -> list[list]:
 
 
 def _compile_for_generate(model: str, for_use: str, emit: str, passes: Optional[str], output: Path, verify: bool,
-                          as_json: bool, placement) -> None:
+                          as_json: bool, placement, device: Optional[str]) -> None:
     if for_use != "generate":
         raise fail(f"--for must be 'generate', got {for_use!r}")
     if emit != "onnx":
@@ -180,7 +181,7 @@ def _compile_for_generate(model: str, for_use: str, emit: str, passes: Optional[
     with console.status(f"loading {escape(model)}") as status:
         try:
             result = export_generation_artifact(model, output, progress=lambda text: status.update(escape(text)),
-                                                placement=placement)
+                                                placement=placement, device=device)
         except ValueError as e:
             raise fail(str(e)) from None
     result = {"model": model, "emit": emit, "for": for_use, "dtype": placement.dtype, **result}

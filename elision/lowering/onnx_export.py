@@ -493,9 +493,11 @@ class ArtifactWriter:
         self.add_proto(name, proto, ort_fusions, ranges)
 
     def finish(self, *, pipeline: str, source_hash: str, runtime_settings: Mapping[str, Any],
-               extra_files: Mapping[str, str | Path] | None = None, dtype: str = "float32") -> Path:
+               extra_files: Mapping[str, str | Path] | None = None, dtype: str = "float32",
+               device: str | None = None) -> Path:
         """Hash every file and write `manifest.json`; returns the artifact directory (in place once the `with`
-        block ends)."""
+        block ends). `device`: where the artifact should run first ("cpu", "cuda"; None: CUDA where onnxruntime
+        has it), recorded as the order of its `execution_providers`."""
         self.weights.close()
         try:
             settings_json = json.loads(json.dumps(dict(runtime_settings)))
@@ -517,7 +519,7 @@ class ArtifactWriter:
             "source_hash": source_hash,
             "runtime_settings": settings_json,
             "dtype": dtype,
-            "execution_providers": target_providers(dtype),
+            "execution_providers": target_providers(dtype, device),
             "weights": {"file": WEIGHTS_NAME, "bytes": self.weights.offset,
                         "bytes_referenced": self.weights.bytes_referenced},
             "functions": {
@@ -555,6 +557,7 @@ def export_onnx(
     progress: Callable[[str], None] | None = None,
     extra_files: Mapping[str, str | Path] | None = None,
     dtype: str = "float32",
+    device: str | None = None,
 ) -> Path:
     """Export each function to `<out_dir>/<name>.onnx` with shared weights and write `manifest.json`.
 
@@ -564,7 +567,8 @@ def export_onnx(
     settings for the host loop (e.g. eos id, cache layout). ort_fusions: rewrite into ORT contrib ops
     when that verifies. output_names: per function, names for its outputs (default `output_0`, ...).
     extra_files: artifact file name -> source path, copied in and hashed like the graphs (e.g. a tokenizer).
-    dtype: the floating dtype of the weights (recorded with the execution providers it targets).
+    dtype: the floating dtype of the weights (recorded with the execution providers it targets). device: where it
+    should run first (see `ArtifactWriter.finish`).
     Returns the artifact directory.
     """
     if not functions:
@@ -605,4 +609,4 @@ def export_onnx(
             _rename_outputs(proto, list(names))
             writer.add_proto(name, proto, fusion_info, ranges)
         return writer.finish(pipeline=pipeline, source_hash=source_hash, runtime_settings=runtime_settings,
-                             extra_files=extra_files, dtype=dtype)
+                             extra_files=extra_files, dtype=dtype, device=device)

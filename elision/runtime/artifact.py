@@ -143,8 +143,11 @@ class FunctionSpec:
         return [t.name for t in self.outputs]
 
 
-def select_providers(preferred: Iterable[str] | None = None) -> list[str]:
-    """Execution providers to use: `preferred` filtered to what is installed, else CUDA when present, then CPU.
+def select_providers(preferred: Iterable[str] | None = None, order: Any = None) -> list[str]:
+    """Execution providers to use: `preferred` (all installed, else ArtifactError), else the automatic choice:
+    `order` (an artifact manifest's `execution_providers`) filtered to what is installed, or CUDA when present,
+    then CPU. The CPU provider stands in when none of `order` is installed, so a CUDA-only artifact fails to load
+    with `cpu_refusal`'s message.
 
     `ELISION_ORT_PROVIDERS` (comma separated) overrides the automatic choice.
     """
@@ -162,6 +165,8 @@ def select_providers(preferred: Iterable[str] | None = None) -> list[str]:
                 f"available: {', '.join(available)} (install onnxruntime-gpu for CUDA)"
             )
         return preferred
+    if isinstance(order, list) and order and all(isinstance(p, str) for p in order):
+        return [p for p in order if p in available] or ["CPUExecutionProvider"]
     chosen = [p for p in ("CUDAExecutionProvider",) if p in available]
     return chosen + ["CPUExecutionProvider"]
 
@@ -492,7 +497,8 @@ def load_artifact(
     """Load the artifact directory `path` and create one ORT session per function.
 
     verify: check every file's sha256 against the manifest (tamper detection) before loading.
-    providers: execution providers in priority order; default CUDA when available, else CPU.
+    providers: execution providers in priority order; default the manifest's `execution_providers` that are
+    installed (CUDA first unless the artifact was compiled with --device cpu), else CPU.
     threads: ORT intra-op threads (default: ORT's choice). optimization: ORT graph optimization level.
     session_config: extra ORT session config entries (e.g. {"session.disable_prepacking": "1"}).
     """
@@ -503,7 +509,7 @@ def load_artifact(
     _check_links(root)
     _verify_files(root, manifest, check_hashes=verify)
     functions = _parse_functions(manifest)
-    chosen = select_providers(providers)
+    chosen = select_providers(providers, order=manifest.get("execution_providers"))
     options = _session_options(threads, optimization, session_config)
     artifact = Artifact(path=root, manifest=manifest, functions=functions, providers=chosen, threads=threads)
     for name, spec in functions.items():

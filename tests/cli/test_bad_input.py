@@ -100,8 +100,8 @@ CASES = [
     Case(("compile", "builtin:tiny-llama", "--dtype", "float64"), "dtype must be one of float32, float16, bfloat16, got 'float64'"),
     Case(("inspect", "builtin:tiny-llama", "--device", "tpu"), "device must be one of cpu, cuda, got 'tpu'"),
     Case(("tune", "builtin:minilm", "--threads", "0"), "threads must be an integer >= 1, got 0"),
-    Case(("generate", "builtin:tiny-code-lm", "--prompt", "x", "--target", "onnxruntime", "--dtype", "bfloat16"),
-         "--dtype bfloat16 does not apply here: an onnxruntime artifact keeps the dtype it was compiled in"),
+    Case(("generate", "builtin:tiny-code-lm", "--prompt", "x", "--target", "onnxruntime", "--dtype", "float64"),
+         "dtype must be one of float32, float16, bfloat16, got 'float64'"),
     Case(("run", "{art}", "-i", "input_ids={ok_ids}", "--device", "cpu", "--providers", "CPUExecutionProvider"),
          "pass either --device or --providers, not both"),
     Case(("decode-shape", "{art}", "--backend", "onnxruntime", "--dtype", "float16", "--latents", LATENTS, "-o", "{tmp}/m.glb"),
@@ -116,7 +116,8 @@ CASES = [
 
 # --device cuda where torch / onnxruntime have no CUDA (every CPU machine, this test's usual home)
 NO_CUDA = "this torch has no usable CUDA device"
-NO_CUDA_ORT = "execution provider(s) CUDAExecutionProvider not available in this onnxruntime"
+NO_CUDA_ORT = ("--device cuda needs onnxruntime's CUDAExecutionProvider: install the gpu extra in place of the CPU "
+               "wheel (pip uninstall -y onnxruntime && pip install 'elision[gpu]', i.e. onnxruntime-gpu)")
 NO_CUDA_CASES = [
     Case(("compile", "builtin:tiny-llama", "--device", "cuda"), NO_CUDA),
     Case(("generate", "builtin:tiny-code-lm", "--prompt", "x", "--device", "cuda"), NO_CUDA),
@@ -134,6 +135,9 @@ if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
     CASES.append(Case(("compile", "builtin:tiny-code-lm", "--emit", "onnx", "--for", "generate", "--dtype", "bfloat16",
                        "-o", "{tmp}/g"), "cannot write a bfloat16 generation artifact here: this bfloat16 artifact "
                                          "targets CUDAExecutionProvider, and onnxruntime's CPU provider cannot run it"))
+    CASES.append(Case(("generate", "builtin:tiny-code-lm", "--prompt", "x", "--target", "onnxruntime", "--dtype",
+                       "bfloat16"), "cannot write a bfloat16 generation artifact here: this bfloat16 artifact targets "
+                                    "CUDAExecutionProvider, and onnxruntime's CPU provider cannot run it"))
 
 
 # an optional extra that is not installed: (modules made unimportable, argv, message); each row runs in a fresh

@@ -21,7 +21,7 @@ from elision.cli.main import main
 from elision.errors import PlacementError
 from elision.frontend.model_spec import load_model
 from elision.frontend.placement import Placement
-from elision.runtime.artifact import ArtifactProviderError, load_artifact, read_manifest
+from elision.runtime.artifact import ArtifactProviderError, load_artifact, read_manifest, select_providers
 
 TOLERANCE = {"float16": 1e-2, "bfloat16": 3e-2}
 HALF = sorted(TOLERANCE)
@@ -98,8 +98,10 @@ def test_float16_onnx_artifact_targets_cuda_and_runs_on_the_cpu_provider(tmp_pat
     report = json.loads(capsys.readouterr().out)
     assert report["dtype"] == "float16" and report["verify"]["ok"]
     manifest = read_manifest(out)
-    assert manifest["dtype"] == "float16" and manifest["execution_providers"] == ["CUDAExecutionProvider"]
-    artifact = load_artifact(out)  # CUDA first when onnxruntime has it: here it has not
+    # both: CUDA first (half precision is what its tensor cores are for), and the CPU provider runs it too (below)
+    assert manifest["dtype"] == "float16"
+    assert manifest["execution_providers"] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    artifact = load_artifact(out)  # the manifest's order, filtered to what onnxruntime has
     has_cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
     assert artifact.providers[0] == ("CUDAExecutionProvider" if has_cuda else "CPUExecutionProvider")
     lm = load_model("builtin:tiny-llama")
@@ -121,6 +123,9 @@ def test_bfloat16_onnx_artifact_says_it_needs_cuda_on_a_cpu_onnxruntime(tmp_path
     with pytest.raises(ArtifactProviderError, match="this bfloat16 artifact targets CUDAExecutionProvider, and "
                                                     "onnxruntime's CPU provider cannot run it"):
         load_artifact(out, providers=["CPUExecutionProvider"])
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        with pytest.raises(ArtifactProviderError, match="this bfloat16 artifact targets CUDAExecutionProvider"):
+            load_artifact(out)  # its manifest's order (CUDA alone) has nothing installed here: the same refusal
 
 
 def test_float32_artifacts_target_both_providers(tmp_path, capsys):
@@ -129,6 +134,18 @@ def test_float32_artifacts_target_both_providers(tmp_path, capsys):
     manifest = read_manifest(tmp_path / "a")
     assert manifest["dtype"] == "float32"
     assert manifest["execution_providers"] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def test_the_loader_follows_the_manifests_provider_order_unless_told_otherwise(monkeypatch):
+    cuda, cpu = "CUDAExecutionProvider", "CPUExecutionProvider"
+    monkeypatch.delenv("ELISION_ORT_PROVIDERS", raising=False)
+    has_cuda = cuda in onnxruntime.get_available_providers()
+    assert select_providers(order=[cuda, cpu]) == ([cuda, cpu] if has_cuda else [cpu])
+    assert select_providers(order=[cpu, cuda]) == ([cpu, cuda] if has_cuda else [cpu])  # compiled with --device cpu
+    assert select_providers(order=[cuda]) == ([cuda] if has_cuda else [cpu])  # bfloat16: the load then says why not
+    assert select_providers([cpu], order=[cuda, cpu]) == [cpu]  # asked for (elision run --device cpu)
+    monkeypatch.setenv("ELISION_ORT_PROVIDERS", cpu)
+    assert select_providers(order=[cuda, cpu]) == [cpu]
 
 
 @pytest.mark.parametrize("dtype", HALF)

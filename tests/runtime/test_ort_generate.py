@@ -18,7 +18,7 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from elision.runtime.artifact import ArtifactTamperedError
+from elision.runtime.artifact import ArtifactTamperedError, read_manifest
 from elision.runtime.generation.ort_generator import GenerationError, KVCacheOverflowError, OrtGenerator
 from specdec_helpers import save_tiny_lm_dir
 
@@ -100,8 +100,11 @@ def test_tiny_llama_matches_hf_greedy(tiny):
 
 
 def test_builtin_code_lm_compiles_to_the_in_place_step(builtin):
-    settings = json.loads((builtin[2] / "manifest.json").read_text())["runtime_settings"]["generation"]
+    manifest = json.loads((builtin[2] / "manifest.json").read_text())
+    settings = manifest["runtime_settings"]["generation"]
     assert settings["form"] == "gqa-shared-kv" and settings["lowering"]["group_query_attention"] == 4
+    # compiled without --device: CUDA first where onnxruntime-gpu sees a GPU, the CPU provider otherwise
+    assert manifest["execution_providers"] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
 def test_builtin_code_lm_matches_hf_greedy_and_drafts_pay_off(builtin):
@@ -127,6 +130,8 @@ def test_float16_artifact_keeps_the_step_form_in_float16(builtin_fp16, builtin):
     manifest = json.loads((builtin_fp16[2] / "manifest.json").read_text())
     settings = manifest["runtime_settings"]["generation"]
     assert manifest["dtype"] == settings["dtype"] == "float16" and settings["form"] == "gqa-shared-kv"
+    # what it runs on: CUDA first, and the CPU provider, where it was checked and calibrated (and runs below)
+    assert manifest["execution_providers"] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     step = manifest["functions"]["step"]
     assert {t["name"]: t["dtype"] for t in step["inputs"]}["attention_bias"] == "float16"
     assert step["outputs"][0]["name"] == "logits" and step["outputs"][0]["dtype"] == "float16"
@@ -147,6 +152,46 @@ def test_elision_run_decodes_the_float16_artifact(builtin_fp16):
     assert result.exit_code == 0, result.output
     want = hf_greedy(model, tokenizer(PROMPTS[0]).input_ids, 20, OrtGenerator.load(art).eos_token_ids)
     assert json.loads(result.stdout)["tokens"] == want
+
+
+def test_generate_target_onnxruntime_in_float16_compiles_its_own_cached_artifact(builtin_fp16, builtin, tmp_path,
+                                                                               monkeypatch):
+    """`elision generate --target onnxruntime --dtype float16` compiles a float16 artifact into the user cache beside
+    the float32 one of the same weights (the dtype is part of the key: the float32 one is not reused), decodes Hugging
+    Face's float16 greedy tokens with it, and reuses it on the next call."""
+    from elision.apps.specdec.artifact_cache import cache_directory
+    from elision.cli.main import app
+
+    monkeypatch.setenv("ELISION_CACHE_DIR", str(tmp_path))
+    fp32, fp16 = (cache_directory("builtin:tiny-code-lm", dtype) for dtype in ("float32", "float16"))
+    shutil.copytree(builtin[2], fp32)  # as if float32 generation had run here before
+    model, tokenizer, _ = builtin_fp16
+    args = ["generate", "builtin:tiny-code-lm", "--prompt", PROMPTS[1], "-n", "16", "--target", "onnxruntime",
+            "--dtype", "float16", "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in fp32.parent.iterdir()) == sorted([fp32.name, fp16.name])
+    assert json.loads((fp16 / "manifest.json").read_text())["dtype"] == "float16"
+    want = hf_greedy(model, tokenizer(PROMPTS[1]).input_ids, 16, OrtGenerator.load(fp16).eos_token_ids)
+    assert json.loads(result.stdout)["tokens"] == want
+    stamp = (fp16 / "step.onnx").stat().st_mtime_ns
+    again = CliRunner().invoke(app, args + ["--device", "cpu", "--threads", "1"])
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["tokens"] == want and (fp16 / "step.onnx").stat().st_mtime_ns == stamp
+
+
+def test_compile_for_generate_device_cpu_puts_the_cpu_provider_first_and_run_follows_it(tiny, tmp_path):
+    """--device orders the manifest's execution providers (the graph is the same); `elision run` loads the artifact
+    on them unless told otherwise, and `--device cpu` forces the CPU provider; the tokens stay HF's greedy ones."""
+    model, tokenizer, default = tiny
+    art = _compile(str(default.parent / "model"), tmp_path / "cpu-first", "--device", "cpu")
+    assert read_manifest(art)["execution_providers"] == ["CPUExecutionProvider", "CUDAExecutionProvider"]
+    assert OrtGenerator.load(art, threads=1).artifact.providers[0] == "CPUExecutionProvider"
+    want = hf_greedy(model, tokenizer(PROMPTS[2]).input_ids, 8, OrtGenerator.load(art).eos_token_ids)
+    for options in ([], ["--device", "cpu"]):
+        result = CliRunner().invoke(_cli(), ["run", str(art), "--prompt", PROMPTS[2], "-n", "8", "--json", *options])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["tokens"] == want
 
 
 def test_stop_strings_and_stream(tiny):

@@ -68,7 +68,7 @@ def _save_tokenizer(tokenizer, directory: Path) -> dict[str, Path]:
     return {p.name: p for p in sorted(directory.iterdir()) if p.is_file() and p.suffix in (".json", ".jinja", ".txt")}
 
 
-def _write_step_artifact(spec, out_dir: Path, generation: dict, files: dict, progress) -> dict:
+def _write_step_artifact(spec, out_dir: Path, generation: dict, files: dict, progress, device: str | None) -> dict:
     """Export @verify, lower it to the step graph and write the artifact; StepLoweringError when it does not fuse."""
 
     config, a = spec.config, spec.attrs
@@ -92,20 +92,20 @@ def _write_step_artifact(spec, out_dir: Path, generation: dict, files: dict, pro
         writer.finish(pipeline=spec.pipeline, source_hash=str(spec.ir.attrs.get("source_model", "")),
                       runtime_settings={"specdec": a, "config": config, "kind": GENERATION_KIND,
                                         "generation": generation},
-                      extra_files=files, dtype=str(config["dtype"]))
+                      extra_files=files, dtype=str(config["dtype"]), device=device)
     return report
 
 
 def _write_verify_artifact(spec, out_dir: Path, generation: dict, files: dict, fallback: str | None, progress,
-                           timings: dict) -> None:
+                           timings: dict, device: str | None) -> None:
     t0 = time.perf_counter()
     settings = dict(generation, step_lowering=fallback) if fallback else generation
     export_specdec_onnx(spec, out_dir, functions=("verify",), progress=progress,
-                        settings={"kind": GENERATION_KIND, "generation": settings}, extra_files=files)
+                        settings={"kind": GENERATION_KIND, "generation": settings}, extra_files=files, device=device)
     timings["export_s"] = time.perf_counter() - t0
 
 
-def _check_dtype_runs_here(dtype: str) -> None:
+def check_dtype_runs_here(dtype: str) -> None:
     """The artifact is checked against torch and calibrated with onnxruntime on this machine: refuse a dtype its
     providers cannot run (bfloat16 without CUDA) before anything is loaded, with what to do instead."""
     providers = select_providers()
@@ -116,7 +116,7 @@ def _check_dtype_runs_here(dtype: str) -> None:
 
 def export_generation_artifact(model_spec: str, out_dir: Path, progress: Callable[[str], None] | None = None,
                                *, form: str = sig.STEP_FORM, calibrate: bool = True,
-                               placement: Placement = DEFAULT) -> dict:
+                               placement: Placement = DEFAULT, device: str | None = None) -> dict:
     """Compile MODEL (HF causal-LM directory or builtin:NAME) for speculative decoding and write the artifact.
 
     `form`: "gqa-shared-kv" (the step graph; falls back to the verify form, with the reason in the report, when
@@ -124,21 +124,24 @@ def export_generation_artifact(model_spec: str, out_dir: Path, progress: Callabl
     `calibrate`: time the thread counts and the verification-cost curve on this machine into the manifest.
     `placement`: the dtype of the weights, K/V cache and logits (float32, or float16, which onnxruntime's CPU provider
     runs too; bfloat16 only where onnxruntime has CUDA); the model is traced on the CPU.
+    `device`: where the artifact should run first, recorded as the order of the manifest's execution providers,
+    which `elision run` follows unless told otherwise: "cpu" puts the CPU provider first, "cuda" or None CUDA
+    (where onnxruntime-gpu sees a GPU). The graph is the same either way.
     Returns a report: the pipeline, the form, the written files, the generation settings and the timings.
     """
     if form not in (sig.STEP_FORM, sig.VERIFY_FORM):
         raise ValueError(f"form must be {sig.STEP_FORM!r} or {sig.VERIFY_FORM!r}, got {form!r}")
-    _check_dtype_runs_here(placement.dtype)
+    check_dtype_runs_here(placement.dtype)
     # Staged as a whole: the artifact is written, checked against torch and calibrated before it replaces a
     # previous one at `out_dir`; a failure or Ctrl-C at any point leaves that previous artifact as it was.
     with atomic_directory(out_dir, marker=MANIFEST_NAME, what="artifact directory") as stage:
-        report = _export_staged(model_spec, stage, progress, form, calibrate, placement)
+        report = _export_staged(model_spec, stage, progress, form, calibrate, placement, device)
     report["written"] = [str(Path(out_dir) / Path(p).name) for p in report["written"]]
     return report
 
 
 def _export_staged(model_spec: str, out_dir: Path, progress: Callable[[str], None] | None, form: str,
-                   calibrate: bool, placement: Placement) -> dict:
+                   calibrate: bool, placement: Placement, device: str | None) -> dict:
     """The body of `export_generation_artifact`, writing into the (temporary) directory `out_dir`."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -173,12 +176,12 @@ def _export_staged(model_spec: str, out_dir: Path, progress: Callable[[str], Non
             t0 = time.perf_counter()
             try:
                 reference = reference_run(spec)  # what the lowered step must reproduce
-                _write_step_artifact(spec, out_dir, dict(generation), files, progress)
+                _write_step_artifact(spec, out_dir, dict(generation), files, progress, device)
                 timings["export_and_lower_s"] = time.perf_counter() - t0
             except StepLoweringError as e:
                 fallback = str(e)
         if form == sig.VERIFY_FORM or fallback is not None:
-            _write_verify_artifact(spec, out_dir, generation, files, fallback, progress, timings)
+            _write_verify_artifact(spec, out_dir, generation, files, fallback, progress, timings, device)
         pipeline = spec.pipeline
         # the torch model goes before onnxruntime loads the artifact (check, calibration): never both in memory
         del spec, model, fn
@@ -194,7 +197,7 @@ def _export_staged(model_spec: str, out_dir: Path, progress: Callable[[str], Non
                 # the verify form needs the compiled graph again: recompile (rare: a lowering bug or an ORT limit)
                 model, tokenizer = load_causal_lm(model_spec, placement)
                 spec = compile_specdec(model)
-                _write_verify_artifact(spec, out_dir, generation, files, fallback, progress, timings)
+                _write_verify_artifact(spec, out_dir, generation, files, fallback, progress, timings, device)
                 pipeline = spec.pipeline
                 del spec, model
                 gc.collect()

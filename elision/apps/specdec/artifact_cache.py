@@ -1,10 +1,10 @@
 """Generation artifacts compiled once per model and elision version, kept in the user cache.
 
-`elision generate MODEL --target onnxruntime` calls `cached_generation_artifact(MODEL)`: the key is the sha256 of
-the model directory's files (weights, config, tokenizer) plus elision's version, so editing the checkpoint or
-upgrading elision compiles anew, and anything else reuses `<cache>/generate/<key>/` (see
-`elision.runtime.user_cache`). File hashes are remembered by (path, size, mtime), so a multi-gigabyte checkpoint is
-read once, not on every command.
+`elision generate MODEL --target onnxruntime [--dtype D]` calls `cached_generation_artifact(MODEL, dtype=D)`: the key
+is the sha256 of the model directory's files (weights, config, tokenizer) plus elision's version, and the dtype, so
+editing the checkpoint, upgrading elision or asking for another dtype compiles anew, and anything else reuses
+`<cache>/generate/<key>-<dtype>/` (see `elision.runtime.user_cache`). File hashes are remembered by (path, size,
+mtime), so a multi-gigabyte checkpoint is read once, not on every command.
 """
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from elision.apps.specdec.artifact import export_generation_artifact
+from elision.apps.specdec.artifact import check_dtype_runs_here, export_generation_artifact
+from elision.frontend.placement import Placement
 from elision.runtime.artifact import ArtifactError, elision_version, read_manifest
 from elision.runtime.user_cache import cache_root, read_json, write_json
 
-__all__ = ["cached_generation_artifact", "model_directory", "model_fingerprint"]
+__all__ = ["cache_directory", "cached_generation_artifact", "model_directory", "model_fingerprint"]
 
 
 def model_directory(model_spec: str) -> Path:
@@ -63,9 +64,19 @@ def model_fingerprint(model_spec: str) -> str:
     return digest.hexdigest()[:24]
 
 
-def cached_generation_artifact(model_spec: str, progress: Callable[[str], None] | None = None) -> tuple[Path, bool]:
-    """(artifact directory, whether it was compiled now) for MODEL, compiling it into the cache when missing."""
-    target = cache_root() / "generate" / model_fingerprint(model_spec)
+def cache_directory(model_spec: str, dtype: str = "float32") -> Path:
+    """Where the generation artifact of MODEL in `dtype` lives in the user cache (whether or not it exists yet)."""
+    return cache_root() / "generate" / f"{model_fingerprint(model_spec)}-{dtype}"
+
+
+def cached_generation_artifact(model_spec: str, progress: Callable[[str], None] | None = None, *,
+                               dtype: str = "float32") -> tuple[Path, bool]:
+    """(artifact directory, whether it was compiled now) for MODEL in `dtype` (float32 or float16; bfloat16 where
+    onnxruntime has CUDA), compiling it into the cache when missing. ValueError for a dtype this machine cannot
+    check and calibrate (bfloat16 without CUDA), before the model is hashed or loaded."""
+    placement = Placement(dtype)  # the name checked (PlacementError) before anything is read
+    check_dtype_runs_here(dtype)
+    target = cache_directory(model_spec, dtype)
     if (target / "manifest.json").is_file():
         try:
             read_manifest(target)
@@ -76,7 +87,7 @@ def cached_generation_artifact(model_spec: str, progress: Callable[[str], None] 
     # compile beside the final place and rename, so a concurrent or interrupted run never leaves half an artifact
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        export_generation_artifact(model_spec, staging, progress=progress)
+        export_generation_artifact(model_spec, staging, progress=progress, placement=placement)
         try:
             staging.rename(target)
         except OSError:  # another process finished first: use its artifact

@@ -453,12 +453,13 @@ def specdec_onnx_entry(spec: CompiledSpecDec, name: str) -> tuple[torch.nn.Modul
 
 def export_specdec_onnx(spec: CompiledSpecDec, out_dir, functions: Sequence[str] = ("verify", "draft"),
                         progress: Callable[[str], None] | None = None, settings: dict | None = None,
-                        extra_files: dict | None = None):
+                        extra_files: dict | None = None, device: str | None = None):
     """Write ``@verify`` (and ``@draft``) as an ONNX artifact (``elision.lowering.onnx_export``).
 
     Returns the artifact directory; load it with ``elision.runtime.artifact.load_artifact`` and run ``verify`` with
     positions/bias/past as numpy. ``settings`` are merged into the manifest's runtime_settings; ``extra_files``
-    (name -> path) are copied in and hashed (see ``elision.apps.specdec.artifact`` for the generation artifact).
+    (name -> path) are copied in and hashed (see ``elision.apps.specdec.artifact`` for the generation artifact);
+    ``device`` orders the manifest's execution providers (``elision.runtime.precision.target_providers``).
     """
     entries, out_names = {}, {}
     for name in functions:
@@ -470,7 +471,7 @@ def export_specdec_onnx(spec: CompiledSpecDec, out_dir, functions: Sequence[str]
     return export_onnx(entries, out_dir, pipeline=spec.pipeline, source_hash=str(spec.ir.attrs.get("source_model", "")),
                        runtime_settings={"specdec": spec.attrs, "config": spec.config, **(settings or {})},
                        output_names=out_names, progress=progress, extra_files=extra_files,
-                       dtype=str(spec.config.get("dtype", "float32")))
+                       dtype=str(spec.config.get("dtype", "float32")), device=device)
 
 
 __all__ = ["export_specdec_onnx", "specdec_onnx_entry", "CompiledBackend", "CompiledSpecDec", "compile_specdec",

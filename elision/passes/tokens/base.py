@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from elision.ir.core import Function, Module, Value
 from elision.passes.base import Pass
 
 
@@ -15,3 +16,13 @@ class TokenReductionPass(Pass):
     approximate: ClassVar[bool] = True
     static_shapes: ClassVar[bool] = True
     dynamic_batch: ClassVar[bool] = True
+
+
+def input_named(module: Module, fn: Function, name: str) -> Value | None:
+    """`fn`'s input for the model argument `name` (the argument names the tracer records in the module's "inputs"
+    attribute, in order), else the input value of that name; None when the model has no such input."""
+    names = module.attrs.get("inputs") or []
+    for i, n in enumerate(names):
+        if n == name and i < len(fn.inputs):
+            return fn.inputs[i]
+    return next((v for v in fn.inputs if v.name == name), None)

@@ -44,7 +44,7 @@ from elision.ir.types import TensorType
 from elision.kernels import token_reduction as alg
 from elision.passes.base import PassError, register_pass
 from elision.passes.classic import eliminate_dead_code
-from elision.passes.tokens.base import TokenReductionPass
+from elision.passes.tokens.base import TokenReductionPass, input_named
 from elision.passes.tokens.outputs import KEPT_MASK, TOKEN_SIZES, output_token_marks
 
 
@@ -119,14 +119,6 @@ def _set_attn_mask(node: Node, mask: Value) -> None:
         node.kwargs = {**node.kwargs, "attn_mask": mask}
 
 
-def _input_named(module: Module, fn, name: str) -> Value | None:
-    names = module.attrs.get("inputs") or []
-    for i, n in enumerate(names):
-        if n == name and i < len(fn.inputs):
-            return fn.inputs[i]
-    return next((v for v in fn.inputs if v.name == name), None)
-
-
 def _text_merge_point(layer) -> Value:
     """The output of a post-norm layer's attention LayerNorm (what `BertAdapter.attn_residual` returns)."""
     if not (layer.post_norm and layer.residual_adds and layer.norms and layer.attention.kind == "sdpa"
@@ -164,8 +156,8 @@ class MergeTokens(TokenReductionPass):
         mm = model_map_for("merge-tokens", module, self.fn_name)
         layers = mm.layers
         fn = module.functions[self.fn_name]
-        ids = _input_named(module, fn, "input_ids")
-        mask = _input_named(module, fn, "attention_mask")
+        ids = input_named(module, fn, "input_ids")
+        mask = input_named(module, fn, "attention_mask")
         text = bool(layers) and mm.patch_embed is None and mask is not None
         if not text and (not layers or mm.patch_embed is None or mm.cls_token is None or mm.cls_token.index != 0):
             raise PassError("merge-tokens: the IR pass handles ViT-style encoders (a patch embedding with a [CLS] "

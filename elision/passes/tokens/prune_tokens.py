@@ -40,7 +40,7 @@ from elision.ir.core import Function, Module, Value
 from elision.kernels import token_reduction as alg
 from elision.passes.base import PassError, register_pass
 from elision.passes.classic import eliminate_dead_code
-from elision.passes.tokens.base import TokenReductionPass
+from elision.passes.tokens.base import TokenReductionPass, input_named
 from elision.passes.tokens.outputs import KEPT_MASK, output_token_marks
 
 
@@ -77,14 +77,6 @@ def _tap_function(score: str, keep: float, num_protected: int, sep: int, shapes:
         return alg.gather_tokens(h, idx), idx, kept, kept.to(torch.int64)
 
     return trace_tap(tap, shapes, "prune-tokens")
-
-
-def _input_named(module: Module, fn: Function, name: str) -> Value | None:
-    names = module.attrs.get("inputs") or []
-    for i, n in enumerate(names):
-        if n == name and i < len(fn.inputs):
-            return fn.inputs[i]
-    return next((v for v in fn.inputs if v.name == name), None)
 
 
 @register_pass
@@ -134,8 +126,8 @@ class PruneTokens(TokenReductionPass):
         for s in (hs, qs, ks):
             check_symbolic_batch("prune-tokens", s, token_axis=1 if s is hs else 2)
         n = hs[1]
-        ids = _input_named(module, fn, "input_ids")
-        mask = _input_named(module, fn, "attention_mask")
+        ids = input_named(module, fn, "input_ids")
+        mask = input_named(module, fn, "attention_mask")
         # an earlier prune-tokens left its kept indices and kept marks for later stages (progressive pruning)
         prior = module.attrs.get(f"prune_tokens.{self.fn_name}")
         values = {v.name: v for v in fn.values()}
