@@ -45,6 +45,8 @@ class GraphRecord:
     reason: str = ""  # how `runs` was chosen ("fastest of ...", "only candidate", ...)
     candidates: list[str] = field(default_factory=list)
     timings_ms: dict[str, float] = field(default_factory=dict)  # first-call medians per candidate
+    ratios: dict[str, float] = field(default_factory=dict)  # first-call median per-round time ratio to the default route
+    selection_seconds: float = 0.0  # first-call time spent warming up and timing the candidates
     dropped: dict[str, str] = field(default_factory=dict)  # candidate -> why it was not considered
     compile_seconds: dict[str, float] = field(default_factory=dict)
     first_call_seconds: dict[str, float] = field(default_factory=dict)  # includes lazy compilation (torch.compile)
@@ -66,6 +68,7 @@ class GraphRecord:
     def as_dict(self) -> dict:
         return {"graph": self.graph_id, "target": self.target, "runs": self.runs, "fallback": self.fallback,
                 "reason": self.reason, "candidates": list(self.candidates), "timings_ms": dict(self.timings_ms),
+                "ratios": dict(self.ratios), "selection_seconds": self.selection_seconds,
                 "dropped": dict(self.dropped), "compile_seconds": dict(self.compile_seconds),
                 "first_call_seconds": dict(self.first_call_seconds),
                 "eager_calls": self.eager_calls}
