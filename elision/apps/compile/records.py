@@ -42,7 +42,7 @@ class GraphRecord:
     target: str
     runs: str | None = None  # the candidate that runs: "elision+inductor", "inductor", "eager", "onnxruntime", ...
     fallback: str | None = None  # why `runs` is not the requested target with elision's rewrites; None when it is
-    reason: str = ""  # how `runs` was chosen ("fastest of ...", "only candidate", ...)
+    reason: str = ""  # how `runs` was chosen ("inductor (default route): ...", "only candidate", ...)
     candidates: list[str] = field(default_factory=list)
     timings_ms: dict[str, float] = field(default_factory=dict)  # first-call medians per candidate
     ratios: dict[str, float] = field(default_factory=dict)  # first-call median per-round time ratio to the default route
@@ -54,7 +54,7 @@ class GraphRecord:
 
     @property
     def eager(self) -> bool:
-        """True when this graph runs in eager PyTorch (chosen as fastest, or as a fallback)."""
+        """True when this graph runs in eager PyTorch (chosen on the first call, or as a fallback)."""
         return self.runs == "eager"
 
     def fall_back(self, runs: str, reason: str, *, warn: bool = True) -> None:
