@@ -11,9 +11,10 @@ hands the samples to `choose_route`. Every later call goes straight to the winne
 
 `choose_route` is deliberately conservative: the default route is the preferred one (plain inductor when it ran,
 the route `torch.compile(backend="inductor")` gives), and another route replaces it only when it is faster by
-more than `margin` in the median of per-round time ratios. Per-round ratios pair each sample with the preferred
-route's sample of the same round, so load drift on a shared machine cancels out; a route that is only as fast
-within noise (a coin flip) never displaces the default.
+more than `margin`, both in the median of per-round time ratios and in its median time. Per-round ratios pair
+each sample with the preferred route's sample of the same round, so load drift on a shared machine cancels out;
+a route that is only as fast within noise (a coin flip), or faster by one statistic only, never displaces the
+default.
 
 Measuring runs the graph several times, so it is only done for graphs that are safe to re-run (no input
 mutation, no random ops: see `graph_is_rerunnable`); other graphs take the first candidate that runs.
@@ -129,8 +130,8 @@ def choose_route(samples: Mapping[str, Sequence[float]], preference: Sequence[st
     """The route to run, given interleaved-round timings (`samples[name][i]`: seconds of round i).
 
     Deterministic in `samples`. The baseline is the first route of `preference` that was measured (else the first
-    measured route); another route wins only if its median per-round ratio to the baseline is below `1 - margin`,
-    the lowest such ratio winning (ties: the order of `samples`).
+    measured route); another route wins only if both its median per-round ratio to the baseline and its median
+    time relative to the baseline's are below `1 - margin`, the lowest ratio winning (ties: the order of `samples`).
     """
     if not samples:
         raise ValueError("choose_route needs the timings of at least one route")
@@ -144,7 +145,10 @@ def choose_route(samples: Mapping[str, Sequence[float]], preference: Sequence[st
     ratios = {n: statistics.median([samples[n][i] / base[i] if base[i] > 0 else 1.0 for i in range(rounds)])
               for n in names}
     ratios[baseline] = 1.0
-    challengers = [n for n in names if n != baseline and ratios[n] < 1.0 - margin]
+    # measurably faster: by the margin both round by round (median ratio) and overall (median time); on a noisy
+    # machine the two can disagree, and then the default route stays
+    challengers = [n for n in names if n != baseline and ratios[n] < 1.0 - margin
+                   and medians[n] < (1.0 - margin) * medians[baseline]]
     if not challengers:
         return Choice(baseline, baseline, medians, ratios,
                       f"{baseline} (default route): no other route was more than {margin:.0%} faster over {rounds} rounds")
