@@ -310,7 +310,7 @@ def write_report(rows: list[dict], models: dict[str, dict], out_dir: Path, threa
         "`elision-torch` is the backend's torch target: on the first call it checks elision's rewritten graph under "
         "inductor, plain inductor, elision's graph on eager PyTorch and the graph as given against eager, warms them "
         "up, times them in interleaved rounds, and keeps plain inductor unless another route is more than 5% faster "
-        "(median of per-round ratios) (`elision-torch runs`). `vs best` = min(eager, inductor) / elision-torch "
+        "both round by round (median of per-round ratios) and overall (median time) (`elision-torch runs`). `vs best` = min(eager, inductor) / elision-torch "
         "(>= 1: the goal). Timed calls run in a seeded-random column order per round, each after the process has "
         "settled (no thread of the previous column still spinning).",
         "",
