@@ -19,9 +19,14 @@ Columns:
                    (on CPU it is the torch target: not a separate measurement)
 
 Timing: every column is called once per row first (torch.compile columns compile there), then all columns are
-timed in interleaved rounds (one call of each per round, order alternating), so machine-load drift hits every
-column alike; medians per column; ratio = eager median / column median. The build + first-call seconds of each
-column (export, compilation, elision's first-call choice) are in their own table: they are not in the medians.
+timed in interleaved rounds (one call of each per round, in a fresh seeded-random order each round), so
+machine-load drift hits every column alike and no column always follows the same neighbour; medians per column;
+ratio = eager median / column median. Before each timed call the process is let settle until none of its threads
+burns CPU (`_settle`): ONNX Runtime's thread pool spins for tens of ms of CPU after every run and libgomp's
+threads briefly, and on a 2-core machine that spinning would otherwise be charged to whichever column runs next
+(a fixed order once made elision-torch, always right after an ORT column, look 2x slower than itself).
+The build + first-call seconds of each column (export, compilation, elision's first-call choice of route) are in
+their own table: they are not in the medians.
 Each column's output is checked against eager (max abs error table) before its speed is reported.
 Writes bench_results/lowering.md, lowering.json and lowering.png.
 Run: python tools/bench_lowering.py [--quick] [--only minilm|code-lm] [--threads N]
@@ -31,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -165,6 +171,17 @@ def build_columns(model: torch.nn.Module, build_ids: torch.Tensor, dyn: dict, mo
     return cols
 
 
+def _settle(max_s: float = 0.3, window_s: float = 0.005, idle_cpu_s: float = 0.0005, quiet_windows: int = 2) -> None:
+    """Sleep until this process's threads stop burning CPU (a spinning thread pool of the previous call), at most
+    `max_s`: quiet means `quiet_windows` windows in a row in which the whole process used under `idle_cpu_s`."""
+    deadline = time.perf_counter() + max_s
+    quiet = 0
+    while quiet < quiet_windows and time.perf_counter() < deadline:
+        cpu = time.process_time()
+        time.sleep(window_s)
+        quiet = quiet + 1 if time.process_time() - cpu < idle_cpu_s else 0
+
+
 def _first_calls(cols: Columns, ids: torch.Tensor, reference: torch.Tensor, row: dict) -> dict[str, Callable]:
     """Call each column once (compiles the torch.compile columns at this shape); check it against eager."""
     from elision.apps.compile.backend import graph_records
@@ -172,6 +189,7 @@ def _first_calls(cols: Columns, ids: torch.Tensor, reference: torch.Tensor, row:
     alive = {}
     for name, fn in cols.fns.items():
         before = len(graph_records())
+        _settle()
         start = time.perf_counter()
         try:
             with warnings.catch_warnings():
@@ -189,12 +207,15 @@ def _first_calls(cols: Columns, ids: torch.Tensor, reference: torch.Tensor, row:
     return alive
 
 
-def _interleaved(fns: dict[str, Callable], ids: torch.Tensor, rounds: int) -> dict[str, float]:
+def _interleaved(fns: dict[str, Callable], ids: torch.Tensor, rounds: int, seed: int = 0) -> dict[str, float]:
     samples: dict[str, list[float]] = {n: [] for n in fns}
     names = list(fns)
-    for r in range(rounds):
-        for name in (names if r % 2 == 0 else reversed(names)):
+    order = random.Random(seed)
+    for _ in range(rounds):
+        order.shuffle(names)
+        for name in names:
             fn = fns[name]
+            _settle()
             start = time.perf_counter()
             fn(ids)
             samples[name].append(time.perf_counter() - start)
@@ -286,9 +307,12 @@ def write_report(rows: list[dict], models: dict[str, dict], out_dir: Path, threa
         f"torch {torch.__version__}; produced by `tools/bench_lowering.py`. 1-minute load average at write time: "
         f"{load:.1f} on {os.cpu_count()} cores (other jobs may share the machine: compare ratios within a row).",
         "",
-        "`elision-torch` is the backend's torch target: on the first call it times elision's rewritten graph under "
-        "inductor, plain inductor, elision's graph on eager PyTorch and the graph as given, and keeps the fastest "
-        "(`elision-torch runs`). `vs best` = min(eager, inductor) / elision-torch (>= 1: the goal).",
+        "`elision-torch` is the backend's torch target: on the first call it checks elision's rewritten graph under "
+        "inductor, plain inductor, elision's graph on eager PyTorch and the graph as given against eager, warms them "
+        "up, times them in interleaved rounds, and keeps plain inductor unless another route is more than 5% faster "
+        "both round by round (median of per-round ratios) and overall (median time) (`elision-torch runs`). `vs best` = min(eager, inductor) / elision-torch "
+        "(>= 1: the goal). Timed calls run in a seeded-random column order per round, each after the process has "
+        "settled (no thread of the previous column still spinning).",
         "",
     ]
     body = []
@@ -321,9 +345,11 @@ def write_report(rows: list[dict], models: dict[str, dict], out_dir: Path, threa
         for col in ("elision-torch", "elision-ort"):
             for g in row["graphs"].get(col, []):
                 timing = ", ".join(f"{k} {v:.2f} ms" for k, v in g.get("timings_ms", {}).items())
+                ratios = ", ".join(f"{k} {v:.2f}" for k, v in g.get("ratios", {}).items())
                 extra = f"; FALLBACK: {g['fallback']}" if g.get("fallback") else ""
-                lines.append(f"- {row['case']}, {col} graph {g['graph']}: runs {g['runs']}"
-                             + (f" (first-call medians: {timing})" if timing else "") + extra)
+                chosen = (f" (first-call medians: {timing}; per-round time ratios to the default route: {ratios}; "
+                          f"selection {g.get('selection_seconds', 0):.1f} s, in the first-call column)") if timing else ""
+                lines.append(f"- {row['case']}, {col} graph {g['graph']}: runs {g['runs']}" + chosen + extra)
     if not torch.cuda.is_available():
         lines.append("\n`elision-triton` is not measured here: without CUDA it is the torch target "
                      "(the Triton kernels run only on a GPU).")

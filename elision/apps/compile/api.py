@@ -45,9 +45,9 @@ def check_pipeline(pipeline: str | None, allow_approximate: bool = False) -> lis
 class CompiledModule(torch.nn.Module):
     """Runs an IR function on a target; called with the same positional inputs as the original model.
 
-    `elision_record` says what runs (for the torch and triton targets: the fastest of elision's graph compiled
+    `elision_record` says what runs (for the torch and triton targets: one of elision's graph compiled
     by inductor, inductor on the original model, elision's graph on eager PyTorch and the original model,
-    decided on the first call; see `elision.apps.compile.select`).
+    decided on the first call: inductor unless another is measurably faster; see `elision.apps.compile.select`).
     """
 
     def __init__(self, ir: Module, fn_name: str, runner, output_adapter, target: str, report: list[dict],
@@ -185,7 +185,8 @@ def compile(model: torch.nn.Module, example_inputs: tuple | None = None, passes:
 
     The result is called like the original model (same positional inputs) and returns the same output type
     (for Hugging Face models: a ModelOutput holding the primary output, e.g. ``.logits``). On the torch and
-    triton targets the first call picks the fastest route (``select`` names one instead: ``elision+inductor``,
+    triton targets the first call times the routes and keeps inductor on the original model unless another is
+    measurably faster (``select`` names one instead: ``elision+inductor``,
     ``inductor``, ``elision`` or ``eager``); ``result.elision_record`` says which.
 
     ``dtype`` (float32 | float16 | bfloat16), ``device`` (cpu | cuda) and ``threads`` (torch intra-op threads)

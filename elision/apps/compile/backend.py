@@ -11,7 +11,8 @@ Per Dynamo graph:
   2. lower to the target:
      * `torch` / `triton` (`torch_target`): the rewritten graph compiled by inductor, next to plain inductor,
        the rewritten graph on eager PyTorch and the graph as given; the first call checks them against the
-       graph as given and keeps the fastest (`options["select"]` names one instead). elision ops are
+       graph as given and keeps plain inductor unless another is measurably faster (`select.choose_route`;
+       `options["select"]` names one instead). elision ops are
        `triton_op`s inductor traces into: aten ops on CPU, Triton kernels on CUDA (target `triton` says once
        that there is no CUDA device when there is none);
      * `onnxruntime` (`ort_target`): export with torch.onnx (dynamic dims from Dynamo's SymInts), checked

@@ -42,9 +42,11 @@ class GraphRecord:
     target: str
     runs: str | None = None  # the candidate that runs: "elision+inductor", "inductor", "eager", "onnxruntime", ...
     fallback: str | None = None  # why `runs` is not the requested target with elision's rewrites; None when it is
-    reason: str = ""  # how `runs` was chosen ("fastest of ...", "only candidate", ...)
+    reason: str = ""  # how `runs` was chosen ("inductor (default route): ...", "only candidate", ...)
     candidates: list[str] = field(default_factory=list)
     timings_ms: dict[str, float] = field(default_factory=dict)  # first-call medians per candidate
+    ratios: dict[str, float] = field(default_factory=dict)  # first-call median per-round time ratio to the default route
+    selection_seconds: float = 0.0  # first-call time spent warming up and timing the candidates
     dropped: dict[str, str] = field(default_factory=dict)  # candidate -> why it was not considered
     compile_seconds: dict[str, float] = field(default_factory=dict)
     first_call_seconds: dict[str, float] = field(default_factory=dict)  # includes lazy compilation (torch.compile)
@@ -52,7 +54,7 @@ class GraphRecord:
 
     @property
     def eager(self) -> bool:
-        """True when this graph runs in eager PyTorch (chosen as fastest, or as a fallback)."""
+        """True when this graph runs in eager PyTorch (chosen on the first call, or as a fallback)."""
         return self.runs == "eager"
 
     def fall_back(self, runs: str, reason: str, *, warn: bool = True) -> None:
@@ -66,6 +68,7 @@ class GraphRecord:
     def as_dict(self) -> dict:
         return {"graph": self.graph_id, "target": self.target, "runs": self.runs, "fallback": self.fallback,
                 "reason": self.reason, "candidates": list(self.candidates), "timings_ms": dict(self.timings_ms),
+                "ratios": dict(self.ratios), "selection_seconds": self.selection_seconds,
                 "dropped": dict(self.dropped), "compile_seconds": dict(self.compile_seconds),
                 "first_call_seconds": dict(self.first_call_seconds),
                 "eager_calls": self.eager_calls}

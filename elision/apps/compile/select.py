@@ -4,9 +4,17 @@ The torch target has several ways to run a graph: elision's rewritten graph comp
 inductor on the unrewritten graph, elision's rewritten graph on eager PyTorch, and the graph as given (eager).
 Which is fastest depends on the model, the shapes and the machine (on CPU inductor can lose to eager), so
 `FastestOf` measures instead of guessing: on the first call it runs every candidate once (this is where lazy
-compilation happens), checks each output against the reference candidate (a rewrite that changes the numbers
-beyond the dtype's tolerance is dropped, loudly), then times the survivors in interleaved rounds on those same
-arguments and keeps the one with the lowest median. Every later call goes straight to the winner.
+compilation happens) and checks each output against the reference candidate (a rewrite that changes the numbers
+beyond the dtype's tolerance is dropped, loudly); then it calls each survivor once more untimed (warm-up:
+allocator, caches, lazily initialised kernels), times them in interleaved rounds on those same arguments, and
+hands the samples to `choose_route`. Every later call goes straight to the winner.
+
+`choose_route` is deliberately conservative: the default route is the preferred one (plain inductor when it ran,
+the route `torch.compile(backend="inductor")` gives), and another route replaces it only when it is faster by
+more than `margin`, both in the median of per-round time ratios and in its median time. Per-round ratios pair
+each sample with the preferred route's sample of the same round, so load drift on a shared machine cancels out;
+a route that is only as fast within noise (a coin flip), or faster by one statistic only, never displaces the
+default.
 
 Measuring runs the graph several times, so it is only done for graphs that are safe to re-run (no input
 mutation, no random ops: see `graph_is_rerunnable`); other graphs take the first candidate that runs.
@@ -16,6 +24,7 @@ from __future__ import annotations
 import operator
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -23,7 +32,12 @@ import torch
 from elision.apps.compile.numerics import REL_TOLERANCE
 from elision.apps.compile.records import GraphRecord
 
-__all__ = ["FastestOf", "graph_is_rerunnable", "outputs_match"]
+__all__ = ["FastestOf", "Choice", "choose_route", "graph_is_rerunnable", "outputs_match", "PREFERENCE", "MARGIN"]
+
+# the default route when several ran, best first: plain inductor is what `backend="inductor"` would run
+PREFERENCE = ("inductor", "elision+inductor", "eager", "elision")
+# how much faster (median of per-round ratios) another route must be to replace the default one
+MARGIN = 0.05
 
 # random / in-place ops that make re-running a graph observable
 _RANDOM = ("dropout", "rand", "randn", "randint", "randperm", "bernoulli", "normal", "uniform", "multinomial",
@@ -100,17 +114,63 @@ def outputs_match(got: Any, want: Any) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class Choice:
+    """What `choose_route` picked: the route, the default it was measured against, the evidence, why."""
+
+    runs: str
+    baseline: str
+    medians_s: dict[str, float]  # per-route median of its samples, seconds
+    ratios: dict[str, float]  # per-route median of (route sample / baseline sample) over the rounds
+    reason: str
+
+
+def choose_route(samples: Mapping[str, Sequence[float]], preference: Sequence[str] = PREFERENCE,
+                 margin: float = MARGIN) -> Choice:
+    """The route to run, given interleaved-round timings (`samples[name][i]`: seconds of round i).
+
+    Deterministic in `samples`. The baseline is the first route of `preference` that was measured (else the first
+    measured route); another route wins only if both its median per-round ratio to the baseline and its median
+    time relative to the baseline's are below `1 - margin`, the lowest ratio winning (ties: the order of `samples`).
+    """
+    if not samples:
+        raise ValueError("choose_route needs the timings of at least one route")
+    names = list(samples)
+    rounds = min(len(s) for s in samples.values())
+    if rounds == 0:
+        raise ValueError("choose_route needs at least one timed round per route")
+    baseline = next((n for n in preference if n in samples), names[0])
+    base = samples[baseline]
+    medians = {n: statistics.median(samples[n]) for n in names}
+    ratios = {n: statistics.median([samples[n][i] / base[i] if base[i] > 0 else 1.0 for i in range(rounds)])
+              for n in names}
+    ratios[baseline] = 1.0
+    # measurably faster: by the margin both round by round (median ratio) and overall (median time); on a noisy
+    # machine the two can disagree, and then the default route stays
+    challengers = [n for n in names if n != baseline and ratios[n] < 1.0 - margin
+                   and medians[n] < (1.0 - margin) * medians[baseline]]
+    if not challengers:
+        return Choice(baseline, baseline, medians, ratios,
+                      f"{baseline} (default route): no other route was more than {margin:.0%} faster over {rounds} rounds")
+    best = min(challengers, key=lambda n: (ratios[n], names.index(n)))
+    return Choice(best, baseline, medians, ratios,
+                  f"{best}: {1 / ratios[best]:.2f}x the speed of {baseline} (median of {rounds} interleaved rounds; "
+                  f"needs more than {margin:.0%} to replace the default route)")
+
+
 class FastestOf:
     """Calls one of `candidates` (name -> callable, all computing the same thing), chosen on the first call.
 
     reference: the candidate whose output the others are checked against (None: no check). measure: time the
     candidates (False: take the first that runs). strict: a candidate that fails or differs raises instead of
-    being dropped. The decision and the timings land in `record`.
+    being dropped. Timing: `warmup` untimed calls each, then interleaved rounds until `min_rounds` are done and
+    `budget_s` is spent (at most `max_rounds`); `choose_route(..., margin=margin)` decides. The decision, the
+    timings and the seconds the selection took land in `record`.
     """
 
     def __init__(self, candidates: Mapping[str, Callable], record: GraphRecord, *, reference: str | None = "eager",
-                 measure: bool = True, strict: bool = False, budget_s: float = 3.0, min_rounds: int = 3,
-                 max_rounds: int = 15) -> None:
+                 measure: bool = True, strict: bool = False, budget_s: float = 3.0, min_rounds: int = 7,
+                 max_rounds: int = 25, warmup: int = 1, margin: float = MARGIN) -> None:
         if not candidates:
             raise ValueError("FastestOf needs at least one candidate")
         self.candidates = dict(candidates)
@@ -121,6 +181,8 @@ class FastestOf:
         self.budget_s = budget_s
         self.min_rounds = min_rounds
         self.max_rounds = max_rounds
+        self.warmup = warmup
+        self.margin = margin
         self.chosen: str | None = None
         self._fn: Callable | None = None
         record.candidates = list(self.candidates)
@@ -162,10 +224,13 @@ class FastestOf:
             raise RuntimeError(f"no candidate of graph {self.record.graph_id} could run: {self.record.dropped}")
         alive = [n for n in order if n in outputs]
         if len(alive) > 1:
-            medians = self._time(alive, args)
-            self.record.timings_ms = {n: medians[n] * 1e3 for n in alive}
-            best = min(alive, key=medians.__getitem__)
-            self.record.reason = f"fastest of {', '.join(alive)} on the first call's inputs"
+            start = time.perf_counter()
+            choice = choose_route(self._time(alive, args), margin=self.margin)
+            self.record.selection_seconds = round(time.perf_counter() - start, 3)
+            self.record.timings_ms = {n: choice.medians_s[n] * 1e3 for n in alive}
+            self.record.ratios = dict(choice.ratios)
+            best = choice.runs
+            self.record.reason = choice.reason
         else:
             best = alive[0]
             self.record.reason = "only candidate that ran"
@@ -185,8 +250,12 @@ class FastestOf:
             return out
         raise RuntimeError(f"no candidate of graph {self.record.graph_id} could run: {self.record.dropped}")
 
-    def _time(self, names: list[str], args: Sequence[Any]) -> dict[str, float]:
-        """Interleaved rounds (so machine-load drift hits every candidate alike); per-candidate medians."""
+    def _time(self, names: list[str], args: Sequence[Any]) -> dict[str, list[float]]:
+        """Warm-up calls, then interleaved rounds (so machine-load drift hits every candidate alike, and the
+        order alternates so none always follows the same neighbour); per-candidate samples in seconds."""
+        for name in names:
+            for _ in range(self.warmup):
+                self.candidates[name](*args)
         samples: dict[str, list[float]] = {n: [] for n in names}
         start = time.perf_counter()
         for round_ in range(self.max_rounds):
@@ -197,7 +266,7 @@ class FastestOf:
                 samples[name].append(time.perf_counter() - t0)
             if round_ + 1 >= self.min_rounds and time.perf_counter() - start > self.budget_s:
                 break
-        return {n: statistics.median(s) for n, s in samples.items()}
+        return samples
 
     def _settle(self, name: str) -> None:
         self.chosen = name

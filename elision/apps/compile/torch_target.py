@@ -16,8 +16,10 @@ locations, symbolic dims), which inductor's post-grad ATen graph no longer has, 
 registered "inductor" backend itself, so the code we hand back is inductor's, with Dynamo's guards and dynamic
 shapes intact (compile_fx runs inside Dynamo's tracing context).
 
-`FastestOf` then keeps the fastest candidate whose output matches the graph as given; `options["select"]` can
-name one candidate instead (no timing, no check).
+`FastestOf` then keeps, of the candidates whose output matches the graph as given, plain inductor unless another
+is faster by a margin (`select.choose_route`); `options["select"]` can name one candidate instead (no timing,
+no check). The "inductor" candidate is `compile_fx` on Dynamo's graph, as `backend="inductor"` calls it: the
+generated code is the same (checked on a tiny BERT), and the only per-call cost added is `FastestOf`'s call.
 """
 from __future__ import annotations
 

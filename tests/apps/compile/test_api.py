@@ -8,6 +8,7 @@ import torch
 import transformers
 
 import elision
+from elision.apps.compile.select import MARGIN
 from elision.errors import ElisionError
 from elision.passes import PassError
 
@@ -90,7 +91,9 @@ def test_torch_target_default_picks_the_fastest_route_and_says_which():
         torch.testing.assert_close(fast(x), m(x), atol=1e-5, rtol=0)
     record = fast.elision_record
     assert set(record.timings_ms) == {"elision+inductor", "inductor", "elision", "eager"}
-    assert record.runs == min(record.timings_ms, key=record.timings_ms.get) and record.fallback is None
+    base = record.timings_ms["inductor"]  # inductor unless beaten by the margin, round by round and overall
+    faster = {n: r for n, r in record.ratios.items() if r < 1 - MARGIN and record.timings_ms[n] < (1 - MARGIN) * base}
+    assert record.runs == (min(faster, key=faster.get) if faster else "inductor") and record.fallback is None
     assert f"runs={record.runs}" in repr(fast)
 
 
