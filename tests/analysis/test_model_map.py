@@ -274,6 +274,8 @@ def test_packed_rotary_and_parallel_blocks(model_type):
             assert ly.attn_branch[0] == ly.mlp_branch[0] == ly.input
             assert _summands(mod.functions["forward"], ly.output) == [ly.input, ly.attn_branch[1], ly.mlp_branch[1]]
     assert mm.lm_head is not None and mm.final_norm is not None
+    assert [ly["parallel"] for ly in mm.as_dict()["stacks"][mm.layers[0].stack]] == [parallel] * len(mm.layers)
+    assert any("(parallel to the attention)" in line for line in mm.describe()) == parallel
 
 
 def _summands(fn, v):
