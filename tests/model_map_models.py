@@ -5,12 +5,15 @@ blocks (explicit softmax(QK^T)V attention with several mask spellings, and a blo
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
 import torch
 
 from elision.frontend.trace import export_to_ir
+from tools.arch_zoo import BY_TYPE, build_model
+
 SEQ = {0: {0: "batch", 1: "seq"}}
 BATCH = {0: {0: "batch"}}
 
@@ -196,11 +199,24 @@ def mixer():
     return Mixer().eval(), (_ids(50, (2, 7)),), {0: {0: "batch"}}
 
 
+def zoo(model_type: str, **config):
+    """The architecture matrix's tiny model of ``model_type`` (`tools/arch_zoo.py`, norm weights perturbed), with
+    ``config`` overriding its config (e.g. more layers)."""
+    arch = BY_TYPE[model_type]
+    model = build_model(dataclasses.replace(arch, config={**arch.config, **config}), vocab_size=128)
+    return model, (_ids(128),), SEQ
+
+
+# packed / fused q/k/v, partial and interleaved rotary, parallel attention + MLP blocks, written-out norms
+ZOO_TYPES = ("gpt_neox", "gptj", "falcon", "stablelm", "phi", "cohere", "helium", "gemma3_text")
+
 BUILDERS = {"llama": llama, "qwen2": qwen2, "mistral": mistral, "gpt2": gpt2, "bert": bert, "vit": vit,
             "clip_vision": clip_vision, "llava": llava, "handwritten": handwritten, "mixer": mixer,
             "handwritten_additive": lambda: handwritten("causal-additive"), "handwritten_bias": lambda: handwritten("bias"),
             "gemma": gemma, "gemma2": lambda: gemma("Gemma2ForCausalLM", "Gemma2Config"),
-            "gemma3": lambda: gemma("Gemma3ForCausalLM", "Gemma3TextConfig")}
+            "gemma3": lambda: gemma("Gemma3ForCausalLM", "Gemma3TextConfig"),
+            "gpt_neox_3": lambda: zoo("gpt_neox", num_hidden_layers=3),
+            **{f"zoo_{t}": functools.partial(zoo, t) for t in ZOO_TYPES}}
 
 
 @functools.lru_cache(maxsize=None)

@@ -9,6 +9,7 @@ import itertools
 
 import sympy
 import torch
+from torch._dispatch.python import enable_python_dispatcher
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.utils._sympy.numbers import int_oo
@@ -82,7 +83,10 @@ class SymbolicContext:
             return torch.empty(tuple(t.shape), dtype=t.dtype)
 
     def run(self, op: str, args, kwargs):
-        with self.mode:
+        # the Python dispatcher, as torch.export traces with it: without it a C++ composite kernel called from an
+        # op's meta function takes the concrete-int path and refuses symbolic sizes (baddbmm's meta expands its
+        # input to the symbolic batch: "SymIntArrayRef expected to contain only concrete integers", BLOOM's ALiBi)
+        with enable_python_dispatcher(), self.mode:
             return resolve_op(op)(*args, **kwargs)
 
 

@@ -234,3 +234,99 @@ def test_no_decoder_view_says_why(name, problem):
     assert not {r: ok for r, ok, _ in mm.applicable_rewrites()}["speculative-decoding"]
     if name == "handwritten":  # a causal decoder with an LM head, but kv-cache needs SDPA attention
         assert why.startswith("no KV-cache view: ") and problem in why
+
+
+# (parallel block, packed qkv, norm kind, norms per layer, kv heads): q/k/v reached through packed splits (GPT-NeoX),
+# Falcon's per-group q/k/v view with k/v picked by a constant index, partial rotary (cat of a rotated and a passed
+# slice: GPT-NeoX, GPT-J, Phi, StableLM), interleaved rotary (stack + view: GPT-J, Cohere, Helium); attention and
+# MLP reading one norm (GPT-J, Phi, Cohere) or two norms of the same input (GPT-NeoX, Falcon); Cohere's written-out
+# bias-free LayerNorm; Gemma 3's (1 + w) RMSNorms around each branch and on q/k
+ZOO_EXPECTED = {
+    "gpt_neox": (True, True, "layernorm", 2, 4),
+    "gptj": (True, False, "layernorm", 1, 4),
+    "falcon": (True, True, "layernorm", 2, 2),
+    "stablelm": (False, False, "layernorm", 2, 2),
+    "phi": (True, False, "layernorm", 1, 2),
+    "cohere": (True, False, "layernorm", 1, 2),
+    "helium": (False, False, "rmsnorm", 2, 2),
+    "gemma3_text": (False, False, "rmsnorm", 6, 2),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(ZOO_EXPECTED))
+def test_packed_rotary_and_parallel_blocks(model_type):
+    parallel, packed, norm_kind, n_norms, kv_heads = ZOO_EXPECTED[model_type]
+    mod = exported(f"zoo_{model_type}")
+    mm = build_model_map(mod)
+    assert mm.kind == "decoder", mm.unrecognized
+    assert mm.unrecognized == []
+    assert len(mm.layers) == (2 if model_type == "gemma3_text" else 1)
+    for ly in mm.layers:
+        a = ly.attention
+        assert _projections_found(ly) and a.packed_qkv == packed
+        assert (a.num_heads, a.num_kv_heads, a.head_dim) == (4, kv_heads, 16)
+        assert a.rotary and a.causal is True
+        assert ly.parallel == parallel
+        assert [n.kind for n in ly.norms] == [norm_kind] * n_norms
+        assert ly.mlp is not None and ly.mlp.linears
+        assert ly.attn_branch[1] in ly.residual_adds[0].args and ly.mlp_branch[1] in ly.residual_adds[1].args
+        if parallel:  # both branches start at the layer input; the output sums exactly input, attention, MLP
+            assert ly.attn_branch[0] == ly.mlp_branch[0] == ly.input
+            assert _summands(mod.functions["forward"], ly.output) == [ly.input, ly.attn_branch[1], ly.mlp_branch[1]]
+    assert mm.lm_head is not None and mm.final_norm is not None
+    assert [ly["parallel"] for ly in mm.as_dict()["stacks"][mm.layers[0].stack]] == [parallel] * len(mm.layers)
+    assert any("(parallel to the attention)" in line for line in mm.describe()) == parallel
+
+
+def _summands(fn, v):
+    """The terms of the sum tree (adds, and a dropout's clone of a sum) that computes ``v``, in graph order."""
+    p = fn.producer(v)
+    if p is not None and p.op == "aten.add.Tensor":
+        terms = _summands(fn, p.args[0]) + _summands(fn, p.args[1])
+        return sorted(terms, key=lambda t: fn.index(fn.producer(t)) if fn.producer(t) else -1)
+    if p is not None and p.op == "aten.clone.default" and fn.producer(p.args[0]).op == "aten.add.Tensor":
+        return _summands(fn, p.args[0])
+    return [v]
+
+
+def test_gemma_scaled_embedding_and_one_plus_w_norms():
+    """Gemma scales the embedding and its RMSNorm multiplies by ``1 + w``: the norm (its weight recorded with the
+    offset) ends where the projections read, so the residual add around the attention is found."""
+    mm = build_model_map(exported("gemma"))
+    assert mm.kind == "decoder" and len(mm.layers) == 2 and mm.unrecognized == []
+    for i, ly in enumerate(mm.layers):
+        assert not ly.parallel and _projections_found(ly)
+        assert [(n.kind, n.weight_offset) for n in ly.norms] == [("rmsnorm", 1.0)] * 2
+        assert ly.norms[0].weight == f"model.layers.{i}.input_layernorm.weight"
+    fn = exported("gemma").functions["forward"]
+    assert fn.producer(mm.layers[0].input).op == "aten.mul.Tensor"  # the embedding times sqrt(hidden)
+    assert mm.final_norm.weight_offset == 1.0 and mm.lm_head is not None
+
+
+@pytest.mark.parametrize("skip", ["attn1", "mlp1", "1"])
+def test_skip_layers_on_parallel_blocks(skip):
+    """GPT-NeoX sums attention and MLP with one add before the residual: dropping one branch, or both, equals the
+    HF model with that branch's output zeroed."""
+    import copy
+
+    import torch
+
+    from elision.ir import interpret
+    from tests.model_map_models import built
+
+    model, example, _ = built("gpt_neox_3")
+    mod = exported("gpt_neox_3")
+    assert all(ly.parallel for ly in build_model_map(mod).layers)
+    run_pipeline(mod, f"skip-layers{{layers={skip}}}", allow_approximate=True)
+    got = interpret(mod, "forward", *example)[0]
+    zeroed = copy.deepcopy(model)
+    block = zeroed.gpt_neox.layers[1]
+    if skip != "mlp1":
+        block.attention.register_forward_hook(lambda m, args, out: (torch.zeros_like(out[0]),) + tuple(out[1:]))
+    if skip != "attn1":
+        block.mlp.register_forward_hook(lambda m, args, out: torch.zeros_like(out))
+    with torch.no_grad():
+        want = zeroed(*example, use_cache=False).logits
+        full = model(*example, use_cache=False).logits
+    assert (got - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
+    assert (got - full).abs().max().item() > 1e-3  # the branch mattered

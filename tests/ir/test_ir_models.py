@@ -128,3 +128,39 @@ def test_type_check_bounded_dim_slices_a_table():
     verify(mod, check_types=True)
     run_pipeline(mod, "canonicalize,cse,constant-fold,dce", verify_each=True, check_types=True)
     assert str(mod.functions["forward"].outputs[0].type) == "f32[batch, seq, 32]"
+
+
+class _AlibiScores(torch.nn.Module):
+    """BLOOM's attention scores: ``baddbmm(alibi, q, k^T)`` on [batch*heads, seq, seq], the bias broadcast from
+    [batch*heads, 1, seq] (baddbmm's meta function expands it to the symbolic batch)."""
+
+    heads = 4
+
+    def forward(self, x):  # x: [batch, seq, 16]
+        b, s, _ = x.shape
+        q = x.repeat(self.heads, 1, 1)  # [heads*batch, seq, 16]
+        slopes = torch.arange(1, self.heads + 1, dtype=x.dtype).repeat(b)[:, None, None]
+        alibi = slopes * torch.arange(s, dtype=x.dtype)[None, None, :]  # [heads*batch, 1, seq]
+        return torch.baddbmm(alibi, q, q.transpose(1, 2), beta=1.0, alpha=0.25)
+
+
+def test_type_check_baddbmm_on_symbolic_sizes():
+    """Type inference runs baddbmm on fake tensors with symbolic batch/seq (it used to fail in baddbmm's meta
+    function: "SymIntArrayRef expected to contain only concrete integers", so `--verify-ir` stopped BLOOM)."""
+    mod = export_to_ir(_AlibiScores().eval(), (torch.randn(2, 5, 16),), TEXT)
+    verify(mod, check_types=True)
+    run_pipeline(mod, "canonicalize,cse,constant-fold,dce", verify_each=True, check_types=True)
+    assert str(mod.functions["forward"].outputs[0].type) == "f32[4*batch, seq, seq]"
+    x = torch.randn(3, 7, 16)
+    with torch.no_grad():
+        assert torch.equal(to_fx(mod, "forward")(x)[0], _AlibiScores()(x))
+
+
+def test_type_check_bloom_alibi_attention():
+    torch.manual_seed(0)
+    model = transformers.BloomForCausalLM(transformers.BloomConfig(hidden_size=32, n_layer=1, n_head=4,
+                                                                   vocab_size=97)).eval()
+    mod = export_to_ir(model, (torch.randint(0, 97, (2, 7)),), TEXT)
+    assert any(n.op == "aten.baddbmm.default" for n in mod.functions["forward"].nodes)
+    run_pipeline(mod, "canonicalize,cse,constant-fold,dce", verify_each=True, check_types=True)
+    assert str(mod.functions["forward"].outputs[0].type) == "f32[batch, seq, 97]"

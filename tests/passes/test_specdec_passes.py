@@ -112,13 +112,16 @@ def test_layer_skip_draft_equals_bypassed_hf_model():
 
 
 def test_layer_skip_draft_on_parallel_residual_blocks():
-    """GPT-NeoX adds attention and MLP to the residual stream in parallel. The model map has no layer record for
-    such blocks, so the draft reads each layer's residual stream from its location span: @draft equals the HF model
-    with layer 1's attention and MLP outputs zeroed."""
-    from elision.analysis.model_map import build_model_map
+    """GPT-NeoX adds attention and MLP to the residual stream in parallel: the model map records such layers
+    (``parallel``), and the location-span reading of a layer's residual stream (for blocks the map does not
+    structure) finds the same streams. @draft equals the HF model with layer 1's attention and MLP outputs zeroed."""
+    from elision.analysis.model_map import build_model_map, residual_streams
 
     model, ir = compile_arch("gpt_neox", 3, "layer-skip-draft{layers=1},dce")
-    assert build_model_map(ir, "verify").layers == []  # the location-span path is the one under test
+    layers = build_model_map(ir, "verify").layers
+    assert [ly.parallel for ly in layers] == [True] * 3
+    by_span = residual_streams(ir.functions["verify"], [], layers[0].stack, 3, layers[0].input.type)
+    assert by_span == [(ly.input, ly.output) for ly in layers]
     zeroed = copy.deepcopy(model)
     block = zeroed.gpt_neox.layers[1]
     block.attention.register_forward_hook(lambda mod, args, out: (torch.zeros_like(out[0]),) + tuple(out[1:]))

@@ -4,9 +4,25 @@ to k/v before grouped-query head repetition."""
 from __future__ import annotations
 
 from elision.analysis.model_map.graph_view import GraphView
-from elision.analysis.model_map.ops import LAYOUT_OPS, MATMUL_OPS, REPEAT_OPS, is_scalar_const, tensor_shape
+from elision.analysis.model_map.ops import (TO_THE_END, LAYOUT_OPS, MATMUL_OPS, REPEAT_OPS, is_full_slice,
+                                           is_scalar_const, tensor_shape)
 from elision.analysis.model_map.records import Linear, Norm
 from elision.ir.core import Node, Value
+
+
+def _rotated_half(g: GraphView, r: Value) -> tuple[Node, list[Node]] | None:
+    """The node building ``rotate_half(x)`` that ``r`` reads, and the reshapes between: ``cat(-x2, x1)`` (Llama),
+    or ``stack(-x[..., 1::2], x[..., ::2], -1)`` flattened by a view (interleaved rotary: GPT-J, Cohere, Helium)."""
+    views: list[Node] = []
+    rp = g.prod.get(r) if isinstance(r, Value) else None
+    while rp is not None and rp.op in ("aten.view.default", "aten.reshape.default", "aten._unsafe_view.default",
+                                       "aten.flatten.using_ints"):
+        views.append(rp)
+        rp = g.prod.get(rp.args[0]) if isinstance(rp.args[0], Value) else None
+    if rp is None or rp.op not in ("aten.cat.default", "aten.stack.default") or (rp.op == "aten.stack.default"
+                                                                                 and not views):
+        return None
+    return rp, views
 
 
 def strip_rotary(g: GraphView, v: Value) -> tuple[Value, bool, list[Node]]:
@@ -22,13 +38,13 @@ def strip_rotary(g: GraphView, v: Value) -> tuple[Value, bool, list[Node]]:
         for xi in (0, 1):
             x = a.args[xi]
             for ri in (0, 1):
-                r = b.args[ri]
-                rp = g.prod.get(r) if isinstance(r, Value) else None
-                if rp is None or rp.op != "aten.cat.default":
+                rotated = _rotated_half(g, b.args[ri])
+                if rotated is None:
                     continue
+                rp, views = rotated
                 ins = [i for i in rp.inputs]
                 if all(x in g.ancestors(i) for i in ins):
-                    nodes = [a, b, p, rp] + [g.prod[i] for i in ins if i in g.prod]
+                    nodes = [a, b, p, rp] + views + [g.prod[i] for i in ins if i in g.prod]
                     return x, True, nodes
     return v, False, []
 
@@ -83,6 +99,15 @@ def find_projection(g: GraphView, v: Value, linears: dict[Value, Linear],
             if len(live) == 1 and len(parts) == len(p.args[0]):
                 v = live[0]
                 continue
+            partial = _partial_rotary(g, p)
+            if partial is not None:
+                v, nodes = partial
+                rotary = True
+                rot_nodes += nodes
+                continue
+        if p.op == "aten.index.Tensor" and _constant_selection(g, p):  # Falcon picks k/v heads by constant index
+            v = p.args[0]
+            continue
         if p.op == "getitem":  # split of a packed projection
             sp = g.prod.get(p.args[0])
             if sp is not None and sp.op in ("aten.split.Tensor", "aten.split_with_sizes.default", "aten.chunk.default",
@@ -94,6 +119,59 @@ def find_projection(g: GraphView, v: Value, linears: dict[Value, Linear],
             continue
         return None, rotary, rot_nodes
     return None, rotary, rot_nodes
+
+
+def _slice_span(g: GraphView, v: Value, dim: int) -> tuple[Value, int, int | None] | None:
+    """``v`` as ``base[..., start:end]`` along ``dim`` (other slices must keep everything): (base, start, end);
+    end None means to the end."""
+    start, end = 0, None
+    p = g.prod.get(v)
+    while p is not None and p.op == "aten.slice.Tensor" and isinstance(p.args[0], Value):
+        if not is_full_slice(p):
+            args = list(p.args) + [None] * (5 - len(p.args))
+            rank = len(tensor_shape(p.args[0]) or ())
+            sdim, s0, s1, step = args[1] % rank if rank else args[1], args[2] or 0, args[3], args[4] or 1
+            if sdim != dim or step != 1 or (start, end) != (0, None) or not isinstance(s0, int) or s0 < 0 or \
+                    not (s1 is None or isinstance(s1, int) and s1 > 0):
+                return None
+            start, end = s0, None if s1 is None or s1 >= TO_THE_END else s1
+        v = p.args[0]
+        p = g.prod.get(v)
+    return v, start, end
+
+
+def _partial_rotary(g: GraphView, cat: Node) -> tuple[Value, list[Node]] | None:
+    """``cat([rotary(x[..., :r]), x[..., r:]], -1)``: partial rotary (GPT-NeoX, GPT-J, Phi, StableLM). Every part
+    is a consecutive slice of one ``x`` along the cat dim, at least one with rotary applied: returns (x, nodes)."""
+    rank = len(tensor_shape(cat.result) or ())
+    dim = cat.args[1] if len(cat.args) > 1 else 0
+    if not rank or not isinstance(dim, int):
+        return None
+    dim %= rank
+    base, pos, nodes, rotated = None, 0, [cat], False
+    parts = list(cat.args[0])
+    for i, part in enumerate(parts):
+        if not isinstance(part, Value):
+            return None
+        x, is_rot, rn = strip_rotary(g, part)
+        span = _slice_span(g, x, dim)
+        if span is None:
+            return None
+        b, start, end = span
+        if (base is not None and b != base) or start != pos or (end is None) != (i == len(parts) - 1):
+            return None
+        base, pos, rotated = b, end, rotated or is_rot
+        nodes += rn
+    return (base, nodes) if rotated else None
+
+
+def _constant_selection(g: GraphView, p: Node) -> bool:
+    """``x[..., idx]`` where every index tensor is a constant (computed from no model input)."""
+    indices = p.args[1] if len(p.args) > 1 else None
+    if not isinstance(indices, (list, tuple)):
+        return False
+    tensors = [i for i in indices if i is not None]
+    return bool(tensors) and all(isinstance(i, Value) and not ((g.ancestors(i) | {i}) & g.inputs) for i in tensors)
 
 
 def _is_4d(v: Value) -> tuple | None:

@@ -11,7 +11,7 @@ from elision.analysis.model_map.find_layers import find_layers
 from elision.analysis.model_map.linears import match_linear
 from elision.analysis.model_map.masks import classify_masks
 from elision.analysis.model_map.norms import match_norm
-from elision.analysis.model_map.ops import LAYOUT_OPS, opname
+from elision.analysis.model_map.ops import LAYOUT_OPS, is_scalar_const, opname
 from elision.analysis.model_map.records import Embedding, Layer, Linear, ModelKind, Norm, PatchEmbed
 from elision.analysis.model_map.result import ModelMap
 from elision.analysis.model_map.state import MapState
@@ -114,11 +114,16 @@ def _find_head(st: MapState, main: list[Layer]) -> tuple[Norm | None, Linear | N
                 break
     for o in st.fn.outputs:
         src = g.through(o, LAYOUT_OPS)
+        scaled = g.prod.get(src)
+        if scaled is not None and scaled.op in ("aten.mul.Tensor", "aten.div.Tensor") and \
+                is_scalar_const(scaled.args[1]):  # logits scaled after the head (Cohere's logit_scale)
+            src = g.through(scaled.args[0], LAYOUT_OPS)
         lin = st.linears.get(src) or st.lin_by_node.get(id(g.prod.get(src)))
         if lin is None:
             continue
         feed = g.through(lin.input, LAYOUT_OPS)
-        if feed == last or (final_norm is not None and feed == final_norm.output):
+        # the norm's output may be its cast back to the input dtype, which `through` also walks past
+        if feed == last or (final_norm is not None and feed == g.through(final_norm.output, LAYOUT_OPS)):
             lm_head = lin
             st.claim(lin.nodes)
     return final_norm, lm_head

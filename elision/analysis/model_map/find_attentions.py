@@ -79,8 +79,13 @@ def _attention(st: MapState, kind, nodes, output, q, k, v, mask, form, fill, sca
         k_un = v_un = None
     src = tensor_shape(k_un if k_un is not None else k)
     kv_heads = src[1] if src is not None and len(src) == 4 and isinstance(src[1], int) else None
-    if kv_heads is None and head_dim and kp is not None:
-        kv_heads = (kp.out_features // head_dim - (heads or 0)) // 2 if packed else kp.out_features // head_dim
+    # a packed projection holds q, k and v heads: its width counts the kv heads even where the repetition was not
+    # seen through (Falcon repeats k/v by index + expand before the head layout)
+    packed_kv = (kp.out_features // head_dim - heads) // 2 if packed and head_dim and heads else None
+    if k_un is None and packed_kv and packed_kv > 0 and heads % packed_kv == 0:
+        kv_heads = packed_kv
+    if kv_heads is None and head_dim and kp is not None and not packed:
+        kv_heads = kp.out_features // head_dim
     mask_nodes: list[Node] = []
     if mask is not None:
         anc = g.ancestors(mask) | {mask}

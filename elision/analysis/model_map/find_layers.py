@@ -19,20 +19,18 @@ def find_layers(st: MapState, attentions: list[Attention]) -> list[Layer]:
             continue
         lay = layer_of(a.loc)
         attn_in = a.q_proj.input
-        res = _residual_add(st, a.o_proj.output, _residual_candidates(st, attn_in))
+        candidates = _residual_candidates(st, attn_in)
+        parallel = _parallel_block(st, a, candidates)
+        if parallel is not None:
+            layers.append(_parallel_layer(st, a, _place(lay, parallel[3][-1], counters), *parallel))
+            continue
+        res = _residual_add(st, a.o_proj.output, candidates)
         if res is None:
             st.notes.append(f"attention at {where}: no residual add around it "
                               f"(parallel or non-residual block?); layer not mapped")
             continue
         add1, residual_in, attn_end = res
-        if lay is not None:
-            stack, index = lay
-            layer_loc = f"{stack}.{index}"
-        else:  # an unnumbered block: the module doing the residual add is the layer
-            layer_loc = add1.loc
-            stack = layer_loc.rsplit(".", 1)[0] if "." in layer_loc else ""
-            index = counters.get(stack, 0)
-            counters[stack] = index + 1
+        stack, index, layer_loc = _place(lay, add1, counters)
         norms: list[Norm] = []
         n_in = st.norm_by_out.get(attn_in) or st.norm_by_out.get(g.through(attn_in))
         # pre-norm: the residual is the norm's input; when the residual *is* the norm output, that norm
@@ -63,6 +61,18 @@ def find_layers(st: MapState, attentions: list[Attention]) -> list[Layer]:
                 norms.append(nm)
         layers.append(layer)
     return layers
+
+
+def _place(lay: tuple[str, int] | None, add: Node, counters: dict[str, int]) -> tuple[str, int, str]:
+    """(stack, index, layer loc) of a layer: from its numbered location, or for an unnumbered block the module
+    doing the residual add ``add`` is the layer (numbered in order of appearance)."""
+    if lay is not None:
+        return lay[0], lay[1], f"{lay[0]}.{lay[1]}"
+    layer_loc = add.loc
+    stack = layer_loc.rsplit(".", 1)[0] if "." in layer_loc else ""
+    index = counters.get(stack, 0)
+    counters[stack] = index + 1
+    return stack, index, layer_loc
 
 
 def _residual_add(st: MapState, start: Value, residual_candidates: set[Value]) -> tuple[Node, Value, Value] | None:
@@ -110,10 +120,25 @@ def _find_mlp(st: MapState, stream: Value, post: bool, norms: list[Norm]):
     if not candidates:
         return None, None, None, None
     add2, r, branch_end = min(candidates, key=lambda c: g.order[c[0].result])
-    body = g.nodes_between([stream], branch_end)
+    mlp = _mlp_record(st, stream, branch_end, norms)
+    if mlp is None:
+        return None, None, None, None
+    out = add2.result
+    if post:
+        pn = next((x for x in st.norms if x.input == out or g.through(x.input) == out), None)
+        if pn is not None:
+            norms.append(pn)
+            out = pn.output
+    return mlp, add2, (r, branch_end), out
+
+
+def _mlp_record(st: MapState, start: Value, branch_end: Value, norms: list[Norm]) -> MLP | None:
+    """The MLP computed from ``start`` to ``branch_end`` (its norm, when it has one, goes to ``norms``)."""
+    g = st.g
+    body = g.nodes_between([start], branch_end)
     lins = [st.lin_by_node[id(n)] for n in body if id(n) in st.lin_by_node]
     if not lins:
-        return None, None, None, None
+        return None
     mlp_in = lins[0].input
     nm = st.norm_by_out.get(mlp_in) or st.norm_by_out.get(g.through(mlp_in))
     if nm is not None and nm not in norms:
@@ -125,12 +150,65 @@ def _find_mlp(st: MapState, stream: Value, post: bool, norms: list[Norm]):
     act = "gelu-tanh" if "tanh" in acts and "gelu" not in acts else ("quick-gelu" if acts == ["sigmoid"] else
                                                                    (acts[0] if acts else ""))
     mlp_nodes = [n for n in body if not (nm is not None and n in nm.nodes)]
-    mlp = MLP(mlp_nodes, mlp_in, branch_end, gated, lins, act)
     st.claim(mlp_nodes)
-    out = add2.result
-    if post:
-        pn = next((x for x in st.norms if x.input == out or g.through(x.input) == out), None)
-        if pn is not None:
-            norms.append(pn)
-            out = pn.output
-    return mlp, add2, (r, branch_end), out
+    return MLP(mlp_nodes, mlp_in, branch_end, gated, lins, act)
+
+
+def _parallel_block(st: MapState, a: Attention, candidates: set[Value]):
+    """``x + attn(n1(x)) + mlp(n2(x))`` summed in any order (n2 may be n1): (residual input, attention branch end,
+    MLP branch end, the adds in order, MLP start) when the attention output joins such a sum, else None.
+
+    The MLP branch is recognized by dataflow: it starts at the attention's own input (a shared norm: GPT-J, Phi,
+    Cohere) or at another norm of the same residual (GPT-NeoX, Falcon), holds a linear, and does not read the
+    attention output."""
+    g = st.g
+    attn_end = g.forward_through(a.o_proj.output)
+    attn_in = a.q_proj.input
+    starts = {attn_in, g.through(attn_in)} | {nm.output for nm in st.norms
+                                              if nm.input in candidates or g.through(nm.input) in candidates}
+    residual = mlp_end = mlp_start = None
+    adds: list[Node] = []
+    cur = attn_end
+    for _ in range(2):  # two adds join the residual, the attention and the MLP
+        users = [u for u in g.uses.get(cur, []) if u.op in ADD_OPS]
+        if len(users) != 1 or len(g.uses.get(cur, [])) != 1:
+            return None
+        add = users[0]
+        if len(add.args) < 2 or not all(isinstance(x, Value) for x in add.args[:2]) or add.kwargs.get("alpha", 1) != 1:
+            return None
+        other = add.args[1] if add.args[0] == cur else add.args[0]
+        if residual is None and (other in candidates or g.through(other) in candidates):
+            residual = other
+        elif mlp_end is None and attn_end not in g.ancestors(other):
+            mlp_start = next((s for s in starts if s in g.ancestors(other)), None)
+            if mlp_start is None:
+                return None
+            mlp_end = other
+        else:
+            return None
+        adds.append(add)
+        cur = g.forward_through(add.result)
+    if residual is None or mlp_end is None:
+        return None
+    return residual, attn_end, mlp_end, adds, mlp_start
+
+
+def _parallel_layer(st: MapState, a: Attention, place: tuple[str, int, str], residual: Value, attn_end: Value,
+                    mlp_end: Value, adds: list[Node], mlp_start: Value) -> Layer:
+    g = st.g
+    norms: list[Norm] = []
+    n_in = st.norm_by_out.get(a.q_proj.input) or st.norm_by_out.get(g.through(a.q_proj.input))
+    if n_in is not None:
+        norms.append(n_in)
+    mlp = _mlp_record(st, mlp_start, mlp_end, norms)
+    st.claim(adds)
+    stack, index, layer_loc = place
+    add_of = {v: n for n in adds for v in n.args[:2]}
+    layer = Layer(index=index, loc=layer_loc, input=residual,
+                  output=adds[-1].result, attention=a, mlp=mlp, norms=norms,
+                  residual_adds=[add_of[attn_end], add_of[mlp_end]], attn_branch=(residual, attn_end),
+                  mlp_branch=(residual, mlp_end), stack=stack, parallel=True)
+    for nm in st.norms:  # norms located inside the layer (q/k norms) complete the list
+        if layer.loc and nm.loc.startswith(layer.loc + ".") and nm not in norms:
+            norms.append(nm)
+    return layer

@@ -25,7 +25,7 @@ ADD_OPS = {"aten.add.Tensor"}
 REPEAT_OPS = {"aten.repeat_interleave.self_int"}
 
 # exporters spell "to the end" as INT64_MAX; any end at or beyond 2**62 is past every real dim
-_TO_THE_END = 2**62
+TO_THE_END = 2**62
 
 
 def is_full_slice(n: Node) -> bool:
@@ -35,7 +35,7 @@ def is_full_slice(n: Node) -> bool:
     args = list(n.args) + [None] * (5 - len(n.args))
     start = args[2] if args[2] is not None else 0
     end, step = args[3], args[4] if args[4] is not None else 1
-    return start == 0 and step == 1 and (end is None or (isinstance(end, int) and end >= _TO_THE_END))
+    return start == 0 and step == 1 and (end is None or (isinstance(end, int) and end >= TO_THE_END))
 
 
 def tensor_shape(v: Value) -> tuple | None:

@@ -34,6 +34,7 @@ class Norm:
     weight: str | None
     bias: str | None
     eps: float
+    weight_offset: float = 0.0  # the norm multiplies by ``weight + weight_offset`` (Gemma's ``1 + w``: 1.0)
 
     @property
     def loc(self) -> str:
@@ -109,6 +110,10 @@ class Layer:
     mlp_branch: tuple[Value, Value] | None
     post_norm: bool = False    # BERT-style: the norm follows the residual add
     stack: str = ""            # loc of the stack ("model.layers")
+    # attention and MLP both read the layer input (GPT-J, GPT-NeoX, Falcon, Phi, Cohere): out = x + attn + mlp.
+    # Both branches start at `input`; residual_adds[i] is the add that sums in branch i (the same add when the two
+    # branches are summed first), and `output` is the last add.
+    parallel: bool = False
 
 
 @dataclass

@@ -72,7 +72,8 @@ class ModelMap:
                     f"  [{ly.index}] {ly.loc}: attention {a.kind} heads={a.num_heads} kv_heads={a.num_kv_heads} "
                     f"head_dim={a.head_dim} mask={a.mask_kind}{' (from input)' if a.mask_depends_on_input else ''}"
                     f"{' rotary' if a.rotary else ''}{' packed-qkv' if a.packed_qkv else ''} proj={projs or '-'}; "
-                    f"mlp {mlp}; norms {norms}{' (post-norm)' if ly.post_norm else ''}")
+                    f"mlp {mlp}{' (parallel to the attention)' if ly.parallel else ''}; norms {norms}"
+                    f"{' (post-norm)' if ly.post_norm else ''}")
         if self.decoder is not None:
             d, s0 = self.decoder, self.decoder.sites[0]
             lines.append(f"decoder view (kv-cache): {d.num_layers} attention sites in {d.layer_prefix}, heads "
@@ -126,14 +127,15 @@ class ModelMap:
                                            "out": x.out_features, "node": x.node.result.name, "loc": x.loc}
 
         def norm(n: Norm | None):
-            return None if n is None else {"kind": n.kind, "weight": n.weight, "bias": n.bias, "eps": n.eps,
-                                           "input": n.input.name, "output": n.output.name}
+            return None if n is None else {"kind": n.kind, "weight": n.weight, "weight_offset": n.weight_offset,
+                                           "bias": n.bias, "eps": n.eps, "input": n.input.name,
+                                           "output": n.output.name}
 
         def layer(ly: Layer):
             a = ly.attention
             return {
                 "index": ly.index, "loc": ly.loc, "input": ly.input.name, "output": ly.output.name,
-                "post_norm": ly.post_norm,
+                "post_norm": ly.post_norm, "parallel": ly.parallel,
                 "attention": {"kind": a.kind, "num_heads": a.num_heads, "num_kv_heads": a.num_kv_heads,
                               "head_dim": a.head_dim, "causal": a.causal, "mask_kind": a.mask_kind,
                               "mask_from_input": a.mask_depends_on_input, "rotary": a.rotary,

@@ -47,8 +47,9 @@ class FuseNorms(Pass):
                           f"(weight of another dtype promotes the result)")
             return False
         last = xt.shape[-1]
-        if norm.kind == "layernorm":
-            node = norm.nodes[0]
+        node = norm.nodes[0]
+        # a LayerNorm written out as ops (Cohere) normalizes the last dim: the model map checked the means' dims
+        if node.op in ("aten.layer_norm.default", "aten.native_layer_norm.default"):
             shape = node.args[1]
             if list(shape) != [last]:
                 record_skip(module, f"fuse-norms: {where}: layer_norm over {list(shape)}, not only the last dim")
@@ -66,6 +67,9 @@ class FuseNorms(Pass):
                     and len(add.args) == 2 and all(isinstance(t, Value) and t.type == xt for t in add.args))
         anchor = fn.nodes[fn.index(add) + 1] if fuse_add else fn.producer(out)
         weight = param_before(fn, norm.weight, anchor) if norm.weight else None
+        if weight is not None and norm.weight_offset:  # Gemma multiplies by 1 + w: the fused op gets 1 + w
+            weight = insert_node(fn, "aten.add.Tensor", (weight, norm.weight_offset), {}, weight.type, norm.loc,
+                                 anchor, "norm_weight").result
         bias = param_before(fn, norm.bias, anchor) if norm.bias else None
         if fuse_add:
             a, b = add.args

@@ -186,7 +186,8 @@ class MergeTokens(TokenReductionPass):
                         f"{self.start + bad}, where at most {(n_bad + 1) // 2 - num_protected} can merge with [CLS] and "
                         "[SEP] protected (the executor would clamp r by where each row's [SEP] falls, which a static "
                         f"graph cannot follow); use r <= {fits} with start={self.start}")
-        elif any(la.post_norm or not la.residual_adds or la.attention.kind != "sdpa" for la in layers[self.start:]):
+        elif any(la.post_norm or la.parallel or not la.residual_adds or la.attention.kind != "sdpa"
+                 for la in layers[self.start:]):
             raise PassError("merge-tokens: the merging layers must be pre-norm, with SDPA attention and a recognised "
                             "attention residual (as a ViT's)")
         state: list[Value] = []

@@ -62,11 +62,25 @@ class SkipLayers(Pass):
                             f"({'; '.join(mm.unrecognized[:3]) or 'no layers'})")
         branches = parse_branches(self.layers, len(layers))
         fn = module.functions[self.fn_name]
+        replaced: dict = {}  # value -> what now stands for it (a layer's input may be an earlier layer's output)
+
+        def replace(old, new):
+            while new in replaced:
+                new = replaced[new]
+            fn.replace_all_uses(old, new)
+            replaced[old] = new
+
         for kind, idx in branches:
             if not self.allow_edge and idx in (0, len(layers) - 1):
                 raise PassError(f"skip-layers: layer {idx} is the first or last layer; skipping it is usually "
                                 "catastrophic (pass allow_edge=true to force it)")
             layer = layers[idx]
+            if layer.parallel and {("attn", idx), ("mlp", idx)} <= set(branches):
+                # x + attn + mlp: the two branches may be summed by one add, so dropping them one after the other
+                # would keep the second; the whole layer goes at once (the other kind of this layer then finds
+                # nothing left to do: its add no longer feeds anything)
+                replace(layer.output, layer.input)
+                continue
             branch = layer.attn_branch if kind == "attn" else layer.mlp_branch
             add = layer.residual_adds[0 if kind == "attn" else 1] if len(layer.residual_adds) > (kind != "attn") \
                 else None
@@ -77,7 +91,7 @@ class SkipLayers(Pass):
             residual = [a for a in operands if a != branch_end]
             if len(residual) != 1 or branch_end not in operands:
                 raise PassError(f"skip-layers: the residual add of layer {idx} ({kind}) has an unexpected form")
-            fn.replace_all_uses(add.result, residual[0])
+            replace(add.result, residual[0])
         eliminate_dead_code(fn)
         remove_unused_params(module)
         return True
