@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from _gpu import needs_compiled_cuda
@@ -62,6 +62,7 @@ def _reference_adaptive(q, k, v, bid, opts):
 @settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 10_000), topk=st.integers(1, 12), tiers=st.integers(0, 3), tile=st.integers(1, 40),
        min_mass=st.floats(0.3, 0.99), blocks=st.integers(1, 12))
+@example(seed=10_000, topk=1, tiers=1, tile=1, min_mass=0.5, blocks=1)  # one-query tiles vs a 400-query SDPA call
 def test_ladder_and_tiles_match_the_per_block_definition(seed, topk, tiers, tile, min_mass, blocks):
     """Each block gets the smallest rung of topk * 2^j that keeps min_mass (else full KV), and cutting blocks
     into tiles of `tile` queries does not change any query's result."""
@@ -75,7 +76,9 @@ def test_ladder_and_tiles_match_the_per_block_definition(seed, topk, tiers, tile
     opts = AdaptiveKVOptions(topk=topk, tiers=tiers, tile=tile, min_mass=min_mass, samples=4)
     out, stats = adaptive_attention(q, k, v, bid, opts, max_batch_queries=97)
     ref, per_k = _reference_adaptive(q, k, v, bid, opts)
-    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+    # float32: SDPA over a one-query tile and over a whole block sum in different orders (peaked softmax, |out| ~ 3),
+    # which moves single elements by a few 1e-6; the selection itself is compared exactly below
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert stats.blocks_per_k == per_k
     assert stats.fallback_blocks == stats.blocks - sum(per_k.values())
 
