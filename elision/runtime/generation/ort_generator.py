@@ -302,7 +302,8 @@ class OrtGenerator:
             max_new_tokens=max_new_tokens, eos=eos, stops=stops, tokenizer=self.tokenizer, sampling=sampling,
             uniform=numpy_uniform(seed) if sampling.do_sample else None, template=template, tree_name=tree_spec,
             max_tree_size=self.max_tree_size, max_depth=self.max_depth,
-            cost_curve=self._curve_for_batch(len(prompts)) or self._measure_curve, on_tokens=on_tokens)
+            cost_curve=self._curve_for_batch(len(prompts)) or self._measure_curve, on_tokens=on_tokens,
+            speculation_gate=template is None)  # dynamic trees: sized by timing already, and now gated by it
         try:
             return decode(session, prompts, draft, opts, started=t_start)
         except KVCacheOverflow as e:
