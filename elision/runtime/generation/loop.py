@@ -10,6 +10,10 @@ rejection sampling -> stop handling (EOS, length, stop strings) -> the drafter o
 `KVSession`) and the onnxruntime loop (`elision.runtime.generation.ort_generator`) both call `decode`; they differ
 only in the session and in how logits rows become numpy (`to_numpy`).
 
+A drafter that never proposes (`none`) runs *plain* steps instead: one token per sequence through
+`session.extend_chains`, no trees, drafting or drafter feedback. With `speculation_gate` (the ONNX Runtime loop's
+dynamic trees), a `SpeculationGate` also switches to plain steps while speculation measures slower than them.
+
 `DecodeBatch` is that loop as an object stepped from outside: `decode` starts every sequence at once and steps
 until all are done; continuous batching (`elision.runtime.generation.continuous`) lets sequences `join` (each
 prefilled alone into the next free session row) and `leave` (the last row moves into the hole, so a forward only
