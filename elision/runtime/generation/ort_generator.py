@@ -174,7 +174,8 @@ class OrtGenerator:
         common = dict(kv_heads=self.kv_heads, head_dim=self.head_dim, batch_size=batch_size, capacity=capacity,
                       dtype=self.dtype, sliding_window=self.sliding_window)
         if self.form == sig.STEP_FORM:
-            return OrtStepSession(self.session, layers=self.layers, vocab_size=self.vocab_size, **common)
+            return OrtStepSession(self.session, layers=self.layers, vocab_size=self.vocab_size,
+                                  max_positions=self.max_positions, **common)
         return OrtVerifySession(self.session, kv_inputs=self.kv_inputs, output_names=self.output_names, **common)
 
     # ------------------------------------------------------------------ calibration

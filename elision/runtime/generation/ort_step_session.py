@@ -11,7 +11,7 @@ numpy arrays wrapped once in OrtValues and bound once, and each step writes its 
 shapes then stay fixed from step to step, which matters as much as the copies: onnxruntime plans its memory per
 set of input shapes, and a new shape every step (the bias growing by one column per token) costs about as much
 as a few of the model's own kernels on a small model. So the bias is `BIAS_BUCKET` columns wider than needed,
-rounded up, and `total_sequence_length` says that width: GroupQueryAttention reads sequence b's rows only up to
+rounded up (at most the capacity and the model's position limit), and `total_sequence_length` says that width: GroupQueryAttention reads sequence b's rows only up to
 `seqlens_k[b]` (the ragged-batch rule), so the extra columns are never read, and the shapes change once per
 `BIAS_BUCKET` tokens. A prefill (rows starting from an empty cache) binds its inputs as it goes: it runs once per
 request and its width is the prompt's.
@@ -77,13 +77,17 @@ class _StepFeeds:
 
 class OrtStepSession(BatchedTreeSession):
     def __init__(self, session, *, layers: int, kv_heads: int, head_dim: int, vocab_size: int, batch_size: int,
-                 capacity: int, dtype: np.dtype = np.float32, sliding_window: int | None = None):
+                 capacity: int, dtype: np.dtype = np.float32, sliding_window: int | None = None,
+                 max_positions: int | None = None):
         super().__init__(batch_size)
         self.session = session
         self.vocab_size = int(vocab_size)
         self.capacity = int(capacity)
         self.dtype = np.dtype(dtype)
         self.window = sliding_window
+        # the widest bias a step pads to: GroupQueryAttention refuses a total_sequence_length beyond its rotary
+        # tables (the model's position limit)
+        self._max_width = min(self.capacity, int(max_positions)) if max_positions else self.capacity
         self.kv = np.zeros((2 * layers, batch_size, kv_heads, self.capacity, head_dim), dtype=self.dtype)
         self._kv_values: dict[tuple[int, int], list[ort.OrtValue]] = {}  # (first row, rows) -> one per KV tensor
         self._prefill_bindings: dict[tuple[int, int], ort.IOBinding] = {}
@@ -150,7 +154,7 @@ class OrtStepSession(BatchedTreeSession):
         n = batch.width
         feeds = self._step_feeds(rows.start, len(starts), n)
         needed = int(starts.max()) + n  # every row's tree columns fit (a padding row's too)
-        feeds.set_width(max(needed, min(self.capacity, -(-needed // BIAS_BUCKET) * BIAS_BUCKET)))
+        feeds.set_width(max(needed, min(self._max_width, -(-needed // BIAS_BUCKET) * BIAS_BUCKET)))
         feeds.ids[...] = batch.tokens
         np.add(starts[:, None], batch.depths, out=feeds.positions)
         np.subtract(ends, 1, out=feeds.seqlens, casting="unsafe")
