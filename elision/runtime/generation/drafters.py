@@ -382,7 +382,8 @@ class CombinedDrafter(Drafter):
         super().__init__()
         self.parts = parts
         self.name = "+".join(p.name for p in parts)
-        self.proposes = any(p.proposes for p in parts)
+        # a duck-typed part (any object with `children`) proposes
+        self.proposes = any(getattr(p, "proposes", True) for p in parts)
 
     def reset(self, contexts, prefill_logits) -> None:
         for p in self.parts:

@@ -102,7 +102,8 @@ class DecodeBatch:
         self.tree_sizes: list[int] = []
         self.steps = 0
         self.curve: VerifyCostCurve | None = None  # sizes dynamic trees; None: the drafter's whole budget
-        self.gate = SpeculationGate() if opts.speculation_gate and draft.proposes else None
+        self.proposes = getattr(draft, "proposes", True)  # a duck-typed drafter (any object with `children`) does
+        self.gate = SpeculationGate() if opts.speculation_gate and self.proposes else None
         self.plain_steps = 0
 
     def start(self, prompts: list[list[int]], seqs: list[SequenceOptions]) -> None:
@@ -178,7 +179,7 @@ class DecodeBatch:
     def step(self) -> None:
         """One forward over every active sequence in the session's leading rows: a speculative step over drafted
         trees, or a plain one-token step when the drafter never proposes or the gate says speculation loses now."""
-        if self.draft.proposes and (self.gate is None or self.gate.speculate()):
+        if self.proposes and (self.gate is None or self.gate.speculate()):
             self._tree_step()
         else:
             self._plain_step()
