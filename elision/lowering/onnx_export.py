@@ -356,38 +356,58 @@ def _ort_outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[n
     return session.run(None, feeds)
 
 
-def _expand_simplified_layer_norm(node: onnx.NodeProto, serial: int) -> list[onnx.NodeProto]:
-    """Standard-opset form of ORT's `SimplifiedLayerNormalization` (RMSNorm) node.
+def _expand_simplified_layer_norm(node: onnx.NodeProto, serial: int, dtype: int | None) -> list[onnx.NodeProto]:
+    """Standard-opset form of ORT's `SimplifiedLayerNormalization` (RMSNorm) node, `dtype` being its input's
+    element type (None: unknown).
 
-    onnxscript emits it in the default ONNX domain, where `onnx.checker` has no schema for it; ORT
-    fuses this exact pattern back into its RMSNorm kernel when the session is created.
+    onnxscript emits it in the default ONNX domain, where `onnx.checker` has no schema for it. The expansion is
+    the exact pattern ORT's optimizer fuses back into its RMSNorm kernel when the session is created:
+    [Cast to float] -> Pow(2) -> ReduceMean -> Add(eps) -> Sqrt -> Div -> [Cast back] -> Mul(scale). Mul(x, x)
+    instead of Pow, or CastLike instead of Cast, leaves seven separate kernels running every step.
     """
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     axis = int(attrs.get("axis", -1))
     eps = float(attrs.get("epsilon", 1e-5))
     x, scale = node.input[0], node.input[1]
     p = f"_elision_rms{serial}_"
-    return [
-        helper.make_node("Cast", [x], [p + "x32"], to=TensorProto.FLOAT),
-        helper.make_node("Mul", [p + "x32", p + "x32"], [p + "sq"]),
+    is_float = dtype == TensorProto.FLOAT
+    x32 = x if is_float else p + "x32"
+    nodes = [] if is_float else [helper.make_node("Cast", [x], [x32], to=TensorProto.FLOAT)]
+    nodes += [
+        helper.make_node("Constant", [], [p + "two"], value=onnx.numpy_helper.from_array(np.array(2.0, np.float32))),
+        helper.make_node("Pow", [x32, p + "two"], [p + "sq"]),
         helper.make_node("Constant", [], [p + "axes"], value=onnx.numpy_helper.from_array(np.array([axis], np.int64))),
         helper.make_node("ReduceMean", [p + "sq", p + "axes"], [p + "ms"], keepdims=1),
         helper.make_node("Constant", [], [p + "eps"], value=onnx.numpy_helper.from_array(np.array(eps, np.float32))),
         helper.make_node("Add", [p + "ms", p + "eps"], [p + "var"]),
         helper.make_node("Sqrt", [p + "var"], [p + "rms"]),
-        helper.make_node("Div", [p + "x32", p + "rms"], [p + "n32"]),
-        helper.make_node("CastLike", [p + "n32", x], [p + "n"]),
-        helper.make_node("Mul", [p + "n", scale], [node.output[0]]),
+        helper.make_node("Div", [x32, p + "rms"], [p + "n32" if not is_float else p + "n"]),
     ]
+    if not is_float:
+        back = helper.make_node("Cast", [p + "n32"], [p + "n"], to=dtype) if dtype else \
+            helper.make_node("CastLike", [p + "n32", x], [p + "n"])  # no type known: correct, but ORT keeps it unfused
+        nodes.append(back)
+    nodes.append(helper.make_node("Mul", [p + "n", scale], [node.output[0]]))
+    return nodes
+
+
+def _element_types(graph: onnx.GraphProto) -> dict[str, int]:
+    """Element type of every value the graph declares (inputs, outputs, value_info, initializers)."""
+    types = {v.name: v.type.tensor_type.elem_type for v in (*graph.input, *graph.output, *graph.value_info)
+             if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type}
+    types.update((t.name, t.data_type) for t in graph.initializer)
+    return types
 
 
 def _standardize_default_domain(model: onnx.ModelProto) -> None:
     """Rewrite ORT-only ops that onnxscript put in the default domain into standard ops, or raise."""
     nodes: list[onnx.NodeProto] = []
+    types: dict[str, int] | None = None
     for serial, node in enumerate(model.graph.node):
         if node.domain in ("", "ai.onnx") and not onnx.defs.has(node.op_type):
             if node.op_type == "SimplifiedLayerNormalization" and len(node.output) == 1:
-                nodes.extend(_expand_simplified_layer_norm(node, serial))
+                types = _element_types(model.graph) if types is None else types
+                nodes.extend(_expand_simplified_layer_norm(node, serial, types.get(node.input[0])))
                 continue
             raise OnnxExportError(f"fused graph uses {node.op_type}, which has no standard ONNX schema")
         nodes.append(node)

@@ -128,6 +128,46 @@ def test_inplace_cache_equals_concatenating_cache(llama):
         np.testing.assert_allclose(step.kv[:, b, :, :n], concat.kv[:, b, :, :n], rtol=0, atol=1e-5)
 
 
+def test_step_inputs_keep_their_shapes_across_bias_buckets(llama):
+    """Steps of one token, chains and trees, ragged rows crossing a bias bucket (BIAS_BUCKET columns each) and
+    running into the position limit (128 here: GroupQueryAttention's rotary tables end there, so the padded width
+    must too): the step session's fixed-shape inputs (bias wider than the cache, total_sequence_length its width)
+    give the concatenating session's logits, and its buffers hold the same K/V."""
+    from elision.apps.specdec.step_check import random_tree
+    from elision.runtime.generation.ort_step_session import BIAS_BUCKET
+
+    step, concat = (llama.gens[f].new_session(2, 128) for f in (sig.STEP_FORM, sig.VERIFY_FORM))
+    vocab = llama.gens[sig.STEP_FORM].vocab_size
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, vocab, n).tolist() for n in (BIAS_BUCKET - 3, 5)]
+    for s in (step, concat):
+        s.prefill(prompts)
+    worst = 0.0
+    for i in range(24):
+        kind = i % 3
+        if kind == 0:  # one token each: the plain step
+            calls = [("extend_chains", [[int(rng.integers(0, vocab))] for _ in prompts])]
+        elif kind == 1:
+            calls = [("extend_chains", [rng.integers(0, vocab, int(rng.integers(1, 4))).tolist() for _ in prompts])]
+        else:
+            calls = [("extend", [random_tree(rng, int(rng.integers(0, vocab)), 5, vocab) for _ in prompts])]
+        name, arg = calls[0]
+        got, want = (np.array(getattr(s, name)(arg), dtype=np.float64) for s in (step, concat))
+        counts = [len(a) for a in arg]
+        for b, n in enumerate(counts):
+            worst = max(worst, float(np.abs(got[b, :n] - want[b, :n]).max()) / max(1.0, float(np.abs(want[b, :n]).max())))
+        keep = [list(range(int(rng.integers(1, n + 1)))) if kind != 2 else arg[b].path_nodes(int(rng.integers(0, n)))
+                for b, n in enumerate(counts)]
+        for s in (step, concat):
+            s.commit(keep)
+    assert worst <= 1e-5
+    assert step.seq_lens == concat.seq_lens and BIAS_BUCKET + 16 < max(step.seq_lens) <= 122
+    for b, n in enumerate(step.seq_lens):
+        np.testing.assert_allclose(step.kv[:, b, :, :n], concat.kv[:, b, :, :n], rtol=0, atol=1e-5)
+    widths = {f.bias.shape[3] for f in step._feeds.values()}
+    assert widths and all(w % BIAS_BUCKET == 0 for w in widths)  # the fixed-shape path ran
+
+
 prompt_strategy = st.lists(st.integers(3, 60), min_size=1, max_size=8).flatmap(
     lambda motif: st.tuples(st.just(motif), st.integers(1, 3), st.lists(st.integers(3, 250), max_size=6))
 ).map(lambda t: (t[0] * t[1] + t[2])[:40])

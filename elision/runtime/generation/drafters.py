@@ -72,6 +72,8 @@ class Drafter:
     tag = "none"  # first element of every key this drafter emits
     # True when `children` lists come sorted by probability, highest first (tree builders then skip a sort)
     children_sorted = False
+    # False: never proposes a child (plain decoding), so the loop runs plain one-token steps without trees
+    proposes = True
 
     def __init__(self) -> None:
         self.tracker = AcceptanceTracker()
@@ -110,6 +112,8 @@ class Drafter:
 
 class NoDrafter(Drafter):
     """Plain autoregressive decoding through the same engine (one token per forward)."""
+
+    proposes = False
 
 
 def _tail(context: list[int], path: list[int], n: int) -> list[int]:
@@ -378,6 +382,8 @@ class CombinedDrafter(Drafter):
         super().__init__()
         self.parts = parts
         self.name = "+".join(p.name for p in parts)
+        # a duck-typed part (any object with `children`) proposes
+        self.proposes = any(getattr(p, "proposes", True) for p in parts)
 
     def reset(self, contexts, prefill_logits) -> None:
         for p in self.parts:

@@ -10,6 +10,10 @@ rejection sampling -> stop handling (EOS, length, stop strings) -> the drafter o
 `KVSession`) and the onnxruntime loop (`elision.runtime.generation.ort_generator`) both call `decode`; they differ
 only in the session and in how logits rows become numpy (`to_numpy`).
 
+A drafter that never proposes (`none`) runs *plain* steps instead: one token per sequence through
+`session.extend_chains`, no trees, drafting or drafter feedback. With `speculation_gate` (the ONNX Runtime loop's
+dynamic trees), a `SpeculationGate` also switches to plain steps while speculation measures slower than them.
+
 `DecodeBatch` is that loop as an object stepped from outside: `decode` starts every sequence at once and steps
 until all are done; continuous batching (`elision.runtime.generation.continuous`) lets sequences `join` (each
 prefilled alone into the next free session row) and `leave` (the last row moves into the hole, so a forward only
@@ -33,6 +37,7 @@ from elision.runtime.generation.bookkeeping import append_tokens, generation_sta
 from elision.runtime.generation.drafters import Drafter
 from elision.runtime.generation.sampling import ProcessedRows, SamplingConfig, Uniform, sample_token, target_probs, verify_sampling
 from elision.runtime.generation.session import TreeSession
+from elision.runtime.generation.speculation_gate import SpeculationGate
 from elision.runtime.generation.tree import TokenTree
 from elision.runtime.generation.tree_builders import StaticTemplate, VerifyCostCurve, build_dynamic, build_static, choose_tree_size
 from elision.runtime.generation.verify import verify_greedy
@@ -68,6 +73,8 @@ class DecodeOptions:
     to_numpy: Callable[[Any], np.ndarray] = np.asarray  # one logits row -> numpy (torch: off the device)
     on_tokens: Callable[[int, list[int]], None] | None = None  # sequence b accepted these tokens (streaming)
     on_step: Callable[[int, TokenTree, list[int], int], None] | None = None  # (b, tree, accepted path, bonus)
+    # fall back to plain one-token steps while speculation measures slower than them (`SpeculationGate`)
+    speculation_gate: bool = False
 
     def sequence(self) -> SequenceOptions:
         """These options for one sequence (`decode` gives every sequence the same ones, one random source)."""
@@ -95,6 +102,9 @@ class DecodeBatch:
         self.tree_sizes: list[int] = []
         self.steps = 0
         self.curve: VerifyCostCurve | None = None  # sizes dynamic trees; None: the drafter's whole budget
+        self.proposes = getattr(draft, "proposes", True)  # a duck-typed drafter (any object with `children`) does
+        self.gate = SpeculationGate() if opts.speculation_gate and self.proposes else None
+        self.plain_steps = 0
 
     def start(self, prompts: list[list[int]], seqs: list[SequenceOptions]) -> None:
         """Every sequence at once, slot b in row b, prefilled in one forward (a fresh session)."""
@@ -167,7 +177,14 @@ class DecodeBatch:
         return trees
 
     def step(self) -> None:
-        """One forward over the trees of every active sequence in the session's leading rows."""
+        """One forward over every active sequence in the session's leading rows: a speculative step over drafted
+        trees, or a plain one-token step when the drafter never proposes or the gate says speculation loses now."""
+        if self.proposes and (self.gate is None or self.gate.speculate()):
+            self._tree_step()
+        else:
+            self._plain_step()
+
+    def _tree_step(self) -> None:
         clock = time.perf_counter
         opts, draft, outputs, contexts, active, seqs = (self.opts, self.draft, self.outputs, self.contexts,
                                                         self.active, self.seqs)
@@ -181,6 +198,7 @@ class DecodeBatch:
         t2 = clock()
         self.steps += 1
         keep: list[list[int]] = [[] for _ in trees]
+        gained = 0
         greedy_rows = any(t is not None and not seqs[b].sampling.do_sample for b, t in zip(self.rows, trees))
         argmax = logits.argmax(-1).tolist() if greedy_rows else None
         for row, (b, t) in enumerate(zip(self.rows, trees)):
@@ -198,6 +216,7 @@ class DecodeBatch:
             before = len(outputs[b])
             self._append(b, [t.tokens[i] for i in path[1:]] + [bonus])
             self.accepted[b].append(len(outputs[b]) - before)
+            gained += len(outputs[b]) - before
             draft.observe(b, t, logits[row, :n], path, contexts[b])
             if opts.on_step is not None:
                 opts.on_step(b, t, path, bonus)
@@ -208,6 +227,53 @@ class DecodeBatch:
         self.timing["draft_s"] += t1 - t0
         self.timing["verify_s"] += t2 - t1
         self.timing["accept_s"] += t3 - t2
+        if self.gate is not None:
+            self.gate.record(True, gained, t3 - t0)
+
+    def _plain_step(self) -> None:
+        """Every active sequence takes its next token from one forward over its pending root alone: what a
+        speculative step over root-only trees commits (greedy: the argmax; sampling: `verify_sampling`'s draw from
+        the root's distribution, the same uniforms), without drafting, trees or drafter feedback."""
+        clock = time.perf_counter
+        opts, outputs, contexts, seqs = self.opts, self.outputs, self.contexts, self.seqs
+        t0 = clock()
+        chains = [[contexts[b][-1]] if self.active[b] else [] for b in self.rows]
+        t1 = clock()
+        logits = self.session.extend_chains(chains)
+        t2 = clock()
+        self.steps += 1
+        self.plain_steps += 1
+        greedy_rows = any(c and not seqs[b].sampling.do_sample for b, c in zip(self.rows, chains))
+        argmax = logits[:, 0].argmax(-1).tolist() if greedy_rows else None
+        keep: list[list[int]] = []
+        gained = 0
+        for row, (b, chain) in enumerate(zip(self.rows, chains)):
+            if not chain:
+                keep.append([])
+                continue
+            keep.append([0])
+            self.tree_sizes.append(1)
+            seq = seqs[b]
+            if not seq.sampling.do_sample:
+                bonus = argmax[row]
+            else:
+                rows = ProcessedRows(lambda i, row=row: opts.to_numpy(logits[row, i]), seq.sampling)
+                _, bonus = verify_sampling(TokenTree.root(chain[0]), rows, seq.uniform)
+            before = len(outputs[b])
+            self._append(b, [bonus])
+            self.accepted[b].append(len(outputs[b]) - before)
+            gained += len(outputs[b]) - before
+            if opts.on_step is not None:
+                opts.on_step(b, TokenTree.root(chain[0]), [0], bonus)
+            if opts.on_tokens is not None:
+                opts.on_tokens(b, outputs[b][before:])
+        self.session.commit(keep)
+        t3 = clock()
+        self.timing["draft_s"] += t1 - t0
+        self.timing["verify_s"] += t2 - t1
+        self.timing["accept_s"] += t3 - t2
+        if self.gate is not None:
+            self.gate.record(False, gained, t3 - t0)
 
 
 def decode(session: TreeSession, prompts: list[list[int]], draft: Drafter, opts: DecodeOptions,
@@ -235,4 +301,5 @@ def decode(session: TreeSession, prompts: list[list[int]], draft: Drafter, opts:
     stats = generation_stats(outputs=batch.outputs, accepted_lengths=batch.accepted, tree_sizes=batch.tree_sizes,
                              steps=batch.steps, total_s=time.perf_counter() - t_start, timing=batch.timing,
                              draft_forward_passes=draft.draft_forward_passes, drafter=draft.name, tree=opts.tree_name)
+    stats["plain_steps"] = batch.plain_steps  # one-token steps without a tree (drafter "none", or the gate's)
     return DecodeOutcome(batch.outputs, stats)

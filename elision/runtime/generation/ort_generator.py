@@ -174,7 +174,8 @@ class OrtGenerator:
         common = dict(kv_heads=self.kv_heads, head_dim=self.head_dim, batch_size=batch_size, capacity=capacity,
                       dtype=self.dtype, sliding_window=self.sliding_window)
         if self.form == sig.STEP_FORM:
-            return OrtStepSession(self.session, layers=self.layers, vocab_size=self.vocab_size, **common)
+            return OrtStepSession(self.session, layers=self.layers, vocab_size=self.vocab_size,
+                                  max_positions=self.max_positions, **common)
         return OrtVerifySession(self.session, kv_inputs=self.kv_inputs, output_names=self.output_names, **common)
 
     # ------------------------------------------------------------------ calibration
@@ -302,7 +303,8 @@ class OrtGenerator:
             max_new_tokens=max_new_tokens, eos=eos, stops=stops, tokenizer=self.tokenizer, sampling=sampling,
             uniform=numpy_uniform(seed) if sampling.do_sample else None, template=template, tree_name=tree_spec,
             max_tree_size=self.max_tree_size, max_depth=self.max_depth,
-            cost_curve=self._curve_for_batch(len(prompts)) or self._measure_curve, on_tokens=on_tokens)
+            cost_curve=self._curve_for_batch(len(prompts)) or self._measure_curve, on_tokens=on_tokens,
+            speculation_gate=template is None)  # dynamic trees: sized by timing already, and now gated by it
         try:
             return decode(session, prompts, draft, opts, started=t_start)
         except KVCacheOverflow as e:

@@ -72,6 +72,9 @@ def tree_batch(trees: Sequence[TokenTree | None]) -> TreeBatch:
 def chain_batch(chains: Sequence[Sequence[int]]) -> TreeBatch:
     counts = np.array([len(c) for c in chains], dtype=np.int64)
     n = max(1, int(counts.max(initial=0)))
+    if n == 1:  # one token per sequence: plain decoding, the common step, without the padding work below
+        tokens = np.array([c[:1] or [0] for c in chains], dtype=np.int64)
+        return TreeBatch(tokens, np.zeros((len(chains), 1), dtype=np.int64), counts, None)
     tokens = np.zeros((len(chains), n), dtype=np.int64)
     for i, c in enumerate(chains):
         tokens[i, : len(c)] = c
