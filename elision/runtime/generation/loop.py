@@ -222,13 +222,7 @@ class DecodeBatch:
                 opts.on_step(b, t, path, bonus)
             if opts.on_tokens is not None:
                 opts.on_tokens(b, outputs[b][before:])
-        self.session.commit(keep)
-        t3 = clock()
-        self.timing["draft_s"] += t1 - t0
-        self.timing["verify_s"] += t2 - t1
-        self.timing["accept_s"] += t3 - t2
-        if self.gate is not None:
-            self.gate.record(True, gained, t3 - t0)
+        self._close_step(keep, True, gained, t0, t1, t2)
 
     def _plain_step(self) -> None:
         """Every active sequence takes its next token from one forward over its pending root alone: what a
@@ -267,13 +261,19 @@ class DecodeBatch:
                 opts.on_step(b, TokenTree.root(chain[0]), [0], bonus)
             if opts.on_tokens is not None:
                 opts.on_tokens(b, outputs[b][before:])
+        self._close_step(keep, False, gained, t0, t1, t2)
+
+    def _close_step(self, keep: list[list[int]], speculative: bool, gained: int, t0: float, t1: float,
+                    t2: float) -> None:
+        """Commit the kept paths and book the step's phases (t0 drafting starts, t1 verify starts, t2 accept
+        starts) and, for the gate, the tokens it gained over the whole step."""
         self.session.commit(keep)
-        t3 = clock()
+        t3 = time.perf_counter()
         self.timing["draft_s"] += t1 - t0
         self.timing["verify_s"] += t2 - t1
         self.timing["accept_s"] += t3 - t2
         if self.gate is not None:
-            self.gate.record(False, gained, t3 - t0)
+            self.gate.record(speculative, gained, t3 - t0)
 
 
 def decode(session: TreeSession, prompts: list[list[int]], draft: Drafter, opts: DecodeOptions,
