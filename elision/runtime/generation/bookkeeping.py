@@ -50,7 +50,7 @@ def append_tokens(b: int, new: Sequence[int], outputs: list[list[int]], contexts
 
 def generation_stats(*, outputs: list[list[int]], accepted_lengths: list[list[int]], tree_sizes: list[int],
                      steps: int, total_s: float, timing: dict[str, float], draft_forward_passes: int,
-                     drafter: str, tree: str) -> dict[str, Any]:
+                     drafter: str, tree: str, plain_steps: int = 0) -> dict[str, Any]:
     """The stats dict of one generate call (keys shared by every loop and CLI).
 
     `total_s` is everything the caller paid after loading (a cost curve measured during the call included), so
@@ -69,6 +69,7 @@ def generation_stats(*, outputs: list[list[int]], accepted_lengths: list[list[in
         # target forwards of this generation: prefill + one per verification step
         forward_passes=steps + 1,
         verify_steps=steps,
+        plain_steps=plain_steps,  # of verify_steps: one-token steps without a tree (drafter "none", or the gate's)
         mean_accepted_length=(sum(flat) / len(flat)) if flat else 0.0,
         per_sequence_accepted_length=[(sum(a) / len(a)) if a else 0.0 for a in accepted_lengths],
         mean_tree_size=(sum(tree_sizes) / len(tree_sizes)) if tree_sizes else 0.0,

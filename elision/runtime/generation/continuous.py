@@ -63,6 +63,7 @@ class Lane:
     timing: dict[str, float] = field(default_factory=lambda: dict(prefill_s=0.0, cost_curve_s=0.0, draft_s=0.0,
                                                                   verify_s=0.0, accept_s=0.0))
     tree_sizes: list[int] = field(default_factory=list)
+    plain_steps: int = 0  # of its steps, those without a tree
     largest_batch: int = 1  # the most requests that shared a forward with it (itself included)
     result: OrtGenerationResult | None = None
 
@@ -172,7 +173,9 @@ class ContinuousBatcher:
                 lane.request.on_text(piece)
 
     def _on_step(self, slot: int, tree: TokenTree, path: list[int], bonus: int) -> None:
-        self.lanes[slot].tree_sizes.append(len(tree))
+        lane = self.lanes[slot]
+        lane.tree_sizes.append(len(tree))
+        lane.plain_steps += self.batch.stepping_plain
 
     def _finish(self, slot: int) -> Lane:
         lane = self.lanes.pop(slot)
@@ -187,7 +190,7 @@ class ContinuousBatcher:
                                  tree_sizes=lane.tree_sizes, steps=lane.steps,
                                  total_s=time.perf_counter() - lane.started, timing=lane.timing,
                                  draft_forward_passes=self.draft.draft_forward_passes, drafter=self.draft.name,
-                                 tree=gen.tree_spec)
+                                 tree=gen.tree_spec, plain_steps=lane.plain_steps)
         stats["batch_size"] = lane.largest_batch
         lane.result = OrtGenerationResult(tokens, gen.tokenizer.decode(tokens, skip_special_tokens=True), stats,
                                           lane.prompt)

@@ -105,6 +105,7 @@ class DecodeBatch:
         self.proposes = getattr(draft, "proposes", True)  # a duck-typed drafter (any object with `children`) does
         self.gate = SpeculationGate() if opts.speculation_gate and self.proposes else None
         self.plain_steps = 0
+        self.stepping_plain = False  # the kind of the step under way (continuous batching counts it per request)
 
     def start(self, prompts: list[list[int]], seqs: list[SequenceOptions]) -> None:
         """Every sequence at once, slot b in row b, prefilled in one forward (a fresh session)."""
@@ -179,10 +180,11 @@ class DecodeBatch:
     def step(self) -> None:
         """One forward over every active sequence in the session's leading rows: a speculative step over drafted
         trees, or a plain one-token step when the drafter never proposes or the gate says speculation loses now."""
-        if self.proposes and (self.gate is None or self.gate.speculate()):
-            self._tree_step()
-        else:
+        self.stepping_plain = not (self.proposes and (self.gate is None or self.gate.speculate()))
+        if self.stepping_plain:
             self._plain_step()
+        else:
+            self._tree_step()
 
     def _tree_step(self) -> None:
         clock = time.perf_counter
@@ -300,6 +302,6 @@ def decode(session: TreeSession, prompts: list[list[int]], draft: Drafter, opts:
         batch.step()
     stats = generation_stats(outputs=batch.outputs, accepted_lengths=batch.accepted, tree_sizes=batch.tree_sizes,
                              steps=batch.steps, total_s=time.perf_counter() - t_start, timing=batch.timing,
-                             draft_forward_passes=draft.draft_forward_passes, drafter=draft.name, tree=opts.tree_name)
-    stats["plain_steps"] = batch.plain_steps  # one-token steps without a tree (drafter "none", or the gate's)
+                             draft_forward_passes=draft.draft_forward_passes, drafter=draft.name, tree=opts.tree_name,
+                             plain_steps=batch.plain_steps)
     return DecodeOutcome(batch.outputs, stats)
