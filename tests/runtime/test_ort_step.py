@@ -296,7 +296,13 @@ def _batcher(llama, form: str, drafter: str, tree: str, slots: int):
     if key not in _batchers:
         gen = OrtGenerator(llama.gens[form].artifact, drafter=drafter, tree=tree)
         _batchers[key] = ContinuousBatcher(gen, slots)
-    return _batchers[key]
+    batcher = _batchers[key]
+    # hypothesis aborts an example inside data.draw when its draws overrun the buffer (many join-now draws), which
+    # leaves that example's requests in the batcher: cancel them, so every user starts from an empty batch
+    for stale in list(batcher.lanes.values()):
+        batcher.cancel(stale)
+    assert not batcher.lanes and batcher.free_slots == slots
+    return batcher
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
@@ -309,11 +315,6 @@ def test_continuous_batching_greedy_equals_each_request_alone(llama, data, form,
     from elision.runtime.generation.continuous import BatchRequest
 
     batcher = _batcher(llama, form, drafter, tree, slots)
-    # hypothesis aborts an example inside data.draw when its draws overrun the buffer (many join-now draws), which
-    # leaves that example's requests in the reused batcher: cancel them, so every example starts from an empty batch
-    for stale in list(batcher.lanes.values()):
-        batcher.cancel(stale)
-    assert not batcher.lanes and batcher.free_slots == slots
     plan = []
     for i in range(requests):
         prompt = data.draw(prompt_strategy, label=f"prompt{i}")
