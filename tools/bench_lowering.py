@@ -22,7 +22,7 @@ Timing: every column is called once per row first (torch.compile columns compile
 timed in interleaved rounds (one call of each per round, in a fresh seeded-random order each round), so
 machine-load drift hits every column alike and no column always follows the same neighbour; medians per column;
 ratio = eager median / column median. Before each timed call the process is let settle until none of its threads
-burns CPU (`_settle`): ONNX Runtime's thread pool spins for tens of ms of CPU after every run and libgomp's
+burns CPU (`settle.py`): ONNX Runtime's thread pool spins for tens of ms of CPU after every run and libgomp's
 threads briefly, and on a 2-core machine that spinning would otherwise be charged to whichever column runs next
 (a fixed order once made elision-torch, always right after an ORT column, look 2x slower than itself).
 The build + first-call seconds of each column (export, compilation, elision's first-call choice of route) are in
@@ -54,6 +54,9 @@ from rich.console import Console  # noqa: E402
 from rich.progress import Progress  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tools.settle import settle  # noqa: E402
+
 OUT_DIR = ROOT / "bench_results"
 COLUMNS = ["eager", "inductor", "ort", "ort-optimized", "elision-torch", "elision-ort", "elision-artifact",
            "elision-triton"]
@@ -171,17 +174,6 @@ def build_columns(model: torch.nn.Module, build_ids: torch.Tensor, dyn: dict, mo
     return cols
 
 
-def _settle(max_s: float = 0.3, window_s: float = 0.005, idle_cpu_s: float = 0.0005, quiet_windows: int = 2) -> None:
-    """Sleep until this process's threads stop burning CPU (a spinning thread pool of the previous call), at most
-    `max_s`: quiet means `quiet_windows` windows in a row in which the whole process used under `idle_cpu_s`."""
-    deadline = time.perf_counter() + max_s
-    quiet = 0
-    while quiet < quiet_windows and time.perf_counter() < deadline:
-        cpu = time.process_time()
-        time.sleep(window_s)
-        quiet = quiet + 1 if time.process_time() - cpu < idle_cpu_s else 0
-
-
 def _first_calls(cols: Columns, ids: torch.Tensor, reference: torch.Tensor, row: dict) -> dict[str, Callable]:
     """Call each column once (compiles the torch.compile columns at this shape); check it against eager."""
     from elision.apps.compile.backend import graph_records
@@ -189,7 +181,7 @@ def _first_calls(cols: Columns, ids: torch.Tensor, reference: torch.Tensor, row:
     alive = {}
     for name, fn in cols.fns.items():
         before = len(graph_records())
-        _settle()
+        settle()
         start = time.perf_counter()
         try:
             with warnings.catch_warnings():
@@ -215,7 +207,7 @@ def _interleaved(fns: dict[str, Callable], ids: torch.Tensor, rounds: int, seed:
         order.shuffle(names)
         for name in names:
             fn = fns[name]
-            _settle()
+            settle()
             start = time.perf_counter()
             fn(ids)
             samples[name].append(time.perf_counter() - start)

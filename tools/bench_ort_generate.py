@@ -14,7 +14,10 @@ Every route must produce exactly hf-greedy's tokens (checked; a mismatch is repo
 tokens/s (all tokens over all the time the user waits after loading: prefill, drafting, everything), the ratio to
 genai-greedy, decode ms/token (after the first token), and for elision the time per token of each loop phase
 (draft, verify = the model step, accept, loop = the loop's own overhead). Routes run interleaved, prompt by prompt,
-round by round, so background load hits all alike; per (route, prompt) the median over rounds is kept.
+round by round, in a fresh seeded-random order each round, so background load hits all alike and no route always
+follows the same neighbour; per (route, prompt) the median over rounds is kept. Before each timed call the process
+settles (`tools/settle.py`): the thread pools of the route before (ONNX Runtime's spin after every run, libgomp's
+after torch) would otherwise take the cores from the route being timed.
 
 The real-size row: a Qwen2.5-0.5B-shaped Qwen2 (494M parameters, random weights from the config, the built-in
 tokenizer), speed only (acceptance is meaningless on random weights): hf-greedy, genai-greedy and elision-none
@@ -32,6 +35,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import shutil
 import statistics
 import subprocess
@@ -44,6 +48,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from tools.settle import settle  # noqa: E402
 
 KINDS = {"code": "held-out stdlib code (a function's opening lines)", "prose": "English prose (a stdlib docstring)"}
 
@@ -201,11 +206,15 @@ def qwen05_dir(path: Path) -> Path:
 # ------------------------------------------------------------------------------------------ measuring
 def interleaved(routes: dict, prompts: dict[str, list[list[int]]], n: int, rounds: int, log) -> dict:
     cells: dict[tuple[str, str, int], Cell] = {}
+    order = random.Random(0)
     for r in range(rounds):
         for kind, plist in prompts.items():
             for i, ids in enumerate(plist):
-                for name, route in routes.items():
-                    cells.setdefault((kind, name, i), Cell()).runs.append(route(ids, n))
+                names = list(routes)
+                order.shuffle(names)
+                for name in names:
+                    settle()
+                    cells.setdefault((kind, name, i), Cell()).runs.append(routes[name](ids, n))
         log(f"round {r + 1}/{rounds} done")
     return cells
 
@@ -277,7 +286,7 @@ def write_plot(path: Path, rows: list[dict]) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="builtin:tiny-code-lm")
-    p.add_argument("--prompts", type=int, default=3, help="prompts per kind (code, prose)")
+    p.add_argument("--prompts", type=int, default=8, help="prompts per kind (code, prose; 8 ship with the model)")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--drafters", default="recycling+lookup,lookup,recycling,copy+recycling")

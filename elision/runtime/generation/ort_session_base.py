@@ -61,7 +61,10 @@ class BatchedTreeSession(ABC):
         self.lengths[dst] = n
 
     def _rows_of(self, batch: TreeBatch, first: int) -> slice:
-        rows = slice(first, first + len(batch.counts))
+        return self._rows_of_count(len(batch.counts), first)
+
+    def _rows_of_count(self, count: int, first: int = 0) -> slice:
+        rows = slice(first, first + count)
         if first < 0 or rows.stop > self.batch_size:
             raise ValueError(f"got rows {first}..{rows.stop - 1} for a session of batch size {self.batch_size}")
         return rows

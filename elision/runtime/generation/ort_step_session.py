@@ -150,6 +150,37 @@ class OrtStepSession(BatchedTreeSession):
             self._feeds.move_to_end(key)
         return feeds
 
+    def extend_chains(self, chains: Sequence[Sequence[int]]):
+        if self.window is None and all(len(c) <= 1 for c in chains):
+            return self._run_plain(chains)
+        return super().extend_chains(chains)
+
+    def _run_plain(self, chains: Sequence[Sequence[int]]):
+        """A plain decoding step (at most one token per row, every row of the batch already cached): the most
+        frequent forward, so it skips the `TreeBatch` and does its bookkeeping on Python ints. The feeds, inputs
+        and outputs are exactly those `_run_step` would give a one-token chain batch."""
+        rows = self._rows_of_count(len(chains))
+        starts = self.lengths[rows]
+        lengths = starts.tolist()
+        if min(lengths) == 0:  # a row without a cache: the generic path prefills it
+            return super().extend_chains(chains)
+        counts = [len(c) for c in chains]
+        needed = max(lengths) + 1
+        if max(n + c for n, c in zip(lengths, counts)) > self.capacity:
+            raise KVCacheOverflow(f"KV cache overflow: {needed} slots needed but the cache holds {self.capacity}")
+        feeds = self._step_feeds(0, len(chains), 1)
+        feeds.set_width(max(needed, min(self._max_width, -(-needed // BIAS_BUCKET) * BIAS_BUCKET)))
+        feeds.ids[:, 0] = [c[0] if c else 0 for c in chains]
+        feeds.positions[:, 0] = starts
+        feeds.seqlens[:] = [n + c - 1 for n, c in zip(lengths, counts)]
+        feeds.query[:] = counts
+        if not feeds.bias_is_zero:
+            feeds.bias.fill(0)
+            feeds.bias_is_zero = True
+        self._starts[rows], self._rows = starts, rows
+        self.session.run_with_iobinding(feeds.binding)
+        return feeds.logits
+
     def _run_step(self, batch: TreeBatch, rows: slice, starts: np.ndarray, ends: np.ndarray):
         n = batch.width
         feeds = self._step_feeds(rows.start, len(starts), n)

@@ -280,20 +280,37 @@ class VerifyCostCurve:
         return {s: t / base for s, t in zip(self.sizes, self.seconds)}
 
     @classmethod
-    def measure(cls, session, max_size: int, reps: int = 3, sizes=DEFAULT_SIZES) -> "VerifyCostCurve":
-        """Time `session.extend` on dummy chains of each size over the live cache, rolling back every time."""
+    def measure(cls, session, max_size: int, reps: int = 3, sizes=DEFAULT_SIZES, max_reps: int = 15,
+                budget_s: float = 1.0) -> "VerifyCostCurve":
+        """Time `session.extend` on dummy chains of each size over the live cache, rolling back every time.
+
+        Each size runs once untimed first (its first forward sets up its input buffers and, in onnxruntime, its
+        memory plan), then at least `reps` interleaved rounds, more (up to `max_reps`) while the rounds so far
+        took under `budget_s`. Each size's cost is the lower quartile of its rounds: background load only ever
+        adds time, and one slow round among few (a compile-time calibration once measured a 1-node forward at
+        twice its real cost) would tell the tree sizer that wide trees are nearly free."""
         sizes = [s for s in sizes if s <= max_size] or [1]
         b = session.batch_size
         timings: dict[int, list[float]] = {s: [] for s in sizes}
-        session.extend_chains([[0]] * b)  # warm-up
-        session.rollback()
-        for _ in range(reps):
+        for s in sizes:  # warm-up
+            session.extend_chains([[0] * s] * b)
+            session.rollback()
+        started = time.perf_counter()
+        rounds = 0
+        while rounds < reps or (rounds < max_reps and time.perf_counter() - started < budget_s):
             for s in sizes:  # interleaved, so background load hits every size alike
                 t0 = time.perf_counter()
                 session.extend_chains([[0] * s] * b)
                 timings[s].append(time.perf_counter() - t0)
                 session.rollback()
-        return cls(sizes, [statistics.median(timings[s]) for s in sizes])
+            rounds += 1
+        return cls(sizes, [_lower_quartile(timings[s]) for s in sizes])
+
+
+def _lower_quartile(values: list[float]) -> float:
+    if len(values) < 4:
+        return statistics.median(values)
+    return statistics.quantiles(values, n=4, method="inclusive")[0]
 
 
 def choose_tree_size(trees: list[TokenTree | None], curve: VerifyCostCurve, max_size: int, min_size: int = 2) -> int:
