@@ -375,3 +375,25 @@ def test_continuous_batching_refuses_a_bad_request_alone(llama):
     while batcher.lanes:
         batcher.step()
     assert good.result.tokens == hf_greedy(llama.model, [5, 6, 7, 8] * 3, 12, batcher.generator.eos_token_ids)[0]
+
+
+def test_continuous_batching_gate_switches_the_whole_batch_and_keeps_the_tokens(llama):
+    """The serving batch is gated too (dynamic trees): with the gate's plain rate forced far above any real one,
+    every phase after a speculative probe is plain for all rows at once, and each request still gets exactly its
+    greedy tokens, with its plain steps counted in its own stats."""
+    from elision.runtime.generation.continuous import BatchRequest, ContinuousBatcher
+
+    # its own batcher: the forced gate must not leak into the batchers other tests share
+    batcher = ContinuousBatcher(OrtGenerator(llama.gens[sig.STEP_FORM].artifact, drafter="lookup"), 2)
+    gate = batcher.batch.gate
+    assert gate is not None
+    gate.rates[False] = 1e12
+    prompts = [[5, 6, 7, 8] * 4, [9, 10, 11] * 5]
+    lanes = [batcher.add(BatchRequest(p, 40)) for p in prompts]
+    while batcher.lanes:
+        batcher.step()
+    eos = batcher.generator.eos_token_ids
+    for lane, prompt in zip(lanes, prompts):
+        assert lane.result.tokens == hf_greedy(llama.model, prompt, 40, eos)[0]
+    assert any(0 < lane.result.stats["plain_steps"] < lane.result.stats["verify_steps"] for lane in lanes)
+    assert gate.switches >= 1

@@ -17,7 +17,10 @@ is the model's greedy decoding whoever else is in the batch (the step's K/V and 
 row), so it equals `OrtGenerator.generate` alone.
 
 Dynamic trees are sized from verification-cost curves per batch size, measured when the batcher is made for 1, 2,
-4, ... up to `max_batch_size` rows; a batch of k rows uses the curve of the smallest measured size >= k.
+4, ... up to `max_batch_size` rows; a batch of k rows uses the curve of the smallest measured size >= k. As in
+`OrtGenerator.generate`, a `SpeculationGate` runs plain one-token steps for the whole batch while speculation
+measures slower per request (on text the drafter cannot predict, a batch of wide trees costs far more than it
+gains); the tokens never depend on it.
 
 Not thread-safe: one thread drives a batcher (the serving replica's generation thread).
 """
@@ -100,7 +103,8 @@ class ContinuousBatcher:
             self.curves = {k: gen.batch_cost_curve(k) for k in curve_batch_sizes(max_batch_size)}
         self.opts = DecodeOptions(max_new_tokens=1, tokenizer=gen.tokenizer, template=template,
                                   tree_name=gen.tree_spec, max_tree_size=gen.max_tree_size, max_depth=gen.max_depth,
-                                  on_tokens=self._on_tokens, on_step=self._on_step)
+                                  on_tokens=self._on_tokens, on_step=self._on_step,
+                                  speculation_gate=template is None)  # as `OrtGenerator.generate`: never slower than plain
         self.draft = gen.drafter(gen.drafter_name)
         self.clear()
 

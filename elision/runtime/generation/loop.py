@@ -12,7 +12,9 @@ only in the session and in how logits rows become numpy (`to_numpy`).
 
 A drafter that never proposes (`none`) runs *plain* steps instead: one token per sequence through
 `session.extend_chains`, no trees, drafting or drafter feedback. With `speculation_gate` (the ONNX Runtime loop's
-dynamic trees), a `SpeculationGate` also switches to plain steps while speculation measures slower than them.
+dynamic trees, alone or continuously batched), a `SpeculationGate` also switches to plain steps while speculation
+measures slower than them, judged by the tokens per second each sequence of the forward gets (so a batch that
+grows or shrinks between phases does not pass for a faster kind of step).
 
 `DecodeBatch` is that loop as an object stepped from outside: `decode` starts every sequence at once and steps
 until all are done; continuous batching (`elision.runtime.generation.continuous`) lets sequences `join` (each
@@ -268,14 +270,14 @@ class DecodeBatch:
     def _close_step(self, keep: list[list[int]], speculative: bool, gained: int, t0: float, t1: float,
                     t2: float) -> None:
         """Commit the kept paths and book the step's phases (t0 drafting starts, t1 verify starts, t2 accept
-        starts) and, for the gate, the tokens it gained over the whole step."""
+        starts) and, for the gate, the tokens it gained per sequence of the forward over the whole step."""
         self.session.commit(keep)
         t3 = time.perf_counter()
         self.timing["draft_s"] += t1 - t0
         self.timing["verify_s"] += t2 - t1
         self.timing["accept_s"] += t3 - t2
         if self.gate is not None:
-            self.gate.record(speculative, gained, t3 - t0)
+            self.gate.record(speculative, gained / max(1, len(keep)), t3 - t0)
 
 
 def decode(session: TreeSession, prompts: list[list[int]], draft: Drafter, opts: DecodeOptions,

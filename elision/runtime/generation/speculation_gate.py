@@ -37,8 +37,8 @@ class SpeculationGate:
         """Whether the next step speculates."""
         return self.speculative
 
-    def record(self, speculative: bool, tokens: int, seconds: float) -> None:
-        """A step of this kind committed `tokens` (over every sequence of the batch) in `seconds`."""
+    def record(self, speculative: bool, tokens: float, seconds: float) -> None:
+        """A step of this kind committed `tokens` (per sequence of the batch, as `DecodeBatch` counts) in `seconds`."""
         if tokens <= 0 or seconds <= 0.0:
             return  # nothing learnt (every sequence had just finished, or a clock that did not move)
         rate, old = tokens / seconds, self.rates[speculative]
