@@ -253,8 +253,8 @@ def ceiling_lines(cells: dict, plist: list, drafters: list[str], genai_tps: floa
         rates = [len(c.runs[0].tokens) / c.runs[0].forwards for c in (cells[("code", name, i)] for i in range(len(plist)))
                  if c.runs[0].forwards]
         per_prompt.append(f"{name} " + ", ".join(f"{x:.1f}" for x in rates))
-    return [f"Tokens per target forward (the prefill counts as one), code prompts in order: {'; '.join(per_prompt)}. Ceiling of choosing the "
-            f"fastest elision route for every code prompt after the fact (an oracle, not a route): "
+    return [f"Tokens per target forward (the prefill counts as one), code prompts in order: {'; '.join(per_prompt)}. "
+            "Ceiling of choosing the fastest elision route for every code prompt after the fact (an oracle, not a route): "
             f"**{tokens / best / genai_tps:.2f}x** genai.", ""]
 
 

@@ -131,8 +131,9 @@ def test_inplace_cache_equals_concatenating_cache(llama):
 def test_step_inputs_keep_their_shapes_across_bias_buckets(llama):
     """Steps of one token, chains and trees, ragged rows crossing a bias bucket (BIAS_BUCKET columns each) and
     running into the position limit (128 here: GroupQueryAttention's rotary tables end there, so the padded width
-    must too), a row sometimes idle in a plain step: the step session's fixed-shape inputs (bias wider than the cache, total_sequence_length its width)
-    give the concatenating session's logits, and its buffers hold the same K/V."""
+    must too), a row sometimes idle in a plain step: the step session's fixed-shape inputs (bias wider than the
+    cache, total_sequence_length its width) give the concatenating session's logits, and its buffers hold the same
+    K/V."""
     from elision.apps.specdec.step_check import random_tree
     from elision.runtime.generation.ort_step_session import BIAS_BUCKET
 
