@@ -157,8 +157,9 @@ class OrtStepSession(BatchedTreeSession):
 
     def _run_plain(self, chains: Sequence[Sequence[int]]):
         """A plain decoding step (at most one token per row, every row of the batch already cached): the most
-        frequent forward, so it skips the `TreeBatch` and does its bookkeeping on Python ints. The feeds, inputs
-        and outputs are exactly those `_run_step` would give a one-token chain batch."""
+        frequent forward, so it skips the `TreeBatch` and does its bookkeeping on Python ints (one sequence, the
+        common case, writes its four inputs as scalars). The feeds, inputs and outputs are exactly those
+        `_run_step` would give a one-token chain batch."""
         rows = self._rows_of_count(len(chains))
         starts = self.lengths[rows]
         lengths = starts.tolist()
@@ -170,10 +171,17 @@ class OrtStepSession(BatchedTreeSession):
             raise KVCacheOverflow(f"KV cache overflow: {needed} slots needed but the cache holds {self.capacity}")
         feeds = self._step_feeds(0, len(chains), 1)
         feeds.set_width(max(needed, min(self._max_width, -(-needed // BIAS_BUCKET) * BIAS_BUCKET)))
-        feeds.ids[:, 0] = [c[0] if c else 0 for c in chains]
-        feeds.positions[:, 0] = starts
-        feeds.seqlens[:] = [n + c - 1 for n, c in zip(lengths, counts)]
-        feeds.query[:] = counts
+        if len(chains) == 1:
+            (chain,), (length,), (count,) = chains, lengths, counts
+            feeds.ids[0, 0] = chain[0] if count else 0
+            feeds.positions[0, 0] = length
+            feeds.seqlens[0] = length + count - 1
+            feeds.query[0] = count
+        else:
+            feeds.ids[:, 0] = [c[0] if c else 0 for c in chains]
+            feeds.positions[:, 0] = starts
+            feeds.seqlens[:] = [n + c - 1 for n, c in zip(lengths, counts)]
+            feeds.query[:] = counts
         if not feeds.bias_is_zero:
             feeds.bias.fill(0)
             feeds.bias_is_zero = True
