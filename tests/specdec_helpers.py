@@ -13,7 +13,7 @@ def save_tiny_lm_dir(path: Path, arch: str = "llama", seed: int = 0, layers: int
 
     4 query / 2 KV heads: `hidden_size=64` gives head size 16, the smallest ONNX Runtime's GroupQueryAttention runs
     (the in-place step form); 32 gives 8 (the concatenating verify form). `arch` "qwen2" adds q/k/v biases,
-    "mistral" a sliding window of 12.
+    "mistral" a sliding window of 12, "qwen3" per-head q/k norms.
     `sharpen` scales the LM head, spreading the logits so that greedy argmax ties are rare (float32 comparisons).
     """
     import inspect
@@ -43,6 +43,12 @@ def save_tiny_lm_dir(path: Path, arch: str = "llama", seed: int = 0, layers: int
             model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
         elif arch == "mistral":  # a window shorter than the sequences, so the window mask is exercised
             model = transformers.MistralForCausalLM(transformers.MistralConfig(**common, sliding_window=12))
+        elif arch == "qwen3":  # per-head q/k RMSNorm before the rotary, with weights that are not all ones
+            model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common, head_dim=hidden_size // 4))
+            with torch.no_grad():
+                for layer in model.model.layers:
+                    for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                        norm.weight.copy_(1.0 + 0.5 * torch.randn_like(norm.weight))
         else:
             model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
     if sharpen != 1.0:

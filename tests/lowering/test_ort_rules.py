@@ -88,3 +88,33 @@ def test_graph_without_the_verify_signature_is_refused():
     graph = ir.Graph([x], node.outputs, nodes=[node], opset_imports={"": 18})
     with pytest.raises(StepLoweringError, match="expected the @verify signature"):
         lower_generation_step(ir.Model(graph, ir_version=10), max_positions=8, kv_heads=1, head_dim=16)
+
+
+def _qwen3_export(drop_k_norm: bool) -> ir.Model:
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3Config(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=16, vocab_size=97, max_position_embeddings=40)
+    model = transformers.Qwen3ForCausalLM(cfg).eval()
+    if drop_k_norm:
+        model.model.layers[0].self_attn.k_norm = torch.nn.Identity()
+    module, inputs, dyn, _ = specdec_onnx_entry(compile_specdec(model), "verify")
+    return ir.serde.deserialize_model(export_program("verify", module, inputs, dyn).model_proto)
+
+
+def test_per_head_qk_norms_stay_in_front_of_gqa():
+    """Qwen3: q and k are RMS-normalized per head before the rotary; GQA reads the normalized heads (flattened)."""
+    model = _qwen3_export(drop_k_norm=False)
+    report = lower_generation_step(model, max_positions=40, kv_heads=2, head_dim=16)
+    assert report["fusions"]["group_query_attention"] == 1
+    gqa = next(n for n in model.graph if n.op_type == "GroupQueryAttention")
+    for value in gqa.inputs[:2]:
+        flatten = value.producer()
+        assert flatten.op_type == "Reshape" and flatten.inputs[0].producer().op_type == "SimplifiedLayerNormalization"
+    onnxruntime.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def test_a_norm_on_q_alone_is_refused_with_the_reason():
+    with pytest.raises(StepLoweringError, match="only one of q and k is normalized per head"):
+        lower_generation_step(_qwen3_export(drop_k_norm=True), max_positions=40, kv_heads=2, head_dim=16)

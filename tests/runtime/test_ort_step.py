@@ -82,6 +82,11 @@ def mistral(tmp_path_factory):
     return _model(tmp_path_factory, "mistral", (sig.STEP_FORM,))
 
 
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    return _model(tmp_path_factory, "qwen3", (sig.STEP_FORM,))
+
+
 def hf_greedy(model, ids: list[int], max_new: int, eos: list[int]) -> tuple[list[int], float]:
     """HF greedy continuation and the smallest top-2 logit gap along it (a near-tie makes float32 results fragile)."""
     x = torch.tensor([ids])
@@ -115,6 +120,36 @@ def test_lowering_fuses_every_attention_and_packs_qkv(arch, request):
     spec = OrtGenerator.load(m.root / sig.STEP_FORM, threads=1).artifact.spec(sig.STEP_FUNCTION)
     assert spec.input_names[:3] == [sig.INPUT_IDS, sig.POSITION_IDS, sig.ATTENTION_BIAS]
     assert spec.output_names == [sig.LOGITS] + [sig.present_name(i // 2, ("key", "value")[i % 2]) for i in range(4)]
+
+
+def test_qwen3_head_norms_feed_gqa_which_rotates_after_them(qwen3):
+    """Qwen3 normalizes q and k per head before the rotary: the norms stay in the graph (onnxruntime's CPU kernel
+    refuses GQA's own q/k norm inputs) and GQA reads their output flattened back to [batch, n, heads * head_dim]."""
+    report = qwen3.reports[sig.STEP_FORM]
+    assert report["form"] == sig.STEP_FORM and "step_lowering" not in report
+    assert report["max_relative_error"] <= 1e-4
+    assert report["generation"]["lowering"]["group_query_attention"] == 2
+    model = onnx.load(str(qwen3.root / sig.STEP_FORM / "step.onnx"), load_external_data=False)
+    producers = {out: node for node in model.graph.node for out in node.output}
+
+    def weights_between(value: str) -> set[str]:
+        """The model weights read on the way from `value` back to its projection's MatMul (not through it)."""
+        found, todo = set(), [value]
+        while todo:
+            node = producers.get(todo.pop())
+            if node is None or node.op_type == "MatMul":
+                continue
+            found |= {i for i in node.input if i.startswith("fn.p_")}
+            todo += [i for i in node.input if i in producers]
+        return found
+
+    gqas = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqas) == 2 and not any(n.op_type in ("Concat", "Softmax") for n in model.graph.node)
+    for layer, gqa in enumerate(gqas):
+        assert producers[gqa.input[0]].op_type == producers[gqa.input[1]].op_type == "Reshape"  # back to BSD
+        assert weights_between(gqa.input[0]) == {f"fn.p_model_layers_{layer}_self_attn_q_norm_weight"}
+        assert weights_between(gqa.input[1]) == {f"fn.p_model_layers_{layer}_self_attn_k_norm_weight"}
+        assert len(gqa.input) < 15 or not any(gqa.input[14:16])  # not GQA's q_norm_weight / k_norm_weight
 
 
 def test_inplace_cache_equals_concatenating_cache(llama):
@@ -197,10 +232,12 @@ def test_step_session_greedy_matches_hf(llama, data, drafter, tree, batch, max_n
         assert alone.stats["forward_passes"] == alone.stats["verify_steps"] + 1
 
 
-@pytest.mark.parametrize("arch, form", [("llama", sig.VERIFY_FORM), ("qwen2", sig.STEP_FORM), ("mistral", sig.STEP_FORM)])
+@pytest.mark.parametrize("arch, form", [("llama", sig.VERIFY_FORM), ("qwen2", sig.STEP_FORM), ("mistral", sig.STEP_FORM),
+                                        ("qwen3", sig.STEP_FORM)])
 def test_fixed_prompts_match_hf(arch, form, request):
-    """The concatenating form (older artifacts), Qwen2's biased packed projections and Mistral's sliding window
-    (the bias masks cache rows outside it), on repetitive prompts longer than the window."""
+    """The concatenating form (older artifacts), Qwen2's biased packed projections, Mistral's sliding window
+    (the bias masks cache rows outside it) and Qwen3's per-head q/k norms, on repetitive prompts longer than the
+    window."""
     m = request.getfixturevalue(arch)
     gen = m.gens[form]
     prompts = [[5, 6, 7, 8, 9] * 4, [11, 12, 13] * 5 + [14], [40, 41, 42, 43] * 3]

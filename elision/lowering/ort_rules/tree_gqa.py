@@ -4,12 +4,16 @@ KV buffer, with explicit position ids and the tree's additive bias.
 It runs after onnxscript's own fusions have reduced the attention to (per layer)
 
     q, k, v   = Transpose(Reshape(MatMul(h, W_q|k|v) [+ bias]))            BSD -> BHSd
+                (q and k optionally RMS-normalized per head between Reshape and Transpose: Qwen3's q_norm/k_norm)
     q_r, k_r  = RotaryEmbedding(q | k, cos, sin)                        (ai.onnxruntime._fusion)
     K, V      = repeat_kv(Concat(past_k, k_r)), repeat_kv(Concat(past_v, v))   (GQA head repetition, if any)
     out       = Reshape(Transpose(SDPA(q_r, K, V, bias)))                (ai.onnxruntime._fusion)
 
 and replaces it with `GroupQueryAttention(q, k, v, past_k, past_v, seqlens_k, total_sequence_length, cos_table,
-sin_table, position_ids, attention_bias, query_seqlens)` (do_rotary=1). GQA appends the new K/V to the past
+sin_table, position_ids, attention_bias, query_seqlens)` (do_rotary=1). Per-head q/k norms stay in the graph: GQA
+then reads the normalized heads, flattened back to [batch, n, heads * head_dim], and rotates them itself, which is
+Qwen3's order (norm, then rotary). GQA's own `q_norm_weight`/`k_norm_weight` inputs would do the same in the
+kernel, but onnxruntime's CPU kernel refuses them (CUDA only). GQA appends the new K/V to the past
 buffer in place and attends causally (bottom-right aligned) plus the bias, so tree nodes in parents-first order
 see exactly their ancestors. onnxscript's own `fuse_gqa` does not fit: it expects a causal mask built from a 2-D
 `attention_mask` input and derives `seqlens_k` from the largest position id, which is wrong for a tree.
@@ -71,11 +75,16 @@ class TreeGroupQueryAttention(pattern.RewriteRuleClassBase):
         self.inputs = inputs
 
     def pattern(self, op, q_lin, k_lin, v_lin, cos, sin, past_k, past_v, mask):
-        def heads(x, name):
-            return op.Transpose(op.Reshape(x, pattern.ANY_VALUE, _outputs=[name]), perm=[0, 2, 1, 3])
+        def heads(x, name, normed: bool = False):
+            shaped = op.Reshape(x, pattern.ANY_VALUE, _outputs=[name])
+            if normed:  # an RMSNorm over each head's vector (onnxscript has fused it to SimplifiedLayerNormalization)
+                norm = op.SimplifiedLayerNormalization(shaped, pattern.Var(f"{name}_norm_weight"),
+                                                       _allow_other_attributes=True, _outputs=[f"{name}_norm"])
+                shaped = pattern.OrValue([norm, shaped])
+            return op.Transpose(shaped, perm=[0, 2, 1, 3])
 
-        q = op.RotaryEmbedding(heads(q_lin, "q_bshd"), cos, sin, _domain=FUSION_DOMAIN, _outputs=["q_rot"])
-        k = op.RotaryEmbedding(heads(k_lin, "k_bshd"), cos, sin, _domain=FUSION_DOMAIN, _outputs=["k_rot"])
+        q = op.RotaryEmbedding(heads(q_lin, "q_bshd", True), cos, sin, _domain=FUSION_DOMAIN, _outputs=["q_rot"])
+        k = op.RotaryEmbedding(heads(k_lin, "k_bshd", True), cos, sin, _domain=FUSION_DOMAIN, _outputs=["k_rot"])
         v = heads(v_lin, "v_bshd")
 
         def cached(past, new):
@@ -87,7 +96,8 @@ class TreeGroupQueryAttention(pattern.RewriteRuleClassBase):
                       _allow_other_attributes=True, _outputs=["att"])
         return op.Reshape(op.Transpose(att, perm=[0, 2, 1, 3]), pattern.ANY_VALUE)
 
-    def check(self, context, q_bshd, k_bshd, v_bshd, q_rot, k_rot, att, cos, sin, past_k, past_v, mask, **_):
+    def check(self, context, q_bshd, k_bshd, v_bshd, q_rot, k_rot, att, cos, sin, past_k, past_v, mask,
+              q_bshd_norm=None, k_bshd_norm=None, **_):
         result = pattern.MatchResult()
         for rot in (q_rot, k_rot):
             if rot.producer().attributes.get_int("interleaved", 0):
@@ -101,6 +111,9 @@ class TreeGroupQueryAttention(pattern.RewriteRuleClassBase):
             return self._fail(result, f"head size {head_dim} is not a multiple of 16, which GroupQueryAttention needs", q_bshd)
         if heads % kv_heads or v_heads != kv_heads:
             return self._fail(result, f"{heads} query heads over {kv_heads} key / {v_heads} value heads is not GQA", k_bshd)
+        norms = self._head_norms(result, head_dim, q_bshd_norm, k_bshd_norm)
+        if norms is None:
+            return result
         if not (past_k.is_graph_input() and past_v.is_graph_input()):
             return self._fail(result, "the past keys/values must be graph inputs", [past_k, past_v])
         bias = _bias_input(mask)
@@ -116,8 +129,38 @@ class TreeGroupQueryAttention(pattern.RewriteRuleClassBase):
         self._attrs = dict(num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0)
         if scale is not None and scale.value is not None:
             self._attrs["scale"] = float(scale.value)
+        self._norms = [(norm.producer(), n_heads) for norm, n_heads in zip(norms, (heads, kv_heads))]
         self._bias = bias
         return result
+
+    def _head_norms(self, result: pattern.MatchResult, head_dim: int, q_norm: ir.Value | None,
+                    k_norm: ir.Value | None) -> tuple | None:
+        """() without per-head q/k norms, (q norm, k norm) with both; None (a failed check) when only one is
+        normalized (GQA's rotary would then meet a normalized and a raw head) or a norm is not over each head's
+        vector with a [head_dim] weight."""
+        if q_norm is None and k_norm is None:
+            return ()
+        if q_norm is None or k_norm is None:
+            self._fail(result, "only one of q and k is normalized per head; GroupQueryAttention normalizes both", [q_norm, k_norm])
+            return None
+        found = []
+        for norm in (q_norm, k_norm):
+            node = norm.producer()
+            weight = node.inputs[1]
+            if node.attributes.get_int("axis", -1) not in (-1, 3) or weight is None or weight.shape is None \
+                    or list(weight.shape) != [head_dim]:
+                self._fail(result, f"a per-head q/k norm that is not over each head's vector with a [{head_dim}] "
+                                   "weight", norm)
+                return None
+            found.append(norm)
+        return tuple(found)
+
+    @staticmethod
+    def _normalized(op, x: ir.Value, norm: ir.Node, n_heads: int) -> ir.Value:
+        heads = op.Reshape(x, op.Constant(value_ints=[0, 0, n_heads, -1]))
+        attrs = {name: attr.value for name, attr in norm.attributes.items()}
+        normed = op.SimplifiedLayerNormalization(heads, norm.inputs[1], _domain=norm.domain, **attrs)
+        return op.Reshape(normed, op.Constant(value_ints=[0, 0, -1]))
 
     def _fail(self, result: pattern.MatchResult, reason: str, values) -> pattern.MatchResult:
         """A failed check, remembered so the caller can say why an attention did not fuse."""
@@ -139,6 +182,8 @@ class TreeGroupQueryAttention(pattern.RewriteRuleClassBase):
     def rewrite(self, op, q_lin, k_lin, v_lin, cos, sin, past_k, past_v, **_):
         cos_table, sin_table, positions = self.inputs.tables[(cos, sin)]
         i = self.inputs
+        if self._norms:  # q and k split into heads, normalized (the model's own norm node) and flattened for GQA
+            q_lin, k_lin = (self._normalized(op, x, node, n_heads) for x, (node, n_heads) in zip((q_lin, k_lin), self._norms))
         out, present_k, present_v = op.GroupQueryAttention(
             q_lin, k_lin, v_lin, past_k, past_v, i.seqlens_k, i.total_sequence_length, cos_table, sin_table,
             positions, self._bias, None, None, None, None, None, i.query_seqlens,
