@@ -99,6 +99,10 @@ def _qwen3_export(drop_k_norm: bool) -> ir.Model:
     model = transformers.Qwen3ForCausalLM(cfg).eval()
     if drop_k_norm:
         model.model.layers[0].self_attn.k_norm = torch.nn.Identity()
+    return _export(model)
+
+
+def _export(model) -> ir.Model:
     module, inputs, dyn, _ = specdec_onnx_entry(compile_specdec(model), "verify")
     return ir.serde.deserialize_model(export_program("verify", module, inputs, dyn).model_proto)
 
@@ -118,3 +122,36 @@ def test_per_head_qk_norms_stay_in_front_of_gqa():
 def test_a_norm_on_q_alone_is_refused_with_the_reason():
     with pytest.raises(StepLoweringError, match="only one of q and k is normalized per head"):
         lower_generation_step(_qwen3_export(drop_k_norm=True), max_positions=40, kv_heads=2, head_dim=16)
+
+
+def test_attention_without_rotary_becomes_gqa_without_rotary():
+    """GPT-2: learned positions (no rotary), q/k/v split from one Conv1D, the batch size read off the past K's shape
+    and the attention output flattened to [batch * n, hidden] for a 2-D Gemm."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=97,
+                                                                 n_positions=40)).eval()
+    lowered = _export(model)
+    lower_generation_step(lowered, max_positions=40, kv_heads=4, head_dim=16)
+    gqa = next(n for n in lowered.graph if n.op_type == "GroupQueryAttention")
+    assert gqa.attributes.get_int("do_rotary") == 0 and gqa.inputs[7] is None and gqa.inputs[9] is None
+    assert [u.node.op_type for u in gqa.outputs[0].uses()] == ["Reshape"]  # back to the Gemm's 2-D rows
+    onnxruntime.InferenceSession(ir.serde.serialize_model(lowered).SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def test_projections_split_into_groups_are_flattened_for_gqa():
+    """Falcon: q/k/v come out of one fused projection as [batch, n, groups, heads per group, head_dim]."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.FalconConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, num_kv_heads=2,
+                                    new_decoder_architecture=True, vocab_size=97, max_position_embeddings=40)
+    lowered = _export(transformers.FalconForCausalLM(cfg).eval())
+    report = lower_generation_step(lowered, max_positions=40, kv_heads=4, head_dim=16)
+    assert report["fusions"]["group_query_attention"] == 1
+    gqa = next(n for n in lowered.graph if n.op_type == "GroupQueryAttention")
+    for value in gqa.inputs[:3]:  # flattened to [batch, n, -1] in front of GQA
+        flatten = value.producer()
+        assert flatten.op_type == "Reshape" and flatten.inputs[1].producer().attributes["value_ints"].value == (0, 0, -1)
+    onnxruntime.InferenceSession(ir.serde.serialize_model(lowered).SerializeToString(), providers=["CPUExecutionProvider"])

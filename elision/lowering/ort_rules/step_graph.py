@@ -7,8 +7,9 @@ the past K/V with the new ones in every attention and returns the new slices for
 
 1. onnxscript's optimizer and its generic ORT fusions: RMSNorm -> SimplifiedLayerNormalization, residual add +
    RMSNorm -> SkipSimplifiedLayerNormalization, rotate-half rotary -> RotaryEmbedding, decomposed attention -> SDPA;
-2. `TreeGroupQueryAttention` (tree_gqa.py): every attention -> GroupQueryAttention over a shared past/present
-   buffer, reading the new `seqlens_k`, `total_sequence_length`, `query_seqlens` inputs and rotary tables;
+2. `TreeGroupQueryAttention` and its no-rotary twin (tree_gqa.py): every attention -> GroupQueryAttention over a
+   shared past/present buffer, reading the new `seqlens_k`, `total_sequence_length`, `query_seqlens` inputs and
+   rotary tables;
 3. `PackQKV` (pack_qkv.py): the three projections -> one GEMM;
 4. the new signature: the returned K/V slices give way to GQA's present outputs, inputs get their step names.
 
@@ -30,7 +31,7 @@ from onnxscript.rewriter.ort_fusions.sdpa import fuse_sdpa
 from onnxscript.rewriter.ort_fusions.skip_normalization import fuse_skip_rms_normalization
 
 from elision.lowering.ort_rules.pack_qkv import pack_qkv_rules
-from elision.lowering.ort_rules.tree_gqa import MS_DOMAIN, GQAInputs, TreeGroupQueryAttention
+from elision.lowering.ort_rules.tree_gqa import MS_DOMAIN, GQAInputs, TreeGroupQueryAttention, TreeGroupQueryAttentionNoRotary
 from elision.runtime.generation import step_signature as sig
 
 __all__ = ["StepLoweringError", "lower_generation_step", "VERIFY_INPUTS"]
@@ -76,7 +77,8 @@ def _fuse_attention(model: ir.Model, pasts: list[ir.Value], max_positions: int) 
     new = GQAInputs(model, _int_input(sig.SEQLENS_K, ["batch"]), _int_input(sig.TOTAL_SEQUENCE_LENGTH, []),
                     _int_input(sig.QUERY_SEQLENS, ["batch"]), max_positions)
     graph.inputs.extend([new.seqlens_k, new.total_sequence_length, new.query_seqlens])
-    fused = pattern.RewriteRuleSet([TreeGroupQueryAttention.rule(new)]).apply_to_model(model)
+    fused = pattern.RewriteRuleSet([TreeGroupQueryAttention.rule(new),
+                                    TreeGroupQueryAttentionNoRotary.rule(new)]).apply_to_model(model)
     layers = len(pasts) // 2
     unfused = [p.name for p in pasts if p.name not in new.presents]
     if fused != layers or unfused:
@@ -84,12 +86,23 @@ def _fuse_attention(model: ir.Model, pasts: list[ir.Value], max_positions: int) 
         raise StepLoweringError(f"{fused} of {layers} attention layers became GroupQueryAttention{why}; "
                                 f"past inputs left unfused: {unfused[:4]}")
     common_passes.RemoveUnusedNodesPass()(model)
-    for past in pasts:  # a Shape of a past input would now read the buffer size, not the cache length
-        users = {(use.node.op_type, use.node.domain, use.idx) for use in past.uses()}
-        if not users <= {("GroupQueryAttention", MS_DOMAIN, 3), ("GroupQueryAttention", MS_DOMAIN, 4)} or \
-                len(past.uses()) != 1:
+    for past in pasts:  # a Shape of a past input's length would now read the buffer size, not the cache length
+        fused_reads = [u for u in past.uses() if (u.node.op_type, u.node.domain, u.idx) in
+                       {("GroupQueryAttention", MS_DOMAIN, 3), ("GroupQueryAttention", MS_DOMAIN, 4)}]
+        others = [u for u in past.uses() if u not in fused_reads and not _reads_batch_or_heads(u.node)]
+        if len(fused_reads) != 1 or others:
+            users = {(u.node.op_type, u.node.domain, u.idx) for u in past.uses()}
             raise StepLoweringError(f"past input {past.name} is still read outside its GroupQueryAttention: {users}")
     return new
+
+
+def _reads_batch_or_heads(node: ir.Node) -> bool:
+    """A Shape of only the leading [batch, kv_heads] dims (GPT-2 takes its batch size from the past K): those are the
+    same in the concatenating past and in the shared buffer, unlike the length."""
+    if node.op_type != "Shape" or node.domain not in ("", "ai.onnx"):
+        return False
+    start, end = node.attributes.get_int("start", 0), node.attributes.get_int("end", None)
+    return end is not None and 0 <= start < end <= 2
 
 
 def _rename(graph: ir.Graph, pasts: list[ir.Value], presents: dict[str, ir.Value], kv_heads: int,

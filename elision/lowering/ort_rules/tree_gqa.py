@@ -1,22 +1,28 @@
-"""Rewrite rule: one attention of the exported `@verify` graph -> `com.microsoft.GroupQueryAttention` over a shared
+"""Rewrite rules: one attention of the exported `@verify` graph -> `com.microsoft.GroupQueryAttention` over a shared
 KV buffer, with explicit position ids and the tree's additive bias.
 
-It runs after onnxscript's own fusions have reduced the attention to (per layer)
+They run after onnxscript's own fusions have reduced the attention to (per layer)
 
-    q, k, v   = Transpose(Reshape(MatMul(h, W_q|k|v) [+ bias]))            BSD -> BHSd
+    q, k, v   = Transpose(Reshape(proj_q|k|v))                           [batch, n, ...] -> BHSd
                 (q and k optionally RMS-normalized per head between Reshape and Transpose: Qwen3's q_norm/k_norm)
-    q_r, k_r  = RotaryEmbedding(q | k, cos, sin)                        (ai.onnxruntime._fusion)
+    q_r, k_r  = RotaryEmbedding(q | k, cos, sin)                        (ai.onnxruntime._fusion; absent: GPT-2)
     K, V      = repeat_kv(Concat(past_k, k_r)), repeat_kv(Concat(past_v, v))   (GQA head repetition, if any)
     out       = Reshape(Transpose(SDPA(q_r, K, V, bias)))                (ai.onnxruntime._fusion)
 
-and replaces it with `GroupQueryAttention(q, k, v, past_k, past_v, seqlens_k, total_sequence_length, cos_table,
-sin_table, position_ids, attention_bias, query_seqlens)` (do_rotary=1). Per-head q/k norms stay in the graph: GQA
-then reads the normalized heads, flattened back to [batch, n, heads * head_dim], and rotates them itself, which is
-Qwen3's order (norm, then rotary). GQA's own `q_norm_weight`/`k_norm_weight` inputs would do the same in the
-kernel, but onnxruntime's CPU kernel refuses them (CUDA only). GQA appends the new K/V to the past
-buffer in place and attends causally (bottom-right aligned) plus the bias, so tree nodes in parents-first order
-see exactly their ancestors. onnxscript's own `fuse_gqa` does not fit: it expects a causal mask built from a 2-D
-`attention_mask` input and derives `seqlens_k` from the largest position id, which is wrong for a tree.
+and replace it with `GroupQueryAttention(q, k, v, past_k, past_v, seqlens_k, total_sequence_length, cos_table,
+sin_table, position_ids, attention_bias, query_seqlens)`: do_rotary=1 (`TreeGroupQueryAttention`), or do_rotary=0
+without tables and positions (`TreeGroupQueryAttentionNoRotary`, for learned absolute positions). GQA appends the
+new K/V to the past buffer in place and attends causally (bottom-right aligned) plus the bias, so tree nodes in
+parents-first order see exactly their ancestors. onnxscript's own `fuse_gqa` does not fit: it expects a causal mask
+built from a 2-D `attention_mask` input and derives `seqlens_k` from the largest position id, which is wrong for a
+tree.
+
+Shapes GQA needs that the model does not give are made around it: a projection split further than [batch, n,
+hidden] (Falcon's [batch, n, groups, heads per group, head_dim]) is flattened to [batch, n, -1]; an output the model
+flattens to [batch * n, hidden] (GPT-2's Conv1D as a 2-D Gemm) is reshaped the model's way. Per-head q/k norms stay
+in the graph: GQA reads the normalized heads, flattened, and rotates them itself, which is Qwen3's order (norm, then
+rotary); GQA's own `q_norm_weight`/`k_norm_weight` inputs would do it in the kernel, but onnxruntime's CPU kernel
+refuses them (CUDA only).
 
 The present K/V outputs of every fused node are collected in `GQAInputs.presents` (by past input name) so the
 caller can make them graph outputs.
@@ -33,7 +39,7 @@ from elision.lowering.ort_rules.rope_cache import RopeTableError, RopeTables, ro
 FUSION_DOMAIN = "ai.onnxruntime._fusion"  # onnxscript's internal domain for RotaryEmbedding / SDPA placeholders
 MS_DOMAIN = "com.microsoft"
 
-__all__ = ["GQAInputs", "TreeGroupQueryAttention", "MS_DOMAIN"]
+__all__ = ["GQAInputs", "TreeGroupQueryAttention", "TreeGroupQueryAttentionNoRotary", "MS_DOMAIN"]
 
 
 @dataclass
@@ -69,38 +75,45 @@ def _bias_input(mask: ir.Value) -> ir.Value | None:
     return data
 
 
+def _heads(op, x, name: str, normed: bool = False):
+    """[batch, n, heads * head_dim] -> [batch, heads, n, head_dim], bound as `name` after the Reshape; `normed`: an
+    RMSNorm over each head's vector may sit between Reshape and Transpose (Qwen3's q_norm / k_norm, which onnxscript
+    has fused to SimplifiedLayerNormalization), bound as `name`_norm with its weight `name`_norm_weight."""
+    shaped = op.Reshape(x, pattern.ANY_VALUE, _outputs=[name])
+    if normed:
+        norm = op.SimplifiedLayerNormalization(shaped, pattern.Var(f"{name}_norm_weight"), _allow_other_attributes=True,
+                                               _outputs=[f"{name}_norm"])
+        shaped = pattern.OrValue([norm, shaped])
+    return op.Transpose(shaped, perm=[0, 2, 1, 3])
+
+
+def _attention(op, q, k, v, past_k, past_v, mask):
+    def cached(past, new):
+        full = op.Concat(past, new, axis=2)
+        repeated = op.Reshape(op.Expand(op.Unsqueeze(full, [2]), pattern.ANY_VALUE), pattern.ANY_VALUE)
+        return pattern.OrValue([repeated, full])
+
+    att = op.SDPA(q, cached(past_k, k), cached(past_v, v), mask, key_format="BHSd", _domain=FUSION_DOMAIN,
+                  _allow_other_attributes=True, _outputs=["att"])
+    return op.Reshape(op.Transpose(att, perm=[0, 2, 1, 3]), pattern.Var("out_shape"), _outputs=["out"])
+
+
 class TreeGroupQueryAttention(pattern.RewriteRuleClassBase):
     def __init__(self, inputs: GQAInputs):
         super().__init__("TreeGroupQueryAttention")
         self.inputs = inputs
 
     def pattern(self, op, q_lin, k_lin, v_lin, cos, sin, past_k, past_v, mask):
-        def heads(x, name, normed: bool = False):
-            shaped = op.Reshape(x, pattern.ANY_VALUE, _outputs=[name])
-            if normed:  # an RMSNorm over each head's vector (onnxscript has fused it to SimplifiedLayerNormalization)
-                norm = op.SimplifiedLayerNormalization(shaped, pattern.Var(f"{name}_norm_weight"),
-                                                       _allow_other_attributes=True, _outputs=[f"{name}_norm"])
-                shaped = pattern.OrValue([norm, shaped])
-            return op.Transpose(shaped, perm=[0, 2, 1, 3])
+        q, k = _heads(op, q_lin, "q_bshd", normed=True), _heads(op, k_lin, "k_bshd", normed=True)
+        q = op.RotaryEmbedding(q, cos, sin, _domain=FUSION_DOMAIN, _outputs=["q_rot"])
+        k = op.RotaryEmbedding(k, cos, sin, _domain=FUSION_DOMAIN, _outputs=["k_rot"])
+        return _attention(op, q, k, _heads(op, v_lin, "v_bshd"), past_k, past_v, mask)
 
-        q = op.RotaryEmbedding(heads(q_lin, "q_bshd", True), cos, sin, _domain=FUSION_DOMAIN, _outputs=["q_rot"])
-        k = op.RotaryEmbedding(heads(k_lin, "k_bshd", True), cos, sin, _domain=FUSION_DOMAIN, _outputs=["k_rot"])
-        v = heads(v_lin, "v_bshd")
-
-        def cached(past, new):
-            full = op.Concat(past, new, axis=2)
-            repeated = op.Reshape(op.Expand(op.Unsqueeze(full, [2]), pattern.ANY_VALUE), pattern.ANY_VALUE)
-            return pattern.OrValue([repeated, full])
-
-        att = op.SDPA(q, cached(past_k, k), cached(past_v, v), mask, key_format="BHSd", _domain=FUSION_DOMAIN,
-                      _allow_other_attributes=True, _outputs=["att"])
-        return op.Reshape(op.Transpose(att, perm=[0, 2, 1, 3]), pattern.ANY_VALUE)
-
-    def check(self, context, q_bshd, k_bshd, v_bshd, q_rot, k_rot, att, cos, sin, past_k, past_v, mask,
-              q_bshd_norm=None, k_bshd_norm=None, **_):
+    def check(self, context, q_lin, k_lin, v_lin, q_bshd, k_bshd, v_bshd, att, out, past_k, past_v, mask, q_rot=None,
+              k_rot=None, cos=None, sin=None, q_bshd_norm=None, k_bshd_norm=None, **_):
         result = pattern.MatchResult()
         for rot in (q_rot, k_rot):
-            if rot.producer().attributes.get_int("interleaved", 0):
+            if rot is not None and rot.producer().attributes.get_int("interleaved", 0):
                 return self._fail(result, "interleaved rotary is not what GroupQueryAttention's rotary computes", rot)
         heads, kv_heads = _ir_utils.get_dim(q_bshd, 2), _ir_utils.get_dim(k_bshd, 2)
         head_dim, v_heads = _ir_utils.get_dim(q_bshd, 3), _ir_utils.get_dim(v_bshd, 2)
@@ -111,6 +124,14 @@ class TreeGroupQueryAttention(pattern.RewriteRuleClassBase):
             return self._fail(result, f"head size {head_dim} is not a multiple of 16, which GroupQueryAttention needs", q_bshd)
         if heads % kv_heads or v_heads != kv_heads:
             return self._fail(result, f"{heads} query heads over {kv_heads} key / {v_heads} value heads is not GQA", k_bshd)
+        # per projection: True when it comes split further than [batch, n, hidden] (Falcon's [batch, n, groups,
+        # heads per group, head_dim]); its row-major reshape to heads then equals flattening it to [batch, n, -1]
+        self._split = []
+        for x, shaped in ((q_lin, q_bshd), (k_lin, k_bshd), (v_lin, v_bshd)):
+            dims = [str(d) for d in x.shape] if x.shape is not None else []
+            if len(dims) < 3 or dims[:2] != [str(d) for d in list(shaped.shape)[:2]]:
+                return self._fail(result, "a q/k/v projection whose leading dims are not [batch, n]", x)
+            self._split.append(len(dims) > 3)
         norms = self._head_norms(result, head_dim, q_bshd_norm, k_bshd_norm)
         if norms is None:
             return result
@@ -119,18 +140,21 @@ class TreeGroupQueryAttention(pattern.RewriteRuleClassBase):
         bias = _bias_input(mask)
         if bias is None:
             return self._fail(result, "the attention mask is not the graph's additive bias input", mask)
-        if (cos, sin) not in self.inputs.tables:
+        if q_rot is not None and (cos, sin) not in self.inputs.tables:
             try:
                 tables = rope_tables(self.inputs.model, cos, sin, self.inputs.max_positions)
             except RopeTableError as e:
                 return self._fail(result, str(e), [cos, sin])
             self.inputs.tables[(cos, sin)] = self._table_values(tables)
         scale = att.producer().attributes.get("scale")
-        self._attrs = dict(num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0)
+        self._attrs = dict(num_heads=heads, kv_num_heads=kv_heads, do_rotary=int(q_rot is not None), rotary_interleaved=0)
         if scale is not None and scale.value is not None:
             self._attrs["scale"] = float(scale.value)
         self._norms = [(norm.producer(), n_heads) for norm, n_heads in zip(norms, (heads, kv_heads))]
         self._bias = bias
+        # GQA returns [batch, n, heads * head_dim]; a model that flattens to [batch * n, hidden] here for its output
+        # projection (GPT-2's Conv1D as a 2-D Gemm) gets its own reshape back
+        self._flatten = out.shape is None or out.shape.rank() != 3
         return result
 
     def _head_norms(self, result: pattern.MatchResult, head_dim: int, q_norm: ir.Value | None,
@@ -179,9 +203,12 @@ class TreeGroupQueryAttention(pattern.RewriteRuleClassBase):
             values.append(value)
         return values[0], values[1], tables.positions
 
-    def rewrite(self, op, q_lin, k_lin, v_lin, cos, sin, past_k, past_v, **_):
-        cos_table, sin_table, positions = self.inputs.tables[(cos, sin)]
+    def rewrite(self, op, q_lin, k_lin, v_lin, past_k, past_v, out_shape, cos=None, sin=None, **_):
+        # without rotary GQA reads no tables and no positions (the model adds its position embedding itself)
+        cos_table, sin_table, positions = self.inputs.tables[(cos, sin)] if self._attrs["do_rotary"] else (None,) * 3
         i = self.inputs
+        q_lin, k_lin, v_lin = (op.Reshape(x, op.Constant(value_ints=[0, 0, -1])) if split else x
+                               for x, split in zip((q_lin, k_lin, v_lin), self._split))
         if self._norms:  # q and k split into heads, normalized (the model's own norm node) and flattened for GQA
             q_lin, k_lin = (self._normalized(op, x, node, n_heads) for x, (node, n_heads) in zip((q_lin, k_lin), self._norms))
         out, present_k, present_v = op.GroupQueryAttention(
@@ -190,4 +217,12 @@ class TreeGroupQueryAttention(pattern.RewriteRuleClassBase):
             _domain=MS_DOMAIN, _outputs=3, **self._attrs)
         i.presents[past_k.name] = present_k
         i.presents[past_v.name] = present_v
-        return out
+        return op.Reshape(out, out_shape) if self._flatten else out
+
+
+class TreeGroupQueryAttentionNoRotary(TreeGroupQueryAttention):
+    """The same attention without rotary (positions enter as a learned embedding, GPT-2): GQA with do_rotary=0."""
+
+    def pattern(self, op, q_lin, k_lin, v_lin, past_k, past_v, mask):
+        q, k = _heads(op, q_lin, "q_bshd", normed=True), _heads(op, k_lin, "k_bshd", normed=True)
+        return _attention(op, q, k, _heads(op, v_lin, "v_bshd"), past_k, past_v, mask)
