@@ -119,9 +119,13 @@ def test_per_head_qk_norms_stay_in_front_of_gqa():
     onnxruntime.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), providers=["CPUExecutionProvider"])
 
 
-def test_a_norm_on_q_alone_is_refused_with_the_reason():
-    with pytest.raises(StepLoweringError, match="only one of q and k is normalized per head"):
-        lower_generation_step(_qwen3_export(drop_k_norm=True), max_positions=40, kv_heads=2, head_dim=16)
+def test_a_norm_on_q_alone_normalizes_q_alone():
+    model = _qwen3_export(drop_k_norm=True)
+    assert lower_generation_step(model, max_positions=40, kv_heads=2, head_dim=16)["fusions"]["group_query_attention"] == 1
+    gqa = next(n for n in model.graph if n.op_type == "GroupQueryAttention")
+    query, key = (value.producer() for value in gqa.inputs[:2])
+    assert query.op_type == "Reshape" and query.inputs[0].producer().op_type == "SimplifiedLayerNormalization"
+    assert key.op_type == "MatMul"  # k straight from its projection
 
 
 def test_attention_without_rotary_becomes_gqa_without_rotary():

@@ -31,7 +31,8 @@ from onnxscript.rewriter.ort_fusions.sdpa import fuse_sdpa
 from onnxscript.rewriter.ort_fusions.skip_normalization import fuse_skip_rms_normalization
 
 from elision.lowering.ort_rules.pack_qkv import pack_qkv_rules
-from elision.lowering.ort_rules.tree_gqa import MS_DOMAIN, GQAInputs, TreeGroupQueryAttention, TreeGroupQueryAttentionNoRotary
+from elision.lowering.ort_rules.tree_gqa import (MS_DOMAIN, GQAInputs, TreeGroupQueryAttention,
+                                                 TreeGroupQueryAttentionNoRotary)
 from elision.runtime.generation import step_signature as sig
 
 __all__ = ["StepLoweringError", "lower_generation_step", "VERIFY_INPUTS"]

@@ -21,8 +21,8 @@ Shapes GQA needs that the model does not give are made around it: a projection s
 hidden] (Falcon's [batch, n, groups, heads per group, head_dim]) is flattened to [batch, n, -1]; an output the model
 flattens to [batch * n, hidden] (GPT-2's Conv1D as a 2-D Gemm) is reshaped the model's way. Per-head q/k norms stay
 in the graph: GQA reads the normalized heads, flattened, and rotates them itself, which is Qwen3's order (norm, then
-rotary); GQA's own `q_norm_weight`/`k_norm_weight` inputs would do it in the kernel, but onnxruntime's CPU kernel
-refuses them (CUDA only).
+rotary), whether both have one or only q or k; GQA's own `q_norm_weight`/`k_norm_weight` inputs would do it in the
+kernel, but onnxruntime's CPU kernel refuses them (CUDA only), and they come only as a pair.
 
 The present K/V outputs of every fused node are collected in `GQAInputs.presents` (by past input name) so the
 caller can make them graph outputs.
@@ -121,9 +121,11 @@ class TreeGroupQueryAttention(pattern.RewriteRuleClassBase):
             return self._fail(result, "head counts and head size must be static", [q_bshd, k_bshd])
         if head_dim % 16:
             # ONNX Runtime's CPU kernel refuses other head sizes at run time ("head_size shall be a multiple of 16")
-            return self._fail(result, f"head size {head_dim} is not a multiple of 16, which GroupQueryAttention needs", q_bshd)
+            return self._fail(result, f"head size {head_dim} is not a multiple of 16, which GroupQueryAttention needs",
+                              q_bshd)
         if heads % kv_heads or v_heads != kv_heads:
-            return self._fail(result, f"{heads} query heads over {kv_heads} key / {v_heads} value heads is not GQA", k_bshd)
+            return self._fail(result, f"{heads} query heads over {kv_heads} key / {v_heads} value heads is not GQA",
+                              k_bshd)
         # per projection: True when it comes split further than [batch, n, hidden] (Falcon's [batch, n, groups,
         # heads per group, head_dim]); its row-major reshape to heads then equals flattening it to [batch, n, -1]
         self._split = []
@@ -147,37 +149,30 @@ class TreeGroupQueryAttention(pattern.RewriteRuleClassBase):
                 return self._fail(result, str(e), [cos, sin])
             self.inputs.tables[(cos, sin)] = self._table_values(tables)
         scale = att.producer().attributes.get("scale")
-        self._attrs = dict(num_heads=heads, kv_num_heads=kv_heads, do_rotary=int(q_rot is not None), rotary_interleaved=0)
+        self._attrs = dict(num_heads=heads, kv_num_heads=kv_heads, do_rotary=int(q_rot is not None),
+                           rotary_interleaved=0)
         if scale is not None and scale.value is not None:
             self._attrs["scale"] = float(scale.value)
-        self._norms = [(norm.producer(), n_heads) for norm, n_heads in zip(norms, (heads, kv_heads))]
+        self._norms = list(zip(norms, (heads, kv_heads)))
         self._bias = bias
         # GQA returns [batch, n, heads * head_dim]; a model that flattens to [batch * n, hidden] here for its output
         # projection (GPT-2's Conv1D as a 2-D Gemm) gets its own reshape back
         self._flatten = out.shape is None or out.shape.rank() != 3
         return result
 
-    def _head_norms(self, result: pattern.MatchResult, head_dim: int, q_norm: ir.Value | None,
-                    k_norm: ir.Value | None) -> tuple | None:
-        """() without per-head q/k norms, (q norm, k norm) with both; None (a failed check) when only one is
-        normalized (GQA's rotary would then meet a normalized and a raw head) or a norm is not over each head's
-        vector with a [head_dim] weight."""
-        if q_norm is None and k_norm is None:
-            return ()
-        if q_norm is None or k_norm is None:
-            self._fail(result, "only one of q and k is normalized per head; GroupQueryAttention normalizes both", [q_norm, k_norm])
-            return None
+    def _head_norms(self, result: pattern.MatchResult, head_dim: int, *norms: ir.Value | None) -> list | None:
+        """The per-head norm node of q and of k (None where that projection has none); None (a failed check) when a
+        norm is not over each head's vector with a [head_dim] weight."""
         found = []
-        for norm in (q_norm, k_norm):
-            node = norm.producer()
-            weight = node.inputs[1]
-            if node.attributes.get_int("axis", -1) not in (-1, 3) or weight is None or weight.shape is None \
-                    or list(weight.shape) != [head_dim]:
+        for norm in norms:
+            node = norm.producer() if norm is not None else None
+            if node is not None and (node.attributes.get_int("axis", -1) not in (-1, 3) or node.inputs[1] is None
+                                     or node.inputs[1].shape is None or list(node.inputs[1].shape) != [head_dim]):
                 self._fail(result, f"a per-head q/k norm that is not over each head's vector with a [{head_dim}] "
                                    "weight", norm)
                 return None
-            found.append(norm)
-        return tuple(found)
+            found.append(node)
+        return found
 
     @staticmethod
     def _normalized(op, x: ir.Value, norm: ir.Node, n_heads: int) -> ir.Value:
@@ -209,8 +204,9 @@ class TreeGroupQueryAttention(pattern.RewriteRuleClassBase):
         i = self.inputs
         q_lin, k_lin, v_lin = (op.Reshape(x, op.Constant(value_ints=[0, 0, -1])) if split else x
                                for x, split in zip((q_lin, k_lin, v_lin), self._split))
-        if self._norms:  # q and k split into heads, normalized (the model's own norm node) and flattened for GQA
-            q_lin, k_lin = (self._normalized(op, x, node, n_heads) for x, (node, n_heads) in zip((q_lin, k_lin), self._norms))
+        # q and k with a per-head norm: split into heads, normalized (the model's own norm node), flattened for GQA
+        q_lin, k_lin = (self._normalized(op, x, norm, n_heads) if norm is not None else x
+                        for x, (norm, n_heads) in zip((q_lin, k_lin), self._norms))
         out, present_k, present_v = op.GroupQueryAttention(
             q_lin, k_lin, v_lin, past_k, past_v, i.seqlens_k, i.total_sequence_length, cos_table, sin_table,
             positions, self._bias, None, None, None, None, None, i.query_seqlens,
