@@ -13,7 +13,7 @@ def save_tiny_lm_dir(path: Path, arch: str = "llama", seed: int = 0, layers: int
 
     4 query / 2 KV heads: `hidden_size=64` gives head size 16, the smallest ONNX Runtime's GroupQueryAttention runs
     (the in-place step form); 32 gives 8 (the concatenating verify form). `arch` "qwen2" adds q/k/v biases,
-    "mistral" a sliding window of 12, "qwen3" per-head q/k norms.
+    "mistral" a sliding window of 12, "qwen3" per-head q/k norms, "phi" and "stablelm" rotary over half of each head.
     `sharpen` scales the LM head, spreading the logits so that greedy argmax ties are rare (float32 comparisons).
     """
     import inspect
@@ -43,6 +43,10 @@ def save_tiny_lm_dir(path: Path, arch: str = "llama", seed: int = 0, layers: int
             model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
         elif arch == "mistral":  # a window shorter than the sequences, so the window mask is exercised
             model = transformers.MistralForCausalLM(transformers.MistralConfig(**common, sliding_window=12))
+        elif arch == "phi":  # rotary over half of each head (16 of 32 dims with hidden_size=128), parallel MLP
+            model = transformers.PhiForCausalLM(transformers.PhiConfig(**common, partial_rotary_factor=0.5))
+        elif arch == "stablelm":  # partial rotary with grouped k/v heads
+            model = transformers.StableLmForCausalLM(transformers.StableLmConfig(**common, partial_rotary_factor=0.5))
         elif arch == "qwen3":  # per-head q/k RMSNorm before the rotary, with weights that are not all ones
             model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common, head_dim=hidden_size // 4))
             with torch.no_grad():

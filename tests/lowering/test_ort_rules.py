@@ -159,3 +159,26 @@ def test_projections_split_into_groups_are_flattened_for_gqa():
         flatten = value.producer()
         assert flatten.op_type == "Reshape" and flatten.inputs[1].producer().attributes["value_ints"].value == (0, 0, -1)
     onnxruntime.InferenceSession(ir.serde.serialize_model(lowered).SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("head_dim, fuses", [(32, True), (16, False)])
+def test_partial_rotary_becomes_gqa_tables_over_the_rotated_dims(head_dim, fuses):
+    """Phi rotates half of each head: GQA gets [max_positions, rotary_dim / 2] tables when its CPU kernel can rotate
+    that many dims (a multiple of 16), and the step is refused with the reason otherwise."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.PhiConfig(hidden_size=4 * head_dim, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, partial_rotary_factor=0.5, vocab_size=97,
+                                 max_position_embeddings=40)
+    lowered = _export(transformers.PhiForCausalLM(cfg).eval())
+    if not fuses:
+        with pytest.raises(StepLoweringError, match="partial rotary over 8 dims per head"):
+            lower_generation_step(lowered, max_positions=40, kv_heads=4, head_dim=head_dim)
+        return
+    lower_generation_step(lowered, max_positions=40, kv_heads=4, head_dim=head_dim)
+    gqa = next(n for n in lowered.graph if n.op_type == "GroupQueryAttention")
+    assert gqa.attributes.get_int("do_rotary") == 1
+    assert list(gqa.inputs[7].shape) == [40, head_dim // 4]  # cos table: half of the rotated half
+    assert not any(n.op_type == "Concat" for n in lowered.graph)
+    onnxruntime.InferenceSession(ir.serde.serialize_model(lowered).SerializeToString(), providers=["CPUExecutionProvider"])

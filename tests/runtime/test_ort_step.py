@@ -54,11 +54,11 @@ def user_cache(tmp_path_factory):
         os.environ["ELISION_CACHE_DIR"] = old
 
 
-def _model(tmp_path_factory, arch: str, forms: tuple[str, ...]):
+def _model(tmp_path_factory, arch: str, forms: tuple[str, ...], hidden_size: int = 64):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     root = tmp_path_factory.mktemp(arch)
-    model_dir = save_tiny_lm_dir(root / "model", arch, layers=2, hidden_size=64, sharpen=4.0)
+    model_dir = save_tiny_lm_dir(root / "model", arch, layers=2, hidden_size=hidden_size, sharpen=4.0)
     reports = {form: export_generation_artifact(str(model_dir), root / form, form=form,
                                                 calibrate=form == sig.STEP_FORM) for form in forms}
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -85,6 +85,12 @@ def mistral(tmp_path_factory):
 @pytest.fixture(scope="module")
 def qwen3(tmp_path_factory):
     return _model(tmp_path_factory, "qwen3", (sig.STEP_FORM,))
+
+
+@pytest.fixture(scope="module")
+def phi(tmp_path_factory):
+    """Head size 32 with rotary over its first 16 dims (GQA's CPU kernel rotates a multiple of 16)."""
+    return _model(tmp_path_factory, "phi", (sig.STEP_FORM,), hidden_size=128)
 
 
 def hf_greedy(model, ids: list[int], max_new: int, eos: list[int]) -> tuple[list[int], float]:
@@ -233,12 +239,13 @@ def test_step_session_greedy_matches_hf(llama, data, drafter, tree, batch, max_n
 
 
 @pytest.mark.parametrize("arch, form", [("llama", sig.VERIFY_FORM), ("qwen2", sig.STEP_FORM), ("mistral", sig.STEP_FORM),
-                                        ("qwen3", sig.STEP_FORM)])
+                                        ("qwen3", sig.STEP_FORM), ("phi", sig.STEP_FORM)])
 def test_fixed_prompts_match_hf(arch, form, request):
     """The concatenating form (older artifacts), Qwen2's biased packed projections, Mistral's sliding window
-    (the bias masks cache rows outside it) and Qwen3's per-head q/k norms, on repetitive prompts longer than the
-    window."""
+    (the bias masks cache rows outside it), Qwen3's per-head q/k norms and Phi's partial rotary, on repetitive
+    prompts longer than the window."""
     m = request.getfixturevalue(arch)
+    assert m.reports[form]["form"] == form, m.reports[form].get("step_lowering")
     gen = m.gens[form]
     prompts = [[5, 6, 7, 8, 9] * 4, [11, 12, 13] * 5 + [14], [40, 41, 42, 43] * 3]
     expected = [hf_greedy(m.model, p, 32, [])[0] for p in prompts]

@@ -32,7 +32,7 @@ from onnxscript.rewriter.ort_fusions.skip_normalization import fuse_skip_rms_nor
 
 from elision.lowering.ort_rules.pack_qkv import pack_qkv_rules
 from elision.lowering.ort_rules.tree_gqa import (MS_DOMAIN, GQAInputs, TreeGroupQueryAttention,
-                                                 TreeGroupQueryAttentionNoRotary)
+                                                 TreeGroupQueryAttentionNoRotary, TreeGroupQueryAttentionPartialRotary)
 from elision.runtime.generation import step_signature as sig
 
 __all__ = ["StepLoweringError", "lower_generation_step", "VERIFY_INPUTS"]
@@ -78,8 +78,8 @@ def _fuse_attention(model: ir.Model, pasts: list[ir.Value], max_positions: int) 
     new = GQAInputs(model, _int_input(sig.SEQLENS_K, ["batch"]), _int_input(sig.TOTAL_SEQUENCE_LENGTH, []),
                     _int_input(sig.QUERY_SEQLENS, ["batch"]), max_positions)
     graph.inputs.extend([new.seqlens_k, new.total_sequence_length, new.query_seqlens])
-    fused = pattern.RewriteRuleSet([TreeGroupQueryAttention.rule(new),
-                                    TreeGroupQueryAttentionNoRotary.rule(new)]).apply_to_model(model)
+    rules = (TreeGroupQueryAttention, TreeGroupQueryAttentionPartialRotary, TreeGroupQueryAttentionNoRotary)
+    fused = pattern.RewriteRuleSet([rule.rule(new) for rule in rules]).apply_to_model(model)
     layers = len(pasts) // 2
     unfused = [p.name for p in pasts if p.name not in new.presents]
     if fused != layers or unfused:

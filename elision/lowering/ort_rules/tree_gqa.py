@@ -39,7 +39,8 @@ from elision.lowering.ort_rules.rope_cache import RopeTableError, RopeTables, ro
 FUSION_DOMAIN = "ai.onnxruntime._fusion"  # onnxscript's internal domain for RotaryEmbedding / SDPA placeholders
 MS_DOMAIN = "com.microsoft"
 
-__all__ = ["GQAInputs", "TreeGroupQueryAttention", "TreeGroupQueryAttentionNoRotary", "MS_DOMAIN"]
+__all__ = ["GQAInputs", "TreeGroupQueryAttention", "TreeGroupQueryAttentionNoRotary",
+           "TreeGroupQueryAttentionPartialRotary", "MS_DOMAIN"]
 
 
 @dataclass
@@ -222,3 +223,47 @@ class TreeGroupQueryAttentionNoRotary(TreeGroupQueryAttention):
     def pattern(self, op, q_lin, k_lin, v_lin, past_k, past_v, mask):
         q, k = _heads(op, q_lin, "q_bshd", normed=True), _heads(op, k_lin, "k_bshd", normed=True)
         return _attention(op, q, k, _heads(op, v_lin, "v_bshd"), past_k, past_v, mask)
+
+
+class TreeGroupQueryAttentionPartialRotary(TreeGroupQueryAttention):
+    """Rotary over the first r dims of each head only (Phi, StableLM, GPT-NeoX's `rotary_pct`):
+    `Concat(RotaryEmbedding(x[..., :r]), x[..., r:])`. GQA rotates the first r dims when its cos/sin tables are
+    [max_positions, r / 2], which its CPU kernel accepts for r / 2 a multiple of 8."""
+
+    def pattern(self, op, q_lin, k_lin, v_lin, cos, sin, past_k, past_v, mask):
+        def partly_rotated(x, name):
+            heads = _heads(op, x, f"{name}_bshd", normed=True)
+            rotated = op.RotaryEmbedding(op.Slice(heads, _allow_other_inputs=True, _outputs=[f"{name}_head"]), cos, sin,
+                                         _domain=FUSION_DOMAIN, _outputs=[f"{name}_rot"])
+            kept = op.Slice(heads, _allow_other_inputs=True, _outputs=[f"{name}_tail"])
+            return op.Concat(rotated, kept, axis=-1)
+
+        q, k = partly_rotated(q_lin, "q"), partly_rotated(k_lin, "k")
+        return _attention(op, q, k, _heads(op, v_lin, "v_bshd"), past_k, past_v, mask)
+
+    def check(self, context, q_head, q_tail, k_head, k_tail, q_rot, **kwargs):
+        result = pattern.MatchResult()
+        rotary_dim = _ir_utils.get_dim(q_rot, 3)
+        if not isinstance(rotary_dim, int) or rotary_dim % 16:
+            return self._fail(result, f"partial rotary over {rotary_dim} dims per head; GroupQueryAttention's CPU "
+                                      "kernel needs a multiple of 16", q_rot)
+        for head, tail in ((q_head, q_tail), (k_head, k_tail)):
+            if not (_last_axis_slice(head.producer(), 0, rotary_dim) and
+                    _last_axis_slice(tail.producer(), rotary_dim, None)):
+                return self._fail(result, "the rotary part and the rest are not the first and last dims of each head",
+                                  [head, tail])
+        return super().check(context, q_rot=q_rot, **kwargs)
+
+
+def _last_axis_slice(node: ir.Node, start: int, end: int | None) -> bool:
+    """`node` is Slice(x, [start], [end], [last axis](, [1])), with `end` None meaning "to the end"."""
+    data, starts, ends, axes = (list(node.inputs) + [None] * 4)[:4]
+    steps = node.inputs[4] if len(node.inputs) > 4 else None
+    if axes is None or not _ir_utils.is_singleton_value(axes, lambda a: a in (-1, data.shape.rank() - 1 if data.shape else -1)):
+        return False
+    if steps is not None and not _ir_utils.is_singleton_value(steps, 1):
+        return False
+    if not _ir_utils.is_singleton_value(starts, start):
+        return False
+    return _ir_utils.is_singleton_value(ends, lambda e: e >= 2**31 - 1 or e == _ir_utils.get_dim(data, -1)
+                                        if end is None else e == end)
