@@ -226,7 +226,7 @@ class TreeGroupQueryAttentionNoRotary(TreeGroupQueryAttention):
 
 
 class TreeGroupQueryAttentionPartialRotary(TreeGroupQueryAttention):
-    """Rotary over the first r dims of each head only (Phi, StableLM, GPT-NeoX's `rotary_pct`):
+    """Rotary over the first r dims of each head only (Phi's and StableLM's `partial_rotary_factor`):
     `Concat(RotaryEmbedding(x[..., :r]), x[..., r:])`. GQA rotates the first r dims when its cos/sin tables are
     [max_positions, r / 2], which its CPU kernel accepts for r / 2 a multiple of 8."""
 
@@ -259,7 +259,8 @@ def _last_axis_slice(node: ir.Node, start: int, end: int | None) -> bool:
     """`node` is Slice(x, [start], [end], [last axis](, [1])), with `end` None meaning "to the end"."""
     data, starts, ends, axes = (list(node.inputs) + [None] * 4)[:4]
     steps = node.inputs[4] if len(node.inputs) > 4 else None
-    if axes is None or not _ir_utils.is_singleton_value(axes, lambda a: a in (-1, data.shape.rank() - 1 if data.shape else -1)):
+    last = data.shape.rank() - 1 if data.shape is not None else -1
+    if axes is None or not _ir_utils.is_singleton_value(axes, lambda a: a in (-1, last)):
         return False
     if steps is not None and not _ir_utils.is_singleton_value(steps, 1):
         return False
