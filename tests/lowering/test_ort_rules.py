@@ -34,9 +34,7 @@ def exported():
                                                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                     "original_max_position_embeddings": 16})
     model = transformers.LlamaForCausalLM(cfg).eval()
-    spec = compile_specdec(model)
-    module, inputs, dyn, _ = specdec_onnx_entry(spec, "verify")
-    proto = export_program("verify", module, inputs, dyn).model_proto
+    proto = _export_proto(model)
     return model, lambda: ir.serde.deserialize_model(proto)
 
 
@@ -102,9 +100,14 @@ def _qwen3_export(drop_k_norm: bool) -> ir.Model:
     return _export(model)
 
 
-def _export(model) -> ir.Model:
+def _export_proto(model):
+    """The model's compiled @verify, exported to ONNX (what `lower_generation_step` receives)."""
     module, inputs, dyn, _ = specdec_onnx_entry(compile_specdec(model), "verify")
-    return ir.serde.deserialize_model(export_program("verify", module, inputs, dyn).model_proto)
+    return export_program("verify", module, inputs, dyn).model_proto
+
+
+def _export(model) -> ir.Model:
+    return ir.serde.deserialize_model(_export_proto(model))
 
 
 def test_per_head_qk_norms_stay_in_front_of_gqa():
